@@ -1,0 +1,157 @@
+"""Self-describing checkpoints and crash-safe writes.
+
+A checkpoint is a directory holding `model.pt` (a state_dict, loaded with
+weights_only=True) and `checkpoint.json` (the model's registry spec, the stage config,
+metrics and provenance): enough to rebuild the model with nothing else. Directories and
+files are written under a temporary name and renamed into place, so a crash never
+leaves half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kdp.models import build_model
+
+WEIGHTS, META = "model.pt", "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to `path`; on success rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield an empty temporary directory; on success it replaces `path` whole.
+
+    If `path` appears meanwhile (another process won a race), the existing one is kept
+    and ours discarded: both hold the same content by construction (cache entries).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: dict, config: dict,
+                    metrics: dict | None = None, provenance: dict | None = None) -> Path:
+    """Write model weights plus {spec, config, metrics, provenance} atomically; returns path.
+
+    spec: {"kind": "classifier"|"purifier", "name": registry name, "kwargs": {...}}.
+    """
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        torch.save(state, tmp / WEIGHTS)
+        meta = {"spec": spec, "config": config, "metrics": metrics or {},
+                "provenance": provenance or {}, "weights_sha256": file_sha256(tmp / WEIGHTS)}
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return Path(path)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The checkpoint.json of a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    meta = read_json(path / META, "checkpoint.json")
+    if "spec" not in meta:
+        raise CheckpointError(f"{path / META}: no model spec")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint directory and load its weights; returns (model, meta)."""
+    path = Path(path)
+    meta = read_meta(path)
+    spec = meta["spec"]
+    model = build_model(spec["kind"], spec["name"], **spec.get("kwargs", {}))
+    try:
+        state = torch.load(path / WEIGHTS, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / WEIGHTS}: weights not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path / WEIGHTS}: cannot load weights ({type(e).__name__}: {e})") from None
+    return model.to(device), meta
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / WEIGHTS).is_file() and (path / META).is_file()
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Training state (model, optimizer, scheduler, epoch, history) for resuming a stage."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict | None:
+    """The saved training state, or None when there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__}: {e})") from None

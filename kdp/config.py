@@ -1,0 +1,293 @@
+"""One frozen dataclass per stage. Flattened (`flatten`), a config becomes the parquet row's
+columns and, in the Ray layer, the `train_loop_config`. Fields are validated on creation."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from kdp.attacks import ATTACKS, PAPER_SUITE
+from kdp.losses import ADV_SCORES, KD_SPACES
+from kdp.models import CLASSIFIERS
+
+TEACHER_KINDS = ("at", "nt")
+HEADS = ("literal", "affine")
+AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/alpha/steps
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _positive(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v is None or v > 0, f"{type(obj).__name__}.{n} must be > 0, got {v}")
+
+
+def _choice(value, valid, what: str) -> None:
+    _check(value in valid, f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str | None = None
+    """CIFAR-10 location: a cifar-10-batches-py layout, an ImageFolder tree or its .zip; None downloads."""
+    n_train: int | None = None
+    """Use only the first n_train training images (None: all)."""
+    n_test: int | None = None
+    """Use only the first n_test test images (None: all)."""
+
+    def __post_init__(self):
+        _positive(self, "n_train", "n_test")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Stage 0: the CIFAR ResNet that is attacked, then frozen."""
+    arch: str = "resnet56"
+    """Registry name in kdp.models.CLASSIFIERS."""
+    width: int = 16
+    """Channels of the first stage (16 in He et al.)."""
+    epochs: int = 200
+    """SGD epochs, cosine schedule to zero."""
+    batch_size: int = 256
+    """Images per optimizer step (summed over data-parallel workers)."""
+    lr: float = 0.1
+    """Peak SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    nesterov: bool = True
+    """Nesterov momentum (pytorch-cifar-models recipe)."""
+    seed: int = 0
+    """Seed for init, shuffling and augmentation."""
+
+    def __post_init__(self):
+        _choice(self.arch, sorted(CLASSIFIERS), "classifier")
+        _positive(self, "width", "epochs", "batch_size", "lr")
+        _check(0 <= self.momentum < 1, f"ClassifierConfig.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"ClassifierConfig.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """The training AEs: PGD on the frozen classifier. Cached by classifier, this config and data."""
+    attack: str = "pgd8"
+    """Registry attack whose eps/alpha/steps are overridden below."""
+    eps: float = 8 / 255
+    """L-inf radius (paper: 8/255)."""
+    alpha: float = 2 / 255
+    """Step size (not stated for training in the paper; kdp uses the eval setting)."""
+    steps: int = 20
+    """Iterations (not stated for training; kdp uses the eval setting)."""
+    seed: int = 0
+    """Seed of the random start; each batch is seeded by its position."""
+    batch_size: int = 256
+    """Images per attack batch (does not change the AEs)."""
+
+    def __post_init__(self):
+        _choice(self.attack, AE_ATTACKS, "training attack")
+        _check(self.eps >= 0, f"AEConfig.eps must be >= 0, got {self.eps}")
+        _check(self.alpha >= 0, f"AEConfig.alpha must be >= 0, got {self.alpha}")
+        _positive(self, "steps", "batch_size")
+
+    def key_fields(self) -> dict:
+        """What the AEs depend on (batch_size does not change them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Stage 1: an AT (on AEs, Eq. 2) or NT (on clean images, Eq. 3) autoencoder teacher."""
+    kind: str = "at"
+    """'at' trains on the AEs with L_AT; 'nt' on clean images with L_NT."""
+    depth: int = 15
+    """Encoder blocks (= decoder blocks); paper: 15."""
+    width: int = 64
+    """Channels of every hidden layer; REDNet30: 64."""
+    head: str = "literal"
+    """Output head: 'literal' (ConvT-BN-ReLU, tanh) or 'affine' ((tanh + 1) / 2)."""
+    epochs: int = 100
+    """Adam epochs (paper: 100)."""
+    batch_size: int = 128
+    """Images per step (paper: 128)."""
+    lr: float = 0.01
+    """Adam learning rate (paper: 0.01), constant."""
+    adv_score: str = "logprob"
+    """L_AT's p_out/adv_out: true-label 'logprob' or 'logit' (AT only)."""
+    seed: int = 0
+    """Seed for init and shuffling."""
+
+    def __post_init__(self):
+        _choice(self.kind, TEACHER_KINDS, "teacher kind")
+        _choice(self.head, HEADS, "purifier head")
+        _choice(self.adv_score, ADV_SCORES, "adv score")
+        _positive(self, "depth", "width", "epochs", "batch_size", "lr")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Stage 2: the purifier, distilled from a set of teachers (Eqs. 4-6)."""
+    teachers: tuple[str, ...] = ("at", "nt")
+    """Teachers to distil from: any non-empty subset of ('at', 'nt')."""
+    beta: float = 0.5
+    """Weight of the reconstruction loss L_s (paper: 0.5)."""
+    gamma: float = 0.5
+    """Weight of the distillation loss L_kd (paper: 0.5)."""
+    kd_space: str = "pixels"
+    """Softmax space of the KL: 'pixels' (literal) or 'logits' (classifier outputs)."""
+    depth: int = 15
+    """Encoder blocks (= decoder blocks)."""
+    width: int = 64
+    """Channels of every hidden layer."""
+    head: str = "literal"
+    """Output head: 'literal' or 'affine'."""
+    epochs: int = 40
+    """Adam epochs (paper: 40)."""
+    batch_size: int = 128
+    """Images per step (paper: 128)."""
+    lr: float = 0.01
+    """Adam learning rate (paper: 0.01), constant."""
+    seed: int = 0
+    """Seed for init and shuffling."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        _check(len(self.teachers) > 0 and len(set(self.teachers)) == len(self.teachers),
+               f"StudentConfig.teachers must be a non-empty set of at/nt, got {self.teachers}")
+        for t in self.teachers:
+            _choice(t, TEACHER_KINDS, "teacher")
+        _choice(self.kd_space, KD_SPACES, "kd space")
+        _choice(self.head, HEADS, "purifier head")
+        _check(self.beta >= 0 and self.gamma >= 0, f"beta and gamma must be >= 0, got {self.beta}, {self.gamma}")
+        _positive(self, "depth", "width", "epochs", "batch_size", "lr")
+
+    @property
+    def variant(self) -> str:
+        """Result-table name: kd_at, kd_nt or kd_at_nt (paper Table 2 rows)."""
+        return "kd_" + "_".join(t for t in TEACHER_KINDS if t in self.teachers)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage 3: Table 1 protocol, plus optional end-to-end attacks on purifier+classifier."""
+    attacks: tuple[str, ...] = PAPER_SUITE
+    """Attacks crafted on the classifier alone, then purified (the paper's protocol)."""
+    adaptive_attacks: tuple[str, ...] = ("pgd8",)
+    """Attacks run end to end through purifier+classifier (beyond the paper)."""
+    batch_size: int = 256
+    """Images per attack batch."""
+    seed: int = 0
+    """Seed of random starts; each batch is seeded by its position."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        object.__setattr__(self, "adaptive_attacks", tuple(self.adaptive_attacks))
+        for a in self.attacks + self.adaptive_attacks:
+            _choice(a, sorted(ATTACKS), "attack")
+        _positive(self, "batch_size")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how stages run; not part of an experiment's identity."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."""
+    bf16: bool = False
+    """bf16 autocast for purifier/classifier training on CUDA."""
+    channels_last: bool = False
+    """channels_last memory format on CUDA."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole method: classifier -> AEs -> AT and NT teachers -> students -> evaluation."""
+    name: str = "kdp"
+    """Run name: a directory under the output root; re-running it resumes."""
+    preset: str = "custom"
+    """Preset this config came from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """Stage 0."""
+    ae: AEConfig = field(default_factory=AEConfig)
+    """Training AEs."""
+    at_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="at"))
+    """Stage 1, AT."""
+    nt_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="nt"))
+    """Stage 1, NT."""
+    students: tuple[StudentConfig, ...] = (StudentConfig(("at",)), StudentConfig(("nt",)), StudentConfig())
+    """Stage 2: one student per entry (default: the paper's ablation)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Stage 3."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+               f"invalid run name {self.name!r}")
+        _check(self.at_teacher.kind == "at" and self.nt_teacher.kind == "nt",
+               "at_teacher must have kind 'at' and nt_teacher kind 'nt'")
+        object.__setattr__(self, "students", tuple(self.students))
+        names = [s.variant for s in self.students]
+        _check(len(set(names)) == len(names), f"two students share a teacher set: {names}")
+
+
+def flatten(cfg, prefix: str = "") -> dict:
+    """Nested dataclass -> {'a.b': value}; tuples of strings become 'x+y'."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, tuple) and all(isinstance(t, str) for t in v):
+            out[key] = "+".join(v)
+        elif not isinstance(v, tuple):
+            out[key] = v
+    return out
+
+
+def _coerce(text: str, hint):
+    """Parse a CLI override value for a field of type `hint`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    base = typing.get_origin(hint) or hint
+    if args and base is not tuple:
+        base = args[0]
+    if base is tuple:
+        return tuple(t for t in text.split("+") if t)
+    if base is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if base is float and "/" in text:  # allow eps=8/255
+        num, den = text.split("/")
+        return float(num) / float(den)
+    return base(text)
+
+
+def override(cfg, assignment: str):
+    """Apply 'a.b=value' to a nested frozen config; 'students.x=v' sets it on every student."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} must look like key=value")
+    path, text = assignment.split("=", 1)
+    head, _, rest = path.partition(".")
+    hints = typing.get_type_hints(type(cfg))
+    if head not in hints:
+        valid = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ValueError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
+    value = getattr(cfg, head)
+    if rest and isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+        new = tuple(override(v, f"{rest}={text}") for v in value)
+    elif rest:
+        new = override(value, f"{rest}={text}")
+    else:
+        try:
+            new = _coerce(text, hints[head])
+        except ValueError as e:
+            raise ValueError(f"bad value for {path}: {e}") from None
+    return dataclasses.replace(cfg, **{head: new})

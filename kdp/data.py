@@ -1,0 +1,234 @@
+"""CIFAR-10 loading: the python-pickle layout (full or subset), ImageFolder/zip JPEGs, or a download.
+
+Everything is held in memory as uint8 tensors of shape (N, 3, 32, 32); models see
+float images in [0, 1] via `to_float`. Pickles are read with a restricted unpickler,
+since `pickle.load` on a downloaded file can execute arbitrary code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BATCH_DIR = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DEFAULT_ROOT = Path.home() / ".cache" / "kdp" / "data"
+
+
+class DataError(ValueError):
+    """A data file or directory that cannot be used; the message names it."""
+
+
+# What a CIFAR batch pickle may reference: numpy array reconstruction and nothing else.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "bytes"),
+    ("_codecs", "encode"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a CIFAR batch needs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: Path) -> dict:
+    """Load a CIFAR batch pickle without executing code; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            obj = RestrictedUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: not a safe CIFAR pickle ({e})") from None
+    except Exception as e:  # truncated or garbage files raise many types
+        raise DataError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch file -> (uint8 images (N,3,32,32), int64 labels (N,))."""
+    d = safe_unpickle(path)
+    for key in ("data", "labels"):
+        if key not in d:
+            raise DataError(f"{path}: missing key {key!r} (has {sorted(d)})")
+    data, labels = d["data"], np.asarray(d["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be uint8 of shape (N, 3072), got "
+                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+@dataclass
+class Cifar:
+    """CIFAR-10 in memory: uint8 images (N,3,32,32) and int64 labels, plus where it came from."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+    classes: tuple[str, ...] = CLASSES
+
+    def subset(self, n_train: int | None, n_test: int | None) -> "Cifar":
+        """The first n_train / n_test images (None keeps all)."""
+        return Cifar(self.train_x[:n_train], self.train_y[:n_train],
+                     self.test_x[:n_test], self.test_y[:n_test], self.source, self.classes)
+
+    def fingerprint(self) -> str:
+        """sha256 of the training images and labels: part of the AE cache key."""
+        h = hashlib.sha256()
+        h.update(self.train_x.numpy().tobytes())
+        h.update(self.train_y.numpy().tobytes())
+        return h.hexdigest()
+
+
+def _find_batch_dir(root: Path) -> Path | None:
+    for cand in (root, root / BATCH_DIR):
+        if (cand / TEST_FILE).exists() or (cand / "data_batch_1").exists():
+            return cand
+    return None
+
+
+def load_batches(batch_dir: Path) -> Cifar:
+    """Read data_batch_1..5 and test_batch from the python layout."""
+    parts = [read_batch(batch_dir / f) for f in TRAIN_FILES]
+    test_x, test_y = read_batch(batch_dir / TEST_FILE)
+    classes = CLASSES
+    if (batch_dir / "batches.meta").exists():
+        names = safe_unpickle(batch_dir / "batches.meta").get("label_names")
+        if names is not None:
+            if len(names) != 10:
+                raise DataError(f"{batch_dir / 'batches.meta'}: expected 10 label_names, got {len(names)}")
+            classes = tuple(n.decode() if isinstance(n, bytes) else n for n in names)
+    tx = np.concatenate([p[0] for p in parts])
+    ty = np.concatenate([p[1] for p in parts])
+    return Cifar(torch.from_numpy(tx), torch.from_numpy(ty), torch.from_numpy(test_x),
+                 torch.from_numpy(test_y), str(batch_dir), classes)
+
+
+def _decode(blob: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        img = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    except Exception as e:
+        raise DataError(f"{name}: cannot decode image ({e})") from None
+    if img.shape != (32, 32, 3):
+        raise DataError(f"{name}: expected a 32x32 image, got {img.shape[1]}x{img.shape[0]}")
+    return img.transpose(2, 0, 1)
+
+
+def _stack_split(items: list[tuple[str, str, bytes]], split: str, where: str):
+    """items: (class name, file name, bytes) of one split -> uint8 images, labels."""
+    classes = sorted({c for c, _, _ in items})
+    if len(classes) != 10:
+        raise DataError(f"{where}: {split}/ must hold 10 class folders, found {len(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    items = sorted(items, key=lambda t: (t[0], t[1]))  # ImageFolder's order
+    x = np.stack([_decode(b, f"{where}:{split}/{c}/{n}") for c, n, b in items])
+    y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y), tuple(classes)
+
+
+def _read_tree(root: Path, split: str) -> list[tuple[str, str, bytes]]:
+    files = sorted(p for p in (root / split).glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [(p.parent.name, p.name, p.read_bytes()) for p in files]
+
+
+def _read_zip(path: Path, split: str) -> list[tuple[str, str, bytes]]:
+    out = []
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            parts = name.split("/")
+            if split in parts and not name.endswith("/"):
+                i = parts.index(split)
+                if len(parts) == i + 3:  # <prefix>/<split>/<class>/<file>
+                    out.append((parts[i + 1], parts[i + 2], z.read(name)))
+    return out
+
+
+def load_image_folder(root: Path) -> Cifar:
+    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory or a .zip of one."""
+    read = _read_zip if root.suffix == ".zip" else _read_tree
+    try:
+        train, test = read(root, "train"), read(root, "test")
+    except zipfile.BadZipFile:
+        raise DataError(f"{root}: not a valid zip file") from None
+    if not train or not test:
+        raise DataError(f"{root}: no train/<class>/*.jpg and test/<class>/*.jpg images found")
+    tx, ty, classes = _stack_split(train, "train", str(root))
+    vx, vy, _ = _stack_split(test, "test", str(root))
+    return Cifar(tx, ty, vx, vy, str(root), classes)
+
+
+def download_cifar(root: Path = DEFAULT_ROOT) -> Path:
+    """Fetch CIFAR-10 the torchvision way (needs internet); returns the batch directory."""
+    from torchvision.datasets import CIFAR10
+
+    CIFAR10(str(root), train=True, download=True)
+    return root / BATCH_DIR
+
+
+def load_cifar(data_dir: str | Path | None, n_train: int | None = None, n_test: int | None = None) -> Cifar:
+    """Load CIFAR-10 from the python layout, an ImageFolder tree or zip, or (None) a download."""
+    if data_dir is None:
+        data = load_batches(download_cifar())
+    else:
+        root = Path(data_dir).expanduser()
+        if not root.exists():
+            raise DataError(f"{root}: data path does not exist")
+        batch_dir = None if root.suffix == ".zip" else _find_batch_dir(root)
+        if batch_dir is not None:
+            data = load_batches(batch_dir)
+        elif root.suffix == ".zip" or (root / "train").is_dir():
+            data = load_image_folder(root)
+        else:
+            raise DataError(f"{root}: neither a {BATCH_DIR}/ layout nor train/ and test/ image folders")
+    return data.subset(n_train, n_test)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding 4 and horizontal flip, per image, on a float batch."""
+    b = x.shape[0]
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    ar = torch.arange(32, device=x.device)
+    rows = (dy[:, None] + ar)[:, None, :, None]  # (B,1,32,1)
+    cols = (dx[:, None] + ar)[:, None, None, :]  # (B,1,1,32)
+    bidx = torch.arange(b, device=x.device)[:, None, None, None]
+    cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[bidx, cidx, rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

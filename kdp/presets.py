@@ -1,0 +1,49 @@
+"""Named configurations. `paper` is exactly the paper's hyperparameters; the others are
+reduced so that they fit a CPU or a short GPU lease (their costs are in the README)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, StudentConfig,
+                        TeacherConfig)
+from kdp.models import lookup
+
+ABLATION = (("at",), ("nt",), ("at", "nt"))  # paper Table 2: KD <- AT, KD <- NT, KD <- AT + NT
+
+
+def paper() -> PipelineConfig:
+    """The paper: ResNet-56, CAE 15+15 width 64, teachers 100 epochs, students 40, full data.
+    The classifier recipe is pytorch-cifar-models' (the paper used a pretrained one)."""
+    return PipelineConfig(name="paper", preset="paper",
+                          students=tuple(StudentConfig(teachers=t) for t in ABLATION))
+
+
+def smoke() -> PipelineConfig:
+    """Tiny everything: the whole pipeline and the full attack suite in minutes on 2 CPU cores."""
+    cae = dict(depth=2, width=8, epochs=2, batch_size=128)
+    return PipelineConfig(
+        name="smoke", preset="smoke",
+        data=DataConfig(n_train=1024, n_test=64),
+        classifier=ClassifierConfig(arch="resnet8", width=8, epochs=4, batch_size=128, lr=0.05),
+        ae=AEConfig(steps=5, alpha=2 / 255),
+        at_teacher=TeacherConfig(kind="at", **cae), nt_teacher=TeacherConfig(kind="nt", **cae),
+        students=tuple(StudentConfig(teachers=t, **cae) for t in ABLATION),
+        eval=EvalConfig(batch_size=64, adaptive_attacks=("pgd8",)))
+
+
+def reduced() -> PipelineConfig:
+    """The real 5085/1017 CIFAR-10 subset at the paper's model sizes, with fewer epochs:
+    the recorded GPU run in docs/results.md."""
+    return PipelineConfig(
+        name="reduced", preset="reduced",
+        classifier=ClassifierConfig(arch="resnet56", epochs=60, batch_size=128, lr=0.1),
+        at_teacher=TeacherConfig(kind="at", epochs=30), nt_teacher=TeacherConfig(kind="nt", epochs=30),
+        students=tuple(StudentConfig(teachers=t, epochs=15) for t in ABLATION),
+        eval=EvalConfig(adaptive_attacks=("pgd8", "autoattack")))
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "smoke": smoke, "reduced": reduced}
+
+
+def get_preset(name: str) -> PipelineConfig:
+    return lookup(PRESETS, name, "preset")()

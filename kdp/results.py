@@ -1,0 +1,108 @@
+"""Result tables: one parquet row per (run, purifier variant, attack, threat model).
+
+A row holds the flattened pipeline config, the variant's purifier config under
+`purifier.*`, the counts and accuracy, and provenance. The schema is fixed (`SCHEMA`),
+so tables from many runs and sweep trials concatenate. Files are written under a
+temporary name and renamed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from kdp.checkpoint import atomic_path
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, StudentConfig,
+                        TeacherConfig, flatten)
+from kdp.provenance import PACKAGES
+
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _fields(cls, prefix: str) -> list[pa.Field]:
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        base = typing.get_origin(base[0]) or base[0]
+        out.append(pa.field(prefix + name, pa.string() if base is tuple else _ARROW[base]))
+    return out
+
+
+PURIFIER_FIELDS = [pa.field("purifier.kind", pa.string()), pa.field("purifier.teachers", pa.string()),
+                   pa.field("purifier.beta", pa.float64()), pa.field("purifier.gamma", pa.float64()),
+                   pa.field("purifier.kd_space", pa.string()), pa.field("purifier.adv_score", pa.string())] + [
+    pa.field(f"purifier.{k}", t) for k, t in (("depth", pa.int64()), ("width", pa.int64()), ("head", pa.string()),
+                                              ("epochs", pa.int64()), ("batch_size", pa.int64()),
+                                              ("lr", pa.float64()), ("seed", pa.int64()))]
+METRIC_FIELDS = [pa.field(n, t) for n, t in (
+    ("variant", pa.string()), ("attack", pa.string()), ("threat_model", pa.string()), ("n", pa.int64()),
+    ("correct", pa.int64()), ("agree", pa.int64()), ("accuracy", pa.float64()), ("agreement", pa.float64()),
+    ("seconds", pa.float64()), ("attack_seconds", pa.float64()), ("linf_max", pa.float64()),
+    ("classifier.test_acc", pa.float64()), ("data.source", pa.string()), ("data.train_size", pa.int64()),
+    ("wall_seconds", pa.float64()))]
+PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
+    "git_sha", "python", "host", "device", "utc", *(f"{p}_version" for p in PACKAGES))]
+SCHEMA = pa.schema(
+    [pa.field("run", pa.string()), pa.field("preset", pa.string())] + METRIC_FIELDS
+    + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
+    + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
+    + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + PROVENANCE_FIELDS)
+
+
+def purifier_columns(cfg: TeacherConfig | StudentConfig | None) -> dict:
+    """The `purifier.*` columns of a variant: None (no defense), a teacher, or a student."""
+    if cfg is None:
+        return {"purifier.kind": "none"}
+    cols = {f"purifier.{k}": v for k, v in flatten(cfg).items()
+            if f"purifier.{k}" in SCHEMA.names and k != "kind"}
+    cols["purifier.kind"] = cfg.kind if isinstance(cfg, TeacherConfig) else "student"
+    return cols
+
+
+def make_rows(cfg: PipelineConfig, variants: dict, eval_rows: list[dict], extra: dict) -> list[dict]:
+    """Join evaluation rows with config columns; `variants` maps variant -> its config or None."""
+    base = {k: v for k, v in flatten(cfg).items() if k in SCHEMA.names}
+    base["run"] = cfg.name
+    return [{**base, **purifier_columns(variants[r["variant"]]), **extra, **r} for r in eval_rows]
+
+
+def write_results(rows: list[dict], path: str | Path) -> Path:
+    """Write rows with the fixed schema to `path` (a .parquet file) atomically."""
+    unknown = sorted({k for r in rows for k in r} - set(SCHEMA.names))
+    if unknown:
+        raise ValueError(f"result columns not in the schema: {unknown}")
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def unique_name(prefix: str) -> str:
+    """A file name no other writer will pick: for many writers into one directory."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def load_results(path: str | Path):
+    """All result rows under `path` (one .parquet file or a directory tree) as a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results here")
+    if path.is_file():
+        return pq.read_table(path, schema=SCHEMA).to_pandas()
+    files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .parquet files under it")
+    return ds.dataset(files, schema=SCHEMA, format="parquet").to_table().to_pandas()
+
+
+def table1(df, threat_model: str = "blind"):
+    """Accuracy (%) pivot: rows are attacks, columns purifier variants (paper Table 1/2 layout)."""
+    sub = df[df["threat_model"] == threat_model]
+    agg = sub.groupby(["run", "attack", "variant"], sort=False)[["correct", "n"]].sum()
+    acc = (100 * agg["correct"] / agg["n"]).rename("accuracy").reset_index()
+    return acc.pivot_table(index=["run", "attack"], columns="variant", values="accuracy", sort=False)

@@ -1,0 +1,139 @@
+"""Stages 1 and 2: the AT and NT teachers (Eqs. 2-3) and the distilled student (Eqs. 4-6).
+
+All three are the same ConvAutoencoder trained with Adam (paper: lr 0.01, batch 128).
+The classifier and teachers are loaded frozen (eval mode, no gradients) and never
+wrapped in DDP. No augmentation is used: the paper states none, and an AE is tied to
+its clean image pixel for pixel.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdp.checkpoint import load_checkpoint, save_checkpoint
+from kdp.config import Runtime, StudentConfig, TeacherConfig, flatten
+from kdp.data import Cifar, to_float
+from kdp.losses import at_loss, nt_loss, student_loss
+from kdp.models import build_model, freeze
+from kdp.provenance import provenance
+from kdp.stages.aes import load_training_aes
+from kdp.stages.common import finished
+from kdp.train import autocast, epoch_batches, fit, resolve_device, seed_all, train_epoch
+
+
+def purifier_spec(cfg: TeacherConfig | StudentConfig) -> dict:
+    return {"kind": "purifier", "name": "cae",
+            "kwargs": {"depth": cfg.depth, "width": cfg.width, "head": cfg.head}}
+
+
+def build_purifier_training(cfg: TeacherConfig | StudentConfig, device: torch.device, channels_last=False):
+    """Fresh purifier and its Adam optimizer (constant lr, as in the paper)."""
+    seed_all(cfg.seed)
+    spec = purifier_spec(cfg)
+    model = build_model(spec["kind"], spec["name"], **spec["kwargs"]).to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def load_frozen(path: Path, device: torch.device) -> torch.nn.Module:
+    return freeze(load_checkpoint(path, device)[0])
+
+
+class PurifierData:
+    """Clean images, labels and (optionally) their cached AEs, on one device."""
+
+    def __init__(self, data: Cifar, device: torch.device, ae_dir: Path | None = None):
+        self.x = to_float(data.train_x).to(device)
+        self.y = data.train_y.to(device)
+        self.x_adv = None
+        if ae_dir is not None:
+            self.x_adv = load_training_aes(ae_dir).to(device)
+            if len(self.x_adv) != len(self.x):
+                raise ValueError(f"{ae_dir}: {len(self.x_adv)} AEs for {len(self.x)} training images")
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx: torch.Tensor):
+        idx = idx.to(self.x.device)
+        return self.x[idx], self.y[idx], None if self.x_adv is None else self.x_adv[idx]
+
+
+def teacher_step(cfg: TeacherConfig, model, d: PurifierData, classifier, device, rt: Runtime):
+    """Loss of one batch: L_NT on clean images, or L_AT on AEs with the frozen classifier."""
+    def step(idx):
+        x, y, x_adv = d.batch(idx)
+        with autocast(device, rt.bf16):
+            if cfg.kind == "nt":
+                return nt_loss(model(x).float(), x)
+            purified = model(x_adv)
+            with torch.no_grad():
+                logits_adv = classifier(x_adv)
+            return at_loss(purified.float(), x, classifier(purified).float(), logits_adv.float(), y,
+                           cfg.adv_score)
+    return step
+
+
+def student_step(cfg: StudentConfig, model, d: PurifierData, teachers: dict, classifier, device,
+                 rt: Runtime):
+    """Loss of one batch: beta * L_s + gamma * L_kd; the AT teacher sees x', NT sees x."""
+    def step(idx):
+        x, _, x_adv = d.batch(idx)
+        with autocast(device, rt.bf16):
+            with torch.no_grad():
+                t_outs = [teachers[k](x_adv if k == "at" else x).float() for k in cfg.teachers]
+                t_logits = [classifier(t).float() for t in t_outs] if cfg.kd_space == "logits" else None
+            out = model(x_adv).float()
+            s_logits = classifier(out).float() if cfg.kd_space == "logits" else None
+        return student_loss(out, x, t_outs, cfg.beta, cfg.gamma, cfg.kd_space, s_logits, t_logits)
+    return step
+
+
+def _train(cfg, make_step, data: Cifar, out: Path, rt: Runtime, state_path, desc, ae_dir, needs_clf,
+           classifier_dir, teacher_dirs=None) -> Path:
+    device = resolve_device(rt.device)
+    d = PurifierData(data, device, ae_dir)
+    classifier = load_frozen(classifier_dir, device) if needs_clf else None
+    model, opt = build_purifier_training(cfg, device, rt.channels_last)
+    args = (cfg, model, d) + ((teacher_dirs,) if teacher_dirs is not None else ()) + (classifier, device, rt)
+    step = make_step(*args)
+
+    def epoch_fn(epoch):
+        batches = epoch_batches(len(d), cfg.batch_size, cfg.seed, epoch)
+        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+
+    history = fit(cfg.epochs, epoch_fn, model, opt, None, state_path, desc, rt.progress)
+    metrics = {"final": history[-1] if history else {}, "history": history,
+               "ae_dir": str(ae_dir) if ae_dir else None}
+    return save_checkpoint(out, model, purifier_spec(cfg), flatten(cfg), metrics, provenance(rt))
+
+
+def train_teacher(cfg: TeacherConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
+                  classifier_dir: Path | None = None, ae_dir: Path | None = None,
+                  state_path: Path | None = None) -> Path:
+    """Train (or resume, or skip) an AT or NT teacher; AT needs the classifier and AEs."""
+    out = Path(out)
+    if finished(out, flatten(cfg)):
+        return out
+    if cfg.kind == "at" and (classifier_dir is None or ae_dir is None):
+        raise ValueError("the AT teacher needs classifier_dir and ae_dir")
+    return _train(cfg, teacher_step, data, out, rt, state_path, f"teacher {cfg.kind}",
+                  ae_dir if cfg.kind == "at" else None, cfg.kind == "at", classifier_dir)
+
+
+def train_student(cfg: StudentConfig, data: Cifar, out: Path, teacher_dirs: dict[str, Path],
+                  classifier_dir: Path, ae_dir: Path, rt: Runtime = Runtime(),
+                  state_path: Path | None = None) -> Path:
+    """Distil the student from cfg.teachers (keys of teacher_dirs: 'at', 'nt')."""
+    out = Path(out)
+    if finished(out, flatten(cfg)):
+        return out
+    missing = [t for t in cfg.teachers if t not in teacher_dirs]
+    if missing:
+        raise ValueError(f"student {cfg.variant} needs teacher checkpoints for {missing}")
+    device = resolve_device(rt.device)
+    teachers = {k: load_frozen(teacher_dirs[k], device) for k in cfg.teachers}
+    return _train(cfg, student_step, data, out, rt, state_path, f"student {cfg.variant}", ae_dir,
+                  True, classifier_dir, teachers)

@@ -1,0 +1,128 @@
+"""Plain training machinery shared by all stages: devices, seeded batches, one epoch, and
+a resumable epoch loop. The Ray layer reuses `epoch_batches` and `train_epoch` and
+replaces `fit`'s local state file with `ray.train.report`."""
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from kdp.checkpoint import load_state, save_state
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; errors name an unusable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1, shuffle: bool = True) -> list[torch.Tensor]:
+    """Index batches of one epoch for one data-parallel rank.
+
+    The permutation depends only on (seed, epoch), so a resumed epoch sees the same
+    order. Each rank takes batch_size // world_size indices per step and every rank gets
+    the same number of steps (DDP needs that); the last partial batch is kept.
+    """
+    if shuffle:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
+    else:
+        perm = torch.arange(n)
+    per_rank = max(1, batch_size // world_size)
+    steps = -(-n // (per_rank * world_size))
+    out = []
+    for s in range(steps):
+        chunk = perm[s * per_rank * world_size:(s + 1) * per_rank * world_size]
+        mine = chunk[rank::world_size]
+        out.append(mine if len(mine) else chunk[:1])
+    return out
+
+
+def autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable,
+                step: Callable[[torch.Tensor], dict], desc: str = "", progress: bool = False) -> dict:
+    """One pass: for each index batch, `step(idx)` returns a loss dict; minimize its "loss".
+    Returns the mean of every entry over the epoch."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    # the per-batch bar only on a terminal; logs (Ray, CI) get the per-epoch bar alone
+    for idx in tqdm(batches, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty())):
+        out = step(idx)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
+        count += len(idx)
+    return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+
+def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
+        optimizer: torch.optim.Optimizer, scheduler=None, state_path: Path | None = None,
+        desc: str = "train", progress: bool = True) -> list[dict]:
+    """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one to
+    `state_path`; if that file exists the loop resumes after its last finished epoch."""
+    history: list[dict] = []
+    start = 0
+    state = load_state(state_path) if state_path else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        start, history = state["epoch"], list(state["history"])
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        metrics = epoch_fn(epoch)
+        if scheduler is not None:
+            scheduler.step()
+        metrics = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **metrics}
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("epoch",)})
+        if state_path is not None:
+            save_state(state_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "epoch": epoch + 1, "history": history})
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x_uint8_or_float: torch.Tensor, device: torch.device,
+            batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels of a set of images (uint8 or float in [0, 1]) on `device`."""
+    model.eval()
+    preds = []
+    for i in range(0, len(x_uint8_or_float), batch_size):
+        xb = x_uint8_or_float[i:i + batch_size].to(device)
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+        preds.append(model(xb).argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
