@@ -32,7 +32,10 @@ def _run(args) -> None:
     from kdp.pipeline import run_pipeline
     from kdp.results import load_results, table1
 
+    from kdp.train import resolve_device
+
     cfg = build_config(args.preset, args.data_dir, args.name, args.set)
+    resolve_device(args.device)
     rt = Runtime(device=args.device, bf16=args.bf16, channels_last=args.channels_last,
                  progress=not args.quiet)
     path = run_pipeline(cfg, args.out, rt, classifier_dir=args.classifier)

@@ -86,7 +86,7 @@ class AEConfig:
     seed: int = 0
     """Seed of the random start; each batch is seeded by its position."""
     batch_size: int = 256
-    """Images per attack batch (does not change the AEs)."""
+    """Images per attack batch (part of the cache key: the random start is drawn per batch)."""
 
     def __post_init__(self):
         _choice(self.attack, AE_ATTACKS, "training attack")
@@ -95,8 +95,9 @@ class AEConfig:
         _positive(self, "steps", "batch_size")
 
     def key_fields(self) -> dict:
-        """What the AEs depend on (batch_size does not change them)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+        """What the AEs depend on: every field. batch_size too, since attack_batches seeds the
+        random start per batch, so other batch boundaries give other (equally valid) AEs."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

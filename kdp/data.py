@@ -38,6 +38,7 @@ _ALLOWED_GLOBALS = {
     ("builtins", "list"),
     ("builtins", "dict"),
     ("builtins", "bytes"),
+    ("__builtin__", "bytes"),  # protocol < 3 writes b"" as __builtin__.bytes(); checked before name fixing
     ("_codecs", "encode"),
 }
 
@@ -174,7 +175,10 @@ def _read_zip(path: Path, split: str) -> list[tuple[str, str, bytes]]:
 
 
 def load_image_folder(root: Path) -> Cifar:
-    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory or a .zip of one."""
+    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory or a .zip of one.
+
+    Classes are numbered in sorted folder order (as torchvision's ImageFolder does), and
+    each split is put in a fixed shuffled order (seed 0 train, 1 test)."""
     read = _read_zip if root.suffix == ".zip" else _read_tree
     try:
         train, test = read(root, "train"), read(root, "test")
@@ -184,7 +188,10 @@ def load_image_folder(root: Path) -> Cifar:
         raise DataError(f"{root}: no train/<class>/*.jpg and test/<class>/*.jpg images found")
     tx, ty, classes = _stack_split(train, "train", str(root))
     vx, vy, _ = _stack_split(test, "test", str(root))
-    return Cifar(tx, ty, vx, vy, str(root), classes)
+    # Files come sorted by class; a fixed shuffle makes "the first n" a mixed subset.
+    pt = torch.randperm(len(ty), generator=torch.Generator().manual_seed(0))
+    pv = torch.randperm(len(vy), generator=torch.Generator().manual_seed(1))
+    return Cifar(tx[pt], ty[pt], vx[pv], vy[pv], str(root), classes)
 
 
 def download_cifar(root: Path = DEFAULT_ROOT) -> Path:

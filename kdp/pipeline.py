@@ -67,8 +67,8 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
     from kdp.config import flatten
 
     t_start = time.time()
+    data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)  # bad data: fail before writing
     dirs = prepare_run(cfg, Path(out_root))
-    data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     st = dirs["state"]
     if classifier_dir is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -31,7 +32,7 @@ def git_sha() -> str:
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("KDP_GIT_SHA", "unknown")  # set by launchers that ship a copy
     return sha + ("+dirty" if dirty else "")
 
 

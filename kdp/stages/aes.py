@@ -1,6 +1,6 @@
 """The training AEs: PGD on the frozen classifier, computed once and cached.
 
-They depend only on the classifier's weights, the AE config (minus batch size) and the
+They depend only on the classifier's weights, the AE config (batch size included) and the
 training images, so the cache key hashes exactly those. An entry is a directory with
 `x_adv.npy` (float32, N x 3 x 32 x 32, no pickle) and `meta.json`; it appears whole via a
 rename, so concurrent makers (sweep trials, two teachers) never see half of one.
@@ -63,6 +63,9 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
             "data_sha256": data.fingerprint(), "n": len(y), "seconds": seconds,
             "classifier_acc_on_aes": adv_acc, "linf_max": float((x_adv - x).abs().max()) if len(y) else 0.0,
             "provenance": provenance(rt)}
+    # another maker may have finished while we crafted: keep its entry (readers may hold it)
+    if (entry / AES).is_file() and (entry / META).is_file():
+        return entry
     with atomic_dir(entry) as tmp:
         np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
