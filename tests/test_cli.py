@@ -1,0 +1,53 @@
+"""The `kdp` command: help, and a one-line error for each kind of bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdp import cli
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "kdp"  # installed next to the interpreter running the tests
+    assert exe.exists(), "the kdp console script is not installed"
+    out = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--preset" in out and "--data-dir" in out and "smoke" in out
+
+
+def test_show_prints_the_paper_preset(capsys):
+    assert cli.main(["show", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert '"epochs": 100' in out and '"epochs": 40' in out and '"lr": 0.01' in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["run", "--preset", "huge"], "'huge'"),
+    (["run", "--set", "eval.attacks=pgd8+deepfool"], "'deepfool'"),
+    (["run", "--set", "ae.eps=-0.1"], "-0.1"),
+    (["run", "--set", "classifier.arch=vgg16"], "'vgg16'"),
+    (["run", "--set", "students.teachers=at+xt"], "'xt'"),
+    (["run", "--set", "classifier.epochs=many"], "many"),
+    (["run", "--set", "nosuch.key=1"], "'nosuch'"),
+    (["run", "--device", "tpu"], "'tpu'"),
+    (["results", "/no/such/results.parquet"], "/no/such/results.parquet"),
+])
+def test_bad_input_gives_one_line_error(argv, needle, capsys, tmp_path, cifar_subset_dir):
+    if argv[0] == "run" and "--data-dir" not in argv:
+        argv = argv + ["--data-dir", str(cifar_subset_dir)]
+    argv = argv + (["--out", str(tmp_path)] if argv[0] == "run" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdp: error:") and needle in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir()), "nothing may be written for bad input"
+
+
+def test_unknown_preset_lists_valid_ones(capsys):
+    assert cli.main(["show", "--preset", "nope"]) == 2
+    assert "paper" in capsys.readouterr().err
+
+
+def test_module_entrypoint_help():
+    out = subprocess.run([sys.executable, "-m", "kdp.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "run" in out.stdout

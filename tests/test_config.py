@@ -1,0 +1,152 @@
+"""kdp.config and kdp.presets: paper defaults, validation, CLI overrides, flattening."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kdp.attacks import PAPER_SUITE
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
+                        TeacherConfig, flatten, override)
+from kdp.presets import PRESETS, get_preset
+
+
+def test_paper_defaults():
+    t = TeacherConfig()
+    assert (t.lr, t.batch_size, t.epochs) == (0.01, 128, 100)
+    assert (t.depth, t.width, t.kind, t.head) == (15, 64, "at", "literal")
+    s = StudentConfig()
+    assert s.epochs == 40 and s.beta == 0.5 and s.gamma == 0.5
+    assert s.kd_space == "pixels" and s.teachers == ("at", "nt") and s.lr == 0.01 and s.batch_size == 128
+    a = AEConfig()
+    assert a.eps == pytest.approx(8 / 255) and a.alpha == pytest.approx(2 / 255) and a.steps == 20
+    assert a.attack == "pgd8"
+    assert ClassifierConfig().arch == "resnet56"
+    assert EvalConfig().attacks == PAPER_SUITE
+    p = PipelineConfig()
+    assert [st.variant for st in p.students] == ["kd_at", "kd_nt", "kd_at_nt"]
+    assert p.at_teacher.kind == "at" and p.nt_teacher.kind == "nt"
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda: AEConfig(eps=-0.5), "-0.5"),
+    (lambda: AEConfig(alpha=-0.25), "-0.25"),
+    (lambda: AEConfig(attack="cw"), "'cw'"),
+    (lambda: AEConfig(steps=0), "steps must be > 0, got 0"),
+    (lambda: ClassifierConfig(arch="vgg11"), "'vgg11'"),
+    (lambda: ClassifierConfig(momentum=1.5), "1.5"),
+    (lambda: TeacherConfig(kind="xt"), "'xt'"),
+    (lambda: TeacherConfig(head="sigmoid"), "'sigmoid'"),
+    (lambda: StudentConfig(teachers=("at", "xt")), "'xt'"),
+    (lambda: StudentConfig(teachers=()), "teachers"),
+    (lambda: StudentConfig(teachers=("at", "at")), "('at', 'at')"),
+    (lambda: StudentConfig(kd_space="features"), "'features'"),
+    (lambda: StudentConfig(beta=-1.0), "-1.0"),
+    (lambda: EvalConfig(attacks=("pgd8", "deepfool")), "'deepfool'"),
+    (lambda: DataConfig(n_train=0), "n_train must be > 0, got 0"),
+    (lambda: PipelineConfig(name="a/b"), "'a/b'"),
+    (lambda: PipelineConfig(students=(StudentConfig(teachers=("at",)), StudentConfig(teachers=("at",)))),
+     "kd_at"),
+])
+def test_validation_names_bad_value(make, fragment):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert fragment in str(e.value)
+
+
+def test_unknown_arch_lists_valid():
+    with pytest.raises(ValueError, match="resnet56") as e:
+        ClassifierConfig(arch="vgg")
+    assert "resnet20" in str(e.value)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AEConfig().eps = 0.1
+
+
+def test_override_values():
+    cfg = PipelineConfig()
+    c = override(cfg, "ae.eps=4/255")
+    assert c.ae.eps == pytest.approx(4 / 255) and isinstance(c.ae.eps, float)
+    assert cfg.ae.eps == pytest.approx(8 / 255)  # the original is untouched
+    c = override(cfg, "students.beta=0.3")
+    assert [s.beta for s in c.students] == [0.3, 0.3, 0.3]
+    assert [s.gamma for s in c.students] == [0.5, 0.5, 0.5]
+    c = override(override(cfg, "data.n_train=100"), "data.n_train=none")
+    assert c.data.n_train is None
+    assert override(cfg, "data.n_train=100").data.n_train == 100
+    c = override(cfg, "eval.attacks=pgd8+fgsm")
+    assert c.eval.attacks == ("pgd8", "fgsm")
+    assert override(cfg, "classifier.epochs=3").classifier.epochs == 3
+    assert override(cfg, "name=run2").name == "run2"
+    assert override(cfg, "data.data_dir=/tmp/x").data.data_dir == "/tmp/x"
+    assert override(cfg, "at_teacher.adv_score=logit").at_teacher.adv_score == "logit"
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("1", True), ("false", False),
+                                        ("FALSE", False), ("0", False)])
+def test_override_bool(text, value):
+    assert override(Runtime(), f"bf16={text}").bf16 is value
+    assert override(PipelineConfig(), f"classifier.nesterov={text}").classifier.nesterov is value
+
+
+def test_override_errors():
+    cfg = PipelineConfig()
+    with pytest.raises(ValueError, match="bad value for bf16"):
+        override(Runtime(), "bf16=yes")
+    with pytest.raises(ValueError) as e:
+        override(cfg, "ae.epz=1")
+    assert "'epz'" in str(e.value) and "eps" in str(e.value) and "alpha" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        override(cfg, "teacher.lr=0.1")
+    assert "at_teacher" in str(e.value) and "students" in str(e.value)
+    with pytest.raises(ValueError, match="key=value"):
+        override(cfg, "ae.eps")
+    with pytest.raises(ValueError, match=r"bad value for (classifier\.)?epochs.*'many'"):
+        override(cfg, "classifier.epochs=many")
+    with pytest.raises(ValueError, match=r"AEConfig\.eps must be >= 0, got -0\.0039"):
+        override(cfg, "ae.eps=-1/255")  # validation runs on the new config
+    with pytest.raises(ValueError, match="'nope'"):
+        override(cfg, "eval.attacks=pgd8+nope")
+
+
+def test_flatten():
+    flat = flatten(PipelineConfig())
+    assert flat["ae.eps"] == pytest.approx(8 / 255)
+    assert flat["classifier.arch"] == "resnet56"
+    assert flat["eval.attacks"] == "pgd8+pgd16+fgsm+bim+cw+autoattack"
+    assert flat["eval.adaptive_attacks"] == "pgd8"
+    assert flat["data.n_train"] is None and flat["name"] == "kdp"
+    assert "students" not in flat  # a tuple of configs has no single column
+    assert all(not isinstance(v, (tuple, list, dict)) for v in flat.values())
+    assert flatten(StudentConfig())["teachers"] == "at+nt"
+    assert flatten(StudentConfig(teachers=("nt",)))["teachers"] == "nt"
+    assert set(flatten(AEConfig())) == {f.name for f in dataclasses.fields(AEConfig)}
+
+
+def test_paper_preset():
+    p = get_preset("paper")
+    assert p.name == "paper" and p.preset == "paper"
+    assert p.data == DataConfig()  # all of CIFAR-10
+    assert p.classifier.arch == "resnet56"
+    assert (p.ae.eps, p.ae.alpha, p.ae.steps) == (pytest.approx(8 / 255), pytest.approx(2 / 255), 20)
+    for t in (p.at_teacher, p.nt_teacher):
+        assert (t.depth, t.width, t.epochs, t.batch_size, t.lr) == (15, 64, 100, 128, 0.01)
+    assert [s.teachers for s in p.students] == [("at",), ("nt",), ("at", "nt")]
+    for s in p.students:
+        assert (s.epochs, s.beta, s.gamma, s.lr, s.batch_size, s.depth) == (40, 0.5, 0.5, 0.01, 128, 15)
+        assert s.kd_space == "pixels"
+    assert p.eval.attacks == PAPER_SUITE
+
+
+def test_all_presets_build():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert isinstance(cfg, PipelineConfig) and cfg.name == name
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError) as e:
+        get_preset("huge")
+    assert "'huge'" in str(e.value) and "smoke" in str(e.value) and "paper" in str(e.value)

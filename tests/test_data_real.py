@@ -1,0 +1,29 @@
+"""The shared real copies of CIFAR-10: the exact-pixel subset and the full JPEG zip."""
+import hashlib
+
+import pytest
+import torch
+
+from kdp.data import CLASSES, load_cifar
+
+
+def test_subset_matches_its_published_hashes(cifar_subset_dir):
+    batch = cifar_subset_dir / "cifar-10-batches-py" / "test_batch"
+    assert hashlib.sha256(batch.read_bytes()).hexdigest().startswith("7ee4b692f4da")
+
+
+def test_jpeg_zip_loads_all_60k_and_matches_the_exact_subset(cifar_jpeg_zip, cifar_subset_dir):
+    full = load_cifar(cifar_jpeg_zip)
+    exact = load_cifar(cifar_subset_dir)
+    assert full.train_x.shape == (50000, 3, 32, 32) and full.test_x.shape == (10000, 3, 32, 32)
+    assert full.classes == CLASSES == exact.classes
+    assert torch.bincount(full.test_y).tolist() == [1000] * 10
+    # test/cat/0000.jpg is test image 0 (a cat): find it among the JPEG test images by its
+    # pixels; JPEG is lossy, so compare by PSNR against the exact pixels.
+    target = exact.test_x[0].float()
+    cats = full.test_x[full.test_y == exact.test_y[0]].float()
+    mse = ((cats - target) ** 2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(255.0 ** 2 / mse.min())
+    assert exact.test_y[0].item() == CLASSES.index("cat") and psnr > 25, psnr
+    # the loader's fixed shuffle mixes classes, so a prefix subset is not one class
+    assert len(set(full.subset(100, 100).train_y.tolist())) == 10

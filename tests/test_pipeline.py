@@ -1,0 +1,120 @@
+"""The whole pipeline on the real CIFAR-10 subset: the smoke preset through the CLI, its
+parquet table, skipping finished stages, and resuming a crashed stage."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kdp import cli
+from kdp.attacks import LINF_EPS, PAPER_SUITE
+from kdp.results import SCHEMA, load_results, table1
+
+VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt"}
+STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt"]
+
+
+def _stages(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cifar_subset_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    rc = cli.main(["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir), "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out / "smoke"
+
+
+def test_smoke_parquet_has_a_row_per_variant_and_attack(smoke_run):
+    df = load_results(smoke_run / "results.parquet")
+    blind = df[df.threat_model == "blind"]
+    assert set(zip(blind.variant, blind.attack)) == {(v, a) for v in VARIANTS for a in ("clean",) + PAPER_SUITE}
+    assert len(blind) == len(VARIANTS) * (1 + len(PAPER_SUITE))
+    e2e = df[df.threat_model == "end_to_end"]
+    assert set(e2e.variant) == VARIANTS - {"none"} and set(e2e.attack) == {"pgd8"}
+    assert list(df.columns) == SCHEMA.names
+    assert (df.n == 200).all() and ((df.accuracy - df.correct / df.n).abs() < 1e-12).all()
+
+
+def test_smoke_rows_carry_config_and_provenance(smoke_run):
+    df = load_results(smoke_run / "results.parquet")
+    row = df[(df.variant == "kd_at_nt") & (df.attack == "pgd8")].iloc[0]
+    assert row["purifier.teachers"] == "at+nt" and row["purifier.kind"] == "student"
+    assert row["purifier.beta"] == 0.5 and row["purifier.gamma"] == 0.5
+    assert math.isclose(row["ae.eps"], 8 / 255) and row["classifier.arch"] == "resnet8"
+    assert row["data.train_size"] == 5085 and row["preset"] == "smoke" and row["run"] == "smoke"
+    assert len(row["git_sha"]) >= 7 and row["torch_version"] and row["torchattacks_version"] == "3.5.1"
+    assert row["utc"].endswith("+00:00")
+    none = df[df.variant == "none"].iloc[0]
+    assert none["purifier.kind"] == "none" and none["purifier.beta"] is None or math.isnan(none["purifier.beta"])
+
+
+def test_smoke_numbers_are_sane(smoke_run):
+    df = load_results(smoke_run / "results.parquet")
+    clean_acc = df[(df.variant == "none") & (df.attack == "clean")].accuracy.item()
+    assert clean_acc > 0.3, "the classifier should beat chance (10%) by far"
+    assert df["classifier.test_acc"].iloc[0] > 0.3
+    for attack in ("pgd8", "bim", "autoattack"):
+        assert df[(df.variant == "none") & (df.attack == attack)].accuracy.item() < clean_acc / 2
+    for attack, eps in LINF_EPS.items():
+        if eps is not None:
+            assert (df[df.attack == attack].linf_max <= eps + 1e-6).all(), attack
+    assert table1(df).shape == (1 + len(PAPER_SUITE), len(VARIANTS))
+
+
+def test_rerun_skips_finished_stages(smoke_run, cifar_subset_dir):
+    mtimes = {s: (smoke_run / s / "model.pt").stat().st_mtime_ns for s in STAGES}
+    rc = cli.main(["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir),
+                   "--out", str(smoke_run.parent), "--quiet"])
+    assert rc == 0
+    assert {s: (smoke_run / s / "model.pt").stat().st_mtime_ns for s in STAGES} == mtimes
+    last = {e["stage"]: e["status"] for e in _stages(smoke_run)}
+    assert all(last[s] == "skipped" for s in STAGES)
+
+
+def test_same_name_with_another_config_is_refused(smoke_run, cifar_subset_dir, capsys):
+    rc = cli.main(["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir), "--out",
+                   str(smoke_run.parent), "--set", "students.beta=0.3", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdp: error:") and "another config" in err and len(err.splitlines()) == 1
+
+
+def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, monkeypatch):
+    """The NT teacher dies in epoch 3; the re-run skips what finished and redoes only epoch 3."""
+    import kdp.stages.purifier as purifier
+
+    args = ["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
+            "--name", "crash", "--quiet", "--set", "data.n_train=256", "--set", "data.n_test=16",
+            "--set", "classifier.epochs=1", "--set", "eval.attacks=fgsm", "--set", "eval.adaptive_attacks=",
+            "--set", "nt_teacher.epochs=4", "--set", "students.epochs=1"]
+    real_train_epoch, real_teacher_step = purifier.train_epoch, purifier.teacher_step
+
+    def nt_only(cfg, *a):  # arm the crash only inside the NT teacher: it dies in its 3rd epoch
+        epochs = []
+
+        def dying_train_epoch(*args, **kw):
+            epochs.append(1)
+            if len(epochs) == 3:
+                raise RuntimeError("simulated crash")
+            return real_train_epoch(*args, **kw)
+
+        monkeypatch.setattr(purifier, "train_epoch", dying_train_epoch if cfg.kind == "nt" else real_train_epoch)
+        return real_teacher_step(cfg, *a)
+
+    monkeypatch.setattr(purifier, "teacher_step", nt_only)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(args)
+    run = tmp_path / "crash"
+    assert (run / "state" / "teacher_nt.pt").exists() and not (run / "teacher_nt").exists()
+    monkeypatch.setattr(purifier, "teacher_step", real_teacher_step)
+    monkeypatch.setattr(purifier, "train_epoch", real_train_epoch)
+    at_mtime = (run / "teacher_at" / "model.pt").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    meta = json.loads((run / "teacher_nt" / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
+    assert (run / "teacher_at" / "model.pt").stat().st_mtime_ns == at_mtime
+    statuses = [(e["stage"], e["status"]) for e in _stages(run)]
+    assert ("teacher_nt", "resumed") in statuses and ("teacher_at", "skipped") in statuses
+    assert len(load_results(run / "results.parquet")) == 6 * 2
