@@ -55,23 +55,36 @@ def _results(args) -> None:
     print(table1(df, args.threat_model).round(2).to_string())
 
 
+def add_run_args(r: argparse.ArgumentParser) -> None:
+    """Arguments shared by `kdp run` and the Ray job (jobs/pipeline.py)."""
+    r.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)} (default: smoke)")
+    r.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
+    r.add_argument("--out", default="runs", help="output root (default: ./runs)")
+    r.add_argument("--name", help="run name (default: the preset's); re-running a name resumes it")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. ae.eps=4/255 or students.beta=0.3 (repeatable)")
+    r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
+    r.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
+    r.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_errors():
+    """The exceptions that mean bad input: reported as one line, exit code 2."""
+    from kdp.checkpoint import CheckpointError
+    from kdp.data import DataError
+
+    return (ValueError, DataError, CheckpointError, FileNotFoundError)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdp", description="Distillation-based adversarial purification "
                                 "(Koo, Chae, Lee 2023): train a classifier, AT/NT teachers and students, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) the whole pipeline in this process",
                        description="Run every stage; re-running the same --name resumes.")
-    r.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)} (default: smoke)")
-    r.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
-    r.add_argument("--out", default="runs", help="output root (default: ./runs)")
-    r.add_argument("--name", help="run name (default: the preset's)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. ae.eps=4/255 or students.beta=0.3 (repeatable)")
-    r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
+    add_run_args(r)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    r.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
-    r.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_run)
     s = sub.add_parser("show", help="print a preset's full config as JSON")
     s.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)}")
@@ -86,12 +99,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from kdp.checkpoint import CheckpointError
-    from kdp.data import DataError
-
     try:
         args.fn(args)
-    except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
+    except run_errors() as e:
         print(f"kdp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

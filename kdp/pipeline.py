@@ -46,13 +46,15 @@ def prepare_run(cfg: PipelineConfig, out_root: Path) -> dict[str, Path]:
     return dirs
 
 
-def _stage(dirs, name, out, config, fn, log):
+def run_stage(dirs, name, out, config, fn, log):
     """Run fn() unless `out` already holds this stage's finished checkpoint; log either way."""
     if out is not None and finished(out, config):
         log_stage(dirs["run"], name, "skipped")
         log(f"[{name}] done already: {out}")
         return out
-    resumed = (dirs["state"] / f"{name}.pt").exists()
+    storage = dirs.get("storage")  # the Ray layer's Train runs live there
+    resumed = (dirs["state"] / f"{name}.pt").exists() or (
+        storage is not None and (storage / f"{dirs['run'].name}-{name}").exists())
     log_stage(dirs["run"], name, "resumed" if resumed else "started")
     t0 = time.time()
     result = fn()
@@ -72,25 +74,25 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     st = dirs["state"]
     if classifier_dir is None:
-        clf = _stage(dirs, "classifier", dirs["classifier"], flatten(cfg.classifier), lambda: train_classifier(
+        clf = run_stage(dirs, "classifier", dirs["classifier"], flatten(cfg.classifier), lambda: train_classifier(
             cfg.classifier, data, dirs["classifier"], rt, st / "classifier.pt"), log)
     else:
         clf = Path(classifier_dir)
         read_meta(clf)
     log(f"[classifier] test accuracy {read_meta(clf)['metrics'].get('test_acc', float('nan')):.4f}")
-    ae = _stage(dirs, "aes", None, None, lambda: make_training_aes(cfg.ae, clf, data, dirs["cache"], rt), log)
+    ae = run_stage(dirs, "aes", None, None, lambda: make_training_aes(cfg.ae, clf, data, dirs["cache"], rt), log)
     teachers = {}
     for t in (cfg.at_teacher, cfg.nt_teacher):
-        teachers[t.kind] = _stage(dirs, f"teacher_{t.kind}", dirs[t.kind], flatten(t), lambda t=t: train_teacher(
+        teachers[t.kind] = run_stage(dirs, f"teacher_{t.kind}", dirs[t.kind], flatten(t), lambda t=t: train_teacher(
             t, data, dirs[t.kind], rt, clf, ae, st / f"teacher_{t.kind}.pt"), log)
     variants = {"none": None, "at_teacher": cfg.at_teacher, "nt_teacher": cfg.nt_teacher}
     purifiers = {"none": None, "at_teacher": teachers["at"], "nt_teacher": teachers["nt"]}
     for s in cfg.students:
-        purifiers[s.variant] = _stage(dirs, f"student_{s.variant}", dirs[s.variant], flatten(s),
+        purifiers[s.variant] = run_stage(dirs, f"student_{s.variant}", dirs[s.variant], flatten(s),
                                       lambda s=s: train_student(s, data, dirs[s.variant], teachers, clf, ae, rt,
                                                                 st / f"student_{s.variant}.pt"), log)
         variants[s.variant] = s
-    return _stage(dirs, "evaluate", None, None, lambda: _evaluate(cfg, dirs, clf, purifiers, variants, data, rt,
+    return run_stage(dirs, "evaluate", None, None, lambda: _evaluate(cfg, dirs, clf, purifiers, variants, data, rt,
                                                                   t_start, log), log)
 
 

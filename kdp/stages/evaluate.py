@@ -22,6 +22,8 @@ from kdp.data import Cifar, to_float
 from kdp.models import Purified, freeze
 from kdp.train import resolve_device
 
+THREAT_MODELS = ("blind", "end_to_end")
+
 
 def load_variants(purifier_dirs: dict[str, Path | None], device) -> dict[str, nn.Module]:
     """variant name -> frozen purifier (nn.Identity for a None path: no defense)."""
@@ -85,11 +87,12 @@ def _end_to_end(cfg, name, classifier, variant, purifier, x, y, clean_pred, devi
 
 def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Path | None], data: Cifar,
              rt: Runtime = Runtime(), start: int = 0, stop: int | None = None,
-             attacks: tuple[str, ...] | None = None, log=print) -> list[dict]:
+             attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] = THREAT_MODELS,
+             log=print) -> list[dict]:
     """Accuracy rows for every (variant, attack) on test images [start, stop).
 
-    `attacks` restricts the run to a subset of cfg.attacks + cfg.adaptive_attacks (for
-    sharding); 'clean' is always scored unless `attacks` excludes it.
+    `attacks` / `threat_models` restrict the run (for sharding); 'clean' counts as a blind
+    attack. Shards give the same AEs as one run if `start` is a multiple of cfg.batch_size.
     """
     device = resolve_device(rt.device)
     classifier = freeze(load_checkpoint(classifier_dir, device)[0])
@@ -98,14 +101,39 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
     clean_pred = torch.cat([_classify(classifier, nn.Identity(), x[i:i + 512].to(device)).cpu()
                             for i in range(0, len(x), 512)]) if len(x) else y.clone()
     rows = []
-    for name in ("clean",) + cfg.attacks:
+    for name in ("clean",) + cfg.attacks if "blind" in threat_models else ():
         if attacks is None or name in attacks:
             rows += _blind(cfg, name, classifier, purifiers, x, y, clean_pred, device, start)
             log(f"[eval] blind {name:<10} " + " ".join(f"{r['variant']}={r['accuracy']:.3f}" for r in rows[-len(purifiers):]))
-    for name in cfg.adaptive_attacks:
+    for name in cfg.adaptive_attacks if "end_to_end" in threat_models else ():
         if attacks is None or name in attacks:
             for v, p in purifiers.items():
                 if not isinstance(p, nn.Identity):
                     rows.append(_end_to_end(cfg, name, classifier, v, p, x, y, clean_pred, device, start))
                     log(f"[eval] end_to_end {name} {v}={rows[-1]['accuracy']:.3f}")
     return rows
+
+
+def shards(cfg: EvalConfig, n_test: int, shard_size: int) -> list[tuple[str, str, int, int]]:
+    """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
+    is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
+    size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
+    items = [("blind", a) for a in ("clean",) + cfg.attacks] + [("end_to_end", a) for a in cfg.adaptive_attacks]
+    return [(t, a, s, min(s + size, n_test)) for t, a in items for s in range(0, n_test, size)]
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """Sum shard rows of the same (variant, attack, threat model) into one row each."""
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["variant"], r["attack"], r["threat_model"])
+        if key not in merged:
+            merged[key] = dict(r)
+            continue
+        m = merged[key]
+        for k in ("n", "correct", "agree", "seconds", "attack_seconds"):
+            m[k] += r[k]
+        m["linf_max"] = max(m["linf_max"], r["linf_max"])
+    for m in merged.values():
+        m["accuracy"], m["agreement"] = m["correct"] / max(m["n"], 1), m["agree"] / max(m["n"], 1)
+    return list(merged.values())

@@ -1,0 +1,123 @@
+"""The pipeline on a Ray cluster. Stage 0 trains the classifier with a TorchTrainer; the
+training AEs are one Ray task; stage 1 fits the AT and NT teachers' trainers at the same
+time (one thread each); stage 2 fits every student's trainer at once; stage 3 shards the
+attack suite by attack and test-set slice into Ray tasks and writes the parquet table.
+
+Checkpoints: every epoch reports a Ray Train checkpoint (the last `keep_checkpoints` are
+kept under <out>/ray/<run>-<stage>); a failed worker group restarts from the last one
+(`max_failures`). A finished stage becomes the core's checkpoint directory, so re-running
+the job with the same run name skips it, and a half-done stage's Train run resumes from
+its last checkpoint (Ray finds the run snapshot by name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from kdp.checkpoint import load_state, read_meta, save_checkpoint
+from kdp.config import PipelineConfig, Runtime, ScaleConfig, flatten
+from kdp.data import load_cifar
+from kdp.distributed.loops import STATE, train_loop
+from kdp.models import build_model
+from kdp.pipeline import prepare_run, run_stage
+from kdp.provenance import provenance
+from kdp.results import make_rows, write_results
+from kdp.stages import evaluate, make_training_aes
+from kdp.stages.classifier import classifier_spec
+from kdp.stages.evaluate import merge_rows, shards
+from kdp.stages.purifier import purifier_spec
+
+
+def _task_resources(scale: ScaleConfig) -> dict:
+    return {"num_cpus": scale.cpus_per_worker, "num_gpus": scale.gpus_per_worker if scale.use_gpu else 0}
+
+
+def fit_stage(stage: str, kind: str, cfg, spec: dict, paths: dict, scale: ScaleConfig, rt: Runtime,
+              data_cfg, run_dir: Path, storage: Path, out: Path) -> Path:
+    """Train one stage with a TorchTrainer and turn its last checkpoint into a core checkpoint dir."""
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
+    loop_config = {"stage": stage, "kind": kind, "cfg": flatten(cfg), "data": flatten(data_cfg),
+                   "runtime": dataclasses.asdict(rt), "run_dir": str(run_dir), **paths}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{run_dir.name}-{stage}", storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scale.keep_checkpoints)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = load_state(Path(d) / STATE)
+    model = build_model(spec["kind"], spec["name"], **spec["kwargs"])
+    model.load_state_dict(state["model"])
+    metrics = {k: v for k, v in state["final"].items() if k == "test_acc"}
+    metrics.update(history=state["history"], ray_checkpoint=result.checkpoint.path)
+    return save_checkpoint(out, model, spec, flatten(cfg), metrics, provenance(rt))
+
+
+def _stage_runner(cfg, dirs, scale, rt, log):
+    def run(stage, kind, stage_cfg, spec, paths):
+        fn = lambda: fit_stage(stage, kind, stage_cfg, spec, {k: _str(v) for k, v in paths.items()}, scale,
+                               rt, cfg.data, dirs["run"], dirs["storage"], dirs[stage])
+        return run_stage(dirs, stage, dirs[stage], flatten(stage_cfg), fn, log)
+    return run
+
+
+def _str(v):
+    return {k: str(p) for k, p in v.items()} if isinstance(v, dict) else str(v)
+
+
+def run_distributed(cfg: PipelineConfig, out_root: str | Path, scale: ScaleConfig = ScaleConfig(),
+                    rt: Runtime = Runtime(), classifier_dir: str | Path | None = None, log=print) -> Path:
+    """Run (or resume) the whole pipeline on the connected Ray cluster; returns the parquet path."""
+    t_start, out_root = time.time(), Path(out_root).expanduser().resolve()
+    data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
+    dirs = prepare_run(cfg, out_root)
+    dirs["storage"] = out_root / "ray"
+    dirs.update({"classifier": dirs["classifier"], "teacher_at": dirs["at"], "teacher_nt": dirs["nt"]})
+    dirs.update({f"student_{s.variant}": dirs[s.variant] for s in cfg.students})
+    log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
+    run = _stage_runner(cfg, dirs, scale, rt, log)
+    clf = Path(classifier_dir) if classifier_dir else run("classifier", "classifier", cfg.classifier,
+                                                           classifier_spec(cfg.classifier), {})
+    log(f"[classifier] test accuracy {read_meta(clf)['metrics'].get('test_acc', float('nan')):.4f}")
+    aes = ray.remote(make_training_aes).options(**_task_resources(scale))
+    ae = run_stage(dirs, "aes", None, None, lambda: ray.get(aes.remote(cfg.ae, clf, data, dirs["cache"], rt)), log)
+    base = {"classifier_dir": clf, "ae_dir": ae}
+    with ThreadPoolExecutor(2) as pool:  # both teachers in flight together
+        futs = {t.kind: pool.submit(run, f"teacher_{t.kind}", "teacher", t, purifier_spec(t), base)
+                for t in (cfg.at_teacher, cfg.nt_teacher)}
+        teachers = {k: f.result() for k, f in futs.items()}
+    with ThreadPoolExecutor(max(1, len(cfg.students))) as pool:
+        futs = {s.variant: pool.submit(run, f"student_{s.variant}", "student", s, purifier_spec(s),
+                                       {**base, "teacher_dirs": teachers}) for s in cfg.students}
+        students = {k: f.result() for k, f in futs.items()}
+    purifiers = {"none": None, "at_teacher": teachers["at"], "nt_teacher": teachers["nt"], **students}
+    variants = {"none": None, "at_teacher": cfg.at_teacher, "nt_teacher": cfg.nt_teacher,
+                **{s.variant: s for s in cfg.students}}
+    return run_stage(dirs, "evaluate", None, None, lambda: _evaluate(
+        cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log), log)
+
+
+def _eval_shard(cfg, clf, purifiers, data, rt, threat, attack, start, stop):
+    return evaluate(cfg, clf, purifiers, data, rt, start, stop, (attack,), (threat,), log=lambda *_: None)
+
+
+def _evaluate(cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log) -> Path:
+    """Stage 3: one Ray task per (threat model, attack, test slice); rows summed per cell."""
+    task = ray.remote(_eval_shard).options(**_task_resources(scale))
+    data_ref = ray.put(data)
+    work = shards(cfg.eval, len(data.test_y), scale.eval_shard_size)
+    log(f"[evaluate] {len(work)} tasks over {len(data.test_y)} test images")
+    refs = [task.remote(cfg.eval, clf, purifiers, data_ref, rt, *w) for w in work]
+    rows = merge_rows([r for rs in ray.get(refs) for r in rs])
+    extra = {"classifier.test_acc": read_meta(clf)["metrics"].get("test_acc"), "data.source": data.source,
+             "data.train_size": len(data.train_y), "wall_seconds": time.time() - t_start, **provenance(rt)}
+    return write_results(make_rows(cfg, variants, rows, extra), dirs["results"])
