@@ -1,0 +1,169 @@
+"""jobs/pipeline.py on a real local Ray head: `ray job submit`, the Python JobSubmissionClient,
+a worker killed mid-epoch, and a killed driver re-submitted under the same run name.
+
+The head is started with `ray start --head` bound to 127.0.0.1 on explicit ports, with
+2 CPUs, and stopped in teardown (SIGKILL for anything `ray stop` leaves behind)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdp.results import load_results
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GCS_PORT, DASHBOARD_PORT = 6391, 8271
+ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
+# a small run: 1024 training images, 2-4 epochs per stage, two attacks
+TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "classifier.epochs=2",
+        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=50",
+        "--eval-shard-size", "50", "--quiet"]
+
+
+def _ray_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|dashboard|ray/_private"], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+@pytest.fixture(scope="module")
+def head():
+    env = {**os.environ, **ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True, timeout=180,
+                   capture_output=True)
+    old = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    try:
+        yield env
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for pid in _ray_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def client(head):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ADDRESS)
+
+
+def _entrypoint(out: Path, name: str, *extra: str, data: Path) -> str:
+    args = [sys.executable, "jobs/pipeline.py", "--preset", "smoke", "--data-dir", str(data),
+            "--out", str(out), "--name", name, *extra]
+    return " ".join(args)
+
+
+def _runtime_env() -> dict:
+    return {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": dict(ENV)}
+
+
+def _wait(client, job_id: str, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status.value
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still {status} after {timeout}s")
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "stages.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for e in _events(run_dir):
+            if pred(e):
+                return e
+        time.sleep(0.1)
+    raise TimeoutError(f"no matching event in {run_dir / 'stages.jsonl'}")
+
+
+def _span(events, stage):
+    times = [e["time"] for e in events if e["stage"] == stage and e["status"] in ("epoch_start", "epoch_end")]
+    return min(times), max(times)
+
+
+def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subset_dir):
+    """`ray job submit` of the smoke preset; both teachers train at the same time."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ADDRESS, "--submission-id", "kdp-cli-smoke",
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
+           "--", *_entrypoint(tmp_path, "smoke", "--quiet", data=cifar_subset_dir).split()]
+    proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert client.get_job_status("kdp-cli-smoke").value == "SUCCEEDED"
+    df = load_results(tmp_path / "smoke" / "results.parquet")
+    assert len(df[df.threat_model == "blind"]) == 6 * 7 and len(df[df.threat_model == "end_to_end"]) == 5
+    assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.3
+    events = _events(tmp_path / "smoke")
+    (at0, at1), (nt0, nt1) = _span(events, "teacher_at"), _span(events, "teacher_nt")
+    assert max(at0, nt0) < min(at1, nt1), "the AT and NT teacher runs did not overlap in time"
+
+
+def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, cifar_subset_dir):
+    """SIGKILL one AT-teacher worker in its 2nd epoch; the group restarts from epoch 1's checkpoint."""
+    run = tmp_path / "fault"
+    job = client.submit_job(entrypoint=_entrypoint(tmp_path, "fault", *TINY, "--set", "at_teacher.epochs=4",
+                                                   "--set", "nt_teacher.epochs=2", data=cifar_subset_dir),
+                            runtime_env=_runtime_env(), submission_id="kdp-fault")
+    victim = _wait_for(run, lambda e: e["stage"] == "teacher_at" and e["status"] == "epoch_start"
+                       and e["epoch"] == 1)
+    time.sleep(0.3)  # into the epoch
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert _wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    starts = [e for e in _events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_start"]
+    after = [e for e in starts if e["pid"] != victim["pid"] and e["time"] > victim["time"]]
+    assert after, "no worker restarted after the kill"
+    assert after[0]["epoch"] >= victim["epoch"], "resumed before the last checkpoint"
+    assert after[0]["epoch"] <= victim["epoch"] + 1 and after[0]["epoch"] > 0, "did not resume from a checkpoint"
+    meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
+    df = load_results(run / "results.parquet")
+    assert len(df) == 6 * 3 + 5  # (clean, fgsm, pgd8) x 6 variants + end-to-end pgd8 x 5
+
+
+def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar_subset_dir):
+    """Stop the driver while the teachers train, re-submit the same run name: the classifier and
+    the AEs are reused, and the job completes."""
+    run = tmp_path / "resub"
+    entry = _entrypoint(tmp_path, "resub", *TINY, "--set", "at_teacher.epochs=3", "--set", "nt_teacher.epochs=3",
+                        data=cifar_subset_dir)
+    first = client.submit_job(entrypoint=entry, runtime_env=_runtime_env(), submission_id="kdp-resub-1")
+    _wait_for(run, lambda e: e["stage"] == "teacher_at" and e["status"] == "epoch_end")
+    client.stop_job(first)
+    assert _wait(client, first) == "STOPPED"
+    clf_mtime = (run / "classifier" / "model.pt").stat().st_mtime_ns
+    aes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")}
+    n_before = len(_events(run))
+    second = client.submit_job(entrypoint=entry, runtime_env=_runtime_env(), submission_id="kdp-resub-2")
+    assert _wait(client, second) == "SUCCEEDED", client.get_job_logs(second)[-3000:]
+    assert (run / "classifier" / "model.pt").stat().st_mtime_ns == clf_mtime
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")} == aes
+    later = _events(run)[n_before:]
+    status = {(e["stage"], e["status"]) for e in later}
+    assert ("classifier", "skipped") in status
+    assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
+    assert len(load_results(run / "results.parquet")) == 6 * 3 + 5
