@@ -101,10 +101,8 @@ class AEConfig:
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
-    """Stage 1: an AT (on AEs, Eq. 2) or NT (on clean images, Eq. 3) autoencoder teacher."""
-    kind: str = "at"
-    """'at' trains on the AEs with L_AT; 'nt' on clean images with L_NT."""
+class PurifierTraining:
+    """What every CAE stage shares: the architecture and Adam (paper Sec. 3.1, 4.1)."""
     depth: int = 15
     """Encoder blocks (= decoder blocks); paper: 15."""
     width: int = 64
@@ -112,26 +110,38 @@ class TeacherConfig:
     head: str = "literal"
     """Output head: 'literal' (ConvT-BN-ReLU, tanh) or 'affine' ((tanh + 1) / 2)."""
     epochs: int = 100
-    """Adam epochs (paper: 100)."""
+    """Adam epochs (paper: 100 for teachers, 40 for the student)."""
     batch_size: int = 128
     """Images per step (paper: 128)."""
     lr: float = 0.01
     """Adam learning rate (paper: 0.01), constant."""
-    adv_score: str = "logprob"
-    """L_AT's p_out/adv_out: true-label 'logprob' or 'logit' (AT only)."""
     seed: int = 0
     """Seed for init and shuffling."""
 
     def __post_init__(self):
-        _choice(self.kind, TEACHER_KINDS, "teacher kind")
         _choice(self.head, HEADS, "purifier head")
-        _choice(self.adv_score, ADV_SCORES, "adv score")
         _positive(self, "depth", "width", "epochs", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
-class StudentConfig:
+class TeacherConfig(PurifierTraining):
+    """Stage 1: an AT (on AEs, Eq. 2) or NT (on clean images, Eq. 3) autoencoder teacher."""
+    kind: str = "at"
+    """'at' trains on the AEs with L_AT; 'nt' on clean images with L_NT."""
+    adv_score: str = "logprob"
+    """L_AT's p_out/adv_out: true-label 'logprob' or 'logit' (AT only)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice(self.kind, TEACHER_KINDS, "teacher kind")
+        _choice(self.adv_score, ADV_SCORES, "adv score")
+
+
+@dataclass(frozen=True)
+class StudentConfig(PurifierTraining):
     """Stage 2: the purifier, distilled from a set of teachers (Eqs. 4-6)."""
+    epochs: int = 40
+    """Adam epochs (paper: 40)."""
     teachers: tuple[str, ...] = ("at", "nt")
     """Teachers to distil from: any non-empty subset of ('at', 'nt')."""
     beta: float = 0.5
@@ -140,31 +150,16 @@ class StudentConfig:
     """Weight of the distillation loss L_kd (paper: 0.5)."""
     kd_space: str = "pixels"
     """Softmax space of the KL: 'pixels' (literal) or 'logits' (classifier outputs)."""
-    depth: int = 15
-    """Encoder blocks (= decoder blocks)."""
-    width: int = 64
-    """Channels of every hidden layer."""
-    head: str = "literal"
-    """Output head: 'literal' or 'affine'."""
-    epochs: int = 40
-    """Adam epochs (paper: 40)."""
-    batch_size: int = 128
-    """Images per step (paper: 128)."""
-    lr: float = 0.01
-    """Adam learning rate (paper: 0.01), constant."""
-    seed: int = 0
-    """Seed for init and shuffling."""
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "teachers", tuple(self.teachers))
         _check(len(self.teachers) > 0 and len(set(self.teachers)) == len(self.teachers),
                f"StudentConfig.teachers must be a non-empty set of at/nt, got {self.teachers}")
         for t in self.teachers:
             _choice(t, TEACHER_KINDS, "teacher")
         _choice(self.kd_space, KD_SPACES, "kd space")
-        _choice(self.head, HEADS, "purifier head")
         _check(self.beta >= 0 and self.gamma >= 0, f"beta and gamma must be >= 0, got {self.beta}, {self.gamma}")
-        _positive(self, "depth", "width", "epochs", "batch_size", "lr")
 
     @property
     def variant(self) -> str:
@@ -222,7 +217,8 @@ class PipelineConfig:
     """Stage 1, AT."""
     nt_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="nt"))
     """Stage 1, NT."""
-    students: tuple[StudentConfig, ...] = (StudentConfig(("at",)), StudentConfig(("nt",)), StudentConfig())
+    students: tuple[StudentConfig, ...] = (StudentConfig(teachers=("at",)), StudentConfig(teachers=("nt",)),
+                                           StudentConfig())
     """Stage 2: one student per entry (default: the paper's ablation)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Stage 3."""
@@ -271,11 +267,12 @@ def _coerce(text: str, hint):
     return base(text)
 
 
-def override(cfg, assignment: str):
+def override(cfg, assignment: str, _full: str | None = None):
     """Apply 'a.b=value' to a nested frozen config; 'students.x=v' sets it on every student."""
     if "=" not in assignment:
         raise ValueError(f"override {assignment!r} must look like key=value")
     path, text = assignment.split("=", 1)
+    full = _full or path
     head, _, rest = path.partition(".")
     hints = typing.get_type_hints(type(cfg))
     if head not in hints:
@@ -283,14 +280,14 @@ def override(cfg, assignment: str):
         raise ValueError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
     value = getattr(cfg, head)
     if rest and isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
-        new = tuple(override(v, f"{rest}={text}") for v in value)
+        new = tuple(override(v, f"{rest}={text}", full) for v in value)
     elif rest:
-        new = override(value, f"{rest}={text}")
+        new = override(value, f"{rest}={text}", full)
     else:
         try:
             new = _coerce(text, hints[head])
         except ValueError as e:
-            raise ValueError(f"bad value for {path}: {e}") from None
+            raise ValueError(f"bad value for {full}: {e}") from None
     return dataclasses.replace(cfg, **{head: new})
 
 

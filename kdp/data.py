@@ -221,8 +221,8 @@ def load_cifar(data_dir: str | Path | None, n_train: int | None = None, n_test: 
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1]."""
-    return x.float().div_(255.0)
+    """uint8 images -> float32 in [0, 1] (a new tensor; the input is left alone)."""
+    return x.to(torch.float32) / 255.0
 
 
 def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -75,6 +75,13 @@ def _runtime_env() -> dict:
     return {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": dict(ENV)}
 
 
+def _logs(client, job_id: str) -> str:
+    """The job's log tail, also saved beside the test's temp files for post-mortems."""
+    text = client.get_job_logs(job_id)
+    Path(f"/tmp/kdp-job-{job_id}.log").write_text(text)
+    return text[-8000:]
+
+
 def _wait(client, job_id: str, timeout: float = 600) -> str:
     from ray.job_submission import JobStatus
 
@@ -133,7 +140,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
                        and e["epoch"] == 1)
     time.sleep(0.3)  # into the epoch
     os.kill(victim["pid"], signal.SIGKILL)
-    assert _wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    assert _wait(client, job) == "SUCCEEDED", _logs(client, job)
     starts = [e for e in _events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_start"]
     after = [e for e in starts if e["pid"] != victim["pid"] and e["time"] > victim["time"]]
     assert after, "no worker restarted after the kill"
@@ -159,7 +166,7 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     aes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")}
     n_before = len(_events(run))
     second = client.submit_job(entrypoint=entry, runtime_env=_runtime_env(), submission_id="kdp-resub-2")
-    assert _wait(client, second) == "SUCCEEDED", client.get_job_logs(second)[-3000:]
+    assert _wait(client, second) == "SUCCEEDED", _logs(client, second)
     assert (run / "classifier" / "model.pt").stat().st_mtime_ns == clf_mtime
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")} == aes
     later = _events(run)[n_before:]
