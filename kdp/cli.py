@@ -19,7 +19,8 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
     if data_dir is not None:
         if not Path(data_dir).expanduser().exists():
             raise ValueError(f"--data-dir {data_dir}: no such file or directory")
-        cfg = override(cfg, f"data.data_dir={data_dir}")
+        # absolute: Ray workers and resumed runs do not share this process's cwd
+        cfg = override(cfg, f"data.data_dir={Path(data_dir).expanduser().resolve()}")
     if name is not None:
         cfg = override(cfg, f"name={name}")
     for s in sets:

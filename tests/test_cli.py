@@ -51,3 +51,10 @@ def test_unknown_preset_lists_valid_ones(capsys):
 def test_module_entrypoint_help():
     out = subprocess.run([sys.executable, "-m", "kdp.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def test_data_dir_is_recorded_as_an_absolute_path(cifar_subset_dir, monkeypatch):
+    """Ray workers and resumed runs have another cwd: a relative --data-dir must not leak."""
+    monkeypatch.chdir(cifar_subset_dir.parent)
+    cfg = cli.build_config("smoke", data_dir=cifar_subset_dir.name)
+    assert Path(cfg.data.data_dir).is_absolute() and Path(cfg.data.data_dir) == cifar_subset_dir.resolve()
