@@ -12,6 +12,7 @@ its last checkpoint (Ray finds the run snapshot by name).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ from kdp.pipeline import prepare_run, run_stage
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages import evaluate, make_training_aes
+from kdp.stages.common import log_stage
 from kdp.stages.classifier import classifier_spec
 from kdp.stages.evaluate import merge_rows, shards
 from kdp.stages.purifier import purifier_spec
@@ -38,21 +40,41 @@ def _task_resources(scale: ScaleConfig) -> dict:
     return {"num_cpus": scale.cpus_per_worker, "num_gpus": scale.gpus_per_worker if scale.use_gpu else 0}
 
 
-def fit_stage(stage: str, kind: str, cfg, spec: dict, paths: dict, scale: ScaleConfig, rt: Runtime,
-              data_cfg, run_dir: Path, storage: Path, out: Path) -> Path:
-    """Train one stage with a TorchTrainer and turn its last checkpoint into a core checkpoint dir."""
+def _trainer(stage: str, loop_config: dict, scale: ScaleConfig, run_name: str, storage: Path) -> TorchTrainer:
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
-    loop_config = {"stage": stage, "kind": kind, "cfg": flatten(cfg), "data": flatten(data_cfg),
-                   "runtime": dataclasses.asdict(rt), "run_dir": str(run_dir), **paths}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{run_dir.name}-{stage}", storage_path=str(storage),
+            name=run_name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scale.keep_checkpoints)))
-    result = trainer.fit()
+
+
+def _fit(stage: str, loop_config: dict, scale: ScaleConfig, run_dir: Path, storage: Path):
+    """trainer.fit(), resuming the stage's Train run if one exists. Ray writes its run snapshot
+    in place, so a driver killed mid-write can leave one that cannot be resumed: then the
+    broken run is moved aside (logged) and the stage starts over rather than failing."""
+    name = f"{run_dir.name}-{stage}"
+    resumed = (storage / name).exists()
+    try:
+        return _trainer(stage, loop_config, scale, name, storage).fit()
+    except Exception as e:  # noqa: BLE001 - any failure of a resumed run gets one fresh try
+        if not resumed:
+            raise
+        aside = storage / f"{name}.broken-{int(time.time())}"
+        os.rename(storage / name, aside)
+        log_stage(run_dir, stage, "resume_failed", error=f"{type(e).__name__}: {e}"[:500], moved_to=str(aside))
+        return _trainer(stage, loop_config, scale, name, storage).fit()
+
+
+def fit_stage(stage: str, kind: str, cfg, spec: dict, paths: dict, scale: ScaleConfig, rt: Runtime,
+              data_cfg, run_dir: Path, storage: Path, out: Path) -> Path:
+    """Train one stage with a TorchTrainer and turn its last checkpoint into a core checkpoint dir."""
+    loop_config = {"stage": stage, "kind": kind, "cfg": flatten(cfg), "data": flatten(data_cfg),
+                   "runtime": dataclasses.asdict(rt), "run_dir": str(run_dir), **paths}
+    result = _fit(stage, loop_config, scale, run_dir, storage)
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / STATE)
     model = build_model(spec["kind"], spec["name"], **spec["kwargs"])
