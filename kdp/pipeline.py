@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kdp.checkpoint import read_json, read_meta, write_json
-from kdp.config import PipelineConfig, Runtime
+from kdp.config import PipelineConfig, Runtime, flatten
 from kdp.data import load_cifar
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
@@ -66,8 +66,6 @@ def run_stage(dirs, name, out, config, fn, log):
 def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtime(),
                  classifier_dir: str | Path | None = None, log=print) -> Path:
     """Run (or resume) every stage of `cfg` under out_root/<name>; returns the results parquet."""
-    from kdp.config import flatten
-
     t_start = time.time()
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)  # bad data: fail before writing
     dirs = prepare_run(cfg, Path(out_root))

@@ -87,8 +87,8 @@ def fit_stage(stage: str, kind: str, cfg, spec: dict, paths: dict, scale: ScaleC
 def _stage_runner(cfg, dirs, scale, rt, log):
     def run(stage, kind, stage_cfg, spec, paths):
         fn = lambda: fit_stage(stage, kind, stage_cfg, spec, {k: _str(v) for k, v in paths.items()}, scale,
-                               rt, cfg.data, dirs["run"], dirs["storage"], dirs[stage])
-        return run_stage(dirs, stage, dirs[stage], flatten(stage_cfg), fn, log)
+                               rt, cfg.data, dirs["run"], dirs["storage"], dirs["run"] / stage)
+        return run_stage(dirs, stage, dirs["run"] / stage, flatten(stage_cfg), fn, log)
     return run
 
 
@@ -103,8 +103,6 @@ def run_distributed(cfg: PipelineConfig, out_root: str | Path, scale: ScaleConfi
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
     dirs = prepare_run(cfg, out_root)
     dirs["storage"] = out_root / "ray"
-    dirs.update({"classifier": dirs["classifier"], "teacher_at": dirs["at"], "teacher_nt": dirs["nt"]})
-    dirs.update({f"student_{s.variant}": dirs[s.variant] for s in cfg.students})
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     run = _stage_runner(cfg, dirs, scale, rt, log)
     clf = Path(classifier_dir) if classifier_dir else run("classifier", "classifier", cfg.classifier,
