@@ -31,7 +31,7 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
 def _run(args) -> None:
     from kdp.config import Runtime
     from kdp.pipeline import run_pipeline
-    from kdp.results import load_results, table1
+    from kdp.results import load, table1
 
     from kdp.train import resolve_device
 
@@ -41,7 +41,7 @@ def _run(args) -> None:
                  progress=not args.quiet)
     path = run_pipeline(cfg, args.out, rt, classifier_dir=args.classifier)
     print(f"results: {path}")
-    print(table1(load_results(path)).round(2).to_string())
+    print(table1(load(path)).round(2).to_string())
 
 
 def _show(args) -> None:
@@ -50,9 +50,9 @@ def _show(args) -> None:
 
 
 def _results(args) -> None:
-    from kdp.results import load_results, table1
+    from kdp.results import load, table1
 
-    df = load_results(args.path)
+    df = load(args.path)
     print(table1(df, args.threat_model).round(2).to_string())
 
 
@@ -68,6 +68,100 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
     r.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """Ray cluster placement (ScaleConfig) and address: jobs/pipeline.py, jobs/sweep.py, kdp sweep."""
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per stage (default: 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker and per evaluation task")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per worker with --use-gpu (default: 1)")
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per stage (default: 3)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept per stage (default: 2)")
+    p.add_argument("--eval-shard-size", type=int, default=512, help="test images per eval task (default: 512)")
+
+
+def scale_config(args):
+    from kdp.config import ScaleConfig
+
+    return ScaleConfig(args.num_workers, args.use_gpu, args.cpus_per_worker, args.gpus_per_worker,
+                       args.max_failures, args.keep_checkpoints, args.eval_shard_size)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray sized to this machine."""
+    import os
+
+    import ray
+
+    if address:
+        ray.init(address=address)
+    else:  # poll workers often: Train's 2 s default dominates small stages
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        ray.init()
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The search space (YAML and/or flags) and the base pipeline config of a sweep."""
+    p.add_argument("--sweep", metavar="YAML", help="search space file (see jobs/sweep.yaml); flags override it")
+    p.add_argument("--name", help="sweep id (default: the YAML's name, else 'sweep')")
+    p.add_argument("--resume", action="store_true", help="continue the sweep --name under --out (Tune restore)")
+    p.add_argument("--preset", default="smoke", help=f"base config, one of: {', '.join(PRESETS)} (default: smoke)")
+    p.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
+    p.add_argument("--out", default="runs", help="output root (default: ./runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config field, e.g. students.epochs=10 (repeatable)")
+    p.add_argument("--variants", help="comma list of at_only, kd_at, kd_nt, kd_at_nt (default: all four)")
+    p.add_argument("--beta", help="grid '0.25,0.5' or range 'uniform:0.1:1' (default: 0.5)")
+    p.add_argument("--gamma", help="grid or range, like --beta (default: 0.5)")
+    p.add_argument("--eps", help="training eps grid, e.g. '4/255,8/255,16/255' (default: 8/255)")
+    p.add_argument("--kd-space", help="comma list of pixels, logits (default: pixels)")
+    p.add_argument("--num-samples", type=int, help="repeats of the grid (default: 1)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--no-share", action="store_true", help="every trial trains its own classifier and "
+                   "teachers (the naive sweep; for benchmarks)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "num_samples", "max_concurrent")
+
+
+def build_sweep(args):
+    """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json."""
+    from kdp.config import Runtime
+    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_from_dict
+
+    rt = Runtime(bf16=args.bf16, channels_last=args.channels_last, progress=not args.quiet)
+    space = {k: getattr(args, k) for k in _SPACE_FLAGS}
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in space.items() if v is not None]
+        given += ["--sweep"] * bool(args.sweep) + ["--set"] * bool(args.set) + ["--no-share"] * args.no_share
+        if not args.name or given:
+            raise ValueError("--resume takes --name and --out only (the sweep's recorded config is used)"
+                             + (f"; drop {', '.join(given)}" if given else ""))
+        sweep, base = load_sweep_record(args.out, args.name)
+        return sweep, base, rt
+    space.update(name=args.name, share=False if args.no_share else None)
+    sweep = load_sweep_file(args.sweep, **space) if args.sweep else sweep_from_dict({}, **space)
+    return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
+
+
+def sweep_command(args) -> None:
+    """Build the sweep, connect to Ray, run it and print its table (kdp sweep, jobs/sweep.py)."""
+    import os
+
+    from kdp.results import load, table1
+
+    sweep, base, rt = build_sweep(args)
+    scale = scale_config(args)
+    connect(args.address or os.environ.get("RAY_ADDRESS"))
+    from kdp.distributed.sweep import run_sweep
+
+    path = run_sweep(sweep, base, args.out, scale, rt, resume=args.resume)
+    print(f"results: {path}\n{table1(load(path)).round(2).to_string()}")
 
 
 def run_errors():
@@ -95,6 +189,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("path", help="a results .parquet file or a directory of them")
     t.add_argument("--threat-model", default="blind", choices=("blind", "end_to_end"))
     t.set_defaults(fn=_results)
+    from kdp.report import add_report_args, report_command
+
+    g = sub.add_parser("report", help="markdown tables beside the paper's numbers, plots and a Figure-5 grid",
+                       description="Write report.md and PNGs from a results file or dataset directory.")
+    add_report_args(g)
+    g.set_defaults(fn=report_command)
+    w = sub.add_parser("sweep", help="a Ray Tune sweep over variants, beta, gamma, eps (same as jobs/sweep.py)",
+                       description="Sweep the method's knobs with Ray Tune; --resume continues a sweep.")
+    add_sweep_args(w)
+    add_scale_args(w)
+    w.set_defaults(fn=sweep_command)
     return p
 
 

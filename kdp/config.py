@@ -329,3 +329,24 @@ class ScaleConfig:
         _check(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
         _check(not self.use_gpu or self.gpus_per_worker > 0,
                f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+def from_dict(cls, d: dict):
+    """Inverse of dataclasses.asdict (e.g. a config.json): nested configs and tuples rebuilt."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints, kwargs = typing.get_type_hints(cls), {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    _check(not unknown, f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    for name, v in d.items():
+        hint = hints[name]
+        args = typing.get_args(hint)
+        if dataclasses.is_dataclass(hint):
+            v = from_dict(hint, v)
+        elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+            v = tuple(from_dict(args[0], x) for x in v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[name] = v
+    return cls(**kwargs)

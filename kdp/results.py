@@ -47,11 +47,16 @@ METRIC_FIELDS = [pa.field(n, t) for n, t in (
     ("wall_seconds", pa.float64()))]
 PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
     "git_sha", "python", "host", "device", "utc", *(f"{p}_version" for p in PACKAGES))]
+# A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
+# the hive partition directory `sweep_id=<id>`, not a column of the files.
+SWEEP_FIELDS = [pa.field(n, t) for n, t in (
+    ("trial_id", pa.string()), ("sweep.variant", pa.string()), ("sweep.beta", pa.float64()),
+    ("sweep.gamma", pa.float64()), ("sweep.eps", pa.float64()), ("sweep.kd_space", pa.string()))]
 SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string())] + METRIC_FIELDS
     + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
-    + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + PROVENANCE_FIELDS)
+    + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
 
 
 def purifier_columns(cfg: TeacherConfig | StudentConfig | None) -> dict:
@@ -87,17 +92,40 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
 
 
-def load_results(path: str | Path):
-    """All result rows under `path` (one .parquet file or a directory tree) as a DataFrame."""
+def _sweep_of(file: Path) -> str | None:
+    """The sweep id of a file from its hive partition directory `sweep_id=<id>`, if any."""
+    for parent in file.parents:
+        if parent.name.startswith("sweep_id="):
+            return parent.name.split("=", 1)[1]
+    return None
+
+
+def load(path: str | Path, as_table: bool = False):
+    """Every result row under `path` as one pandas DataFrame (a pyarrow Table with as_table).
+
+    `path` is a results .parquet file, a sweep partition (`.../results/sweep_id=<id>`), a
+    results root holding many sweeps, or any directory tree of runs. Columns are SCHEMA plus
+    `sweep_id` (null outside sweeps); files written before a column existed read it as null.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results here")
-    if path.is_file():
-        return pq.read_table(path, schema=SCHEMA).to_pandas()
-    files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
     if not files:
         raise FileNotFoundError(f"{path}: no .parquet files under it")
-    return ds.dataset(files, schema=SCHEMA, format="parquet").to_table().to_pandas()
+    groups: dict[str | None, list[str]] = {}
+    for f in files:
+        groups.setdefault(_sweep_of(f.resolve()), []).append(str(f))
+    parts = []
+    for sweep, group in groups.items():
+        try:
+            t = ds.dataset(group, schema=SCHEMA, format="parquet").to_table()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+            raise ValueError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
+        parts.append(t.append_column("sweep_id", pa.array([sweep] * len(t), pa.string())))
+    table = pa.concat_tables(parts)
+    return table if as_table else table.to_pandas()
 
 
 def table1(df, threat_model: str = "blind"):

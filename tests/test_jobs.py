@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdp.results import load_results
+from kdp.results import load
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +122,7 @@ def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subs
     proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert client.get_job_status("kdp-cli-smoke").value == "SUCCEEDED"
-    df = load_results(tmp_path / "smoke" / "results.parquet")
+    df = load(tmp_path / "smoke" / "results.parquet")
     assert len(df[df.threat_model == "blind"]) == 6 * 7 and len(df[df.threat_model == "end_to_end"]) == 5
     assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.3
     events = _events(tmp_path / "smoke")
@@ -148,7 +148,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
     assert after[0]["epoch"] <= victim["epoch"] + 1 and after[0]["epoch"] > 0, "did not resume from a checkpoint"
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
-    df = load_results(run / "results.parquet")
+    df = load(run / "results.parquet")
     assert len(df) == 6 * 3 + 5  # (clean, fgsm, pgd8) x 6 variants + end-to-end pgd8 x 5
 
 
@@ -173,4 +173,4 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     status = {(e["stage"], e["status"]) for e in later}
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
-    assert len(load_results(run / "results.parquet")) == 6 * 3 + 5
+    assert len(load(run / "results.parquet")) == 6 * 3 + 5

@@ -8,7 +8,7 @@ import pytest
 
 from kdp import cli
 from kdp.attacks import LINF_EPS, PAPER_SUITE
-from kdp.results import SCHEMA, load_results, table1
+from kdp.results import SCHEMA, load, table1
 
 VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt"}
 STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt"]
@@ -27,18 +27,18 @@ def smoke_run(tmp_path_factory, cifar_subset_dir):
 
 
 def test_smoke_parquet_has_a_row_per_variant_and_attack(smoke_run):
-    df = load_results(smoke_run / "results.parquet")
+    df = load(smoke_run / "results.parquet")
     blind = df[df.threat_model == "blind"]
     assert set(zip(blind.variant, blind.attack)) == {(v, a) for v in VARIANTS for a in ("clean",) + PAPER_SUITE}
     assert len(blind) == len(VARIANTS) * (1 + len(PAPER_SUITE))
     e2e = df[df.threat_model == "end_to_end"]
     assert set(e2e.variant) == VARIANTS - {"none"} and set(e2e.attack) == {"pgd8"}
-    assert list(df.columns) == SCHEMA.names
+    assert list(df.columns) == SCHEMA.names + ["sweep_id"]
     assert (df.n == 200).all() and ((df.accuracy - df.correct / df.n).abs() < 1e-12).all()
 
 
 def test_smoke_rows_carry_config_and_provenance(smoke_run):
-    df = load_results(smoke_run / "results.parquet")
+    df = load(smoke_run / "results.parquet")
     row = df[(df.variant == "kd_at_nt") & (df.attack == "pgd8")].iloc[0]
     assert row["purifier.teachers"] == "at+nt" and row["purifier.kind"] == "student"
     assert row["purifier.beta"] == 0.5 and row["purifier.gamma"] == 0.5
@@ -51,7 +51,7 @@ def test_smoke_rows_carry_config_and_provenance(smoke_run):
 
 
 def test_smoke_numbers_are_sane(smoke_run):
-    df = load_results(smoke_run / "results.parquet")
+    df = load(smoke_run / "results.parquet")
     clean_acc = df[(df.variant == "none") & (df.attack == "clean")].accuracy.item()
     assert clean_acc > 0.3, "the classifier should beat chance (10%) by far"
     assert df["classifier.test_acc"].iloc[0] > 0.3
@@ -117,4 +117,4 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
     assert (run / "teacher_at" / "model.pt").stat().st_mtime_ns == at_mtime
     statuses = [(e["stage"], e["status"]) for e in _stages(run)]
     assert ("teacher_nt", "resumed") in statuses and ("teacher_at", "skipped") in statuses
-    assert len(load_results(run / "results.parquet")) == 6 * 2
+    assert len(load(run / "results.parquet")) == 6 * 2

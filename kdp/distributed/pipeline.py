@@ -37,44 +37,49 @@ from kdp.stages.purifier import purifier_spec
 
 
 def _task_resources(scale: ScaleConfig) -> dict:
-    return {"num_cpus": scale.cpus_per_worker, "num_gpus": scale.gpus_per_worker if scale.use_gpu else 0}
+    """Task options. DEFAULT scheduling: a task started from a Tune trial must not be captured
+    by the trial's tiny placement group (it could never fit there)."""
+    return {"num_cpus": scale.cpus_per_worker, "num_gpus": scale.gpus_per_worker if scale.use_gpu else 0,
+            "scheduling_strategy": "DEFAULT"}
 
 
-def _trainer(stage: str, loop_config: dict, scale: ScaleConfig, run_name: str, storage: Path) -> TorchTrainer:
+def _trainer(stage: str, loop_config: dict, scale: ScaleConfig, run_name: str, storage: Path,
+             callbacks=()) -> TorchTrainer:
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
     return TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=str(storage), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scale.keep_checkpoints)))
 
 
-def _fit(stage: str, loop_config: dict, scale: ScaleConfig, run_dir: Path, storage: Path):
+def _fit(stage: str, loop_config: dict, scale: ScaleConfig, run_dir: Path, storage: Path, callbacks=()):
     """trainer.fit(), resuming the stage's Train run if one exists. Ray writes its run snapshot
     in place, so a driver killed mid-write can leave one that cannot be resumed: then the
     broken run is moved aside (logged) and the stage starts over rather than failing."""
     name = f"{run_dir.name}-{stage}"
     resumed = (storage / name).exists()
     try:
-        return _trainer(stage, loop_config, scale, name, storage).fit()
+        return _trainer(stage, loop_config, scale, name, storage, callbacks).fit()
     except Exception as e:  # noqa: BLE001 - any failure of a resumed run gets one fresh try
         if not resumed:
             raise
         aside = storage / f"{name}.broken-{int(time.time())}"
         os.rename(storage / name, aside)
         log_stage(run_dir, stage, "resume_failed", error=f"{type(e).__name__}: {e}"[:500], moved_to=str(aside))
-        return _trainer(stage, loop_config, scale, name, storage).fit()
+        return _trainer(stage, loop_config, scale, name, storage, callbacks).fit()
 
 
 def fit_stage(stage: str, kind: str, cfg, spec: dict, paths: dict, scale: ScaleConfig, rt: Runtime,
-              data_cfg, run_dir: Path, storage: Path, out: Path) -> Path:
-    """Train one stage with a TorchTrainer and turn its last checkpoint into a core checkpoint dir."""
+              data_cfg, run_dir: Path, storage: Path, out: Path, callbacks=()) -> Path:
+    """Train one stage with a TorchTrainer and turn its last checkpoint into a core checkpoint dir.
+    `callbacks` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     loop_config = {"stage": stage, "kind": kind, "cfg": flatten(cfg), "data": flatten(data_cfg),
                    "runtime": dataclasses.asdict(rt), "run_dir": str(run_dir), **paths}
-    result = _fit(stage, loop_config, scale, run_dir, storage)
+    result = _fit(stage, loop_config, scale, run_dir, storage, callbacks)
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / STATE)
     model = build_model(spec["kind"], spec["name"], **spec["kwargs"])
@@ -130,14 +135,18 @@ def _eval_shard(cfg, clf, purifiers, data, rt, threat, attack, start, stop):
     return evaluate(cfg, clf, purifiers, data, rt, start, stop, (attack,), (threat,), log=lambda *_: None)
 
 
-def _evaluate(cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log) -> Path:
+def evaluate_on_ray(eval_cfg, clf, purifiers: dict, data, scale: ScaleConfig, rt: Runtime, log=print) -> list[dict]:
     """Stage 3: one Ray task per (threat model, attack, test slice); rows summed per cell."""
     task = ray.remote(_eval_shard).options(**_task_resources(scale))
     data_ref = ray.put(data)
-    work = shards(cfg.eval, len(data.test_y), scale.eval_shard_size)
+    work = shards(eval_cfg, len(data.test_y), scale.eval_shard_size)
     log(f"[evaluate] {len(work)} tasks over {len(data.test_y)} test images")
-    refs = [task.remote(cfg.eval, clf, purifiers, data_ref, rt, *w) for w in work]
-    rows = merge_rows([r for rs in ray.get(refs) for r in rs])
+    refs = [task.remote(eval_cfg, clf, purifiers, data_ref, rt, *w) for w in work]
+    return merge_rows([r for rs in ray.get(refs) for r in rs])
+
+
+def _evaluate(cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log) -> Path:
+    rows = evaluate_on_ray(cfg.eval, clf, purifiers, data, scale, rt, log)
     extra = {"classifier.test_acc": read_meta(clf)["metrics"].get("test_acc"), "data.source": data.source,
              "data.train_size": len(data.train_y), "wall_seconds": time.time() - t_start, **provenance(rt)}
     return write_results(make_rows(cfg, variants, rows, extra), dirs["results"])

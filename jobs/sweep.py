@@ -1,0 +1,41 @@
+"""Ray job: a Ray Tune sweep over the method's knobs (the paper's ablation, beta, gamma, eps).
+
+    python jobs/sweep.py --preset smoke --data-dir ../shared/data/cifar10-subset --out runs \\
+        --name ablation --beta 0.25,0.5 --eps 4/255,8/255
+    python jobs/sweep.py --sweep jobs/sweep.yaml --preset reduced --use-gpu --out /shared/kdp
+    python jobs/sweep.py --resume --name ablation --out runs      # continue an interrupted sweep
+
+Each trial trains one student (or none, for at_only) and evaluates it; the classifier, the
+NT teacher, and the AT teacher and training AEs per eps are made once and shared. Results:
+one parquet file per trial under <out>/results/sweep_id=<name>/; load them with
+kdp.results.load(<out>/results). Without --address or RAY_ADDRESS a local Ray is started.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from kdp.cli import add_scale_args, add_sweep_args, run_errors, sweep_command  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    add_sweep_args(p)
+    add_scale_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:  # bad input fails before Ray starts; a bad --resume fails before any trial runs
+        sweep_command(args)
+    except run_errors() as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

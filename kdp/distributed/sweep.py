@@ -1,0 +1,119 @@
+"""Ray Tune sweeps. Each trial is a Tune function trainable (holding 0.01 CPU) that drives
+TorchTrainers, the Train V2 pattern: the shared classifier, AEs and teachers are made by
+whichever trial needs them first (kdp.sweep.ensure), the trial's student is one more
+TorchTrainer whose epochs are forwarded to Tune (TuneReportCallback, so Tune's own logs and
+TensorBoard curves stay available), and its evaluation runs as sharded Ray tasks. The
+trial's results become one parquet file; its accuracies are its final Tune report.
+
+Concurrency is bounded by the cluster: at most as many trials in flight as the cluster's
+CPUs (or GPUs) fit one training worker group each, unless `max_concurrent` says otherwise.
+Resume: Tuner.restore on <out>/<sweep>/tune; finished trials are not re-run, and an
+unfinished trial's student resumes its Ray Train run (its name is deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+from ray import tune
+
+from kdp.config import PipelineConfig, Runtime, ScaleConfig, from_dict
+from kdp.data import load_cifar
+from kdp.distributed.pipeline import _str, _task_resources, evaluate_on_ray, fit_stage
+from kdp.stages.aes import make_training_aes
+from kdp.stages.classifier import classifier_spec
+from kdp.stages.purifier import purifier_spec
+from kdp.sweep import Backend, Range, SweepConfig, prepare_sweep, run_trial
+
+SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
+TUNE_DIR = "tune"
+
+
+def ray_backend(scale: ScaleConfig, rt: Runtime, data_cfg, tune_report: bool = False) -> Backend:
+    """Stages as TorchTrainers (Train runs under <run_dir>/ray), AEs and evaluation as tasks."""
+    aes = ray.remote(make_training_aes).options(**_task_resources(scale))
+
+    def fit(stage, kind, cfg, paths, run_dir, out):
+        spec = classifier_spec(cfg) if kind == "classifier" else purifier_spec(cfg)
+        paths = {k: _str(v) for k, v in paths.items() if k != "data"}
+        callbacks = []
+        if tune_report and kind == "student":
+            from ray.tune.integration.ray_train import TuneReportCallback
+            callbacks.append(TuneReportCallback())
+        return fit_stage(stage, kind, cfg, spec, paths, scale, rt, data_cfg, run_dir, run_dir / "ray", out,
+                         callbacks)
+
+    return Backend(fit=fit, make_aes=lambda c, clf, data, root: ray.get(aes.remote(c, clf, data, root, rt)),
+                   evaluate=lambda c, clf, pur, data: evaluate_on_ray(c, clf, pur, data, scale, rt, lambda *_: None),
+                   rt=rt)
+
+
+def trial_metrics(path: Path) -> dict:
+    """A trial's final Tune report: accuracy per attack (blind) and per end-to-end attack."""
+    rows = pq.read_table(path, columns=["attack", "threat_model", "accuracy"]).to_pylist()
+    return {f"{'acc' if r['threat_model'] == 'blind' else 'acc_' + r['threat_model']}/{r['attack']}": r["accuracy"]
+            for r in rows}
+
+
+def sweep_trial(params: dict, base: dict, out_root: str, scale: dict, rt: dict, share: bool) -> None:
+    """The Tune trainable: one trial of the sweep (see kdp.sweep.run_trial)."""
+    cfg = from_dict(PipelineConfig, base)
+    trial_id = tune.get_context().get_trial_id()
+    data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
+    be = ray_backend(ScaleConfig(**scale), Runtime(**rt), cfg.data, tune_report=True)
+    path = run_trial(cfg, params, out_root, trial_id, be, data, share)
+    tune.report({**trial_metrics(path), "results_file": str(path)})
+
+
+def param_space(s: SweepConfig) -> dict:
+    """Tune's search space: grids for value lists, samplers for Ranges."""
+    def dim(v):
+        return SAMPLERS[v.dist](v.low, v.high) if isinstance(v, Range) else tune.grid_search(list(v))
+    return {"variant": tune.grid_search(list(s.variants)), "beta": dim(s.beta), "gamma": dim(s.gamma),
+            "eps": dim(s.eps), "kd_space": tune.grid_search(list(s.kd_space))}
+
+
+def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
+    """Trials in flight: the sweep's setting, else as many worker groups as the cluster fits."""
+    if s.max_concurrent:
+        return s.max_concurrent
+    res = ray.cluster_resources()
+    if scale.use_gpu:
+        return max(1, int(res.get("GPU", 0) // (scale.num_workers * scale.gpus_per_worker)))
+    return max(1, int(res.get("CPU", 1) // (scale.num_workers * scale.cpus_per_worker)))
+
+
+def _trainable(s: SweepConfig, base: PipelineConfig, out_root: Path, scale: ScaleConfig, rt: Runtime):
+    fn = tune.with_parameters(sweep_trial, base=dataclasses.asdict(base), out_root=str(out_root),
+                              scale=dataclasses.asdict(scale), rt=dataclasses.asdict(rt), share=s.share)
+    return tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits; workers hold the CPUs
+
+
+def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale: ScaleConfig = ScaleConfig(),
+              rt: Runtime = Runtime(), resume: bool = False, log=print) -> Path:
+    """Run (or, with resume, continue) a sweep on the connected Ray cluster; returns the
+    directory of its results partition, <out>/results/sweep_id=<name>."""
+    out_root = Path(out_root).expanduser().resolve()
+    base = dataclasses.replace(base, name=s.name)
+    tune_dir = out_root / s.name / TUNE_DIR
+    trainable = _trainable(s, base, out_root, scale, rt)
+    if resume:
+        if not tune.Tuner.can_restore(str(tune_dir)):
+            raise FileNotFoundError(f"{tune_dir}: no sweep to resume there")
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+    else:
+        if tune_dir.exists():
+            raise ValueError(f"{tune_dir}: sweep {s.name!r} exists; pass --resume to continue it")
+        prepare_sweep(s, base, out_root)
+        tuner = tune.Tuner(trainable, param_space=param_space(s),
+                           tune_config=tune.TuneConfig(num_samples=s.num_samples,
+                                                       max_concurrent_trials=concurrency(s, scale)),
+                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_root / s.name),
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+    log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {out_root / 'results'}")
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
+    return out_root / "results" / f"sweep_id={s.name}"

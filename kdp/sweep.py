@@ -1,0 +1,349 @@
+"""Sweeps over the method's knobs (the paper's Table 2 ablation and its choice of beta, gamma).
+
+A sweep is a base PipelineConfig plus a search space (`SweepConfig`). Each trial is one
+point: a teacher variant, beta, gamma, the training eps and the KD softmax space. A trial
+only trains its student and evaluates it; everything it depends on is shared:
+
+    <out>/<sweep>/sweep.json                      the SweepConfig and the base PipelineConfig
+    <out>/<sweep>/shared/classifier-<key>/        trained once per sweep
+    <out>/<sweep>/shared/teacher_nt-<key>/        once (NT does not depend on eps)
+    <out>/<sweep>/shared/aes/<key>/               training AEs, once per eps
+    <out>/<sweep>/shared/teacher_at-<key>/        once per eps
+    <out>/<sweep>/shared/stages.jsonl             which trial made or reused what, when
+    <out>/<sweep>/trials/<trial_id>/student/      the trial's own student
+    <out>/results/sweep_id=<sweep>/trial-<trial_id>-<uuid>.parquet   one file per trial
+
+Keys hash the artifact's config and its inputs (data, classifier weights, AEs), so a
+directory is reused only for an identical recipe; its checkpoint.json says what it is.
+`ensure` makes sharing safe under concurrency: the first trial to need an artifact takes
+an exclusive lock and makes it, the others block on the lock and then reuse it. A lock dies
+with its process, and artifacts appear by rename, so a crash leaves nothing half-written.
+
+Nothing here imports Ray: `run_trial` takes a `Backend` (the plain in-process one below, or
+the Ray Train one in kdp.distributed.sweep).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kdp.checkpoint import read_json, read_meta, write_json
+from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, _coerce, flatten, from_dict
+from kdp.data import Cifar
+from kdp.losses import KD_SPACES
+from kdp.provenance import provenance
+from kdp.results import make_rows, unique_name, write_results
+from kdp.stages.aes import AES, ae_cache_key
+from kdp.stages.common import finished, log_stage
+
+# sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
+VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
+DISTRIBUTIONS = ("uniform", "loguniform")
+DIMENSIONS = ("beta", "gamma", "eps")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A sampled dimension: `dist` between low and high (each trial sample draws anew)."""
+    dist: str
+    """'uniform' or 'loguniform'."""
+    low: float
+    """Lower bound."""
+    high: float
+    """Upper bound (> low)."""
+
+    def __post_init__(self):
+        _choice(self.dist, DISTRIBUTIONS, "distribution")
+        _check(0 <= self.low < self.high, f"range needs 0 <= low < high, got {self.low}, {self.high}")
+        _check(self.dist != "loguniform" or self.low > 0, "loguniform needs low > 0")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The search space of one sweep; grids multiply, `num_samples` repeats the grid."""
+    name: str = "sweep"
+    """Sweep id: the directory under the output root and the results partition."""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """Teacher variants: at_only (AT purifier, no KD), kd_at, kd_nt, kd_at_nt."""
+    beta: tuple[float, ...] | Range = (0.5,)
+    """Weight of the reconstruction loss: a grid of values or a Range."""
+    gamma: tuple[float, ...] | Range = (0.5,)
+    """Weight of the distillation loss: a grid of values or a Range."""
+    eps: tuple[float, ...] | Range = (8 / 255,)
+    """Training eps of the AT teacher's and the students' AEs (alpha scales with it)."""
+    kd_space: tuple[str, ...] = ("pixels",)
+    """KD softmax space(s): pixels and/or logits."""
+    num_samples: int = 1
+    """Repeats of the grid (each draws fresh values for Range dimensions)."""
+    max_concurrent: int = 0
+    """Trials in flight at once; 0: as many as the cluster's CPUs fit training workers."""
+    share: bool = True
+    """Reuse the classifier, teachers and AEs across trials (False: the naive sweep, for benchmarks)."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+               f"invalid sweep name {self.name!r}")
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "kd_space", tuple(self.kd_space))
+        _check(len(self.variants) > 0, "a sweep needs at least one variant")
+        for v in self.variants:
+            _choice(v, tuple(VARIANTS), "sweep variant")
+        for s in self.kd_space:
+            _choice(s, KD_SPACES, "kd space")
+        for dim in DIMENSIONS:
+            self._check_dim(dim)
+        _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        _check(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
+
+    def _check_dim(self, dim: str) -> None:
+        v = getattr(self, dim)
+        if isinstance(v, Range):
+            _check(dim != "eps" or v.high <= 1, f"eps range must lie in (0, 1], got {v}")
+            return
+        v = tuple(float(x) for x in v)
+        object.__setattr__(self, dim, v)
+        _check(len(v) > 0, f"sweep {dim} needs at least one value")
+        for x in v:
+            ok = 0 < x <= 1 if dim == "eps" else x >= 0
+            _check(ok, f"sweep {dim} value {x} out of range ({'(0, 1]' if dim == 'eps' else '>= 0'})")
+
+    def grid_size(self) -> int:
+        n = len(self.variants) * len(self.kd_space) * self.num_samples
+        for dim in DIMENSIONS:
+            v = getattr(self, dim)
+            n *= 1 if isinstance(v, Range) else len(v)
+        return n
+
+
+def parse_dim(dim: str, value) -> tuple[float, ...] | Range:
+    """A dimension from YAML or the CLI: a list, 'a,b,c', 'uniform:lo:hi' or {uniform: [lo, hi]}.
+    Numbers may be fractions like 8/255."""
+    if isinstance(value, dict):
+        _check(len(value) == 1, f"sweep {dim}: a range is one of {DISTRIBUTIONS}: [low, high], got {value}")
+        (dist, bounds), = value.items()
+        _check(isinstance(bounds, (list, tuple)) and len(bounds) == 2, f"sweep {dim}: {dist} needs [low, high]")
+        return Range(dist, *(_number(dim, b) for b in bounds))
+    if isinstance(value, str) and value.split(":")[0] in DISTRIBUTIONS:
+        parts = value.split(":")
+        _check(len(parts) == 3, f"sweep {dim}: expected dist:low:high, got {value!r}")
+        return Range(parts[0], _number(dim, parts[1]), _number(dim, parts[2]))
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    return tuple(_number(dim, x) for x in items)
+
+
+def _number(dim: str, x) -> float:
+    try:
+        return _coerce(str(x).strip(), float)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"sweep {dim}: not a number: {x!r}") from None
+
+
+def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
+    """A SweepConfig from a YAML mapping (unknown keys are errors), then CLI overrides."""
+    valid = [f.name for f in dataclasses.fields(SweepConfig)]
+    merged = {**(d or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(merged) - set(valid))
+    _check(not unknown, f"unknown sweep key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    for dim in DIMENSIONS:
+        if dim in merged and not isinstance(merged[dim], Range):
+            merged[dim] = parse_dim(dim, merged[dim])
+    for key in ("variants", "kd_space"):
+        if isinstance(merged.get(key), str):
+            merged[key] = tuple(s.strip() for s in merged[key].split(",") if s.strip())
+    return SweepConfig(**merged)
+
+
+def load_sweep_file(path: str | Path, **overrides) -> SweepConfig:
+    """Read a sweep YAML file (see jobs/sweep.yaml for the format)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such sweep file")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    _check(d is None or isinstance(d, dict), f"{path}: expected a mapping of sweep keys")
+    return sweep_from_dict(d, **overrides)
+
+
+def sweep_to_dict(s: SweepConfig) -> dict:
+    d = dataclasses.asdict(s)
+    for dim in DIMENSIONS:
+        v = getattr(s, dim)
+        d[dim] = {v.dist: [v.low, v.high]} if isinstance(v, Range) else list(v)
+    return d
+
+
+# ---- one trial ---------------------------------------------------------------------------
+
+def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineConfig:
+    """The PipelineConfig of one trial: AE eps (alpha scaled with it) and at most one student."""
+    eps = float(params["eps"])
+    ae = dataclasses.replace(base.ae, eps=eps, alpha=base.ae.alpha * eps / base.ae.eps if base.ae.eps else eps / 4)
+    teachers = VARIANTS[params["variant"]]
+    template = base.students[0] if base.students else StudentConfig()
+    students = () if teachers is None else (dataclasses.replace(
+        template, teachers=teachers, beta=float(params["beta"]), gamma=float(params["gamma"]),
+        kd_space=params["kd_space"]),)
+    return dataclasses.replace(base, name=f"{base.name}-{trial_id}", ae=ae, students=students)
+
+
+def trial_columns(params: dict, trial_id: str) -> dict:
+    return {"trial_id": trial_id, "sweep.variant": params["variant"], "sweep.beta": float(params["beta"]),
+            "sweep.gamma": float(params["gamma"]), "sweep.eps": float(params["eps"]),
+            "sweep.kd_space": params["kd_space"]}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str,
+           who: str, log=print) -> Path:
+    """Return `out`, making it with make() unless done(). Concurrent callers serialize on an
+    exclusive flock of `<out>.lock`: one makes, the rest wait and then reuse (logged)."""
+    if done():
+        log_stage(log_dir, stage, "reused", by=who, path=str(out))
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[{stage}] another trial is making it; waiting")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if done():
+            log_stage(log_dir, stage, "reused", by=who, path=str(out))
+            return out
+        t0 = time.time()
+        log_stage(log_dir, stage, "started", by=who, path=str(out))
+        make()
+        log_stage(log_dir, stage, "finished", by=who, path=str(out), seconds=time.time() - t0)
+        return out
+
+
+@dataclass
+class Backend:
+    """How a trial trains and evaluates: in this process (default) or on Ray (kdp.distributed)."""
+    fit: Callable[..., Path]
+    """fit(stage, kind, cfg, paths, run_dir, out) -> checkpoint dir."""
+    make_aes: Callable[..., Path]
+    """make_aes(ae_cfg, classifier_dir, data, cache_root) -> AE cache entry."""
+    evaluate: Callable[..., list]
+    """evaluate(eval_cfg, classifier_dir, purifiers, data) -> result rows."""
+    rt: Runtime = Runtime()
+    """The runtime the stages use (recorded as provenance)."""
+
+
+def local_backend(rt: Runtime = Runtime()) -> Backend:
+    from kdp.stages import evaluate, make_training_aes, train_classifier, train_student, train_teacher
+
+    def fit(stage, kind, cfg, paths, run_dir, out):
+        state = run_dir / "state" / f"{stage}.pt"
+        if kind == "classifier":
+            return train_classifier(cfg, paths["data"], out, rt, state)
+        if kind == "teacher":
+            return train_teacher(cfg, paths["data"], out, rt, paths.get("classifier_dir"), paths.get("ae_dir"), state)
+        return train_student(cfg, paths["data"], out, paths["teacher_dirs"], paths["classifier_dir"],
+                             paths["ae_dir"], rt, state)
+
+    return Backend(fit=fit, make_aes=lambda c, clf, data, root: make_training_aes(c, clf, data, root, rt),
+                   evaluate=lambda c, clf, pur, data: evaluate(c, clf, pur, data, rt, log=lambda *_: None), rt=rt)
+
+
+def shared_root(sweep_dir: Path, trial_id: str, share: bool) -> Path:
+    """Where a trial finds shared artifacts: one place per sweep, or its own (naive sweep)."""
+    return sweep_dir / "shared" if share else sweep_dir / "trials" / trial_id / "own"
+
+
+def ensure_inputs(cfg: PipelineConfig, data: Cifar, root: Path, be: Backend, who: str, log=print) -> dict:
+    """The classifier, training AEs and both teachers of `cfg`, made once and then reused."""
+    dkey = data.fingerprint()
+
+    def artifact(stage, kind, stage_cfg, key, paths):
+        out = root / f"{stage}-{key}"
+        return ensure(out, lambda: finished(out, flatten(stage_cfg)), lambda: be.fit(
+            f"{stage}-{key}", kind, stage_cfg, {"data": data, **paths}, root, out), root, stage, who, log)
+
+    clf = artifact("classifier", "classifier", cfg.classifier, _key(flatten(cfg.classifier), dkey), {})
+    entry = root / "aes" / ae_cache_key(cfg.ae, clf, data)
+
+    def at_teacher():  # the AEs, then the AT teacher trained on them
+        ae = ensure(entry, lambda: (entry / AES).is_file(), lambda: be.make_aes(cfg.ae, clf, data, root / "aes"),
+                    root, "aes", who, log)
+        return ae, artifact("teacher_at", "teacher", cfg.at_teacher, _key(flatten(cfg.at_teacher), ae.name),
+                            {"classifier_dir": clf, "ae_dir": ae})
+
+    with ThreadPoolExecutor(2) as pool:  # both teachers at once, as in the pipeline
+        nt = pool.submit(artifact, "teacher_nt", "teacher", cfg.nt_teacher, _key(flatten(cfg.nt_teacher), dkey), {})
+        ae, at = pool.submit(at_teacher).result()
+        return {"classifier": clf, "aes": ae, "at": at, "nt": nt.result()}
+
+
+def trial_results(results_root: Path, sweep: str, trial_id: str) -> list[Path]:
+    return sorted((results_root / f"sweep_id={sweep}").glob(f"trial-{trial_id}-*.parquet"))
+
+
+def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id: str, be: Backend,
+              data: Cifar, share: bool = True, log=print) -> Path:
+    """Train one trial's student (reusing shared inputs) and write its results file.
+    A trial whose results file exists is done: it is returned untouched."""
+    out_root = Path(out_root)
+    sweep_dir, results_root = out_root / base.name, out_root / "results"
+    done = trial_results(results_root, base.name, trial_id)
+    if done:
+        log(f"[trial {trial_id}] results exist: {done[0]}")
+        return done[0]
+    t0 = time.time()
+    cfg = trial_config(base, params, trial_id)
+    inputs = ensure_inputs(cfg, data, shared_root(sweep_dir, trial_id, share), be, trial_id, log)
+    trial_dir = sweep_dir / "trials" / trial_id
+    write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
+        k: str(v) for k, v in inputs.items()}, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
+    if cfg.students:
+        s, out = cfg.students[0], trial_dir / "student"
+        paths = {"data": data, "classifier_dir": inputs["classifier"], "ae_dir": inputs["aes"],
+                 "teacher_dirs": {k: inputs[k] for k in s.teachers}}
+        purifier = ensure(out, lambda: finished(out, flatten(s)), lambda: be.fit(
+            "student", "student", s, paths, trial_dir, out), trial_dir, "student", trial_id, log)
+        variant = s.variant
+    else:
+        purifier, variant = inputs["at"], "at_teacher"
+    rows = be.evaluate(cfg.eval, inputs["classifier"], {variant: purifier}, data)
+    extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
+             "data.source": data.source, "data.train_size": len(data.train_y), "wall_seconds": time.time() - t0,
+             **trial_columns(params, trial_id), **provenance(be.rt)}
+    variants = {variant: cfg.students[0] if cfg.students else cfg.at_teacher}
+    path = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
+    return write_results(make_rows(cfg, variants, rows, extra), path)
+
+
+def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:
+    """Record sweep.json; refuse a different sweep under the same name."""
+    record = {"sweep": sweep_to_dict(sweep), "base": json.loads(json.dumps(dataclasses.asdict(base)))}
+    path = Path(out_root) / sweep.name / "sweep.json"
+    if path.exists():
+        old = read_json(path, "sweep.json")
+        if old != record:
+            raise ValueError(f"{path}: sweep {sweep.name!r} exists with another config; "
+                             "use --resume to continue it or pick another --name")
+    write_json(path, record)
+    return path
+
+
+def load_sweep_record(out_root: str | Path, name: str) -> tuple[SweepConfig, PipelineConfig]:
+    """The SweepConfig and base PipelineConfig a sweep was started with (for --resume)."""
+    path = Path(out_root) / name / "sweep.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no sweep {name!r} under {out_root}")
+    record = read_json(path, "sweep.json")
+    return sweep_from_dict(record["sweep"]), from_dict(PipelineConfig, record["base"])

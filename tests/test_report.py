@@ -1,0 +1,194 @@
+"""kdp.report: paper-shaped tables from known counts, plots, Figure 5 and the CLI hooks."""
+from __future__ import annotations
+
+import argparse
+import struct
+
+import pyarrow as pa
+import pytest
+import torch
+
+from kdp import report
+from kdp.checkpoint import save_checkpoint
+from kdp.models import build_model
+from kdp.results import SCHEMA
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SWEEP_VARIANTS = {"at_only": "at_teacher", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
+
+
+def _row(variant, attack, correct, n=100, threat="blind", run="r1", **extra):
+    return {"run": run, "variant": variant, "attack": attack, "threat_model": threat, "n": n,
+            "correct": correct, "accuracy": correct / n, "git_sha": "abc123", "data.train_size": 5085,
+            "classifier.test_acc": 0.9, "ae.eps": 8 / 255, **extra}
+
+
+def _frame(rows):
+    return pa.Table.from_pylist(rows, schema=SCHEMA).to_pandas()
+
+
+def pipeline_rows():
+    """Two unequal shards of one run (pgd8 kd_at_nt: 30/100 + 10/50 -> 26.67 pooled, not the
+    25.0 mean of percentages) plus an end_to_end row."""
+    rows = [_row("none", "clean", 90), _row("kd_at_nt", "clean", 80),
+            _row("none", "pgd8", 5), _row("kd_at_nt", "pgd8", 30), _row("kd_at_nt", "pgd8", 10, n=50),
+            _row("at_teacher", "pgd8", 20),
+            _row("kd_at", "pgd8", 25, **{"purifier.beta": 0.5, "purifier.gamma": 0.5}),
+            _row("kd_at_nt", "pgd8", 1, threat="end_to_end")]
+    return rows
+
+
+def sweep_rows():
+    """4 sweep variants x β in {0.5, 0.3} x ε = 8/255; correct encodes (variant, β)."""
+    rows = []
+    for i, (sv, variant) in enumerate(SWEEP_VARIANTS.items()):
+        for beta, base in ((0.5, 10), (0.3, 60)):
+            for attack in ("clean", "pgd8", "fgsm"):
+                extra = {"trial_id": f"{sv}-{beta}", "sweep.variant": sv, "sweep.beta": beta,
+                         "sweep.gamma": 0.5, "sweep.eps": 8 / 255 + 1e-9, "sweep.kd_space": "pixels"}
+                rows.append(_row(variant, attack, base + i + (attack == "fgsm"), run="sweep", **extra))
+    return rows
+
+
+def _cells(md: str, first: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is `first`."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in\n{md}")
+
+
+def _header(md: str) -> list[str]:
+    return [c.strip() for c in next(l for l in md.splitlines() if l.startswith("|")).strip("|").split("|")]
+
+
+def test_table1_pools_shards_and_shows_paper_columns():
+    md = report.table1_markdown(_frame(pipeline_rows()))
+    head = _header(md)
+    assert head[:5] == ["attack", "none", "at_teacher", "kd_at", "kd_at_nt"]
+    assert head[5:] == ["paper KD←AT+NT", "NRP", "SOAP"]
+    pgd = dict(zip(head, _cells(md, "PGD8")))
+    assert pgd["kd_at_nt"] == "26.67" and pgd["none"] == "5.00" and pgd["at_teacher"] == "20.00"
+    assert (pgd["paper KD←AT+NT"], pgd["NRP"], pgd["SOAP"]) == ("40.20", "35.07", "39.14")
+    clean = dict(zip(head, _cells(md, "Original")))
+    assert clean["at_teacher"] == report.DASH and clean["kd_at_nt"] == "80.00"
+    assert [l.split("|")[1].strip() for l in md.splitlines() if l.startswith("| ")][1:] == ["Original", "PGD8"]
+
+
+def test_table1_end_to_end_has_no_paper_columns():
+    md = report.table1_markdown(_frame(pipeline_rows()), "end_to_end")
+    assert _header(md) == ["attack", "kd_at_nt"] and _cells(md, "PGD8")[1] == "1.00"
+
+
+def test_table1_from_sweep_only_uses_paper_setting():
+    md = report.table1_markdown(_frame(sweep_rows()))
+    cells = dict(zip(_header(md), _cells(md, "PGD8")))
+    assert cells["kd_at_nt"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
+
+
+@pytest.mark.parametrize("beta, base", [(0.5, 10), (0.3, 60)])
+def test_table2_picks_requested_beta(beta, base):
+    md = report.table2_markdown(_frame(sweep_rows() + pipeline_rows()), beta=beta)
+    assert _header(md) == ["variant", "PGD8", "FGSM"]
+    assert _cells(md, "AT, no KD")[1:] == [f"{base:.2f} (34.16)", f"{base + 1:.2f} (38.07)"]
+    assert _cells(md, "KD ← AT+NT")[1:] == [f"{base + 3:.2f} (40.20)", f"{base + 4:.2f} (40.12)"]
+    assert "4 trial(s)" in md
+
+
+def test_table2_falls_back_to_pipeline_variants_and_notes_no_match():
+    df = _frame(pipeline_rows())
+    md = report.table2_markdown(df)
+    assert _cells(md, "AT, no KD")[1] == "20.00 (34.16)"
+    assert _cells(md, "KD ← AT")[1] == "25.00 (35.46)"
+    assert _cells(md, "KD ← AT+NT")[1] == "26.67 (40.20)"
+    assert "KD ← NT" not in md
+    other = report.table2_markdown(df, beta=0.9)  # kd_at has β=0.5; the others have no β
+    assert _cells(other, "AT, no KD")[1] == "20.00 (34.16)"
+    with pytest.raises(AssertionError, match="no row"):
+        _cells(other, "KD ← AT")
+    note = report.table2_markdown(df, eps=4 / 255)
+    assert "|" not in note and "no blind rows at β=0.5, γ=0.5, ε=4/255" in note
+
+
+def test_plots_write_pngs(tmp_path):
+    df = _frame(sweep_rows() + pipeline_rows())
+    for fn, name in ((report.plot_attacks, "a.png"), (report.plot_grid, "g.png")):
+        path = fn(df, tmp_path / name)
+        assert path == tmp_path / name and path.read_bytes()[:8] == PNG_MAGIC
+    assert report.plot_grid(_frame(pipeline_rows()), tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "g.png"]  # no temp files left
+
+
+def test_write_report_links_existing_pngs(tmp_path):
+    path = report.write_report(_frame(pipeline_rows()), tmp_path / "rep")
+    text = path.read_text()
+    assert path == tmp_path / "rep" / "report.md"
+    assert "(attacks.png)" in text and "grid.png" not in text  # no sweep rows -> no grid plot
+    assert (tmp_path / "rep" / "attacks.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Table 1 (blind)" in text and "## Table 1 (end_to_end)" in text
+    assert "rows: 8; runs: 1;" in text and "abc123" in text and "5085" in text
+    full = report.write_report(_frame(sweep_rows() + pipeline_rows()), tmp_path / "rep2").read_text()
+    assert "(grid.png)" in full and "trials: 8" in full
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("models")
+    clf_spec = {"kind": "classifier", "name": "resnet8", "kwargs": {"width": 4}}
+    pur_spec = {"kind": "purifier", "name": "cae", "kwargs": {"depth": 1, "width": 4}}
+    clf = save_checkpoint(d / "clf", build_model("classifier", "resnet8", width=4), clf_spec, {})
+    pur = save_checkpoint(d / "pur", build_model("purifier", "cae", depth=1, width=4), pur_spec, {})
+    return pur, clf
+
+
+def test_figure5_images_within_budget(tiny_models, tiny_data):
+    from kdp.checkpoint import load_checkpoint
+    from kdp.data import to_float
+    from kdp.models import freeze
+
+    pur, clf = (freeze(load_checkpoint(p)[0]) for p in tiny_models)
+    x, y = to_float(tiny_data.test_x[:4]), tiny_data.test_y[:4]
+    x0, x_adv, x_pur = report.figure5_images(pur, clf, x, y, "pgd8")
+    assert x_adv.shape == x_pur.shape == x.shape and torch.equal(x0, x)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and (x_adv != x).any()
+    assert x_pur.min() >= 0 and x_pur.max() <= 1
+
+
+def test_figure5_png_has_three_rows(tiny_models, tiny_data, tmp_path):
+    path = report.figure5(*tiny_models, tiny_data, tmp_path / "f5.png", n=3, attack="fgsm")
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_MAGIC
+    width, height = struct.unpack(">II", raw[16:24])  # IHDR
+    assert (width, height) == (int(1.3 * 3 * 100), 500)
+
+
+def _args(path, **kw):
+    p = argparse.ArgumentParser()
+    report.add_report_args(p)
+    argv = [str(path)] + [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return p.parse_args(argv)
+
+
+def test_report_command_errors(tmp_path):
+    missing = tmp_path / "nope.parquet"
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        report.report_command(_args(missing, out=tmp_path / "o"))
+    with pytest.raises(ValueError, match="missing --classifier, --data-dir"):
+        report.report_command(_args(missing, purifier=tmp_path))
+    with pytest.raises(ValueError, match="'bogus'"):
+        report.report_command(_args(missing, attack="bogus"))
+
+
+def test_report_command_writes_report(tmp_path, tiny_models, cifar_subset_dir, capsys):
+    from kdp.results import write_results
+
+    res = write_results(pipeline_rows(), tmp_path / "r.parquet")
+    pur, clf = tiny_models
+    report.report_command(_args(res, out=tmp_path / "o", purifier=pur, classifier=clf,
+                                data_dir=cifar_subset_dir, attack="fgsm"))
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'o' / 'report.md'}"
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "(figure5.png)" in text and (tmp_path / "o" / "figure5.png").read_bytes()[:8] == PNG_MAGIC
