@@ -10,6 +10,7 @@ only trains its student and evaluates it; everything it depends on is shared:
     <out>/<sweep>/shared/aes/<key>/               training AEs, once per eps
     <out>/<sweep>/shared/teacher_at-<key>/        once per eps
     <out>/<sweep>/shared/stages.jsonl             which trial made or reused what, when
+    <out>/<sweep>/stages.jsonl                    each trial's start, finish (or skip)
     <out>/<sweep>/trials/<trial_id>/student/      the trial's own student
     <out>/results/sweep_id=<sweep>/trial-<trial_id>-<uuid>.parquet   one file per trial
 
@@ -300,10 +301,12 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     out_root = Path(out_root)
     sweep_dir, results_root = out_root / base.name, out_root / "results"
     done = trial_results(results_root, base.name, trial_id)
-    if done:
+    if done:  # finished before a crash hid it from Tune: keep its file, redo nothing
+        log_stage(sweep_dir, "trial", "skipped", by=trial_id, path=str(done[0]))
         log(f"[trial {trial_id}] results exist: {done[0]}")
         return done[0]
     t0 = time.time()
+    log_stage(sweep_dir, "trial", "started", by=trial_id, params=params)
     cfg = trial_config(base, params, trial_id)
     inputs = ensure_inputs(cfg, data, shared_root(sweep_dir, trial_id, share), be, trial_id, log)
     trial_dir = sweep_dir / "trials" / trial_id
@@ -323,8 +326,10 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
              "data.source": data.source, "data.train_size": len(data.train_y), "wall_seconds": time.time() - t0,
              **trial_columns(params, trial_id), **provenance(be.rt)}
     variants = {variant: cfg.students[0] if cfg.students else cfg.at_teacher}
-    path = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
-    return write_results(make_rows(cfg, variants, rows, extra), path)
+    path = write_results(make_rows(cfg, variants, rows, extra),
+                         results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}"))
+    log_stage(sweep_dir, "trial", "finished", by=trial_id, path=str(path), seconds=time.time() - t0)
+    return path
 
 
 def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:

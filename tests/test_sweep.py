@@ -1,0 +1,185 @@
+"""kdp.sweep without Ray: the search space, trial configs, the locked artifact store, and
+trials run in this process on tiny models (sharing, one results file per trial, resume)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
+                        TeacherConfig)
+from kdp.results import SCHEMA, load
+from kdp.sweep import (Range, ensure, load_sweep_file, local_backend, parse_dim, run_trial, sweep_from_dict,
+                       trial_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("d, needle", [
+    ({"variants": "kd_at,kd_xx"}, "'kd_xx'"),
+    ({"beta": "-0.5"}, "-0.5"),
+    ({"eps": "0"}, "eps value 0.0"),
+    ({"eps": "2"}, "eps value 2.0"),
+    ({"gamma": "uniform:1:0.5"}, "low < high"),
+    ({"gamma": "normal:0:1"}, "'normal:0:1'"),
+    ({"kd_space": "pixels,probs"}, "'probs'"),
+    ({"betas": [0.5]}, "betas"),
+    ({"num_samples": 0}, "num_samples"),
+])
+def test_bad_search_space_names_the_value(d, needle):
+    with pytest.raises(ValueError) as e:
+        sweep_from_dict(d)
+    assert needle in str(e.value)
+
+
+def test_dimensions_parse_grids_fractions_and_ranges():
+    assert parse_dim("eps", "4/255,8/255") == (4 / 255, 8 / 255)
+    assert parse_dim("beta", [0.25, "1/2"]) == (0.25, 0.5)
+    assert parse_dim("gamma", "uniform:0.1:1") == Range("uniform", 0.1, 1.0)
+    assert parse_dim("gamma", {"loguniform": [0.01, 1]}) == Range("loguniform", 0.01, 1.0)
+    with pytest.raises(ValueError, match="loguniform needs low > 0"):
+        parse_dim("beta", "loguniform:0:1")
+
+
+def test_shipped_sweep_yaml_parses_and_flags_override_it(tmp_path):
+    s = load_sweep_file(REPO / "jobs" / "sweep.yaml")
+    assert s.variants == ("at_only", "kd_at", "kd_nt", "kd_at_nt") and s.eps[1] == pytest.approx(8 / 255)
+    assert s.grid_size() == 4 * 3 * 1 * 3
+    s2 = load_sweep_file(REPO / "jobs" / "sweep.yaml", beta="0.5", name="other")
+    assert s2.beta == (0.5,) and s2.name == "other" and s2.grid_size() == 12
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("beta: [0.5\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_sweep_file(bad)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_sweep_file(tmp_path / "nope.yaml")
+
+
+def test_trial_config_sets_eps_alpha_and_the_student():
+    base = PipelineConfig(name="sw", ae=AEConfig(eps=8 / 255, alpha=2 / 255),
+                          students=(StudentConfig(epochs=7, width=16),))
+    at_only = trial_config(base, {"variant": "at_only", "beta": 0.1, "gamma": 0.2, "eps": 4 / 255,
+                                  "kd_space": "pixels"}, "t0")
+    assert at_only.students == () and at_only.ae.eps == pytest.approx(4 / 255)
+    assert at_only.ae.alpha == pytest.approx(1 / 255) and at_only.name == "sw-t0"
+    kd = trial_config(base, {"variant": "kd_at_nt", "beta": 0.1, "gamma": 0.2, "eps": 16 / 255,
+                             "kd_space": "logits"}, "t1")
+    (s,) = kd.students
+    assert (s.teachers, s.beta, s.gamma, s.kd_space, s.epochs, s.width) == (("at", "nt"), 0.1, 0.2, "logits", 7, 16)
+    assert kd.at_teacher == base.at_teacher and kd.ae.alpha == pytest.approx(4 / 255)
+
+
+def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_path):
+    out, calls = tmp_path / "artifact", []
+
+    def make():
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # long enough that every other caller arrives while this one holds the lock
+        tmp = tmp_path / "tmp-artifact"
+        tmp.mkdir()
+        tmp.rename(out)
+
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        ensure(out, out.exists, make, tmp_path, "thing", f"t{i}", log=lambda *_: None))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [out] * 4
+    events = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert sorted(e["status"] for e in events) == ["finished", "reused", "reused", "reused", "started"]
+
+    other = tmp_path / "other"
+
+    def crash():
+        raise RuntimeError("maker died")
+    with pytest.raises(RuntimeError):
+        ensure(other, other.exists, crash, tmp_path, "other", "a", log=lambda *_: None)
+    assert not other.exists()  # nothing half-made; the lock died with the failed maker
+    ensure(other, other.exists, lambda: other.mkdir(), tmp_path, "other", "b", log=lambda *_: None)
+    assert other.is_dir()
+
+
+def _tiny_base(name="sw") -> PipelineConfig:
+    cae = dict(depth=1, width=4, epochs=1, batch_size=64)
+    return PipelineConfig(
+        name=name, classifier=ClassifierConfig(arch="resnet8", width=4, epochs=1, batch_size=64),
+        ae=AEConfig(steps=2, batch_size=64), at_teacher=TeacherConfig(kind="at", **cae),
+        nt_teacher=TeacherConfig(kind="nt", **cae), students=(StudentConfig(**cae),),
+        eval=EvalConfig(attacks=("fgsm",), adaptive_attacks=(), batch_size=32))
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
+    base, be = _tiny_base(), local_backend(Runtime(device="cpu", progress=False))
+    p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
+    quiet = dict(log=lambda *_: None)
+    files = [run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet),
+             run_trial(base, {**p, "variant": "at_only"}, tmp_path, "t1", be, tiny_data, **quiet),
+             run_trial(base, {**p, "variant": "kd_at", "eps": 4 / 255}, tmp_path, "t2", be, tiny_data, **quiet)]
+    shared = _events(tmp_path / "sw" / "shared" / "stages.jsonl")
+    made = {}
+    for e in shared:
+        if e["status"] == "finished":
+            made.setdefault(e["stage"], []).append(e["path"])
+    assert {k: len(v) for k, v in made.items()} == {"classifier": 1, "teacher_nt": 1, "aes": 2, "teacher_at": 2}
+    assert len(list((tmp_path / "sw" / "shared").glob("teacher_at-*/checkpoint.json"))) == 2
+
+    df = load(tmp_path / "results")
+    assert len(df) == 3 * 2 and set(df.sweep_id) == {"sw"}  # 3 trials x (clean, fgsm)
+    assert df.groupby("trial_id").variant.first().to_dict() == {"t0": "kd_nt", "t1": "at_teacher", "t2": "kd_at"}
+    assert df[df.trial_id == "t2"]["ae.eps"].iloc[0] == pytest.approx(4 / 255)
+    assert df[df.trial_id == "t0"]["purifier.teachers"].iloc[0] == "nt"
+    assert [f.parent.name for f in files] == ["sweep_id=sw"] * 3 and len({f.name for f in files}) == 3
+
+    before = {f: f.stat().st_mtime_ns for f in files}
+    again = run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet)
+    assert again == files[0] and {f: f.stat().st_mtime_ns for f in files} == before
+    assert _events(tmp_path / "sw" / "stages.jsonl")[-1]["status"] == "skipped"
+
+
+def test_naive_trials_train_their_own_inputs(tmp_path, tiny_data):
+    base, be = _tiny_base("naive"), local_backend(Runtime(device="cpu", progress=False))
+    p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels", "variant": "at_only"}
+    for t in ("a", "b"):
+        run_trial(base, p, tmp_path, t, be, tiny_data, share=False, log=lambda *_: None)
+    assert len(list((tmp_path / "naive" / "trials").glob("*/own/classifier-*/model.pt"))) == 2
+
+
+def test_load_reads_many_sweeps_with_fixed_types(tmp_path, tiny_data):
+    """The results root reads as one table in pyarrow.dataset, pandas, polars and duckdb."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    be = local_backend(Runtime(device="cpu", progress=False))
+    p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
+    for sweep, variant in (("s1", "at_only"), ("s2", "kd_nt")):
+        run_trial(_tiny_base(sweep), {**p, "variant": variant}, tmp_path, "t0", be, tiny_data, log=lambda *_: None)
+    root = tmp_path / "results"
+    df = load(root)
+    assert len(df) == 4 and sorted(df.sweep_id.unique()) == ["s1", "s2"]
+    assert df["accuracy"].dtype == "float64" and df["n"].dtype == "int64" and df["sweep.beta"].dtype == "float64"
+    table = load(root / "sweep_id=s2", as_table=True)
+    assert isinstance(table, pa.Table) and table.num_rows == 2 and set(table["sweep_id"].to_pylist()) == {"s2"}
+    assert table.schema.names == SCHEMA.names + ["sweep_id"]
+
+    hive = ds.partitioning(pa.schema([("sweep_id", pa.string())]), flavor="hive")
+    assert ds.dataset(root, format="parquet", partitioning=hive).count_rows() == 4
+    assert len(pd.read_parquet(root)) == 4
+    assert pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).collect().height == 4
+    n, sweeps = duckdb.sql(f"select count(*), count(distinct sweep_id) from "
+                           f"read_parquet('{root}/**/*.parquet', hive_partitioning=true)").fetchall()[0]
+    assert (n, sweeps) == (4, 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no .parquet files"):
+        load(tmp_path / "empty")
