@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ray_head
 from kdp.results import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,33 +30,10 @@ TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "clas
         "--eval-shard-size", "50", "--quiet"]
 
 
-def _ray_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|dashboard|ray/_private"], capture_output=True,
-                         text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
-
-
 @pytest.fixture(scope="module")
 def head():
-    env = {**os.environ, **ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True, timeout=180,
-                   capture_output=True)
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    try:
+    with ray_head(GCS_PORT, DASHBOARD_PORT, ENV) as env:
         yield env
-    finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for pid in _ray_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,118 @@
+"""jobs/sweep.py on a real local Ray head (2 CPUs): the 4 teacher variants x 2 beta values at
+a tiny smoke size, and a sweep whose driver is SIGKILLed part-way and then resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ray_head
+from kdp.results import load
+
+REPO = Path(__file__).resolve().parents[1]
+GCS_PORT, DASHBOARD_PORT = 6393, 8273
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# 512 training images, 1-2 epochs per stage, two attacks on 100 test images
+TINY = ["--preset", "smoke", "--set", "data.n_train=512", "--set", "data.n_test=100",
+        "--set", "classifier.epochs=2", "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1",
+        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.adaptive_attacks=",
+        "--set", "eval.batch_size=50", "--eval-shard-size", "100", "--quiet"]
+ATTACKS = 3  # clean, fgsm, pgd8
+
+
+@pytest.fixture(scope="module")
+def head():
+    with ray_head(GCS_PORT, DASHBOARD_PORT, ENV) as env:
+        yield env
+
+
+def _cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", f"127.0.0.1:{GCS_PORT}",
+            "--out", str(out), *args]
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _made(sweep_dir: Path) -> dict[str, int]:
+    """How many times each shared stage was made (finished), from the sweep's own log."""
+    counts: dict[str, int] = {}
+    for e in _events(sweep_dir / "shared" / "stages.jsonl"):
+        if e["status"] == "finished":
+            counts[e["stage"]] = counts.get(e["stage"], 0) + 1
+    return counts
+
+
+def test_ablation_sweep_shares_teachers_and_writes_one_file_per_trial(head, tmp_path, cifar_subset_dir):
+    proc = subprocess.run(_cmd(tmp_path, *TINY, "--data-dir", str(cifar_subset_dir), "--name", "abl",
+                               "--beta", "0.25,0.5"), env=head, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    df = load(tmp_path / "results")
+    assert len(df) == 4 * 2 * ATTACKS and df.trial_id.nunique() == 8 and set(df.sweep_id) == {"abl"}
+    per_trial = df.groupby("trial_id").agg(n=("attack", "size"), attacks=("attack", "nunique"))
+    assert (per_trial.n == ATTACKS).all() and (per_trial.attacks == ATTACKS).all()
+    grid = df.groupby(["sweep.variant", "sweep.beta"]).trial_id.nunique()
+    assert grid.to_dict() == {(v, b): 1 for v in ("at_only", "kd_at", "kd_at_nt", "kd_nt") for b in (0.25, 0.5)}
+    kd = df[df["sweep.variant"] != "at_only"]
+    assert (kd["purifier.beta"] == kd["sweep.beta"]).all() and (kd.variant == kd["sweep.variant"]).all()
+    assert (df[df["sweep.variant"] == "at_only"].variant == "at_teacher").all()
+    for col, dtype in {"accuracy": "float64", "n": "int64", "correct": "int64", "sweep.beta": "float64",
+                       "sweep.eps": "float64"}.items():
+        assert str(df[col].dtype) == dtype, col
+    assert all(pd.api.types.is_string_dtype(df[c]) for c in ("trial_id", "sweep_id", "sweep.variant", "attack"))
+    assert len(list((tmp_path / "results" / "sweep_id=abl").glob("*.parquet"))) == 8
+
+    sweep_dir = tmp_path / "abl"
+    assert _made(sweep_dir) == {"classifier": 1, "aes": 1, "teacher_nt": 1, "teacher_at": 1}
+    for kind in ("classifier", "teacher_nt", "teacher_at"):
+        assert len(list((sweep_dir / "shared").glob(f"{kind}-*/model.pt"))) == 1
+    students = list((sweep_dir / "trials").glob("*/student/model.pt"))
+    assert len(students) == 6  # at_only trials train none
+    # Tune's own records: 8 trials, each with a final report and TensorBoard events
+    results = [json.loads(p.read_text().splitlines()[-1]) for p in (sweep_dir / "tune").glob("*/result.json")]
+    assert len(results) == 8 and all("acc/pgd8" in r for r in results)
+    assert len(list((sweep_dir / "tune").glob("*/events.out.tfevents*"))) == 8
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(head, tmp_path, cifar_subset_dir):
+    args = [*TINY, "--data-dir", str(cifar_subset_dir), "--name", "kill", "--variants", "at_only,kd_nt",
+            "--eps", "4/255,8/255", "--max-concurrent", "1"]
+    results = tmp_path / "results" / "sweep_id=kill"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(_cmd(tmp_path, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    t0 = time.time()
+    while not list(results.glob("*.parquet")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+        assert time.time() - t0 < 600, "no trial finished within 600 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray kills its trials' actors
+    first.wait()
+    killed_at = time.time()
+    done = {p: p.stat().st_mtime_ns for p in results.glob("*.parquet")}
+    assert 1 <= len(done) < 4
+
+    proc = subprocess.run(_cmd(tmp_path, "--resume", "--name", "kill", "--quiet"), env=head,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    files = list(results.glob("*.parquet"))
+    assert len(files) == 4 and {p: p.stat().st_mtime_ns for p in done} == done
+    df = load(tmp_path / "results")
+    assert len(df) == 4 * ATTACKS and df.trial_id.nunique() == 4
+    finished = {p.stem.split("-")[1] for p in done}  # trial-<trial_id>-<uuid>.parquet
+    assert len(finished) == len(done) and finished <= set(df.trial_id)
+    sweep_dir = tmp_path / "kill"
+    later = [e for e in _events(sweep_dir / "shared" / "stages.jsonl") + _events(sweep_dir / "stages.jsonl")
+             if e["time"] > killed_at and e.get("by") in finished]
+    assert all(e["status"] == "skipped" for e in later), f"finished trials did work again: {later}"
+    made = _made(sweep_dir)
+    assert made["classifier"] == 1 and made["teacher_nt"] == 1
+    assert len(list((sweep_dir / "shared").glob("teacher_at-*/model.pt"))) == 2  # one per eps
