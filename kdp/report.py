@@ -302,10 +302,25 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kdp report`."""
     p.add_argument("path", help="a results .parquet file or a directory of them")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
-    p.add_argument("--purifier", metavar="DIR", help="purifier checkpoint dir (for Figure 5)")
-    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint dir (for Figure 5)")
-    p.add_argument("--data-dir", help="CIFAR-10 location (for Figure 5)")
+    p.add_argument("--purifier", metavar="DIR", help="purifier checkpoint dir: adds Figure 5 (a sweep trial's "
+                   "student or a run's student_* dir: its classifier and data are found from there)")
+    p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint dir for Figure 5")
+    p.add_argument("--data-dir", help="CIFAR-10 location for Figure 5")
     p.add_argument("--attack", default="pgd8", help="attack shown in Figure 5 (default: pgd8)")
+
+
+def _figure_inputs(purifier: Path) -> tuple[str | None, str | None]:
+    """The classifier and data dir a purifier was trained with, read from its sweep trial's
+    trial.json (<trial>/student) or its pipeline run's config.json (<run>/student_*)."""
+    from kdp.checkpoint import read_json
+
+    trial, run = purifier.parent / "trial.json", purifier.parent / "config.json"
+    if trial.is_file():
+        t = read_json(trial, "trial.json")
+        return t["inputs"]["classifier"], t["config"]["data"]["data_dir"]
+    if run.is_file() and (purifier.parent / "classifier").is_dir():
+        return str(purifier.parent / "classifier"), read_json(run, "config.json")["data"]["data_dir"]
+    return None, None
 
 
 def report_command(args: argparse.Namespace) -> None:
@@ -315,6 +330,9 @@ def report_command(args: argparse.Namespace) -> None:
     from kdp.models import lookup
     from kdp.results import load
 
+    if args.purifier and not (args.classifier and args.data_dir):
+        clf, data_dir = _figure_inputs(Path(args.purifier))
+        args.classifier, args.data_dir = args.classifier or clf, args.data_dir or data_dir
     fig_args = {"--purifier": args.purifier, "--classifier": args.classifier, "--data-dir": args.data_dir}
     given = [k for k, v in fig_args.items() if v is not None]
     if given and len(given) < len(fig_args):

@@ -192,3 +192,22 @@ def test_report_command_writes_report(tmp_path, tiny_models, cifar_subset_dir, c
     assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'o' / 'report.md'}"
     text = (tmp_path / "o" / "report.md").read_text()
     assert "(figure5.png)" in text and (tmp_path / "o" / "figure5.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figure5_finds_a_trials_classifier_and_data(tmp_path, tiny_models, cifar_subset_dir):
+    """--purifier alone: a sweep trial's trial.json names its classifier and data."""
+    import json
+    import shutil
+
+    from kdp.results import write_results
+
+    pur, clf = tiny_models
+    trial = tmp_path / "trials" / "t0"
+    shutil.copytree(pur, trial / "student")
+    (trial / "trial.json").write_text(json.dumps({"inputs": {"classifier": str(clf)},
+                                                  "config": {"data": {"data_dir": str(cifar_subset_dir)}}}))
+    res = write_results(pipeline_rows(), tmp_path / "r.parquet")
+    report.report_command(_args(res, out=tmp_path / "o", purifier=trial / "student"))
+    assert (tmp_path / "o" / "figure5.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="missing --classifier, --data-dir"):
+        report.report_command(_args(res, out=tmp_path / "o2", purifier=pur))  # no trial.json beside it
