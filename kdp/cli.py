@@ -146,6 +146,9 @@ def build_sweep(args):
         return sweep, base, rt
     space.update(name=args.name, share=False if args.no_share else None)
     sweep = load_sweep_file(args.sweep, **space) if args.sweep else sweep_from_dict({}, **space)
+    if (Path(args.out) / sweep.name / "sweep.json").exists():
+        raise ValueError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
+                         "or pick another --name")
     return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
 
 
