@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_show)
     t = sub.add_parser("results", help="print the Table 1 layout of a results file or directory")
     t.add_argument("path", help="a results .parquet file or a directory of them")
-    t.add_argument("--threat-model", default="blind", choices=("blind", "end_to_end"))
+    t.add_argument("--threat-model", default="classifier", choices=("classifier", "full", "transfer"))
     t.set_defaults(fn=_results)
     from kdp.report import add_report_args, report_command
 

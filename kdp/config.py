@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from kdp.attacks import ATTACKS, PAPER_SUITE
 from kdp.losses import ADV_SCORES, KD_SPACES
-from kdp.models import CLASSIFIERS
+from kdp.models import CLASSIFIERS, SOAP_AUX
 
 TEACHER_KINDS = ("at", "nt")
+THREAT_MODELS = ("classifier", "full", "transfer")
+BASELINES = ("jpeg", "nrp", "soap")  # trained by kdp.stages.baselines; 'none' is always evaluated
 HEADS = ("literal", "affine")
 AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/alpha/steps
 
@@ -168,23 +170,125 @@ class StudentConfig(PurifierTraining):
 
 
 @dataclass(frozen=True)
+class JpegConfig:
+    """Baseline: JPEG re-encoding (no training; a stage still writes its checkpoint)."""
+    quality: int = 75
+    """libjpeg quality in [1, 100] (75: Guo et al. 2018's middle setting)."""
+
+    def __post_init__(self):
+        _check(1 <= self.quality <= 100, f"JpegConfig.quality must be in [1, 100], got {self.quality}")
+
+
+@dataclass(frozen=True)
+class NRPConfig:
+    """Baseline: NRP (Naseer et al. 2020), trained on self-supervised perturbations (SSP)
+    that maximize the frozen classifier's feature distortion; see kdp.baselines."""
+    width: int = 64
+    """Channels of the residual generator."""
+    blocks: int = 6
+    """Residual blocks of the generator."""
+    critic_width: int = 32
+    """Channels of the critic's first conv."""
+    epochs: int = 30
+    """Adam epochs over the training set."""
+    batch_size: int = 128
+    """Images per step."""
+    lr: float = 1e-4
+    """Adam learning rate of generator and critic (ESRGAN / NRP: 1e-4)."""
+    ssp_eps: float = 16 / 255
+    """L-inf radius of SSP (NRP: 16/255)."""
+    ssp_steps: int = 5
+    """Signed-gradient SSP steps per batch, step size ssp_eps / 4, from a uniform random start."""
+    w_feat: float = 1.0
+    """Weight of the feature loss ||F(P(x')) - F(x)||^2."""
+    w_pixel: float = 1.0
+    """Weight of the pixel loss ||P(x') - x||^2."""
+    w_adv: float = 5e-3
+    """Weight of the relativistic critic loss (ESRGAN's 5e-3; NRP does not state it)."""
+    dynamic_std: float = 0.0
+    """NRP's dynamic inference: Gaussian noise std added before purifying (0: off, deterministic)."""
+    seed: int = 0
+    """Seed for init, shuffling and SSP starts."""
+
+    def __post_init__(self):
+        _positive(self, "width", "critic_width", "epochs", "batch_size", "lr", "ssp_steps")
+        for n in ("blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std"):
+            _check(getattr(self, n) >= 0, f"NRPConfig.{n} must be >= 0, got {getattr(self, n)}")
+
+
+@dataclass(frozen=True)
+class SoapConfig:
+    """Baseline: SOAP (Shi et al. 2021), its own classifier trained jointly with auxiliary
+    self-supervised heads, purified at test time by descent on the auxiliary loss."""
+    arch: str = "resnet56"
+    """Registry name of SOAP's own classifier trunk (SOAP used ResNet-18 / WRN-28-10; kdp
+    matches the defended classifier's architecture so the comparison is like for like)."""
+    width: int = 16
+    """Channels of the trunk's first stage."""
+    aux: str = "recon"
+    """Auxiliary task: 'recon' (denoising reconstruction) or 'recon+rotation'."""
+    aux_weight: float = 1.0
+    """Weight of the auxiliary loss beside the cross-entropy (SOAP's alpha; 1 in its code)."""
+    noise_std: float = 0.1
+    """Gaussian noise std on training inputs (SOAP's CIFAR code: 0.1); recon targets are clean."""
+    epochs: int = 200
+    """SGD epochs, cosine schedule (the classifier recipe)."""
+    batch_size: int = 256
+    """Images per step."""
+    lr: float = 0.1
+    """Peak SGD learning rate."""
+    weight_decay: float = 5e-4
+    """L2 weight decay (momentum 0.9, Nesterov)."""
+    eps: float = 8 / 255
+    """Test-time purification radius (SOAP searches 0..40/255 per image; kdp uses one)."""
+    steps: int = 5
+    """Test-time signed-gradient steps (SOAP: 5)."""
+    step_size: float = 4 / 255
+    """Test-time step size (SOAP: 4/255)."""
+    random_start: bool = False
+    """Start purification at a uniform random point of the ball (randomized: EOT under full)."""
+    seed: int = 1
+    """Seed for init, shuffling, augmentation and noise."""
+
+    def __post_init__(self):
+        _choice(self.arch, sorted(CLASSIFIERS), "classifier")
+        _choice(self.aux, SOAP_AUX, "SOAP auxiliary task")
+        _positive(self, "width", "epochs", "batch_size", "lr")
+        for n in ("aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size"):
+            _check(getattr(self, n) >= 0, f"SoapConfig.{n} must be >= 0, got {getattr(self, n)}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """Stage 3: Table 1 protocol, plus optional end-to-end attacks on purifier+classifier."""
+    """Stage 3: every defense under three threat models, with sanity checks in each row."""
     attacks: tuple[str, ...] = PAPER_SUITE
-    """Attacks crafted on the classifier alone, then purified (the paper's protocol)."""
-    adaptive_attacks: tuple[str, ...] = ("pgd8",)
-    """Attacks run end to end through purifier+classifier (beyond the paper)."""
+    """`classifier` threat model (the paper's protocol): crafted on the classifier alone, then purified."""
+    adaptive_attacks: tuple[str, ...] = ("pgd8", "fgsm")
+    """`full` threat model: run end to end through purifier∘classifier (BPDA, EOT where needed)."""
+    transfer_attacks: tuple[str, ...] = ("pgd8", "fgsm")
+    """`transfer` threat model: crafted on the surrogate classifier, then purified and classified."""
+    threat_models: tuple[str, ...] = THREAT_MODELS
+    """Threat models to evaluate (a subset of classifier, full, transfer)."""
+    eot_samples: int = 8
+    """Forward passes averaged per gradient when attacking a randomized defense under `full`."""
+    min_attack_success: float = 0.5
+    """Sanity check: an attack must fool at least this fraction of the images its own
+    (undefended) source model classified correctly, else the attack is flagged as broken."""
     batch_size: int = 256
     """Images per attack batch."""
     seed: int = 0
     """Seed of random starts; each batch is seeded by its position."""
 
     def __post_init__(self):
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        object.__setattr__(self, "adaptive_attacks", tuple(self.adaptive_attacks))
-        for a in self.attacks + self.adaptive_attacks:
+        for n in ("attacks", "adaptive_attacks", "transfer_attacks", "threat_models"):
+            object.__setattr__(self, n, tuple(getattr(self, n)))
+        for a in self.attacks + self.adaptive_attacks + self.transfer_attacks:
             _choice(a, sorted(ATTACKS), "attack")
-        _positive(self, "batch_size")
+        for t in self.threat_models:
+            _choice(t, THREAT_MODELS, "threat model")
+        _positive(self, "batch_size", "eot_samples")
+        _check(0 <= self.min_attack_success <= 1,
+               f"EvalConfig.min_attack_success must be in [0, 1], got {self.min_attack_success}")
 
 
 @dataclass(frozen=True)
@@ -220,6 +324,16 @@ class PipelineConfig:
     students: tuple[StudentConfig, ...] = (StudentConfig(teachers=("at",)), StudentConfig(teachers=("nt",)),
                                            StudentConfig())
     """Stage 2: one student per entry (default: the paper's ablation)."""
+    surrogate: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(seed=1))
+    """The `transfer` threat model's surrogate: a classifier trained separately (another seed)."""
+    baselines: tuple[str, ...] = BASELINES
+    """Baseline purifiers trained and evaluated beside the students (any of jpeg, nrp, soap)."""
+    jpeg: JpegConfig = field(default_factory=JpegConfig)
+    """Baseline JPEG."""
+    nrp: NRPConfig = field(default_factory=NRPConfig)
+    """Baseline NRP."""
+    soap: SoapConfig = field(default_factory=SoapConfig)
+    """Baseline SOAP."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Stage 3."""
 
@@ -231,6 +345,10 @@ class PipelineConfig:
         object.__setattr__(self, "students", tuple(self.students))
         names = [s.variant for s in self.students]
         _check(len(set(names)) == len(names), f"two students share a teacher set: {names}")
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        for b in self.baselines:
+            _choice(b, BASELINES, "baseline")
+        _check(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
 
 
 def flatten(cfg, prefix: str = "") -> dict:

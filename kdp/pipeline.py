@@ -7,6 +7,7 @@ Layout under the output root:
     <run>/config.json           the PipelineConfig
     <run>/stages.jsonl          one line per stage start / skip / finish
     <run>/classifier/, teacher_at/, teacher_nt/, student_<variant>/   checkpoints
+    <run>/surrogate/, baseline_<jpeg|nrp|soap>/   the transfer surrogate and the baselines
     <run>/state/<stage>.pt      per-epoch training state of unfinished stages
     <run>/results.parquet       one row per (variant, attack, threat model)
 """
@@ -23,6 +24,7 @@ from kdp.data import load_cifar
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages import evaluate, make_training_aes, train_classifier, train_student, train_teacher
+from kdp.stages.baselines import train_baseline
 from kdp.stages.common import StageConflict, finished, log_stage
 
 
@@ -32,6 +34,7 @@ def run_dirs(cfg: PipelineConfig, out_root: Path) -> dict[str, Path]:
             "classifier": run / "classifier", "at": run / "teacher_at", "nt": run / "teacher_nt",
             "results": run / "results.parquet"}
     dirs.update({s.variant: run / f"student_{s.variant}" for s in cfg.students})
+    dirs.update({b: run / f"baseline_{b}" for b in cfg.baselines}, surrogate=run / "surrogate")
     return dirs
 
 
@@ -90,12 +93,20 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
                                       lambda s=s: train_student(s, data, dirs[s.variant], teachers, clf, ae, rt,
                                                                 st / f"student_{s.variant}.pt"), log)
         variants[s.variant] = s
+    for b in cfg.baselines:
+        purifiers[b] = run_stage(dirs, f"baseline_{b}", dirs[b], flatten(getattr(cfg, b)), lambda b=b: train_baseline(
+            b, cfg, data, dirs[b], rt, clf, st / f"baseline_{b}.pt"), log)
+        variants[b] = getattr(cfg, b)
+    sur = None
+    if "transfer" in cfg.eval.threat_models:
+        sur = run_stage(dirs, "surrogate", dirs["surrogate"], flatten(cfg.surrogate), lambda: train_classifier(
+            cfg.surrogate, data, dirs["surrogate"], rt, st / "surrogate.pt"), log)
     return run_stage(dirs, "evaluate", None, None, lambda: _evaluate(cfg, dirs, clf, purifiers, variants, data, rt,
-                                                                  t_start, log), log)
+                                                                  t_start, log, sur), log)
 
 
-def _evaluate(cfg, dirs, clf, purifiers, variants, data, rt, t_start, log) -> Path:
-    rows = evaluate(cfg.eval, clf, purifiers, data, rt, log=log)
+def _evaluate(cfg, dirs, clf, purifiers, variants, data, rt, t_start, log, surrogate=None) -> Path:
+    rows = evaluate(cfg.eval, clf, purifiers, data, rt, surrogate_dir=surrogate, log=log)
     extra = {"classifier.test_acc": read_meta(clf)["metrics"].get("test_acc"), "data.source": data.source,
              "data.train_size": len(data.train_y), "wall_seconds": time.time() - t_start, **provenance(rt)}
     return write_results(make_rows(cfg, variants, rows, extra), dirs["results"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, StudentConfig,
-                        TeacherConfig)
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, NRPConfig, PipelineConfig, SoapConfig,
+                        StudentConfig, TeacherConfig)
 from kdp.models import lookup
 
 ABLATION = (("at",), ("nt",), ("at", "nt"))  # paper Table 2: KD <- AT, KD <- NT, KD <- AT + NT
@@ -19,17 +19,21 @@ def paper() -> PipelineConfig:
 
 
 def smoke() -> PipelineConfig:
-    """Small models and few epochs on the shared 5085-image subset: the whole pipeline and
-    the full attack suite (200 test images) in about 3 minutes on 2 CPU cores."""
+    """Small models and few epochs on the shared 5085-image subset: the whole pipeline, the
+    baselines and the full attack suite under three threat models (200 test images) in
+    about 8 minutes on 2 CPU cores."""
     cae = dict(depth=4, width=16, batch_size=128)
+    clf = dict(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05)
     return PipelineConfig(
         name="smoke", preset="smoke",
         data=DataConfig(n_test=200),
-        classifier=ClassifierConfig(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05),
+        classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "seed": 1}),
+        nrp=NRPConfig(width=16, blocks=2, critic_width=16, epochs=3, ssp_steps=2, lr=1e-3),
+        soap=SoapConfig(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05),
         ae=AEConfig(steps=7),
         at_teacher=TeacherConfig(kind="at", epochs=3, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=3, **cae),
         students=tuple(StudentConfig(teachers=t, epochs=3, **cae) for t in ABLATION),
-        eval=EvalConfig(batch_size=100, adaptive_attacks=("pgd8",)))
+        eval=EvalConfig(batch_size=100))
 
 
 def reduced() -> PipelineConfig:
@@ -38,9 +42,11 @@ def reduced() -> PipelineConfig:
     return PipelineConfig(
         name="reduced", preset="reduced",
         classifier=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
+        surrogate=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1, seed=1),
+        soap=SoapConfig(epochs=80, batch_size=128, lr=0.1),
         at_teacher=TeacherConfig(kind="at", epochs=30), nt_teacher=TeacherConfig(kind="nt", epochs=30),
         students=tuple(StudentConfig(teachers=t, epochs=15) for t in ABLATION),
-        eval=EvalConfig(batch_size=512, adaptive_attacks=("pgd8",)))
+        eval=EvalConfig(batch_size=512))
 
 
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "smoke": smoke, "reduced": reduced}

@@ -39,7 +39,18 @@ PAPER_TABLE2 = {
 ATTACK_ORDER = ("clean", "pgd8", "pgd16", "fgsm", "bim", "cw", "autoattack")
 ATTACK_LABELS = {"clean": "Original", "pgd8": "PGD8", "pgd16": "PGD16", "fgsm": "FGSM", "bim": "BIM",
                  "cw": "CW", "autoattack": "AA"}
-VARIANT_ORDER = ("none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
+VARIANT_ORDER = ("none", "jpeg", "nrp", "soap", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
+# Table 1 rows: the paper's comparison first, then any other variant present.
+TABLE1_VARIANTS = ("none", "jpeg", "nrp", "soap", "at_teacher", "kd_at_nt")
+VARIANT_LABELS = {"none": "none (undefended)", "jpeg": "JPEG", "nrp": "NRP", "soap": "SOAP",
+                  "at_teacher": "AT teacher", "kd_at_nt": "student KD←AT+NT"}
+PAPER_ROWS = (("paper: NRP", "nrp"), ("paper: SOAP", "soap"), ("paper: KD←AT+NT (ours)", "ours"))
+THREAT_ORDER = ("classifier", "full", "transfer")
+THREAT_TEXT = {
+    "classifier": "`classifier`: AEs crafted on the classifier alone, then purified (the paper's protocol).",
+    "full": "`full`: white-box attacks through purifier∘classifier (BPDA for non-differentiable "
+            "purifiers, EOT for randomized ones).",
+    "transfer": "`transfer`: AEs crafted on a separately trained surrogate classifier, then purified."}
 SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}
 # A pipeline run's variant -> the Table 2 row it stands for (used when there are no sweep rows).
 VARIANT_TO_SWEEP = {"at_teacher": "at_only", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
@@ -105,31 +116,58 @@ def table1_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return _at_setting(df[sweep], 0.5, 0.5, 8 / 255), "sweep trials at β=γ=0.5, ε=8/255"
 
 
-def table1_markdown(df: pd.DataFrame, threat_model: str = "blind") -> str:
-    """Table-1 layout: attacks x (kdp variants + the paper's columns), accuracy in %."""
+def _failed(df: pd.DataFrame) -> pd.Series | None:
+    """Rows whose sanity checks failed (checks_ok == False); None if no row recorded checks."""
+    if "checks_ok" not in df or df["checks_ok"].isna().all():
+        return None
+    return (df["checks_ok"].astype("boolean") == False).fillna(False).astype(bool)  # noqa: E712
+
+
+def _checks_cell(df: pd.DataFrame) -> str:
+    """'ok', 'N failed (names)' or DASH when the rows recorded no checks."""
+    failed = _failed(df)
+    if failed is None:
+        return DASH
+    if not failed.any():
+        return "ok"
+    raw = df.loc[failed, "check_failures"].dropna() if "check_failures" in df else []
+    names = sorted({n.strip() for s in raw for n in str(s).split(",") if n.strip()})
+    return f"{int(failed.sum())} failed" + (f" ({', '.join(names)})" if names else "")
+
+
+def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
+    lines = [f"Accuracy (%) on purified images; {source}, pooled over {_count(sub, 'run')} run(s), "
+             f"{_count(sub, 'trial_id')} sweep trial(s), {len(sub)} rows (counts summed). Threat models:"]
+    lines += [f"- {THREAT_TEXT.get(t, f'`{t}`.')}" for t in threats]
+    lines.append("The `paper:` rows are copied from the paper's Table 1 (its NRP and SOAP included) and exist "
+                 "only for the `classifier` protocol; kdp's JPEG/NRP/SOAP rows come from the same run as its "
+                 "other rows. `checks`: the variant's rows whose sanity checks failed.")
+    return "\n".join(lines)
+
+
+def table1_markdown(df: pd.DataFrame) -> str:
+    """Table-1 layout: variants (then the paper's rows) x one attack block per threat model."""
     sub, source = table1_rows(df)
-    sub = sub[sub["threat_model"] == threat_model]
     if sub.empty:
-        return f"_No {threat_model} rows._"
-    acc = pooled(sub, ["attack", "variant"])
-    variants = _ordered(sub["variant"].dropna(), VARIANT_ORDER)
-    paper = threat_model == "blind"  # the paper's numbers are for its blind protocol only
-    header = ["attack"] + variants + (["paper KD←AT+NT", "NRP", "SOAP"] if paper else [])
+        return "_No Table 1 rows._"
+    acc = pooled(sub, ["threat_model", "attack", "variant"])
+    threats = _ordered(sub["threat_model"].dropna(), THREAT_ORDER)
+    cols = [(t, a) for t in threats
+            for a in _ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(), ATTACK_ORDER)]
+    header = ["variant"] + [f"{t} {ATTACK_LABELS.get(a, a)}" for t, a in cols] + ["checks"]
     rows = []
-    for a in _ordered(sub["attack"].dropna(), ATTACK_ORDER):
-        cells = [_fmt(acc.get((a, v))) for v in variants]
-        ref = PAPER_TABLE1.get(a, {})
-        cells += [_fmt(ref.get(k)) for k in ("ours", "nrp", "soap")] if paper else []
-        rows.append([ATTACK_LABELS.get(a, a)] + cells)
-    caption = (f"Accuracy (%) on purified images, threat model `{threat_model}`; {source}, pooled over "
-               f"{_count(sub, 'run')} run(s), {_count(sub, 'trial_id')} sweep trial(s), {len(sub)} rows "
-               f"(counts summed).")
-    return caption + "\n\n" + _markdown(header, rows)
+    for v in _ordered(sub["variant"].dropna(), tuple(dict.fromkeys(TABLE1_VARIANTS + VARIANT_ORDER))):
+        cells = [_fmt(acc.get((t, a, v))) for t, a in cols]
+        rows.append([VARIANT_LABELS.get(v, v)] + cells + [_checks_cell(sub[sub["variant"] == v])])
+    for label, key in PAPER_ROWS:
+        cells = [_fmt(PAPER_TABLE1.get(a, {}).get(key)) if t == "classifier" else DASH for t, a in cols]
+        rows.append([label] + cells + [DASH])
+    return _table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows)
 
 
 def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tuple[pd.DataFrame, str]:
-    """Blind rows at (β, γ, ε) with a `table2_variant` column, and where they came from."""
-    df = df[df["threat_model"] == "blind"]
+    """Classifier-threat-model rows at (β, γ, ε) with a `table2_variant` column, and their source."""
+    df = df[df["threat_model"] == "classifier"]
     sweep = _is_sweep(df)
     if sweep.any():
         rows = _at_setting(df[sweep], beta, gamma, eps)
@@ -145,7 +183,7 @@ def table2_markdown(df: pd.DataFrame, beta: float = 0.5, gamma: float = 0.5, eps
     rows, source = table2_source(df, beta, gamma, eps)
     setting = f"β={beta:g}, γ={gamma:g}, ε={eps * 255:g}/255"
     if rows.empty:
-        return f"_Table 2: no blind rows at {setting}._"
+        return f"_Table 2: no classifier-threat-model rows at {setting}._"
     acc = pooled(rows, ["table2_variant", "attack"])
     attacks = [a for a in _ordered(rows["attack"].dropna(), ATTACK_ORDER) if a != "clean"]
     body = []
@@ -153,8 +191,8 @@ def table2_markdown(df: pd.DataFrame, beta: float = 0.5, gamma: float = 0.5, eps
         paper = PAPER_TABLE2.get(v, {})
         body.append([SWEEP_LABELS.get(v, v)] + [f"{_fmt(acc.get((v, a)))} ({_fmt(paper.get(a))})"
                                                 for a in attacks])
-    caption = (f"Ablation at {setting}, accuracy (%) as kdp (paper); from {source}: "
-               f"{_count(rows, 'run')} run(s), {_count(rows, 'trial_id')} trial(s), {len(rows)} rows.")
+    caption = (f"Ablation at {setting}, classifier threat model, accuracy (%) as kdp (paper); from "
+               f"{source}: {_count(rows, 'run')} run(s), {_count(rows, 'trial_id')} trial(s), {len(rows)} rows.")
     return caption + "\n\n" + _markdown(["variant"] + [ATTACK_LABELS.get(a, a) for a in attacks], body)
 
 
@@ -169,9 +207,9 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """Grouped bars: accuracy (%) per attack (groups) and variant (bars), blind threat model."""
+    """Grouped bars: accuracy (%) per attack (groups) and variant (bars), classifier threat model."""
     sub = table1_rows(df)[0]
-    sub = sub[sub["threat_model"] == "blind"]
+    sub = sub[sub["threat_model"] == "classifier"]
     if sub.empty:
         return None
     acc = pooled(sub, ["attack", "variant"])
@@ -185,7 +223,7 @@ def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
     ax.set_xticks(range(len(attacks)), [ATTACK_LABELS.get(a, a) for a in attacks])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy on purified images (blind protocol)")
+    ax.set_title("Accuracy on purified images (classifier threat model)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -193,7 +231,7 @@ def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
 def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path | None:
     """Accuracy (%) on `attack` against β, γ and ε, one line per sweep variant (pooled over
     the other two dimensions); None if there are no sweep rows for it."""
-    sub = df[_is_sweep(df) & (df["threat_model"] == "blind") & (df["attack"] == attack)]
+    sub = df[_is_sweep(df) & (df["threat_model"] == "classifier") & (df["attack"] == attack)]
     if sub.empty:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -207,7 +245,7 @@ def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path 
         ax.set_xlabel(label)
         ax.set_ylabel(f"{ATTACK_LABELS.get(attack, attack)} accuracy (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Sweep: {ATTACK_LABELS.get(attack, attack)} accuracy (blind)")
+    fig.suptitle(f"Sweep: {ATTACK_LABELS.get(attack, attack)} accuracy (classifier threat model)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -272,6 +310,21 @@ def provenance_lines(df: pd.DataFrame) -> list[str]:
             f"- classifier.test_acc: {acc_text}"]
 
 
+def sanity_markdown(df: pd.DataFrame) -> str:
+    """The rows whose sanity checks failed, grouped (shards of one run collapse into one line)."""
+    failed = _failed(df)
+    if failed is None:
+        return "No sanity-check columns in these results."
+    if not failed.any():
+        return "All recorded sanity checks passed."
+    cols = [c for c in ("run", "trial_id", "variant", "attack", "threat_model", "check_failures")
+            if c in df and df.loc[failed, c].notna().any()]
+    groups = df[failed].groupby(cols, dropna=False, sort=True).size()
+    rows = [[DASH if pd.isna(k) else str(k) for k in (key if isinstance(key, tuple) else (key,))] + [str(n)]
+            for key, n in groups.items()]
+    return (f"{int(failed.sum())} row(s) with failed sanity checks:\n\n" + _markdown(cols + ["rows"], rows))
+
+
 def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = None,
                  attack: str = "pgd8") -> Path:
     """Write out_dir/report.md and its PNGs; `figure` = (purifier_dir, classifier_dir, data)
@@ -283,10 +336,9 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
     if figure is not None:
         pngs["Figure 5"] = figure5(*figure, out / "figure5.png", attack=attack)
     parts = ["# kdp report", "", *provenance_lines(df), ""]
-    threats = _ordered(df["threat_model"].dropna(), ("blind", "end_to_end"))
-    for t in threats:
-        parts += [f"## Table 1 ({t})", "", table1_markdown(df, t), ""]
+    parts += ["## Table 1", "", table1_markdown(df), ""]
     parts += ["## Table 2 (ablation)", "", table2_markdown(df), ""]
+    parts += ["## Sanity checks", "", sanity_markdown(df), ""]
     for title, p in pngs.items():
         if p is not None:
             parts += [f"## {title}", "", f"![{title}]({p.name})", ""]

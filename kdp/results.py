@@ -17,8 +17,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kdp.checkpoint import atomic_path
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, StudentConfig,
-                        TeacherConfig, flatten)
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig,
+                        SoapConfig, StudentConfig, TeacherConfig, flatten)
 from kdp.provenance import PACKAGES
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
@@ -45,6 +45,13 @@ METRIC_FIELDS = [pa.field(n, t) for n, t in (
     ("seconds", pa.float64()), ("attack_seconds", pa.float64()), ("linf_max", pa.float64()),
     ("classifier.test_acc", pa.float64()), ("data.source", pa.string()), ("data.train_size", pa.int64()),
     ("wall_seconds", pa.float64()))]
+# How the attack got its gradient (full threat model) and the sanity checks (kdp.stages.evaluate).
+CHECK_FIELDS = [pa.field(n, t) for n, t in (
+    ("attack.grad", pa.string()), ("attack.eot", pa.int64()), ("check.eval_mode", pa.bool_()),
+    ("check.in_range", pa.bool_()), ("check.grad_norm", pa.float64()), ("check.grad_nonzero", pa.bool_()),
+    ("check.src_correct", pa.int64()), ("check.src_fooled", pa.int64()), ("check.attack_success", pa.float64()),
+    ("check.attack_ok", pa.bool_()), ("check.linf_ok", pa.bool_()), ("checks_ok", pa.bool_()),
+    ("check_failures", pa.string()))]
 PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
     "git_sha", "python", "host", "device", "utc", *(f"{p}_version" for p in PACKAGES))]
 # A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
@@ -53,19 +60,26 @@ SWEEP_FIELDS = [pa.field(n, t) for n, t in (
     ("trial_id", pa.string()), ("sweep.variant", pa.string()), ("sweep.beta", pa.float64()),
     ("sweep.gamma", pa.float64()), ("sweep.eps", pa.float64()), ("sweep.kd_space", pa.string()))]
 SCHEMA = pa.schema(
-    [pa.field("run", pa.string()), pa.field("preset", pa.string())] + METRIC_FIELDS
+    [pa.field("run", pa.string()), pa.field("preset", pa.string())] + METRIC_FIELDS + CHECK_FIELDS
     + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
+    + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())] + _fields(JpegConfig, "jpeg.")
+    + _fields(NRPConfig, "nrp.") + _fields(SoapConfig, "soap.")
     + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
+# Threat-model names of files written before kdp 0.5 (same protocols, renamed).
+OLD_THREAT_NAMES = {"blind": "classifier", "end_to_end": "full"}
+BASELINE_KINDS = {JpegConfig: "jpeg", NRPConfig: "nrp", SoapConfig: "soap"}
 
 
-def purifier_columns(cfg: TeacherConfig | StudentConfig | None) -> dict:
-    """The `purifier.*` columns of a variant: None (no defense), a teacher, or a student."""
+def purifier_columns(cfg) -> dict:
+    """The `purifier.*` columns of a variant: None (no defense), a teacher, a student or a
+    baseline (its full config is also in the jpeg.* / nrp.* / soap.* columns)."""
     if cfg is None:
         return {"purifier.kind": "none"}
     cols = {f"purifier.{k}": v for k, v in flatten(cfg).items()
             if f"purifier.{k}" in SCHEMA.names and k != "kind"}
-    cols["purifier.kind"] = cfg.kind if isinstance(cfg, TeacherConfig) else "student"
+    kind = BASELINE_KINDS.get(type(cfg)) or (cfg.kind if isinstance(cfg, TeacherConfig) else "student")
+    cols["purifier.kind"] = kind
     return cols
 
 
@@ -124,11 +138,19 @@ def load(path: str | Path, as_table: bool = False):
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
             raise ValueError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
         parts.append(t.append_column("sweep_id", pa.array([sweep] * len(t), pa.string())))
-    table = pa.concat_tables(parts)
+    table = _rename_threats(pa.concat_tables(parts))
     return table if as_table else table.to_pandas()
 
 
-def table1(df, threat_model: str = "blind"):
+def _rename_threats(table: pa.Table) -> pa.Table:
+    names = table.column("threat_model").to_pylist()
+    if not any(n in OLD_THREAT_NAMES for n in names):
+        return table
+    new = pa.array([OLD_THREAT_NAMES.get(n, n) for n in names], pa.string())
+    return table.set_column(table.schema.get_field_index("threat_model"), "threat_model", new)
+
+
+def table1(df, threat_model: str = "classifier"):
     """Accuracy (%) pivot: rows are attacks, columns purifier variants (paper Table 1/2 layout)."""
     sub = df[df["threat_model"] == threat_model]
     agg = sub.groupby(["run", "attack", "variant"], sort=False)[["correct", "n"]].sum()

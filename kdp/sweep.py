@@ -187,7 +187,9 @@ def sweep_to_dict(s: SweepConfig) -> dict:
 # ---- one trial ---------------------------------------------------------------------------
 
 def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineConfig:
-    """The PipelineConfig of one trial: AE eps (alpha scaled with it) and at most one student."""
+    """The PipelineConfig of one trial: AE eps (alpha scaled with it) and at most one student.
+    A trial evaluates its own purifier only: no baselines, and no `transfer` threat model
+    (a sweep trains no surrogate; `kdp run` gives the whole Table 1)."""
     eps = float(params["eps"])
     ae = dataclasses.replace(base.ae, eps=eps, alpha=base.ae.alpha * eps / base.ae.eps if base.ae.eps else eps / 4)
     teachers = VARIANTS[params["variant"]]
@@ -195,7 +197,9 @@ def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineC
     students = () if teachers is None else (dataclasses.replace(
         template, teachers=teachers, beta=float(params["beta"]), gamma=float(params["gamma"]),
         kd_space=params["kd_space"]),)
-    return dataclasses.replace(base, name=f"{base.name}-{trial_id}", ae=ae, students=students)
+    threats = tuple(t for t in base.eval.threat_models if t != "transfer")
+    return dataclasses.replace(base, name=f"{base.name}-{trial_id}", ae=ae, students=students, baselines=(),
+                               eval=dataclasses.replace(base.eval, threat_models=threats))
 
 
 def trial_columns(params: dict, trial_id: str) -> dict:

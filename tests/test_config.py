@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from kdp.attacks import PAPER_SUITE
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, Runtime, StudentConfig,
                         TeacherConfig, flatten, override)
 from kdp.presets import PRESETS, get_preset
 
@@ -43,6 +43,15 @@ def test_paper_defaults():
     (lambda: StudentConfig(kd_space="features"), "'features'"),
     (lambda: StudentConfig(beta=-1.0), "-1.0"),
     (lambda: EvalConfig(attacks=("pgd8", "deepfool")), "'deepfool'"),
+    (lambda: EvalConfig(transfer_attacks=("pgd9",)), "'pgd9'"),
+    (lambda: EvalConfig(threat_models=("blind",)), "'blind'"),
+    (lambda: EvalConfig(min_attack_success=1.5), "1.5"),
+    (lambda: EvalConfig(eot_samples=0), "eot_samples must be > 0, got 0"),
+    (lambda: JpegConfig(quality=0), "got 0"),
+    (lambda: NRPConfig(ssp_eps=-0.1), "-0.1"),
+    (lambda: SoapConfig(aux="rot"), "'rot'"),
+    (lambda: SoapConfig(arch="vgg"), "'vgg'"),
+    (lambda: PipelineConfig(baselines=("jpeg", "jpeg")), "repeated"),
     (lambda: DataConfig(n_train=0), "n_train must be > 0, got 0"),
     (lambda: PipelineConfig(name="a/b"), "'a/b'"),
     (lambda: PipelineConfig(students=(StudentConfig(teachers=("at",)), StudentConfig(teachers=("at",)))),
@@ -116,7 +125,7 @@ def test_flatten():
     assert flat["ae.eps"] == pytest.approx(8 / 255)
     assert flat["classifier.arch"] == "resnet56"
     assert flat["eval.attacks"] == "pgd8+pgd16+fgsm+bim+cw+autoattack"
-    assert flat["eval.adaptive_attacks"] == "pgd8"
+    assert flat["eval.adaptive_attacks"] == "pgd8+fgsm" and flat["eval.threat_models"] == "classifier+full+transfer"
     assert flat["data.n_train"] is None and flat["name"] == "kdp"
     assert "students" not in flat  # a tuple of configs has no single column
     assert all(not isinstance(v, (tuple, list, dict)) for v in flat.values())

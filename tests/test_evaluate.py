@@ -1,46 +1,160 @@
-"""Evaluation sharding: work items cover the test set, and summed shards equal one run."""
+"""Evaluation: sharding covers the test set and sums to one run; the three threat models;
+sanity checks pass on a sound setup and fire on deliberately broken ones."""
 import pytest
+import torch
+import torch.nn as nn
 
 from kdp.checkpoint import save_checkpoint
 from kdp.config import EvalConfig, Runtime
-from kdp.models import CifarResNet, ConvAutoencoder
-from kdp.stages.evaluate import evaluate, merge_rows, shards
+from kdp.models import CifarResNet, ConvAutoencoder, JpegPurifier, freeze
+from kdp.stages.evaluate import Context, Defense, evaluate, evaluate_models, finalize, merge_rows, shards
+
+RT = Runtime(device="cpu", progress=False)
+QUIET = lambda *_: None  # noqa: E731
 
 
 def test_shards_cover_every_attack_and_image_once():
-    cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("pgd8",), batch_size=32)
+    cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("pgd8",), transfer_attacks=("fgsm",), batch_size=32)
     work = shards(cfg, 100, shard_size=40)  # rounded up to 64 = 2 batches
-    assert {(t, a) for t, a, _, _ in work} == {("blind", "clean"), ("blind", "pgd8"), ("blind", "fgsm"),
-                                               ("end_to_end", "pgd8")}
+    assert {(t, a) for t, a, _, _ in work} == {("classifier", "clean"), ("classifier", "pgd8"),
+                                               ("classifier", "fgsm"), ("full", "pgd8"), ("transfer", "fgsm")}
     for key in {(t, a) for t, a, _, _ in work}:
         spans = sorted((s, e) for t, a, s, e in work if (t, a) == key)
         assert spans == [(0, 64), (64, 100)]
+    assert not [w for w in shards(cfg, 100, 40, surrogate=False) if w[0] == "transfer"]
 
 
-def test_merge_rows_sums_counts_and_recomputes_accuracy():
-    a = {"variant": "none", "attack": "pgd8", "threat_model": "blind", "n": 10, "correct": 3, "agree": 4,
-         "seconds": 1.0, "attack_seconds": 0.5, "linf_max": 0.01, "accuracy": 0.3, "agreement": 0.4}
-    b = dict(a, n=30, correct=6, agree=3, linf_max=0.03)
-    (m,) = merge_rows([a, b])
+def _raw(**kw):
+    row = {"variant": "none", "attack": "pgd8", "threat_model": "classifier", "n": 10, "correct": 3, "agree": 4,
+           "seconds": 1.0, "attack_seconds": 0.5, "linf_max": 0.01, "accuracy": 0.3, "agreement": 0.4,
+           "check.eval_mode": True, "check.in_range": True, "check.src_correct": 8, "check.src_fooled": 7,
+           "check.grad_norm": None, "attack.grad": None, "attack.eot": None}
+    return {**row, **kw}
+
+
+def test_merge_rows_sums_counts_and_finalize_derives_checks_from_the_sums():
+    a = _raw()
+    b = _raw(n=30, correct=6, agree=3, linf_max=0.03, **{"check.src_correct": 22, "check.src_fooled": 3})
+    (m,) = finalize(merge_rows([a, b]), EvalConfig(min_attack_success=0.5), QUIET)
     assert (m["n"], m["correct"], m["agree"]) == (40, 9, 7)
     assert m["accuracy"] == pytest.approx(9 / 40) and m["linf_max"] == 0.03 and m["seconds"] == 2.0
+    # 10 of 30 fooled: each shard alone would pass (7/8) or fail (3/22); pooled, it fails
+    assert m["check.attack_success"] == pytest.approx(10 / 30) and m["check.attack_ok"] is False
+    assert m["checks_ok"] is False and m["check_failures"] == "attack_ok"
 
 
-def test_sharded_evaluation_equals_one_run(tmp_path, tiny_data):
-    clf = save_checkpoint(tmp_path / "clf", CifarResNet(depth=8, width=4).eval(),
+def test_finalize_flags_linf_and_range_violations_and_logs_a_warning():
+    lines = []
+    rows = finalize([_raw(linf_max=8 / 255 + 1e-3), _raw(attack="fgsm", **{"check.in_range": False}),
+                     _raw(attack="cw", linf_max=0.5), _raw(attack="clean", linf_max=0.0,
+                                                          **{"check.src_correct": None, "check.src_fooled": None})],
+                    EvalConfig(), lines.append)
+    assert [r["check.linf_ok"] for r in rows] == [False, False, True, True]  # CW is L2: no L-inf budget
+    assert rows[3]["check.attack_ok"] is None and rows[3]["checks_ok"] is True
+    assert len(lines) == 2 and all("WARNING" in s and "linf_ok" in s for s in lines)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    clf = save_checkpoint(d / "clf", CifarResNet(depth=8, width=4).eval(),
                           {"kind": "classifier", "name": "resnet8", "kwargs": {"width": 4}}, {})
-    pur = save_checkpoint(tmp_path / "pur", ConvAutoencoder(depth=2, width=4).eval(),
+    torch.manual_seed(1)
+    sur = save_checkpoint(d / "sur", CifarResNet(depth=8, width=4).eval(),
+                          {"kind": "classifier", "name": "resnet8", "kwargs": {"width": 4}}, {})
+    pur = save_checkpoint(d / "pur", ConvAutoencoder(depth=2, width=4).eval(),
                           {"kind": "purifier", "name": "cae", "kwargs": {"depth": 2, "width": 4}}, {})
-    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), batch_size=16)
-    variants = {"none": None, "cae": pur}
-    rt = Runtime(device="cpu", progress=False)
-    quiet = lambda *_: None  # noqa: E731
-    whole = evaluate(cfg, clf, variants, tiny_data, rt, 0, 48, log=quiet)
+    jpeg = save_checkpoint(d / "jpeg", JpegPurifier(50), {"kind": "purifier", "name": "jpeg",
+                                                         "kwargs": {"quality": 50}}, {})
+    return clf, sur, {"none": None, "cae": pur, "jpeg": jpeg}
+
+
+def test_sharded_evaluation_equals_one_run(ckpts, tiny_data):
+    clf, sur, variants = ckpts
+    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16)
+    whole = evaluate(cfg, clf, variants, tiny_data, RT, 0, 48, surrogate_dir=sur, log=QUIET)
     parts = [r for t, a, s, e in shards(cfg, 48, 16)
-             for r in evaluate(cfg, clf, variants, tiny_data, rt, s, e, (a,), (t,), log=quiet)]
+             for r in evaluate(cfg, clf, variants, tiny_data, RT, s, e, (a,), (t,), sur, log=QUIET)]
     key = lambda r: (r["variant"], r["attack"], r["threat_model"])  # noqa: E731
-    merged = {key(r): r for r in merge_rows(parts)}
+    merged = {key(r): r for r in finalize(merge_rows(parts), cfg, QUIET)}
     assert set(merged) == {key(r) for r in whole}
+    assert {r["threat_model"] for r in whole} == {"classifier", "full", "transfer"}
+    fields = ("correct", "agree", "n", "check.src_correct", "check.src_fooled", "checks_ok", "check_failures")
     for r in whole:
-        assert (merged[key(r)]["correct"], merged[key(r)]["agree"], merged[key(r)]["n"]) == \
-               (r["correct"], r["agree"], r["n"])
+        assert [merged[key(r)][f] for f in fields] == [r[f] for f in fields]
+    full = {r["variant"]: r for r in whole if r["threat_model"] == "full"}
+    assert full["jpeg"]["attack.grad"] == "bpda" and full["cae"]["attack.grad"] == "exact"
+    assert all(r["check.grad_nonzero"] for r in full.values())
+
+
+class ZeroGrad(torch.autograd.Function):
+    """Identity forward, zero backward: a purifier that silently kills the attack's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+class GradientMasker(nn.Module):
+    def forward(self, x):
+        return ZeroGrad.apply(x)
+
+
+def _context(tiny_data, cfg, n=32):
+    return Context(cfg, tiny_data.test_x[:n].float() / 255, tiny_data.test_y[:n], torch.device("cpu"), 0)
+
+
+def test_checks_fire_on_a_gradient_masking_purifier_and_a_train_mode_model(tiny_data):
+    torch.manual_seed(0)
+    clf = freeze(CifarResNet(depth=8, width=4))
+    left_in_train = ConvAutoencoder(depth=2, width=4).train()  # forgot .eval(): BN uses batch statistics
+    defenses = {"masked": Defense(GradientMasker(), clf), "train_mode": Defense(left_in_train, clf),
+                "none": Defense(nn.Identity(), clf)}
+    cfg = EvalConfig(attacks=("fgsm",), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
+                     batch_size=16)
+    lines = []
+    rows = finalize(evaluate_models(_context(tiny_data, cfg), defenses, None, cfg.threat_models, None, QUIET),
+                    cfg, lines.append)
+    full = {r["variant"]: r for r in rows if r["threat_model"] == "full"}
+    assert full["masked"]["check.grad_nonzero"] is False and "grad_nonzero" in full["masked"]["check_failures"]
+    assert full["none"]["check.grad_nonzero"] is True and full["none"]["check.eval_mode"] is True
+    assert all(r["check.eval_mode"] is False for r in rows if r["variant"] == "train_mode")
+    assert all(not r["checks_ok"] for r in rows if r["variant"] == "train_mode")
+    assert any("masked" in s and "grad_nonzero" in s for s in lines)
+    assert any("train_mode" in s and "eval_mode" in s for s in lines)
+
+
+def test_attack_check_fires_when_the_source_model_cannot_be_attacked(tiny_data):
+    """FGSM on a classifier whose input gradient is zero cannot move: a broken attack, not a strong defense."""
+    torch.manual_seed(0)
+    clf = freeze(nn.Sequential(GradientMasker(), CifarResNet(depth=8, width=4)))
+    cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
+    rows = finalize(evaluate_models(_context(tiny_data, cfg), {"none": Defense(nn.Identity(), clf)}, None,
+                                    cfg.threat_models, None, QUIET), cfg, QUIET)
+    (fgsm,) = [r for r in rows if r["attack"] == "fgsm"]
+    assert fgsm["check.src_correct"] > 0 and fgsm["check.attack_success"] == 0.0
+    assert fgsm["check.attack_ok"] is False and fgsm["check_failures"] == "attack_ok"
+
+
+def test_soap_like_defense_is_attacked_on_its_own_classifier(tiny_data):
+    """A purifier with `own_classifier` gets AEs crafted on that classifier, not the shared one."""
+    torch.manual_seed(0)
+    shared, own = freeze(CifarResNet(depth=8, width=4)), freeze(CifarResNet(depth=8, width=4))
+
+    class Own(nn.Identity):
+        own_classifier = own
+
+    from kdp.stages.evaluate import as_defense
+
+    d = as_defense(Own(), shared)
+    assert d.classifier is own and as_defense(nn.Identity(), shared).classifier is shared
+    cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
+    ctx = _context(tiny_data, cfg)
+    rows = evaluate_models(ctx, {"soap": d, "none": Defense(nn.Identity(), own)}, None, cfg.threat_models, None, QUIET)
+    fg = {r["variant"]: r for r in rows if r["attack"] == "fgsm"}
+    assert fg["soap"]["correct"] == fg["none"]["correct"]  # same AEs (crafted on `own`), same classifier

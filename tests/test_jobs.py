@@ -27,7 +27,10 @@ EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
 # a small run: 1024 training images, 2-4 epochs per stage, two attacks
 TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "classifier.epochs=2",
         "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=50",
+        "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "50", "--quiet"]
+# the smoke preset with shorter baseline and surrogate training (they still run as Ray tasks / a trainer)
+SMOKE_FAST = ["--set", "nrp.epochs=1", "--set", "soap.epochs=3", "--set", "surrogate.epochs=3"]
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +96,21 @@ def _span(events, stage):
 
 
 def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subset_dir):
-    """`ray job submit` of the smoke preset; both teachers train at the same time."""
+    """`ray job submit` of the smoke preset with its baselines; both teachers train at the same time."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ADDRESS, "--submission-id", "kdp-cli-smoke",
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
-           "--", *_entrypoint(tmp_path, "smoke", "--quiet", data=cifar_subset_dir).split()]
+           "--", *_entrypoint(tmp_path, "smoke", "--quiet", *SMOKE_FAST, data=cifar_subset_dir).split()]
     proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert client.get_job_status("kdp-cli-smoke").value == "SUCCEEDED"
     df = load(tmp_path / "smoke" / "results.parquet")
-    assert len(df[df.threat_model == "blind"]) == 6 * 7 and len(df[df.threat_model == "end_to_end"]) == 5
+    counts = df.groupby("threat_model").size().to_dict()
+    assert counts == {"classifier": 9 * 7, "full": 9 * 2, "transfer": 9 * 2}
+    assert df["check.eval_mode"].all() and df.loc[df.threat_model == "full", "check.grad_nonzero"].all()
     assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.3
     events = _events(tmp_path / "smoke")
+    assert {"baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"} <= {
+        e["stage"] for e in events if e["status"] == "finished"}
     (at0, at1), (nt0, nt1) = _span(events, "teacher_at"), _span(events, "teacher_nt")
     assert max(at0, nt0) < min(at1, nt1), "the AT and NT teacher runs did not overlap in time"
 
@@ -127,7 +134,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
     df = load(run / "results.parquet")
-    assert len(df) == 6 * 3 + 5  # (clean, fgsm, pgd8) x 6 variants + end-to-end pgd8 x 5
+    assert len(df) == 6 * 3 + 6  # (clean, fgsm, pgd8) x 6 variants + full pgd8 x 6
 
 
 def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar_subset_dir):
@@ -151,4 +158,4 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     status = {(e["stage"], e["status"]) for e in later}
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
-    assert len(load(run / "results.parquet")) == 6 * 3 + 5
+    assert len(load(run / "results.parquet")) == 6 * 3 + 6

@@ -10,8 +10,10 @@ from kdp import cli
 from kdp.attacks import LINF_EPS, PAPER_SUITE
 from kdp.results import SCHEMA, load, table1
 
-VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt"}
-STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt"]
+VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap"}
+STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt",
+          "baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"]
+SMOKE_FULL = SMOKE_TRANSFER = {"pgd8", "fgsm"}
 
 
 def _stages(run_dir: Path) -> list[dict]:
@@ -28,11 +30,13 @@ def smoke_run(tmp_path_factory, cifar_subset_dir):
 
 def test_smoke_parquet_has_a_row_per_variant_and_attack(smoke_run):
     df = load(smoke_run / "results.parquet")
-    blind = df[df.threat_model == "blind"]
-    assert set(zip(blind.variant, blind.attack)) == {(v, a) for v in VARIANTS for a in ("clean",) + PAPER_SUITE}
-    assert len(blind) == len(VARIANTS) * (1 + len(PAPER_SUITE))
-    e2e = df[df.threat_model == "end_to_end"]
-    assert set(e2e.variant) == VARIANTS - {"none"} and set(e2e.attack) == {"pgd8"}
+    clf = df[df.threat_model == "classifier"]
+    assert set(zip(clf.variant, clf.attack)) == {(v, a) for v in VARIANTS for a in ("clean",) + PAPER_SUITE}
+    assert len(clf) == len(VARIANTS) * (1 + len(PAPER_SUITE))
+    for threat, attacks in (("full", SMOKE_FULL), ("transfer", SMOKE_TRANSFER)):
+        sub = df[df.threat_model == threat]
+        assert set(zip(sub.variant, sub.attack)) == {(v, a) for v in VARIANTS for a in attacks}
+        assert len(sub) == len(VARIANTS) * len(attacks)
     assert list(df.columns) == SCHEMA.names + ["sweep_id"]
     assert (df.n == 200).all() and ((df.accuracy - df.correct / df.n).abs() < 1e-12).all()
 
@@ -63,6 +67,33 @@ def test_smoke_numbers_are_sane(smoke_run):
     assert table1(df).shape == (1 + len(PAPER_SUITE), len(VARIANTS))
 
 
+def test_full_white_box_is_never_weaker_than_the_classifier_protocol(smoke_run):
+    """Same purifier, same attack: crafting through the purifier (exact gradients or BPDA)
+    must not leave more images correct than crafting on the classifier alone."""
+    df = load(smoke_run / "results.parquet")
+    acc = df.set_index(["variant", "attack", "threat_model"])["accuracy"]
+    for v in VARIANTS:
+        for a in SMOKE_FULL:
+            assert acc[(v, a, "full")] <= acc[(v, a, "classifier")], (v, a)
+    assert acc[("none", "pgd8", "full")] == acc[("none", "pgd8", "classifier")]  # no purifier: the same attack
+    # differentiable purifiers fall much further once the attack sees them
+    assert acc[("kd_at_nt", "pgd8", "full")] < acc[("kd_at_nt", "pgd8", "classifier")] / 2
+
+
+def test_smoke_sanity_checks_pass_and_record_how_gradients_were_taken(smoke_run):
+    df = load(smoke_run / "results.parquet")
+    assert df["check.eval_mode"].all() and df["check.linf_ok"].all()
+    full = df[df.threat_model == "full"].set_index("variant")
+    assert full["check.grad_nonzero"].all()
+    assert set(full.loc[["jpeg", "soap"], "attack.grad"]) == {"bpda"}
+    assert set(full.loc[["kd_at_nt", "nrp", "none"], "attack.grad"]) == {"exact"} and (full["attack.eot"] == 1).all()
+    crafted = df[(df.attack != "clean") & (df.threat_model != "full")]
+    assert crafted["check.attack_success"].notna().all() and crafted["check.src_correct"].gt(0).all()
+    undefended = df[(df.variant == "none") & (df.threat_model == "classifier") & df.attack.isin(["pgd8", "bim"])]
+    assert (undefended["check.attack_success"] > 0.9).all() and undefended["checks_ok"].all()
+    assert (df["checks_ok"] == (df["check_failures"] == "")).all()
+
+
 def test_rerun_skips_finished_stages(smoke_run, cifar_subset_dir):
     mtimes = {s: (smoke_run / s / "model.pt").stat().st_mtime_ns for s in STAGES}
     rc = cli.main(["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir),
@@ -88,7 +119,8 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
     args = ["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
             "--name", "crash", "--quiet", "--set", "data.n_train=256", "--set", "data.n_test=16",
             "--set", "classifier.epochs=1", "--set", "eval.attacks=fgsm", "--set", "eval.adaptive_attacks=",
-            "--set", "nt_teacher.epochs=4", "--set", "students.epochs=1"]
+            "--set", "nt_teacher.epochs=4", "--set", "students.epochs=1", "--set", "baselines=",
+            "--set", "eval.threat_models=classifier"]
     real_train_epoch, real_teacher_step = purifier.train_epoch, purifier.teacher_step
 
     def nt_only(cfg, *a):  # arm the crash only inside the NT teacher: it dies in its 3rd epoch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import struct
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -17,25 +18,40 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP_VARIANTS = {"at_only": "at_teacher", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
 
 
-def _row(variant, attack, correct, n=100, threat="blind", run="r1", **extra):
+def _row(variant, attack, correct, n=100, threat="classifier", run="r1", **extra):
     return {"run": run, "variant": variant, "attack": attack, "threat_model": threat, "n": n,
             "correct": correct, "accuracy": correct / n, "git_sha": "abc123", "data.train_size": 5085,
             "classifier.test_acc": 0.9, "ae.eps": 8 / 255, **extra}
 
 
 def _frame(rows):
-    return pa.Table.from_pylist(rows, schema=SCHEMA).to_pandas()
+    """SCHEMA rows; checks_ok/check_failures are added with pandas when any row gives them
+    (SCHEMA may lack them)."""
+    df = pa.Table.from_pylist(rows, schema=SCHEMA).to_pandas()
+    for col in ("checks_ok", "check_failures"):
+        if any(col in r for r in rows):
+            df[col] = pd.Series([r.get(col) for r in rows], index=df.index, dtype=object)
+    return df
 
 
 def pipeline_rows():
     """Two unequal shards of one run (pgd8 kd_at_nt: 30/100 + 10/50 -> 26.67 pooled, not the
-    25.0 mean of percentages) plus an end_to_end row."""
+    25.0 mean of percentages), the baselines, and full / transfer rows (kd_at_nt, nrp)."""
     rows = [_row("none", "clean", 90), _row("kd_at_nt", "clean", 80),
             _row("none", "pgd8", 5), _row("kd_at_nt", "pgd8", 30), _row("kd_at_nt", "pgd8", 10, n=50),
             _row("at_teacher", "pgd8", 20),
             _row("kd_at", "pgd8", 25, **{"purifier.beta": 0.5, "purifier.gamma": 0.5}),
-            _row("kd_at_nt", "pgd8", 1, threat="end_to_end")]
+            _row("soap", "pgd8", 18), _row("nrp", "pgd8", 15), _row("jpeg", "pgd8", 12),
+            _row("kd_at_nt", "pgd8", 1, threat="full"), _row("nrp", "pgd8", 3, threat="full"),
+            _row("kd_at_nt", "fgsm", 44, threat="transfer")]
     return rows
+
+
+def checked_rows():
+    """pipeline_rows with checks: two nrp rows fail (one with two names), the rest pass."""
+    fails = {("nrp", "classifier"): "grad_nonzero", ("nrp", "full"): "eot_variance, grad_nonzero"}
+    return [{**r, "checks_ok": (r["variant"], r["threat_model"]) not in fails,
+             "check_failures": fails.get((r["variant"], r["threat_model"]), "")} for r in pipeline_rows()]
 
 
 def sweep_rows():
@@ -63,28 +79,60 @@ def _header(md: str) -> list[str]:
     return [c.strip() for c in next(l for l in md.splitlines() if l.startswith("|")).strip("|").split("|")]
 
 
-def test_table1_pools_shards_and_shows_paper_columns():
+def _first_column(md: str) -> list[str]:
+    """The first cells of a markdown table's body rows (header and separator skipped)."""
+    return [l.split("|")[1].strip() for l in md.splitlines() if l.startswith("| ")][1:]
+
+
+def test_table1_rows_in_order_with_pooled_values_per_threat_block():
+    md = report.table1_markdown(_frame(pipeline_rows()))
+    assert _header(md) == ["variant", "classifier Original", "classifier PGD8", "full PGD8", "transfer FGSM",
+                           "checks"]
+    assert _first_column(md) == ["none (undefended)", "JPEG", "NRP", "SOAP", "AT teacher", "student KD←AT+NT",
+                                 "kd_at", "paper: NRP", "paper: SOAP", "paper: KD←AT+NT (ours)"]
+    student = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
+    assert student == {"variant": "student KD←AT+NT", "classifier Original": "80.00", "classifier PGD8": "26.67",
+                       "full PGD8": "1.00", "transfer FGSM": "44.00", "checks": report.DASH}
+    nrp = _cells(md, "NRP")
+    assert nrp[1:5] == [report.DASH, "15.00", "3.00", report.DASH]
+    assert _cells(md, "JPEG")[2] == "12.00" and _cells(md, "SOAP")[2] == "18.00"
+    assert _cells(md, "none (undefended)")[1:3] == ["90.00", "5.00"]
+    assert "surrogate" in md and "BPDA" in md and "paper's protocol" in md
+
+
+def test_table1_paper_rows_only_in_classifier_block():
     md = report.table1_markdown(_frame(pipeline_rows()))
     head = _header(md)
-    assert head[:5] == ["attack", "none", "at_teacher", "kd_at", "kd_at_nt"]
-    assert head[5:] == ["paper KD←AT+NT", "NRP", "SOAP"]
-    pgd = dict(zip(head, _cells(md, "PGD8")))
-    assert pgd["kd_at_nt"] == "26.67" and pgd["none"] == "5.00" and pgd["at_teacher"] == "20.00"
-    assert (pgd["paper KD←AT+NT"], pgd["NRP"], pgd["SOAP"]) == ("40.20", "35.07", "39.14")
-    clean = dict(zip(head, _cells(md, "Original")))
-    assert clean["at_teacher"] == report.DASH and clean["kd_at_nt"] == "80.00"
-    assert [l.split("|")[1].strip() for l in md.splitlines() if l.startswith("| ")][1:] == ["Original", "PGD8"]
+    nrp = dict(zip(head, _cells(md, "paper: NRP")))
+    assert (nrp["classifier Original"], nrp["classifier PGD8"]) == ("89.46", "35.07")
+    assert nrp["full PGD8"] == nrp["transfer FGSM"] == nrp["checks"] == report.DASH
+    assert dict(zip(head, _cells(md, "paper: SOAP")))["classifier PGD8"] == "39.14"
+    ours = dict(zip(head, _cells(md, "paper: KD←AT+NT (ours)")))
+    assert ours["classifier PGD8"] == "40.20" and ours["full PGD8"] == report.DASH
 
 
-def test_table1_end_to_end_has_no_paper_columns():
-    md = report.table1_markdown(_frame(pipeline_rows()), "end_to_end")
-    assert _header(md) == ["attack", "kd_at_nt"] and _cells(md, "PGD8")[1] == "1.00"
+def test_table1_checks_column():
+    md = report.table1_markdown(_frame(checked_rows()))
+    assert _cells(md, "NRP")[-1] == "2 failed (eot_variance, grad_nonzero)"
+    assert _cells(md, "student KD←AT+NT")[-1] == "ok" and _cells(md, "JPEG")[-1] == "ok"
+    assert _cells(md, "paper: NRP")[-1] == report.DASH
+    rows = checked_rows()
+    for r in rows:
+        if r["variant"] == "jpeg":
+            r["checks_ok"], r["check_failures"] = None, None  # recorded no checks
+        if r["variant"] == "soap":
+            r["checks_ok"], r["check_failures"] = False, None  # failed, names unknown
+    md = report.table1_markdown(_frame(rows))
+    assert _cells(md, "JPEG")[-1] == report.DASH and _cells(md, "SOAP")[-1] == "1 failed"
 
 
 def test_table1_from_sweep_only_uses_paper_setting():
     md = report.table1_markdown(_frame(sweep_rows()))
-    cells = dict(zip(_header(md), _cells(md, "PGD8")))
-    assert cells["kd_at_nt"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
+    assert _first_column(md)[:4] == ["AT teacher", "student KD←AT+NT", "kd_at", "kd_nt"]
+    assert "JPEG" not in _first_column(md)
+    cells = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
+    assert cells["classifier PGD8"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
+    assert "full PGD8" not in _header(md) and "surrogate" not in md
 
 
 @pytest.mark.parametrize("beta, base", [(0.5, 10), (0.3, 60)])
@@ -108,7 +156,7 @@ def test_table2_falls_back_to_pipeline_variants_and_notes_no_match():
     with pytest.raises(AssertionError, match="no row"):
         _cells(other, "KD ← AT")
     note = report.table2_markdown(df, eps=4 / 255)
-    assert "|" not in note and "no blind rows at β=0.5, γ=0.5, ε=4/255" in note
+    assert "|" not in note and "no classifier-threat-model rows at β=0.5, γ=0.5, ε=4/255" in note
 
 
 def test_plots_write_pngs(tmp_path):
@@ -127,10 +175,24 @@ def test_write_report_links_existing_pngs(tmp_path):
     assert path == tmp_path / "rep" / "report.md"
     assert "(attacks.png)" in text and "grid.png" not in text  # no sweep rows -> no grid plot
     assert (tmp_path / "rep" / "attacks.png").read_bytes()[:8] == PNG_MAGIC
-    assert "## Table 1 (blind)" in text and "## Table 1 (end_to_end)" in text
-    assert "rows: 8; runs: 1;" in text and "abc123" in text and "5085" in text
+    assert text.count("## Table 1") == 1 and "full PGD8" in text and "## Table 2" in text
+    assert "rows: 13; runs: 1;" in text and "abc123" in text and "5085" in text
+    assert "## Sanity checks\n\nNo sanity-check columns in these results." in text
     full = report.write_report(_frame(sweep_rows() + pipeline_rows()), tmp_path / "rep2").read_text()
     assert "(grid.png)" in full and "trials: 8" in full
+
+
+def test_write_report_lists_failed_sanity_checks(tmp_path):
+    text = report.write_report(_frame(checked_rows()), tmp_path / "rep").read_text()
+    section = text.split("## Sanity checks", 1)[1]
+    assert "2 row(s) with failed sanity checks" in section
+    assert _header(section) == ["run", "variant", "attack", "threat_model", "check_failures", "rows"]
+    rows = [r for r in section.splitlines() if r.startswith("| r1")]
+    assert rows == ["| r1 | nrp | pgd8 | classifier | grad_nonzero | 1 |",
+                    "| r1 | nrp | pgd8 | full | eot_variance, grad_nonzero | 1 |"]
+    passing = [{**r, "checks_ok": True, "check_failures": ""} for r in pipeline_rows()]
+    ok = report.write_report(_frame(passing), tmp_path / "rep2").read_text()
+    assert "## Sanity checks\n\nAll recorded sanity checks passed." in ok
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The pipeline on a Ray cluster. Stage 0 trains the classifier with a TorchTrainer; the
 training AEs are one Ray task; stage 1 fits the AT and NT teachers' trainers at the same
-time (one thread each); stage 2 fits every student's trainer at once; stage 3 shards the
-attack suite by attack and test-set slice into Ray tasks and writes the parquet table.
+time (one thread each), beside the transfer surrogate's; stage 2 fits every student's
+trainer at once, while each baseline purifier trains in a Ray task; stage 3 shards the
+attack suite by threat model, attack and test-set slice into Ray tasks and writes the parquet table.
 
 Checkpoints: every epoch reports a Ray Train checkpoint (the last `keep_checkpoints` are
 kept under <out>/ray/<run>-<stage>); a failed worker group restarts from the last one
@@ -30,9 +31,10 @@ from kdp.pipeline import prepare_run, run_stage
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages import evaluate, make_training_aes
+from kdp.stages.baselines import train_baseline
 from kdp.stages.common import log_stage
 from kdp.stages.classifier import classifier_spec
-from kdp.stages.evaluate import merge_rows, shards
+from kdp.stages.evaluate import finalize, merge_rows, shards
 from kdp.stages.purifier import purifier_spec
 
 
@@ -116,37 +118,51 @@ def run_distributed(cfg: PipelineConfig, out_root: str | Path, scale: ScaleConfi
     aes = ray.remote(make_training_aes).options(**_task_resources(scale))
     ae = run_stage(dirs, "aes", None, None, lambda: ray.get(aes.remote(cfg.ae, clf, data, dirs["cache"], rt)), log)
     base = {"classifier_dir": clf, "ae_dir": ae}
-    with ThreadPoolExecutor(2) as pool:  # both teachers in flight together
+    transfer = "transfer" in cfg.eval.threat_models
+    with ThreadPoolExecutor(3) as pool:  # both teachers (and the surrogate) in flight together
         futs = {t.kind: pool.submit(run, f"teacher_{t.kind}", "teacher", t, purifier_spec(t), base)
                 for t in (cfg.at_teacher, cfg.nt_teacher)}
+        sur = pool.submit(run, "surrogate", "classifier", cfg.surrogate, classifier_spec(cfg.surrogate), {}) \
+            if transfer else None
         teachers = {k: f.result() for k, f in futs.items()}
-    with ThreadPoolExecutor(max(1, len(cfg.students))) as pool:
+        sur = sur.result() if sur is not None else None
+    with ThreadPoolExecutor(max(1, len(cfg.students) + len(cfg.baselines))) as pool:
         futs = {s.variant: pool.submit(run, f"student_{s.variant}", "student", s, purifier_spec(s),
                                        {**base, "teacher_dirs": teachers}) for s in cfg.students}
-        students = {k: f.result() for k, f in futs.items()}
-    purifiers = {"none": None, "at_teacher": teachers["at"], "nt_teacher": teachers["nt"], **students}
+        futs.update({b: pool.submit(_baseline_task, cfg, b, dirs, data, clf, scale, rt, log) for b in cfg.baselines})
+        trained = {k: f.result() for k, f in futs.items()}
+    purifiers = {"none": None, "at_teacher": teachers["at"], "nt_teacher": teachers["nt"], **trained}
     variants = {"none": None, "at_teacher": cfg.at_teacher, "nt_teacher": cfg.nt_teacher,
-                **{s.variant: s for s in cfg.students}}
+                **{s.variant: s for s in cfg.students}, **{b: getattr(cfg, b) for b in cfg.baselines}}
     return run_stage(dirs, "evaluate", None, None, lambda: _evaluate(
-        cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log), log)
+        cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log, sur), log)
 
 
-def _eval_shard(cfg, clf, purifiers, data, rt, threat, attack, start, stop):
-    return evaluate(cfg, clf, purifiers, data, rt, start, stop, (attack,), (threat,), log=lambda *_: None)
+def _baseline_task(cfg, name, dirs, data, clf, scale, rt, log) -> Path:
+    """A baseline purifier trained in one Ray task (resumable from its per-epoch state file)."""
+    task = ray.remote(train_baseline).options(**_task_resources(scale))
+    return run_stage(dirs, f"baseline_{name}", dirs[name], flatten(getattr(cfg, name)), lambda: ray.get(task.remote(
+        name, cfg, data, dirs[name], rt, clf, dirs["state"] / f"baseline_{name}.pt")), log)
 
 
-def evaluate_on_ray(eval_cfg, clf, purifiers: dict, data, scale: ScaleConfig, rt: Runtime, log=print) -> list[dict]:
-    """Stage 3: one Ray task per (threat model, attack, test slice); rows summed per cell."""
+def _eval_shard(cfg, clf, purifiers, data, rt, surrogate, threat, attack, start, stop):
+    return evaluate(cfg, clf, purifiers, data, rt, start, stop, (attack,), (threat,), surrogate, log=lambda *_: None)
+
+
+def evaluate_on_ray(eval_cfg, clf, purifiers: dict, data, scale: ScaleConfig, rt: Runtime, log=print,
+                    surrogate=None) -> list[dict]:
+    """Stage 3: one Ray task per (threat model, attack, test slice); rows summed per cell,
+    then the sanity checks derived from the summed counts (warnings in this log)."""
     task = ray.remote(_eval_shard).options(**_task_resources(scale))
     data_ref = ray.put(data)
-    work = shards(eval_cfg, len(data.test_y), scale.eval_shard_size)
+    work = shards(eval_cfg, len(data.test_y), scale.eval_shard_size, surrogate is not None)
     log(f"[evaluate] {len(work)} tasks over {len(data.test_y)} test images")
-    refs = [task.remote(eval_cfg, clf, purifiers, data_ref, rt, *w) for w in work]
-    return merge_rows([r for rs in ray.get(refs) for r in rs])
+    refs = [task.remote(eval_cfg, clf, purifiers, data_ref, rt, surrogate, *w) for w in work]
+    return finalize(merge_rows([r for rs in ray.get(refs) for r in rs]), eval_cfg, log)
 
 
-def _evaluate(cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log) -> Path:
-    rows = evaluate_on_ray(cfg.eval, clf, purifiers, data, scale, rt, log)
+def _evaluate(cfg, dirs, clf, purifiers, variants, data, scale, rt, t_start, log, surrogate=None) -> Path:
+    rows = evaluate_on_ray(cfg.eval, clf, purifiers, data, scale, rt, log, surrogate)
     extra = {"classifier.test_acc": read_meta(clf)["metrics"].get("test_acc"), "data.source": data.source,
              "data.train_size": len(data.train_y), "wall_seconds": time.time() - t_start, **provenance(rt)}
     return write_results(make_rows(cfg, variants, rows, extra), dirs["results"])

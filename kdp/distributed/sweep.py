@@ -51,9 +51,9 @@ def ray_backend(scale: ScaleConfig, rt: Runtime, data_cfg, tune_report: bool = F
 
 
 def trial_metrics(path: Path) -> dict:
-    """A trial's final Tune report: accuracy per attack (blind) and per end-to-end attack."""
+    """A trial's final Tune report: accuracy per attack (classifier threat model) and per full attack."""
     rows = pq.read_table(path, columns=["attack", "threat_model", "accuracy"]).to_pylist()
-    return {f"{'acc' if r['threat_model'] == 'blind' else 'acc_' + r['threat_model']}/{r['attack']}": r["accuracy"]
+    return {f"{'acc' if r['threat_model'] == 'classifier' else 'acc_' + r['threat_model']}/{r['attack']}": r["accuracy"]
             for r in rows}
 
 

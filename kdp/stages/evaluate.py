@@ -1,139 +1,331 @@
-"""Stage 3: Table 1 protocol and an end-to-end check.
+"""Stage 3: every defense under three threat models, with sanity checks recorded in each row.
 
-blind (the paper's protocol): each attack is crafted on the classifier alone, once, and
-every purifier variant then purifies the same AEs before the classifier classifies them.
-end_to_end (beyond the paper): the attack targets purifier+classifier as one model. The
-CAE is deterministic and differentiable, so gradients flow through it exactly.
+Threat models (EvalConfig.threat_models):
+- `classifier` (the paper's protocol): an attack is crafted on the classifier alone, once
+  per classifier (SOAP brings its own), and every defense purifies the same AEs.
+- `full` (full white-box): the attack runs end to end through purifier∘classifier. The CAEs
+  and NRP are differentiable and attacked exactly; JPEG and SOAP pass gradients by BPDA
+  (identity, Athalye et al. 2018); randomized defenses are attacked with EOT (mean logits
+  over eot_samples passes). Rows record which (`attack.grad`, `attack.eot`).
+- `transfer`: AEs crafted on a separately trained surrogate classifier, then purified and
+  classified by each defense.
 
-Rows carry counts (`correct`, `agree`, `n`) so shards over test-set slices can be summed.
+Sanity checks, in the spirit of AutoAttack's (Croce & Hein 2020) flags:
+- `check.eval_mode`: the purifier, classifier (and source model) were in eval mode;
+- `check.grad_nonzero` (full): the loss's input gradient through purifier∘classifier is nonzero;
+- `check.attack_ok`: the attack fooled at least min_attack_success of the images its
+  undefended source model (classifier, SOAP's own, surrogate) classified correctly;
+- `check.linf_ok`: x_adv lies within the attack's L-inf budget and in [0, 1].
+A failed check is a warning in the log, a name in `check_failures` and `checks_ok` False.
+
+Rows carry counts (`correct`, `agree`, `check.src_*`), so shards over test-set slices sum
+(`merge_rows`); `finalize` then derives the checks from the summed counts.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from kdp.attacks import attack_batches, build_attack
+from kdp.attacks import attack_batches, build_attack, linf_budget
 from kdp.checkpoint import load_checkpoint
-from kdp.config import EvalConfig, Runtime
+from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
-from kdp.models import Purified, freeze
+from kdp.models import EOT, Purified, freeze
 from kdp.train import resolve_device
 
-THREAT_MODELS = ("blind", "end_to_end")
+LINF_TOL = 1e-6  # float slack on the L-inf budget
 
 
-def load_variants(purifier_dirs: dict[str, Path | None], device) -> dict[str, nn.Module]:
-    """variant name -> frozen purifier (nn.Identity for a None path: no defense)."""
-    return {name: nn.Identity() if p is None else freeze(load_checkpoint(p, device)[0])
+@dataclass
+class Defense:
+    """What a variant classifies with: its purifier and the classifier behind it."""
+    purifier: nn.Module
+    classifier: nn.Module
+
+
+def as_defense(purifier: nn.Module, classifier: nn.Module) -> Defense:
+    """A purifier with its own classifier (SOAP) uses it; every other one the shared classifier."""
+    own = getattr(purifier, "own_classifier", None)
+    return Defense(purifier, classifier if own is None else own)
+
+
+def load_defenses(purifier_dirs: dict[str, Path | None], classifier: nn.Module, device) -> dict[str, Defense]:
+    """variant name -> Defense with a frozen purifier (nn.Identity for a None path: no defense)."""
+    return {name: as_defense(nn.Identity() if p is None else freeze(load_checkpoint(p, device)[0]), classifier)
             for name, p in purifier_dirs.items()}
 
 
-def _row(variant, attack, threat, n, correct, agree, seconds, attack_seconds, linf):
-    return {"variant": variant, "attack": attack, "threat_model": threat, "n": n, "correct": correct,
-            "agree": agree, "accuracy": correct / max(n, 1), "agreement": agree / max(n, 1),
-            "seconds": seconds, "attack_seconds": attack_seconds, "linf_max": linf}
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+def in_eval_mode(*models: nn.Module) -> bool:
+    """No batch-norm or dropout layer (the layers train mode changes) is in train mode."""
+    return not any(m.training for model in models for m in model.modules() if isinstance(m, _MODE_DEPENDENT))
+
+
+def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """L1 norm of d CE(model(x), y) / dx; 0 when no gradient reaches the input."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y)
+        if not loss.requires_grad:
+            return 0.0
+        (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return 0.0 if g is None else float(g.abs().sum())
+
+
+def attack_target(defense: Defense, cfg: EvalConfig) -> tuple[nn.Module, str, int]:
+    """(model the full attack differentiates, gradient kind, EOT samples) of a defense."""
+    model = Purified(defense.purifier, defense.classifier)
+    eot = cfg.eot_samples if getattr(defense.purifier, "randomized", False) else 1
+    grad = getattr(defense.purifier, "backward", "exact")
+    model = EOT(model, eot) if eot > 1 else model
+    # The wrappers must not look like training models: torchattacks restores a model it found
+    # in train mode with .train(), which would flip the frozen purifier and classifier too.
+    for m in (model, getattr(model, "model", model)):
+        m.training = False
+    return model, grad, eot
 
 
 @torch.no_grad()
-def _classify(classifier, purifier, x):
-    return classifier(purifier(x)).argmax(1)
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1).cpu()
 
 
-def _blind(cfg, name, classifier, purifiers, x, y, clean_pred, device, start):
-    """One attack crafted on the classifier, scored through every purifier."""
-    stats = {v: [0, 0, 0.0] for v in purifiers}  # correct, agree, purify seconds
-    t_attack, linf = 0.0, 0.0
-    if name == "clean":
-        batches = (x[i:i + cfg.batch_size].to(device) for i in range(0, len(x), cfg.batch_size))
-    else:
-        attack = build_attack(name, classifier)
-        batches = attack_batches(attack, x, y, cfg.batch_size, cfg.seed, start, device)
+@dataclass
+class Tally:
+    """Counts of one (variant, attack, threat model) cell over the batches seen."""
+    n: int = 0
+    correct: int = 0
+    agree: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, pred, y, clean_pred):
+        self.n += len(y)
+        self.correct += int((pred == y).sum())
+        self.agree += int((pred == clean_pred).sum())
+
+
+@dataclass
+class Crafted:
+    """What is shared by every defense scoring one attack's AEs: source-model counts and x_adv's range."""
+    attack_seconds: float = 0.0
+    linf: float = 0.0
+    in_range: bool = True
+    src_correct: int | None = None
+    src_fooled: int | None = None
+
+    def see(self, xb, xs, src_clean=None, src_adv=None, y=None):
+        self.linf = max(self.linf, float((xb.cpu() - xs).abs().max()) if len(xs) else 0.0)
+        self.in_range &= bool(xb.min() >= 0) and bool(xb.max() <= 1) if len(xb) else True
+        if src_clean is not None:
+            ok = src_clean == y
+            self.src_correct = (self.src_correct or 0) + int(ok.sum())
+            self.src_fooled = (self.src_fooled or 0) + int((ok & (src_adv != y)).sum())
+
+
+def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, **extra) -> dict:
+    return {"variant": variant, "attack": attack, "threat_model": threat, "n": t.n, "correct": t.correct,
+            "agree": t.agree, "accuracy": t.correct / max(t.n, 1), "agreement": t.agree / max(t.n, 1),
+            "seconds": c.attack_seconds + t.seconds, "attack_seconds": c.attack_seconds, "linf_max": c.linf,
+            "check.eval_mode": eval_mode, "check.in_range": c.in_range, "check.src_correct": c.src_correct,
+            "check.src_fooled": c.src_fooled, "check.grad_norm": None, "attack.grad": None, "attack.eot": None,
+            **extra}
+
+
+class Context:
+    """The images, labels and clean predictions one evaluation call works on."""
+
+    def __init__(self, cfg: EvalConfig, x, y, device, start: int):
+        self.cfg, self.x, self.y, self.device, self.start = cfg, x, y, device, start
+        self._clean: dict[int, torch.Tensor] = {}
+        self._modes: dict[int, bool] = {}
+
+    def record_modes(self, *models: nn.Module) -> None:
+        """Note whether each model is in eval mode now, before any attack: torchattacks puts
+        the model it attacks in eval mode, which would hide a model left in train mode."""
+        for m in models:
+            self._modes.setdefault(id(m), in_eval_mode(m))
+
+    def was_eval(self, *models: nn.Module) -> bool:
+        return all(self._modes.get(id(m), in_eval_mode(m)) for m in models)
+
+    def batches(self):
+        bs = self.cfg.batch_size
+        return (self.x[i:i + bs].to(self.device) for i in range(0, len(self.x), bs))
+
+    def adversarial(self, name: str, model: nn.Module):
+        return attack_batches(build_attack(name, model), self.x, self.y, self.cfg.batch_size, self.cfg.seed,
+                              self.start, self.device)
+
+    def clean_pred(self, classifier: nn.Module) -> torch.Tensor:
+        """The classifier's predictions on the clean images (agreement's reference)."""
+        if id(classifier) not in self._clean:
+            preds = [_predict(classifier, xb) for xb in self.batches()]
+            self._clean[id(classifier)] = torch.cat(preds) if preds else self.y.clone()
+        return self._clean[id(classifier)]
+
+
+def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Defense]):
+    """AEs of attack `name` crafted once on `source` (clean images for 'clean'), scored through
+    every defense in `group`; the source model's own success is counted for the checks."""
+    tallies = {v: Tally() for v in group}
+    crafted = Crafted()
+    batches = ctx.batches() if name == "clean" else ctx.adversarial(name, source)
     i, t0 = 0, time.perf_counter()
     for xb in batches:
-        t_attack += time.perf_counter() - t0
+        crafted.attack_seconds += time.perf_counter() - t0
         sl = slice(i, i + len(xb))
-        linf = max(linf, float((xb.cpu() - x[sl]).abs().max()))
-        for v, p in purifiers.items():
+        src = (None, None) if name == "clean" else (_predict(source, ctx.x[sl].to(ctx.device)), _predict(source, xb))
+        crafted.see(xb, ctx.x[sl], *src, ctx.y[sl])
+        for v, d in group.items():
             t1 = time.perf_counter()
-            pred = _classify(classifier, p, xb).cpu()
-            stats[v][0] += int((pred == y[sl]).sum())
-            stats[v][1] += int((pred == clean_pred[sl]).sum())
-            stats[v][2] += time.perf_counter() - t1
+            tallies[v].add(_predict(lambda z: d.classifier(d.purifier(z)), xb), ctx.y[sl], ctx.clean_pred(d.classifier)[sl])
+            tallies[v].seconds += time.perf_counter() - t1
         i += len(xb)
         t0 = time.perf_counter()
-    return [_row(v, name, "blind", len(x), c, a, t_attack + s, t_attack, linf)
-            for v, (c, a, s) in stats.items()]
+    extra = (source,) if source is not None else ()
+    return [_row(v, name, threat, tallies[v], crafted, ctx.was_eval(d.purifier, d.classifier, *extra))
+            for v, d in group.items()]
 
 
-def _end_to_end(cfg, name, classifier, variant, purifier, x, y, clean_pred, device, start):
-    """One attack crafted through purifier+classifier and scored on the same model."""
-    model = Purified(purifier, classifier).eval()
-    attack = build_attack(name, model)
-    correct = agree = 0
-    linf, t0, i = 0.0, time.perf_counter(), 0
-    for xb in attack_batches(attack, x, y, cfg.batch_size, cfg.seed, start, device):
+def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
+    """One attack run end to end through the defense, scored on the same defense."""
+    eval_mode = ctx.was_eval(d.purifier, d.classifier)
+    model, grad, eot = attack_target(d, ctx.cfg)
+    bs = ctx.cfg.batch_size
+    grad_norm = input_grad_norm(model, ctx.x[:bs].to(ctx.device), ctx.y[:bs].to(ctx.device))
+    undefended = isinstance(d.purifier, nn.Identity)  # the attacked model is then its own undefended source
+    t, c = Tally(), Crafted()
+    i, t0 = 0, time.perf_counter()
+    for xb in ctx.adversarial(name, model):
         sl = slice(i, i + len(xb))
-        linf = max(linf, float((xb.cpu() - x[sl]).abs().max()))
-        pred = _classify(classifier, purifier, xb).cpu()
-        correct += int((pred == y[sl]).sum())
-        agree += int((pred == clean_pred[sl]).sum())
+        pred = _predict(lambda z: d.classifier(d.purifier(z)), xb)
+        clean = ctx.clean_pred(d.classifier)[sl]
+        c.see(xb, ctx.x[sl], *((clean, pred) if undefended else (None, None)), ctx.y[sl])
+        t.add(pred, ctx.y[sl], clean)
         i += len(xb)
-    seconds = time.perf_counter() - t0
-    return _row(variant, name, "end_to_end", len(x), correct, agree, seconds, seconds, linf)
+    c.attack_seconds = time.perf_counter() - t0
+    return _row(variant, name, "full", t, c, eval_mode, **{"check.grad_norm": grad_norm, "attack.grad": grad,
+                                                           "attack.eot": eot})
+
+
+def _by_classifier(defenses: dict[str, Defense]) -> list[tuple[nn.Module, dict[str, Defense]]]:
+    groups: dict[int, tuple[nn.Module, dict]] = {}
+    for v, d in defenses.items():
+        groups.setdefault(id(d.classifier), (d.classifier, {}))[1][v] = d
+    return list(groups.values())
+
+
+def _summary(rows: list[dict]) -> str:
+    return " ".join(f"{r['variant']}={r['accuracy']:.3f}" for r in rows)
+
+
+def evaluate_models(ctx: Context, defenses: dict[str, Defense], attacks=None, threat_models=THREAT_MODELS,
+                    surrogate: nn.Module | None = None, log=print) -> list[dict]:
+    """Raw rows (before `finalize`) for every defense, threat model and attack on ctx's images."""
+    cfg, rows = ctx.cfg, []
+    ctx.record_modes(*[m for d in defenses.values() for m in (d.purifier, d.classifier)],
+                     *([surrogate] if surrogate is not None else []))
+    wanted = lambda a: attacks is None or a in attacks  # noqa: E731
+    for name in filter(wanted, ("clean",) + cfg.attacks if "classifier" in threat_models else ()):
+        for clf, group in _by_classifier(defenses):
+            rows += score_crafted(ctx, name, "classifier", clf, group)
+        log(f"[eval] classifier {name:<10} " + _summary([r for r in rows if r["attack"] == name]))
+    for name in filter(wanted, cfg.adaptive_attacks if "full" in threat_models else ()):
+        for v, d in defenses.items():
+            rows.append(score_full(ctx, name, v, d))
+        log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == "full"
+                                                         and r["attack"] == name]))
+    for name in filter(wanted, cfg.transfer_attacks if "transfer" in threat_models else ()):
+        if surrogate is None:
+            raise ValueError("the transfer threat model needs a surrogate classifier (surrogate_dir)")
+        rows += score_crafted(ctx, name, "transfer", surrogate, defenses)
+        log(f"[eval] transfer   {name:<10} " + _summary(rows[-len(defenses):]))
+    return rows
 
 
 def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Path | None], data: Cifar,
              rt: Runtime = Runtime(), start: int = 0, stop: int | None = None,
-             attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] = THREAT_MODELS,
-             log=print) -> list[dict]:
-    """Accuracy rows for every (variant, attack) on test images [start, stop).
+             attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] | None = None,
+             surrogate_dir: Path | None = None, log=print) -> list[dict]:
+    """Checked accuracy rows for every (variant, attack, threat model) on test images [start, stop).
 
-    `attacks` / `threat_models` restrict the run (for sharding); 'clean' counts as a blind
-    attack. Shards give the same AEs as one run if `start` is a multiple of cfg.batch_size.
+    `attacks` / `threat_models` restrict the run (for sharding; default: all of cfg's);
+    'clean' counts as a classifier-threat attack. Shards give the same AEs as one run if
+    `start` is a multiple of cfg.batch_size.
     """
     device = resolve_device(rt.device)
+    threats = cfg.threat_models if threat_models is None else tuple(threat_models)
     classifier = freeze(load_checkpoint(classifier_dir, device)[0])
-    purifiers = load_variants(purifier_dirs, device)
-    x, y = to_float(data.test_x[start:stop]), data.test_y[start:stop]
-    clean_pred = torch.cat([_classify(classifier, nn.Identity(), x[i:i + 512].to(device)).cpu()
-                            for i in range(0, len(x), 512)]) if len(x) else y.clone()
-    rows = []
-    for name in ("clean",) + cfg.attacks if "blind" in threat_models else ():
-        if attacks is None or name in attacks:
-            rows += _blind(cfg, name, classifier, purifiers, x, y, clean_pred, device, start)
-            log(f"[eval] blind {name:<10} " + " ".join(f"{r['variant']}={r['accuracy']:.3f}" for r in rows[-len(purifiers):]))
-    for name in cfg.adaptive_attacks if "end_to_end" in threat_models else ():
-        if attacks is None or name in attacks:
-            for v, p in purifiers.items():
-                if not isinstance(p, nn.Identity):
-                    rows.append(_end_to_end(cfg, name, classifier, v, p, x, y, clean_pred, device, start))
-                    log(f"[eval] end_to_end {name} {v}={rows[-1]['accuracy']:.3f}")
+    defenses = load_defenses(purifier_dirs, classifier, device)
+    surrogate = None
+    if "transfer" in threats and (attacks is None or set(attacks) & set(cfg.transfer_attacks)):
+        if surrogate_dir is None:
+            raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
+        surrogate = freeze(load_checkpoint(surrogate_dir, device)[0])
+    ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start)
+    return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)
+
+
+def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
+    """Derive each row's sanity checks from its counts; warn about every failed one."""
+    for r in rows:
+        budget = 0.0 if r["attack"] == "clean" else linf_budget(r["attack"])
+        src_n, fooled = r["check.src_correct"], r["check.src_fooled"]
+        success = fooled / src_n if src_n else None
+        checks = {"check.eval_mode": r["check.eval_mode"],
+                  "check.grad_nonzero": None if r["threat_model"] != "full" else (r["check.grad_norm"] or 0) > 0,
+                  "check.attack_ok": None if success is None else success >= cfg.min_attack_success,
+                  "check.linf_ok": r["check.in_range"] and (budget is None or r["linf_max"] <= budget + LINF_TOL)}
+        failed = [k.removeprefix("check.") for k, ok in checks.items() if ok is False]
+        r.update(checks, **{"check.attack_success": success, "checks_ok": not failed,
+                            "check_failures": ",".join(failed)})
+        if failed:
+            log(f"[eval] WARNING sanity check failed ({', '.join(failed)}): variant {r['variant']}, "
+                f"attack {r['attack']}, threat model {r['threat_model']}")
     return rows
 
 
-def shards(cfg: EvalConfig, n_test: int, shard_size: int) -> list[tuple[str, str, int, int]]:
+def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True) -> list[tuple[str, str, int, int]]:
     """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
     is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
     size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
-    items = [("blind", a) for a in ("clean",) + cfg.attacks] + [("end_to_end", a) for a in cfg.adaptive_attacks]
+    per_threat = {"classifier": ("clean",) + cfg.attacks, "full": cfg.adaptive_attacks,
+                  "transfer": cfg.transfer_attacks if surrogate else ()}
+    items = [(t, a) for t in cfg.threat_models for a in per_threat[t]]
     return [(t, a, s, min(s + size, n_test)) for t, a in items for s in range(0, n_test, size)]
 
 
+_SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correct", "check.src_fooled")
+
+
+def _merge_into(m: dict, r: dict) -> None:
+    for k in _SUMS:
+        m[k] = None if m[k] is None and r[k] is None else (m[k] or 0) + (r[k] or 0)
+    m["linf_max"] = max(m["linf_max"], r["linf_max"])
+    m["check.eval_mode"] = m["check.eval_mode"] and r["check.eval_mode"]
+    m["check.in_range"] = m["check.in_range"] and r["check.in_range"]
+    norms = [v for v in (m["check.grad_norm"], r["check.grad_norm"]) if v is not None]
+    m["check.grad_norm"] = min(norms) if norms else None
+
+
 def merge_rows(rows: list[dict]) -> list[dict]:
-    """Sum shard rows of the same (variant, attack, threat model) into one row each."""
+    """Sum shard rows of the same (variant, attack, threat model) into one row each; run
+    `finalize` on the result to re-derive the checks from the summed counts."""
     merged: dict[tuple, dict] = {}
     for r in rows:
         key = (r["variant"], r["attack"], r["threat_model"])
-        if key not in merged:
+        if key in merged:
+            _merge_into(merged[key], r)
+        else:
             merged[key] = dict(r)
-            continue
-        m = merged[key]
-        for k in ("n", "correct", "agree", "seconds", "attack_seconds"):
-            m[k] += r[k]
-        m["linf_max"] = max(m["linf_max"], r["linf_max"])
     for m in merged.values():
         m["accuracy"], m["agreement"] = m["correct"] / max(m["n"], 1), m["agree"] / max(m["n"], 1)
     return list(merged.values())
