@@ -68,13 +68,17 @@ def test_smoke_numbers_are_sane(smoke_run):
 
 
 def test_full_white_box_is_never_weaker_than_the_classifier_protocol(smoke_run):
-    """Same purifier, same attack: crafting through the purifier (exact gradients or BPDA)
-    must not leave more images correct than crafting on the classifier alone."""
+    """Same purifier, same attack: crafting through the purifier must not leave more images
+    correct than crafting on the classifier alone. For PGD this holds for every defense; a
+    single FGSM step through BPDA's identity approximation need not dominate (JPEG can come
+    out an image or two higher), so FGSM is checked where the gradient is exact."""
     df = load(smoke_run / "results.parquet")
     acc = df.set_index(["variant", "attack", "threat_model"])["accuracy"]
+    grad = df[df.threat_model == "full"].set_index(["variant", "attack"])["attack.grad"]
     for v in VARIANTS:
-        for a in SMOKE_FULL:
-            assert acc[(v, a, "full")] <= acc[(v, a, "classifier")], (v, a)
+        assert acc[(v, "pgd8", "full")] <= acc[(v, "pgd8", "classifier")], v
+        if grad[(v, "fgsm")] == "exact":
+            assert acc[(v, "fgsm", "full")] <= acc[(v, "fgsm", "classifier")], v
     assert acc[("none", "pgd8", "full")] == acc[("none", "pgd8", "classifier")]  # no purifier: the same attack
     # differentiable purifiers fall much further once the attack sees them
     assert acc[("kd_at_nt", "pgd8", "full")] < acc[("kd_at_nt", "pgd8", "classifier")] / 2

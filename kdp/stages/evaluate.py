@@ -56,7 +56,7 @@ def as_defense(purifier: nn.Module, classifier: nn.Module) -> Defense:
 
 def load_defenses(purifier_dirs: dict[str, Path | None], classifier: nn.Module, device) -> dict[str, Defense]:
     """variant name -> Defense with a frozen purifier (nn.Identity for a None path: no defense)."""
-    return {name: as_defense(nn.Identity() if p is None else freeze(load_checkpoint(p, device)[0]), classifier)
+    return {name: as_defense(freeze(nn.Identity() if p is None else load_checkpoint(p, device)[0]), classifier)
             for name, p in purifier_dirs.items()}
 
 
