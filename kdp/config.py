@@ -28,6 +28,12 @@ def _positive(obj, *names: str) -> None:
         _check(v is None or v > 0, f"{type(obj).__name__}.{n} must be > 0, got {v}")
 
 
+def _nonnegative(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v >= 0, f"{type(obj).__name__}.{n} must be >= 0, got {v}")
+
+
 def _choice(value, valid, what: str) -> None:
     _check(value in valid, f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
@@ -212,8 +218,7 @@ class NRPConfig:
 
     def __post_init__(self):
         _positive(self, "width", "critic_width", "epochs", "batch_size", "lr", "ssp_steps")
-        for n in ("blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std"):
-            _check(getattr(self, n) >= 0, f"NRPConfig.{n} must be >= 0, got {getattr(self, n)}")
+        _nonnegative(self, "blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std")
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,7 @@ class SoapConfig:
         _choice(self.arch, sorted(CLASSIFIERS), "classifier")
         _choice(self.aux, SOAP_AUX, "SOAP auxiliary task")
         _positive(self, "width", "epochs", "batch_size", "lr")
-        for n in ("aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size"):
-            _check(getattr(self, n) >= 0, f"SoapConfig.{n} must be >= 0, got {getattr(self, n)}")
+        _nonnegative(self, "aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size")
 
 
 @dataclass(frozen=True)

@@ -119,11 +119,16 @@ class ConvAutoencoder(nn.Module):
 
 
 class Purified(nn.Module):
-    """purifier then classifier, as one model an attack can target end to end."""
+    """purifier then classifier, as one model an attack can target end to end.
+
+    Starts in eval mode without touching its children: torchattacks restores a model it
+    found in train mode with .train(), which would flip the frozen purifier and classifier.
+    """
 
     def __init__(self, purifier: nn.Module, classifier: nn.Module):
         super().__init__()
         self.purifier, self.classifier = purifier, classifier
+        self.training = False
 
     def forward(self, x):
         return self.classifier(self.purifier(x))
@@ -301,6 +306,7 @@ class EOT(nn.Module):
         if samples < 1:
             raise ValueError(f"EOT needs samples >= 1, got {samples}")
         self.model, self.samples = model, samples
+        self.training = False  # as Purified: never flip the wrapped model's mode
 
     def forward(self, x):
         return torch.stack([self.model(x) for _ in range(self.samples)]).mean(0)

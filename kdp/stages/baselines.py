@@ -65,6 +65,15 @@ def train_jpeg(cfg: JpegConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
     return save_checkpoint(out, model, baseline_spec("jpeg", cfg), flatten(cfg), {"trained": False}, provenance(rt))
 
 
+def _fit(cfg, n: int, model, opt, sched, step, state_path, desc: str, rt: Runtime) -> list[dict]:
+    """cfg.epochs of `step` over seeded shuffled batches of n items, resumable from state_path."""
+    def epoch_fn(epoch):
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)
+        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+
+    return fit(cfg.epochs, epoch_fn, model, opt, sched, state_path, desc, rt.progress)
+
+
 # ---------------------------------------------------------------- NRP
 
 class NRPTraining(nn.Module):
@@ -139,13 +148,7 @@ def train_nrp(cfg: NRPConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), c
     pair = NRPTraining(_build("nrp", cfg, device), Critic(cfg.critic_width).to(device))
     opt = torch.optim.Adam(pair.parameters(), lr=cfg.lr)
     d = PurifierData(data, device)
-    step = nrp_step(cfg, pair, d, classifier)
-
-    def epoch_fn(epoch):
-        batches = epoch_batches(len(d), cfg.batch_size, cfg.seed, epoch)
-        return train_epoch(pair, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
-
-    history = fit(cfg.epochs, epoch_fn, pair, opt, None, state_path, "nrp", rt.progress)
+    history = _fit(cfg, len(d), pair, opt, None, nrp_step(cfg, pair, d, classifier), state_path, "nrp", rt)
     metrics = {"final": history[-1] if history else {}, "history": history}
     return save_checkpoint(out, pair.purifier, baseline_spec("nrp", cfg), flatten(cfg), metrics, provenance(rt))
 
@@ -180,12 +183,7 @@ def train_soap(cfg: SoapConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
     step = soap_step(cfg, model, x_all, y_all, torch.Generator().manual_seed(cfg.seed))
-
-    def epoch_fn(epoch):
-        batches = epoch_batches(len(x_all), cfg.batch_size, cfg.seed, epoch)
-        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
-
-    history = fit(cfg.epochs, epoch_fn, model, opt, sched, state_path, "soap", rt.progress)
+    history = _fit(cfg, len(x_all), model, opt, sched, step, state_path, "soap", rt)
     test_acc = (predict(model.net, data.test_x, device) == data.test_y).float().mean().item()
     metrics = {"test_acc_unpurified": test_acc, "history": history}
     return save_checkpoint(out, model, baseline_spec("soap", cfg), flatten(cfg), metrics, provenance(rt))

@@ -47,6 +47,9 @@ class Defense:
     purifier: nn.Module
     classifier: nn.Module
 
+    def __call__(self, x):
+        return self.classifier(self.purifier(x))
+
 
 def as_defense(purifier: nn.Module, classifier: nn.Module) -> Defense:
     """A purifier with its own classifier (SOAP) uses it; every other one the shared classifier."""
@@ -84,12 +87,7 @@ def attack_target(defense: Defense, cfg: EvalConfig) -> tuple[nn.Module, str, in
     model = Purified(defense.purifier, defense.classifier)
     eot = cfg.eot_samples if getattr(defense.purifier, "randomized", False) else 1
     grad = getattr(defense.purifier, "backward", "exact")
-    model = EOT(model, eot) if eot > 1 else model
-    # The wrappers must not look like training models: torchattacks restores a model it found
-    # in train mode with .train(), which would flip the frozen purifier and classifier too.
-    for m in (model, getattr(model, "model", model)):
-        m.training = False
-    return model, grad, eot
+    return (EOT(model, eot) if eot > 1 else model), grad, eot
 
 
 @torch.no_grad()
@@ -186,7 +184,7 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
         crafted.see(xb, ctx.x[sl], *src, ctx.y[sl])
         for v, d in group.items():
             t1 = time.perf_counter()
-            tallies[v].add(_predict(lambda z: d.classifier(d.purifier(z)), xb), ctx.y[sl], ctx.clean_pred(d.classifier)[sl])
+            tallies[v].add(_predict(d, xb), ctx.y[sl], ctx.clean_pred(d.classifier)[sl])
             tallies[v].seconds += time.perf_counter() - t1
         i += len(xb)
         t0 = time.perf_counter()
@@ -206,7 +204,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
     i, t0 = 0, time.perf_counter()
     for xb in ctx.adversarial(name, model):
         sl = slice(i, i + len(xb))
-        pred = _predict(lambda z: d.classifier(d.purifier(z)), xb)
+        pred = _predict(d, xb)
         clean = ctx.clean_pred(d.classifier)[sl]
         c.see(xb, ctx.x[sl], *((clean, pred) if undefended else (None, None)), ctx.y[sl])
         t.add(pred, ctx.y[sl], clean)
