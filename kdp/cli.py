@@ -29,17 +29,19 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
 
 
 def _run(args) -> None:
-    from kdp.config import Runtime
     from kdp.pipeline import run_pipeline
-    from kdp.results import load, table1
-
     from kdp.train import resolve_device
 
     cfg = build_config(args.preset, args.data_dir, args.name, args.set)
     resolve_device(args.device)
-    rt = Runtime(device=args.device, bf16=args.bf16, channels_last=args.channels_last,
-                 progress=not args.quiet)
+    rt = runtime(args)
     path = run_pipeline(cfg, args.out, rt, classifier_dir=args.classifier)
+    print_results(path)
+
+
+def print_results(path) -> None:
+    from kdp.results import load, table1
+
     print(f"results: {path}")
     print(table1(load(path)).round(2).to_string())
 
@@ -65,41 +67,23 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. ae.eps=4/255 or students.beta=0.3 (repeatable)")
     r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
-    r.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
-    r.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_args(r)
 
 
-def add_scale_args(p: argparse.ArgumentParser) -> None:
-    """Ray cluster placement (ScaleConfig) and address: jobs/pipeline.py, jobs/sweep.py, kdp sweep."""
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per stage (default: 1)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker and per evaluation task")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per worker with --use-gpu (default: 1)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per stage (default: 3)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept per stage (default: 2)")
-    p.add_argument("--eval-shard-size", type=int, default=512, help="test images per eval task (default: 512)")
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Runtime's flags (--bf16, --channels-last) from its fields, and --quiet for progress=False."""
+    from kdp.config import Runtime
+    from kdp.flags import add_dataclass_args
+
+    add_dataclass_args(p, Runtime, only=("bf16", "channels_last"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
-def scale_config(args):
-    from kdp.config import ScaleConfig
+def runtime(args, **fixed):
+    from kdp.config import Runtime
+    from kdp.flags import dataclass_from_args
 
-    return ScaleConfig(args.num_workers, args.use_gpu, args.cpus_per_worker, args.gpus_per_worker,
-                       args.max_failures, args.keep_checkpoints, args.eval_shard_size)
-
-
-def connect(address: str | None) -> None:
-    """Join the cluster at `address`, or start a local Ray sized to this machine."""
-    import os
-
-    import ray
-
-    if address:
-        ray.init(address=address)
-    else:  # poll workers often: Train's 2 s default dominates small stages
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        ray.init()
+    return dataclass_from_args(Runtime, args, progress=not args.quiet, **fixed)
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -121,9 +105,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-share", action="store_true", help="every trial trains its own classifier and "
                    "teachers (the naive sweep; for benchmarks)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training on CUDA")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_args(p)
 
 
 _SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "num_samples", "max_concurrent")
@@ -131,10 +113,9 @@ _SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "num_samples", "
 
 def build_sweep(args):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json."""
-    from kdp.config import Runtime
     from kdp.sweep import load_sweep_file, load_sweep_record, sweep_from_dict
 
-    rt = Runtime(bf16=args.bf16, channels_last=args.channels_last, progress=not args.quiet)
+    rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in space.items() if v is not None]
@@ -154,13 +135,12 @@ def build_sweep(args):
 
 def sweep_command(args) -> None:
     """Build the sweep, connect to Ray, run it and print its table (kdp sweep, jobs/sweep.py)."""
-    import os
-
+    from kdp.distributed.config import connect, scale_config
     from kdp.results import load, table1
 
     sweep, base, rt = build_sweep(args)
     scale = scale_config(args)
-    connect(args.address or os.environ.get("RAY_ADDRESS"))
+    connect(args.address, args.verbose)
     from kdp.distributed.sweep import run_sweep
 
     path = run_sweep(sweep, base, args.out, scale, rt, resume=args.resume)
@@ -201,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="a Ray Tune sweep over variants, beta, gamma, eps (same as jobs/sweep.py)",
                        description="Sweep the method's knobs with Ray Tune; --resume continues a sweep.")
     add_sweep_args(w)
+    from kdp.distributed.config import add_scale_args
+
     add_scale_args(w)
     w.set_defaults(fn=sweep_command)
     return p

@@ -428,31 +428,6 @@ def unflatten(cls, flat: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-@dataclass(frozen=True)
-class ScaleConfig:
-    """How the distributed layer places work on a Ray cluster; not part of an experiment's identity."""
-    num_workers: int = 1
-    """Data-parallel workers per training stage (each teacher gets its own group)."""
-    use_gpu: bool = False
-    """One GPU per worker (and per evaluation task)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker; fractions let two trainers share a small machine."""
-    gpus_per_worker: float = 1.0
-    """GPUs per worker when use_gpu (fractions pack several workers on one GPU)."""
-    max_failures: int = 3
-    """Worker-group restarts from the last checkpoint before a stage fails."""
-    keep_checkpoints: int = 2
-    """Ray Train checkpoints kept per stage (the last k)."""
-    eval_shard_size: int = 512
-    """Test images per evaluation task (rounded up to the eval batch size)."""
-
-    def __post_init__(self):
-        _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
-        _check(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
-        _check(not self.use_gpu or self.gpus_per_worker > 0,
-               f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
-
-
 def from_dict(cls, d: dict):
     """Inverse of dataclasses.asdict (e.g. a config.json): nested configs and tuples rebuilt."""
     if not isinstance(d, dict):

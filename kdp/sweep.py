@@ -16,33 +16,31 @@ only trains its student and evaluates it; everything it depends on is shared:
 
 Keys hash the artifact's config and its inputs (data, classifier weights, AEs), so a
 directory is reused only for an identical recipe; its checkpoint.json says what it is.
+A trial is the pipeline's own stage graph (`kdp.graph`) with these places and a guard:
 `ensure` makes sharing safe under concurrency: the first trial to need an artifact takes
 an exclusive lock and makes it, the others block on the lock and then reuse it. A lock dies
 with its process, and artifacts appear by rename, so a crash leaves nothing half-written.
 
-Nothing here imports Ray: `run_trial` takes a `Backend` (the plain in-process one below, or
-the Ray Train one in kdp.distributed.sweep).
+Nothing here imports Ray: `run_trial` takes an executor (`kdp.graph.LocalExecutor`, or the
+Ray one in kdp.distributed.executor).
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from kdp.checkpoint import read_json, read_meta, write_json
+from kdp.checkpoint import read_json, write_json
 from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, _coerce, flatten, from_dict
 from kdp.data import Cifar
+from kdp.graph import Run, Stage, ensure, pipeline_graph, run_graph
 from kdp.losses import KD_SPACES
-from kdp.provenance import provenance
-from kdp.results import make_rows, unique_name, write_results
-from kdp.stages.aes import AES, ae_cache_key
-from kdp.stages.common import finished, log_stage
+from kdp.results import unique_name
+from kdp.stages.aes import ae_cache_key
+from kdp.stages.common import log_stage
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
@@ -212,96 +210,46 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str,
-           who: str, log=print) -> Path:
-    """Return `out`, making it with make() unless done(). Concurrent callers serialize on an
-    exclusive flock of `<out>.lock`: one makes, the rest wait and then reuse (logged)."""
-    if done():
-        log_stage(log_dir, stage, "reused", by=who, path=str(out))
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"[{stage}] another trial is making it; waiting")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if done():
-            log_stage(log_dir, stage, "reused", by=who, path=str(out))
-            return out
-        t0 = time.time()
-        log_stage(log_dir, stage, "started", by=who, path=str(out))
-        make()
-        log_stage(log_dir, stage, "finished", by=who, path=str(out), seconds=time.time() - t0)
-        return out
-
-
-@dataclass
-class Backend:
-    """How a trial trains and evaluates: in this process (default) or on Ray (kdp.distributed)."""
-    fit: Callable[..., Path]
-    """fit(stage, kind, cfg, paths, run_dir, out) -> checkpoint dir."""
-    make_aes: Callable[..., Path]
-    """make_aes(ae_cfg, classifier_dir, data, cache_root) -> AE cache entry."""
-    evaluate: Callable[..., list]
-    """evaluate(eval_cfg, classifier_dir, purifiers, data) -> result rows."""
-    rt: Runtime = Runtime()
-    """The runtime the stages use (recorded as provenance)."""
-
-
-def local_backend(rt: Runtime = Runtime()) -> Backend:
-    from kdp.stages import evaluate, make_training_aes, train_classifier, train_student, train_teacher
-
-    def fit(stage, kind, cfg, paths, run_dir, out):
-        state = run_dir / "state" / f"{stage}.pt"
-        if kind == "classifier":
-            return train_classifier(cfg, paths["data"], out, rt, state)
-        if kind == "teacher":
-            return train_teacher(cfg, paths["data"], out, rt, paths.get("classifier_dir"), paths.get("ae_dir"), state)
-        return train_student(cfg, paths["data"], out, paths["teacher_dirs"], paths["classifier_dir"],
-                             paths["ae_dir"], rt, state)
-
-    return Backend(fit=fit, make_aes=lambda c, clf, data, root: make_training_aes(c, clf, data, root, rt),
-                   evaluate=lambda c, clf, pur, data: evaluate(c, clf, pur, data, rt, log=lambda *_: None), rt=rt)
-
-
 def shared_root(sweep_dir: Path, trial_id: str, share: bool) -> Path:
     """Where a trial finds shared artifacts: one place per sweep, or its own (naive sweep)."""
     return sweep_dir / "shared" if share else sweep_dir / "trials" / trial_id / "own"
 
 
-def ensure_inputs(cfg: PipelineConfig, data: Cifar, root: Path, be: Backend, who: str, log=print) -> dict:
-    """The classifier, training AEs and both teachers of `cfg`, made once and then reused."""
+def trial_place(root: Path, trial_dir: Path, data: Cifar, results_file: Path):
+    """Where a trial's stages write: shared artifacts keyed by their config and inputs, the
+    student in the trial's own directory, the results in the sweep's partition."""
     dkey = data.fingerprint()
 
-    def artifact(stage, kind, stage_cfg, key, paths):
-        out = root / f"{stage}-{key}"
-        return ensure(out, lambda: finished(out, flatten(stage_cfg)), lambda: be.fit(
-            f"{stage}-{key}", kind, stage_cfg, {"data": data, **paths}, root, out), root, stage, who, log)
+    def place(stage: Stage, inputs: dict) -> Path:
+        if stage.fn == "aes":
+            return root / "aes" / ae_cache_key(stage.config, Path(inputs["classifier"]), data)
+        if stage.fn == "evaluate":
+            return results_file
+        if stage.fn == "student":
+            return trial_dir / "student"
+        upstream = Path(inputs["aes"]).name if "aes" in inputs else dkey
+        return root / f"{stage.name}-{_key(flatten(stage.config), upstream)}"
+    return place
 
-    clf = artifact("classifier", "classifier", cfg.classifier, _key(flatten(cfg.classifier), dkey), {})
-    entry = root / "aes" / ae_cache_key(cfg.ae, clf, data)
 
-    def at_teacher():  # the AEs, then the AT teacher trained on them
-        ae = ensure(entry, lambda: (entry / AES).is_file(), lambda: be.make_aes(cfg.ae, clf, data, root / "aes"),
-                    root, "aes", who, log)
-        return ae, artifact("teacher_at", "teacher", cfg.at_teacher, _key(flatten(cfg.at_teacher), ae.name),
-                            {"classifier_dir": clf, "ae_dir": ae})
-
-    with ThreadPoolExecutor(2) as pool:  # both teachers at once, as in the pipeline
-        nt = pool.submit(artifact, "teacher_nt", "teacher", cfg.nt_teacher, _key(flatten(cfg.nt_teacher), dkey), {})
-        ae, at = pool.submit(at_teacher).result()
-        return {"classifier": clf, "aes": ae, "at": at, "nt": nt.result()}
+def trial_guard(root: Path, trial_dir: Path, who: str, log):
+    """Shared artifacts are made under a lock by the first trial that needs them and reused by
+    the others (logged in <root>/stages.jsonl); the trial's own stages need no lock."""
+    def guard(out, done, make, stage, resumed):
+        own = not out.is_relative_to(root)
+        return ensure(out, done, make, trial_dir if own else root, stage, who, log, lock=not own, resumed=resumed)
+    return guard
 
 
 def trial_results(results_root: Path, sweep: str, trial_id: str) -> list[Path]:
     return sorted((results_root / f"sweep_id={sweep}").glob(f"trial-{trial_id}-*.parquet"))
 
 
-def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id: str, be: Backend,
-              data: Cifar, share: bool = True, log=print) -> Path:
-    """Train one trial's student (reusing shared inputs) and write its results file.
-    A trial whose results file exists is done: it is returned untouched."""
+def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id: str, ex, data: Cifar,
+              rt: Runtime = Runtime(), share: bool = True, log=print) -> Path:
+    """One trial through the pipeline's graph with executor `ex`: train its student (reusing
+    shared inputs) and write its results file. A trial whose results file exists is done: it
+    is returned untouched."""
     out_root = Path(out_root)
     sweep_dir, results_root = out_root / base.name, out_root / "results"
     done = trial_results(results_root, base.name, trial_id)
@@ -312,28 +260,18 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     t0 = time.time()
     log_stage(sweep_dir, "trial", "started", by=trial_id, params=params)
     cfg = trial_config(base, params, trial_id)
-    inputs = ensure_inputs(cfg, data, shared_root(sweep_dir, trial_id, share), be, trial_id, log)
-    trial_dir = sweep_dir / "trials" / trial_id
+    variant = cfg.students[0].variant if cfg.students else "at_teacher"
+    root, trial_dir = shared_root(sweep_dir, trial_id, share), sweep_dir / "trials" / trial_id
+    results = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
+    run = Run(cfg, data, rt, trial_dir, trial_place(root, trial_dir, data, results),
+              graph=pipeline_graph(cfg, evaluated=(variant,)), log=log, extra=trial_columns(params, trial_id),
+              guard=trial_guard(root, trial_dir, trial_id, log), storage=sweep_dir / "ray", t_start=t0)
+    outputs = run_graph(run, ex)
     write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
-        k: str(v) for k, v in inputs.items()}, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
-    if cfg.students:
-        s, out = cfg.students[0], trial_dir / "student"
-        paths = {"data": data, "classifier_dir": inputs["classifier"], "ae_dir": inputs["aes"],
-                 "teacher_dirs": {k: inputs[k] for k in s.teachers}}
-        purifier = ensure(out, lambda: finished(out, flatten(s)), lambda: be.fit(
-            "student", "student", s, paths, trial_dir, out), trial_dir, "student", trial_id, log)
-        variant = s.variant
-    else:
-        purifier, variant = inputs["at"], "at_teacher"
-    rows = be.evaluate(cfg.eval, inputs["classifier"], {variant: purifier}, data)
-    extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
-             "data.source": data.source, "data.train_size": len(data.train_y), "wall_seconds": time.time() - t0,
-             **trial_columns(params, trial_id), **provenance(be.rt)}
-    variants = {variant: cfg.students[0] if cfg.students else cfg.at_teacher}
-    path = write_results(make_rows(cfg, variants, rows, extra),
-                         results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}"))
-    log_stage(sweep_dir, "trial", "finished", by=trial_id, path=str(path), seconds=time.time() - t0)
-    return path
+        k: str(v) for k, v in outputs.items() if k != "evaluate"}, "config": json.loads(json.dumps(
+            dataclasses.asdict(cfg)))})
+    log_stage(sweep_dir, "trial", "finished", by=trial_id, path=str(outputs["evaluate"]), seconds=time.time() - t0)
+    return outputs["evaluate"]
 
 
 def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:

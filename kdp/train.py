@@ -1,6 +1,6 @@
 """Plain training machinery shared by all stages: devices, seeded batches, one epoch, and
-a resumable epoch loop. The Ray layer reuses `epoch_batches` and `train_epoch` and
-replaces `fit`'s local state file with `ray.train.report`."""
+a resumable epoch loop. The Ray layer runs the same `fit`, with a state store that reports
+Ray Train checkpoints instead of writing a local state file."""
 from __future__ import annotations
 
 import contextlib
@@ -84,22 +84,45 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     return {k: float(v) / max(count, 1) for k, v in sums.items()}
 
 
+class StateFile:
+    """Where `fit` keeps its per-epoch training state in one process: a file, atomically replaced."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def load(self) -> dict | None:
+        return load_state(self.path) if self.path else None
+
+    def save(self, state: dict) -> None:
+        if self.path is not None:
+            save_state(self.path, state)
+
+
 def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         optimizer: torch.optim.Optimizer, scheduler=None, state_path: Path | None = None,
-        desc: str = "train", progress: bool = True) -> list[dict]:
-    """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one to
-    `state_path`; if that file exists the loop resumes after its last finished epoch."""
+        desc: str = "train", progress: bool = True, store=None,
+        on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one.
+
+    The state goes to `store` (anything with load() and save(state): the Ray layer reports a
+    Train checkpoint) or, by default, to the file `state_path`; if a saved state exists the
+    loop resumes after its last finished epoch. `on_epoch(epoch, metrics)` is called when an
+    epoch starts (metrics None) and ends, for progress lines and events."""
+    store = store if store is not None else StateFile(state_path)
     history: list[dict] = []
     start = 0
-    state = load_state(state_path) if state_path else None
+    state = store.load()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         start, history = state["epoch"], list(state["history"])
-    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, disable=not progress)
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs,
+               disable=not (progress and sys.stderr.isatty()))
     for epoch in bar:
+        if on_epoch is not None:
+            on_epoch(epoch, None)
         t0 = time.perf_counter()
         metrics = epoch_fn(epoch)
         if scheduler is not None:
@@ -107,11 +130,11 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         metrics = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **metrics}
         history.append(metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("epoch",)})
-        if state_path is not None:
-            save_state(state_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "epoch": epoch + 1, "history": history})
+        store.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "epoch": epoch + 1, "history": history})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
     return history
 
 

@@ -1,11 +1,18 @@
-"""The Ray layer's stage runner on an embedded local Ray (no head, no job server)."""
+"""The Ray executor on an embedded local Ray (no head, no job server): a training stage as a
+Ray Train run, an unresumable run moved aside, both executors writing the same checkpoints,
+and the scheduler's room check."""
 import json
 
 import pytest
+import torch
 
-from kdp.checkpoint import read_meta
-from kdp.config import DataConfig, Runtime, ScaleConfig, TeacherConfig
-from kdp.stages.purifier import purifier_spec
+from kdp.checkpoint import load_checkpoint, read_meta
+from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
+from kdp.data import load_cifar
+from kdp.graph import LocalExecutor, Run, Stage, run_graph
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+CPU = Runtime(device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -20,36 +27,102 @@ def _events(run_dir):
     return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
 
 
-def test_fit_stage_trains_and_writes_a_core_checkpoint(local_ray, tmp_path, cifar_subset_dir):
-    from kdp.distributed.pipeline import fit_stage
+def _run_one(ex, stage: Stage, root, data_cfg: DataConfig) -> tuple:
+    """One stage through run_graph with executor `ex`; returns (its output, the run dir)."""
+    run_dir = root / "run"
+    run = Run(PipelineConfig(data=data_cfg), load_cifar(data_cfg.data_dir, data_cfg.n_train, data_cfg.n_test), CPU,
+              run_dir, lambda s, inputs: run_dir / s.name, graph=[stage], storage=root / "storage",
+              log=lambda *_: None)
+    return run_graph(run, ex)[stage.name], run_dir
 
-    cfg = TeacherConfig(kind="nt", depth=2, width=4, epochs=3)
-    run = tmp_path / "run"
-    out = fit_stage("teacher_nt", "teacher", cfg, purifier_spec(cfg), {}, ScaleConfig(keep_checkpoints=1),
-                    Runtime(progress=False), DataConfig(str(cifar_subset_dir), n_train=128), run,
-                    tmp_path / "storage", run / "teacher_nt")
+
+def _nt(epochs):
+    return Stage("teacher_nt", "train", "teacher", TeacherConfig(kind="nt", depth=2, width=4, epochs=epochs,
+                                                                  batch_size=32), (), "nt_teacher")
+
+
+def test_a_training_stage_runs_as_a_train_run_and_writes_a_core_checkpoint(local_ray, tmp_path, cifar_subset_dir):
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+
+    out, run = _run_one(RayExecutor(ScaleConfig(keep_checkpoints=1)), _nt(3), tmp_path,
+                        DataConfig(str(cifar_subset_dir), n_train=128, n_test=16))
     meta = read_meta(out)
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3]
+    assert all(h["seconds"] > 0 for h in meta["metrics"]["history"])
     assert meta["spec"]["kwargs"] == {"depth": 2, "width": 4, "head": "literal"}
     kept = list((tmp_path / "storage" / "run-teacher_nt").glob("checkpoint_*"))
     # 3 epochs each reported a checkpoint; Ray prunes to num_to_keep lazily (one may linger)
     assert 1 <= len(kept) <= 2, f"keep_checkpoints=1 left {len(kept)} of 3 checkpoints"
-    starts = [e["epoch"] for e in _events(run) if e["status"] == "epoch_start"]
-    assert starts == [0, 1, 2]
+    assert [e["epoch"] for e in _events(run) if e["status"] == "epoch_start"] == [0, 1, 2]
+    assert "Reporting training result" in (run / "logs" / "teacher_nt.log").read_text()  # Ray's lines: in the log
 
 
 def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_path, cifar_subset_dir):
     """A run snapshot truncated by a killed driver must not fail the stage forever."""
-    from kdp.distributed.pipeline import fit_stage
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
 
-    cfg = TeacherConfig(kind="nt", depth=2, width=4, epochs=1)
-    run, storage = tmp_path / "run", tmp_path / "storage"
-    broken = storage / "run-teacher_nt"
+    broken = tmp_path / "storage" / "run-teacher_nt"
     broken.mkdir(parents=True)
     (broken / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": [')
-    out = fit_stage("teacher_nt", "teacher", cfg, purifier_spec(cfg), {}, ScaleConfig(max_failures=0),
-                    Runtime(progress=False), DataConfig(str(cifar_subset_dir), n_train=64), run, storage,
-                    run / "teacher_nt")
+    out, run = _run_one(RayExecutor(ScaleConfig(max_failures=0)), _nt(1), tmp_path,
+                        DataConfig(str(cifar_subset_dir), n_train=64, n_test=16))
     assert [h["epoch"] for h in read_meta(out)["metrics"]["history"]] == [1]
-    failed = [e for e in _events(run) if e["status"] == "resume_failed"]
-    assert len(failed) == 1 and list(storage.glob("run-teacher_nt.broken-*"))
+    statuses = [e["status"] for e in _events(run) if e["stage"] == "teacher_nt"]
+    assert "resumed" in statuses and statuses.count("resume_failed") == 1
+    assert list((tmp_path / "storage").glob("run-teacher_nt.broken-*"))
+
+
+def _structure(meta: dict) -> dict:
+    """Keys of a checkpoint.json and of its metrics, with the history's per-epoch keys."""
+    m = meta["metrics"]
+    return {"top": sorted(meta), "metrics": sorted(m), "history": [sorted(h) for h in m.get("history", [])],
+            "final": sorted(m["final"]) if isinstance(m.get("final"), dict) else None}
+
+
+def test_both_executors_write_the_same_checkpoints(local_ray, tmp_path, cifar_subset_dir):
+    """The same small stages through the in-process and the Ray executor: every checkpoint.json
+    has the same keys and metric structure, and the deterministic NT teacher (1 worker, CPU,
+    same seed) the same weights."""
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+    from kdp.config import ClassifierConfig
+
+    data_cfg = DataConfig(str(cifar_subset_dir), n_train=128, n_test=32)
+    clf = Stage("classifier", "train", "classifier", ClassifierConfig(arch="resnet8", width=4, epochs=1,
+                                                                      batch_size=64))
+    outs = {}
+    for name, ex in (("local", LocalExecutor()), ("ray", RayExecutor(ScaleConfig()))):
+        outs[name] = {s.name: _run_one(ex, s, tmp_path / name, data_cfg)[0] for s in (_nt(2), clf)}
+    for stage in ("teacher_nt", "classifier"):
+        local, ray = read_meta(outs["local"][stage]), read_meta(outs["ray"][stage])
+        assert _structure(local) == _structure(ray), stage
+        assert local["config"] == ray["config"] and local["spec"] == ray["spec"]
+    a = load_checkpoint(outs["local"]["teacher_nt"], torch.device("cpu"))[0].state_dict()
+    b = load_checkpoint(outs["ray"]["teacher_nt"], torch.device("cpu"))[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_scheduler_starts_only_what_the_cluster_fits(monkeypatch):
+    """On 2 CPUs: two 1-CPU stages at once, not three; a 2-worker stage waits for both CPUs;
+    a stage that holds nothing (driver work) always starts; with nothing running, anything starts."""
+    import ray
+
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    ex, one = RayExecutor(ScaleConfig()), _nt(1)
+    jpeg = Stage("baseline_jpeg", "driver", "jpeg", None)
+    assert ex.has_room(one, []) and ex.has_room(one, [one]) and not ex.has_room(one, [one, one])
+    assert ex.has_room(jpeg, [one, one])
+    wide = RayExecutor(ScaleConfig(num_workers=2))
+    assert wide.has_room(one, []) and not wide.has_room(one, [one])
+    serial = Stage("baseline_nrp", "train", "nrp", None, parallel=False)  # DDP-less: one worker
+    assert wide.demand(serial) == {"CPU": 1.0}
+    gpu = RayExecutor(ScaleConfig(use_gpu=True))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert not gpu.has_room(one, [one]) and gpu.task_options()["max_calls"] == 1

@@ -13,10 +13,12 @@ import pytest
 from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
                         TeacherConfig)
 from kdp.results import SCHEMA, load
-from kdp.sweep import (Range, ensure, load_sweep_file, local_backend, parse_dim, run_trial, sweep_from_dict,
+from kdp.graph import LocalExecutor
+from kdp.sweep import (Range, ensure, load_sweep_file, parse_dim, run_trial, sweep_from_dict,
                        trial_config)
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = Runtime(device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("d, needle", [
@@ -119,9 +121,9 @@ def _events(path: Path) -> list[dict]:
 
 
 def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
-    base, be = _tiny_base(), local_backend(Runtime(device="cpu", progress=False))
+    base, be = _tiny_base(), LocalExecutor()
     p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
-    quiet = dict(log=lambda *_: None)
+    quiet = dict(rt=CPU, log=lambda *_: None)
     files = [run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet),
              run_trial(base, {**p, "variant": "at_only"}, tmp_path, "t1", be, tiny_data, **quiet),
              run_trial(base, {**p, "variant": "kd_at", "eps": 4 / 255}, tmp_path, "t2", be, tiny_data, **quiet)]
@@ -147,10 +149,10 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
 
 
 def test_naive_trials_train_their_own_inputs(tmp_path, tiny_data):
-    base, be = _tiny_base("naive"), local_backend(Runtime(device="cpu", progress=False))
+    base, be = _tiny_base("naive"), LocalExecutor()
     p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels", "variant": "at_only"}
     for t in ("a", "b"):
-        run_trial(base, p, tmp_path, t, be, tiny_data, share=False, log=lambda *_: None)
+        run_trial(base, p, tmp_path, t, be, tiny_data, CPU, share=False, log=lambda *_: None)
     assert len(list((tmp_path / "naive" / "trials").glob("*/own/classifier-*/model.pt"))) == 2
 
 
@@ -161,10 +163,10 @@ def test_load_reads_many_sweeps_with_fixed_types(tmp_path, tiny_data):
     import polars as pl
     import pyarrow.dataset as ds
 
-    be = local_backend(Runtime(device="cpu", progress=False))
+    be = LocalExecutor()
     p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
     for sweep, variant in (("s1", "at_only"), ("s2", "kd_nt")):
-        run_trial(_tiny_base(sweep), {**p, "variant": variant}, tmp_path, "t0", be, tiny_data, log=lambda *_: None)
+        run_trial(_tiny_base(sweep), {**p, "variant": variant}, tmp_path, "t0", be, tiny_data, CPU, log=lambda *_: None)
     root = tmp_path / "results"
     df = load(root)
     assert len(df) == 4 and sorted(df.sweep_id.unique()) == ["s1", "s2"]

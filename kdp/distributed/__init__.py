@@ -1,10 +1,8 @@
-"""The Ray layer: the core's stages as Ray Train trainers, Ray tasks and one job.
+"""The Ray layer: the core's stage graph run on a cluster.
 
-Only this subpackage imports Ray. Worker loops (`loops`) are the core's step functions plus
-the Ray lines (device, DDP, sharded batches, report with a checkpoint); `pipeline` runs
-the stages on a cluster: classifier -> AEs -> both teachers at once -> students at once ->
-sharded evaluation -> parquet.
+Only this subpackage imports Ray, and only its `executor`, `loops` and `sweep` modules do:
+`config` (ScaleConfig and the cluster flags) is importable without Ray. `executor` runs
+`kdp.graph`'s stages as Ray Train runs (training stages), Ray tasks (the training AEs and
+evaluation shards) and driver-side work (JPEG), starting each when its inputs exist and the
+cluster has room; `loops` is what runs inside the workers; `sweep` drives Ray Tune.
 """
-from kdp.distributed.pipeline import run_distributed
-
-__all__ = ["run_distributed"]

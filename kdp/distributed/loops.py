@@ -1,105 +1,109 @@
-"""Ray Train worker loops. Each builds the core's model, optimizer and step function,
-wraps the model for DDP, trains on this rank's share of every epoch's batches and reports
-a checkpoint every epoch. Frozen classifier and teachers stay unwrapped."""
+"""What runs inside Ray workers: the Train worker loop of every training stage, and the
+wrapper of every task. Both set torch's thread count to the CPUs Ray gave them and send
+what the stage prints to its log file in the run directory, not to the driver's console.
+
+The worker loop is the core's own recipe and epoch loop (`kdp.stages.common.train_recipe`)
+plus the Ray lines: DDP, this rank's share of each epoch's batches, and a state store that
+reports a Train checkpoint every epoch. Frozen classifier and teachers stay unwrapped. Rank 0
+writes the stage's core checkpoint directory, exactly as the in-process executor does."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 
 from kdp.checkpoint import load_state, save_state
-from kdp.config import ClassifierConfig, DataConfig, Runtime, StudentConfig, TeacherConfig, unflatten
+from kdp.config import (ClassifierConfig, DataConfig, NRPConfig, Runtime, SoapConfig, StudentConfig, TeacherConfig,
+                        unflatten)
 from kdp.data import load_cifar
-from kdp.stages.classifier import build_classifier_training, classifier_step
-from kdp.stages.common import log_stage
-from kdp.stages.purifier import PurifierData, build_purifier_training, load_frozen, student_step, teacher_step
-from kdp.train import epoch_batches, predict, train_epoch
+from kdp.graph import RECIPES
+from kdp.stages.common import epoch_logger, save_recipe, train_recipe
 
 STATE = "state.pt"
-CONFIGS = {"classifier": ClassifierConfig, "teacher": TeacherConfig, "student": StudentConfig}
+CONFIGS = {"classifier": ClassifierConfig, "teacher": TeacherConfig, "student": StudentConfig, "nrp": NRPConfig,
+           "soap": SoapConfig}
 
 
-def _build_classifier(cfg, c, data, device, rt, rank):
-    model, opt, sched = build_classifier_training(cfg, device)
-    x, y = data.train_x.to(device), data.train_y.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # each rank augments differently
-    return model, opt, sched, lambda m: classifier_step(m, x, y, gen, rt, device)
+def use_assigned_cpus() -> int:
+    """torch threads = the CPUs Ray assigned to this task or worker (at least 1)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
 
 
-def _build_teacher(cfg, c, data, device, rt, rank):
-    model, opt = build_purifier_training(cfg, device, rt.channels_last)
-    d = PurifierData(data, device, Path(c["ae_dir"]) if cfg.kind == "at" else None)
-    clf = load_frozen(Path(c["classifier_dir"]), device) if cfg.kind == "at" else None
-    return model, opt, None, lambda m: teacher_step(cfg, m, d, clf, device, rt)
-
-
-def _build_student(cfg, c, data, device, rt, rank):
-    model, opt = build_purifier_training(cfg, device, rt.channels_last)
-    d = PurifierData(data, device, Path(c["ae_dir"]))
-    clf = load_frozen(Path(c["classifier_dir"]), device)
-    teachers = {k: load_frozen(Path(c["teacher_dirs"][k]), device) for k in cfg.teachers}
-    return model, opt, None, lambda m: student_step(cfg, m, d, teachers, clf, device, rt)
-
-
-BUILDERS = {"classifier": _build_classifier, "teacher": _build_teacher, "student": _build_student}
-
-
-def _restore(model, opt, sched) -> tuple[int, list]:
-    """Load the last reported checkpoint (after a worker failure or a resumed run)."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0, []
-    with ckpt.as_directory() as d:
-        state = load_state(Path(d) / STATE)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    if sched is not None and state.get("scheduler"):
-        sched.load_state_dict(state["scheduler"])
-    return state["epoch"], list(state["history"])
-
-
-def _report(model, opt, sched, epoch, history, metrics, rank) -> None:
-    """Every rank reports (Train V2 needs all); rank 0 attaches the checkpoint."""
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+@contextlib.contextmanager
+def captured(path: Path | None):
+    """Send this process's stdout and stderr (file descriptors too) to `path` for the block."""
+    if path is None:
+        yield
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_state(Path(tmp) / STATE, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                       "scheduler": sched.state_dict() if sched is not None else {},
-                                       "epoch": epoch, "history": history, "final": metrics})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def remote_call(fn, log_file: str | None, *args):
+    """A task's body: threads from its CPUs, output to the stage's log file."""
+    use_assigned_cpus()
+    with captured(Path(log_file) if log_file else None):
+        return fn(*args)
+
+
+class TrainStore:
+    """`fit`'s state store inside a Train worker: every rank reports each epoch (Train V2 needs
+    all of them); rank 0 attaches the checkpoint. Loading reads the last reported one."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def load(self) -> dict | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_state(Path(d) / STATE)
+
+    def save(self, state: dict) -> None:
+        metrics = dict(state["history"][-1])
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(Path(tmp) / STATE, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def train_loop(c: dict) -> None:
-    """train_loop_per_worker for every stage; `c` holds the flattened stage config and paths."""
+    """train_loop_per_worker of every training stage; `c` holds the flattened stage config,
+    the data config, the input and output paths and the recipe's name."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_assigned_cpus()
     device = ray.train.torch.get_device()
-    cfg = unflatten(CONFIGS[c["kind"]], c["cfg"])
+    cfg = unflatten(CONFIGS[c["recipe"]], c["cfg"])
     rt = Runtime(**{**c["runtime"], "device": str(device), "progress": False})
-    data = load_cifar(**vars(unflatten(DataConfig, c["data"])))
-    model, opt, sched, make_step = BUILDERS[c["kind"]](cfg, c, data, device, rt, rank)
-    start, history = _restore(model, opt, sched)
-    ddp = ray.train.torch.prepare_model(model)
-    step = make_step(ddp)
-    run_dir, stage = Path(c["run_dir"]), c["stage"]
-    if start >= cfg.epochs:  # finished before the driver saw it: report once more
-        _report(model, opt, sched, start, history, history[-1] if history else {}, rank)
-        return
-    for epoch in range(start, cfg.epochs):
-        log_stage(run_dir, stage, "epoch_start", epoch=epoch, rank=rank, world=world)
-        batches = epoch_batches(len(data.train_y), cfg.batch_size, cfg.seed, epoch, rank, world)
-        metrics = {"epoch": epoch + 1, **train_epoch(ddp, opt, batches, step)}
-        if sched is not None:
-            sched.step()
-        if c["kind"] == "classifier" and epoch + 1 == cfg.epochs and rank == 0:
-            metrics["test_acc"] = (predict(model, data.test_x, device) == data.test_y).float().mean().item()
-        history.append(metrics)
-        log_stage(run_dir, stage, "epoch_end", epoch=epoch, rank=rank, world=world)
+    with captured(Path(c["log_file"])):
+        data = load_cifar(**vars(unflatten(DataConfig, c["data"])))
+        recipe = RECIPES[c["recipe"]](cfg, c["inputs"], data, device, rt, rank)
+        model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
+        history = train_recipe(cfg, recipe, model, rt, c["stage"], store=TrainStore(rank), rank=rank, world=world,
+                               on_epoch=epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world))
         if rank == 0:
-            print(f"[{stage}] epoch {epoch + 1}/{cfg.epochs} " +
-                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
-        _report(model, opt, sched, epoch + 1, history, metrics, rank)
+            save_recipe(Path(c["out"]), cfg, recipe, history, rt)

@@ -1,8 +1,9 @@
 """Ray Tune sweeps. Each trial is a Tune function trainable (holding 0.01 CPU) that drives
-TorchTrainers, the Train V2 pattern: the shared classifier, AEs and teachers are made by
-whichever trial needs them first (kdp.sweep.ensure), the trial's student is one more
-TorchTrainer whose epochs are forwarded to Tune (TuneReportCallback, so Tune's own logs and
-TensorBoard curves stay available), and its evaluation runs as sharded Ray tasks. The
+TorchTrainers, the Train V2 pattern: the trial runs the pipeline's graph with the Ray
+executor; the shared classifier, AEs and teachers are made by whichever trial needs them
+first (kdp.sweep.ensure), the trial's student is one more TorchTrainer whose epochs are
+forwarded to Tune (TuneReportCallback, so Tune's own logs and TensorBoard curves stay
+available), and its evaluation runs as sharded Ray tasks. The
 trial's results become one parquet file; its accuracies are its final Tune report.
 
 Concurrency is bounded by the cluster: at most as many trials in flight as the cluster's
@@ -19,35 +20,24 @@ import pyarrow.parquet as pq
 import ray
 from ray import tune
 
-from kdp.config import PipelineConfig, Runtime, ScaleConfig, from_dict
+from kdp.config import PipelineConfig, Runtime, from_dict
 from kdp.data import load_cifar
-from kdp.distributed.pipeline import _str, _task_resources, evaluate_on_ray, fit_stage
-from kdp.stages.aes import make_training_aes
-from kdp.stages.classifier import classifier_spec
-from kdp.stages.purifier import purifier_spec
-from kdp.sweep import Backend, Range, SweepConfig, prepare_sweep, run_trial
+from kdp.distributed.config import ScaleConfig
+from kdp.distributed.executor import RayExecutor
+from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
 
 
-def ray_backend(scale: ScaleConfig, rt: Runtime, data_cfg, tune_report: bool = False) -> Backend:
-    """Stages as TorchTrainers (Train runs under <run_dir>/ray), AEs and evaluation as tasks."""
-    aes = ray.remote(make_training_aes).options(**_task_resources(scale))
-
-    def fit(stage, kind, cfg, paths, run_dir, out):
-        spec = classifier_spec(cfg) if kind == "classifier" else purifier_spec(cfg)
-        paths = {k: _str(v) for k, v in paths.items() if k != "data"}
-        callbacks = []
-        if tune_report and kind == "student":
-            from ray.tune.integration.ray_train import TuneReportCallback
-            callbacks.append(TuneReportCallback())
-        return fit_stage(stage, kind, cfg, spec, paths, scale, rt, data_cfg, run_dir, run_dir / "ray", out,
-                         callbacks)
-
-    return Backend(fit=fit, make_aes=lambda c, clf, data, root: ray.get(aes.remote(c, clf, data, root, rt)),
-                   evaluate=lambda c, clf, pur, data: evaluate_on_ray(c, clf, pur, data, scale, rt, lambda *_: None),
-                   rt=rt)
+def trial_executor(scale: ScaleConfig) -> RayExecutor:
+    """The pipeline's Ray executor; the student's epochs are forwarded to Tune."""
+    def callbacks(stage):
+        if stage.fn != "student":
+            return []
+        from ray.tune.integration.ray_train import TuneReportCallback
+        return [TuneReportCallback()]
+    return RayExecutor(scale, callbacks)
 
 
 def trial_metrics(path: Path) -> dict:
@@ -62,8 +52,8 @@ def sweep_trial(params: dict, base: dict, out_root: str, scale: dict, rt: dict, 
     cfg = from_dict(PipelineConfig, base)
     trial_id = tune.get_context().get_trial_id()
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
-    be = ray_backend(ScaleConfig(**scale), Runtime(**rt), cfg.data, tune_report=True)
-    path = run_trial(cfg, params, out_root, trial_id, be, data, share)
+    path = run_trial(cfg, params, out_root, trial_id, trial_executor(ScaleConfig(**scale)), data, Runtime(**rt),
+                     share, log=lambda *_: None)
     tune.report({**trial_metrics(path), "results_file": str(path)})
 
 

@@ -36,9 +36,9 @@ from kdp.config import JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfi
 from kdp.data import Cifar, augment, to_float
 from kdp.models import Critic, build_model, lookup
 from kdp.provenance import provenance
-from kdp.stages.common import finished
+from kdp.stages.common import Recipe, finished, fit_local
 from kdp.stages.purifier import PurifierData, load_frozen
-from kdp.train import epoch_batches, fit, predict, resolve_device, seed_all, train_epoch
+from kdp.train import predict, seed_all
 
 
 def baseline_spec(name: str, cfg) -> dict:
@@ -63,15 +63,6 @@ def train_jpeg(cfg: JpegConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
         return out
     model = _build("jpeg", cfg, torch.device("cpu"))
     return save_checkpoint(out, model, baseline_spec("jpeg", cfg), flatten(cfg), {"trained": False}, provenance(rt))
-
-
-def _fit(cfg, n: int, model, opt, sched, step, state_path, desc: str, rt: Runtime) -> list[dict]:
-    """cfg.epochs of `step` over seeded shuffled batches of n items, resumable from state_path."""
-    def epoch_fn(epoch):
-        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)
-        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
-
-    return fit(cfg.epochs, epoch_fn, model, opt, sched, state_path, desc, rt.progress)
 
 
 # ---------------------------------------------------------------- NRP
@@ -134,23 +125,27 @@ def nrp_step(cfg: NRPConfig, pair: NRPTraining, d: PurifierData, classifier):
     return step
 
 
-def train_nrp(cfg: NRPConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir: Path | None = None,
-              state_path: Path | None = None) -> Path:
-    """Train (or resume, or skip) NRP against the frozen classifier's features."""
-    out = Path(out)
-    if finished(out, flatten(cfg)):
-        return out
-    if classifier_dir is None:
+def nrp_recipe(cfg: NRPConfig, inputs: dict, data: Cifar, device, rt: Runtime, rank: int = 0) -> Recipe:
+    """NRP against the frozen classifier's features (input 'classifier'). The step calls the
+    purifier and critic directly, so it trains on one worker (no DDP)."""
+    if inputs.get("classifier") is None:
         raise ValueError("NRP needs classifier_dir: its feature extractor is the frozen classifier")
-    device = resolve_device(rt.device)
-    classifier = load_frozen(classifier_dir, device)
+    classifier = load_frozen(Path(inputs["classifier"]), device)
     seed_all(cfg.seed)
     pair = NRPTraining(_build("nrp", cfg, device), Critic(cfg.critic_width).to(device))
     opt = torch.optim.Adam(pair.parameters(), lr=cfg.lr)
     d = PurifierData(data, device)
-    history = _fit(cfg, len(d), pair, opt, None, nrp_step(cfg, pair, d, classifier), state_path, "nrp", rt)
-    metrics = {"final": history[-1] if history else {}, "history": history}
-    return save_checkpoint(out, pair.purifier, baseline_spec("nrp", cfg), flatten(cfg), metrics, provenance(rt))
+
+    def finish(history):
+        return pair.purifier, baseline_spec("nrp", cfg), {"final": history[-1] if history else {}, "history": history}
+
+    return Recipe(pair, opt, None, lambda m: nrp_step(cfg, pair, d, classifier), len(d), finish, ddp=False)
+
+
+def train_nrp(cfg: NRPConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir: Path | None = None,
+              state_path: Path | None = None, on_epoch=None) -> Path:
+    """Train (or resume, or skip) NRP against the frozen classifier's features."""
+    return fit_local(nrp_recipe, cfg, {"classifier": classifier_dir}, data, out, rt, state_path, "nrp", on_epoch)
 
 
 # ---------------------------------------------------------------- SOAP
@@ -170,30 +165,37 @@ def soap_step(cfg: SoapConfig, model, x_all, y_all, gen: torch.Generator):
     return step
 
 
-def train_soap(cfg: SoapConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir=None,
-               state_path: Path | None = None) -> Path:
-    """Train (or resume, or skip) SOAP's own classifier with its auxiliary heads."""
-    out = Path(out)
-    if finished(out, flatten(cfg)):
-        return out
-    device = resolve_device(rt.device)
+def soap_recipe(cfg: SoapConfig, inputs: dict, data: Cifar, device, rt: Runtime, rank: int = 0) -> Recipe:
+    """SOAP's own classifier with its auxiliary heads (no inputs). The step calls the trunk's
+    `losses`, not forward, so it trains on one worker (no DDP)."""
     seed_all(cfg.seed)
     model = _build("soap", cfg, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
-    step = soap_step(cfg, model, x_all, y_all, torch.Generator().manual_seed(cfg.seed))
-    history = _fit(cfg, len(x_all), model, opt, sched, step, state_path, "soap", rt)
-    test_acc = (predict(model.net, data.test_x, device) == data.test_y).float().mean().item()
-    metrics = {"test_acc_unpurified": test_acc, "history": history}
-    return save_checkpoint(out, model, baseline_spec("soap", cfg), flatten(cfg), metrics, provenance(rt))
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    def finish(history):
+        test_acc = (predict(model.net, data.test_x, device) == data.test_y).float().mean().item()
+        return model, baseline_spec("soap", cfg), {"test_acc_unpurified": test_acc, "history": history}
+
+    return Recipe(model, opt, sched, lambda m: soap_step(cfg, model, x_all, y_all, gen), len(x_all), finish,
+                  ddp=False)
+
+
+def train_soap(cfg: SoapConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir=None,
+               state_path: Path | None = None, on_epoch=None) -> Path:
+    """Train (or resume, or skip) SOAP's own classifier with its auxiliary heads."""
+    return fit_local(soap_recipe, cfg, {}, data, out, rt, state_path, "soap", on_epoch)
 
 
 BASELINE_STAGES = {"jpeg": train_jpeg, "nrp": train_nrp, "soap": train_soap}
 
 
 def train_baseline(name: str, cfg: PipelineConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
-                   classifier_dir: Path | None = None, state_path: Path | None = None) -> Path:
+                   classifier_dir: Path | None = None, state_path: Path | None = None, on_epoch=None) -> Path:
     """Train baseline `name` with its config from the pipeline config (cfg.jpeg, cfg.nrp, cfg.soap)."""
     train = lookup(BASELINE_STAGES, name, "baseline")
-    return train(getattr(cfg, name), data, out, rt, classifier_dir, state_path)
+    if name == "jpeg":
+        return train(cfg.jpeg, data, out, rt, classifier_dir, state_path)
+    return train(getattr(cfg, name), data, out, rt, classifier_dir, state_path, on_epoch)

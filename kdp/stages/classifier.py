@@ -7,13 +7,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdp.checkpoint import save_checkpoint
-from kdp.config import ClassifierConfig, Runtime, flatten
+from kdp.config import ClassifierConfig, Runtime
 from kdp.data import Cifar, augment, to_float
 from kdp.models import build_model
-from kdp.provenance import provenance
-from kdp.stages.common import finished
-from kdp.train import autocast, epoch_batches, fit, predict, resolve_device, seed_all, train_epoch
+from kdp.stages.common import Recipe, fit_local
+from kdp.train import autocast, predict, seed_all
 
 
 def classifier_spec(cfg: ClassifierConfig) -> dict:
@@ -45,25 +43,23 @@ def classifier_step(model, x_all, y_all, gen, rt: Runtime, device):
     return step
 
 
-def train_classifier(cfg: ClassifierConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
-                     state_path: Path | None = None) -> Path:
-    """Train (or resume, or skip if already done) the classifier; returns its checkpoint dir."""
-    out = Path(out)
-    if finished(out, flatten(cfg)):
-        return out
-    device = resolve_device(rt.device)
+def classifier_recipe(cfg: ClassifierConfig, inputs: dict, data: Cifar, device: torch.device,
+                      rt: Runtime, rank: int = 0) -> Recipe:
+    """The classifier recipe; each data-parallel rank augments with its own generator."""
     model, opt, sched = build_classifier_training(cfg, device)
     if rt.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step = classifier_step(model, x_all, y_all, gen, rt, device)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
-    def epoch_fn(epoch):
-        batches = epoch_batches(len(x_all), cfg.batch_size, cfg.seed, epoch)
-        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+    def finish(history):
+        test_acc = (predict(model, data.test_x, device) == data.test_y).float().mean().item()
+        return model, classifier_spec(cfg), {"test_acc": test_acc, "n_test": len(data.test_y), "history": history}
 
-    history = fit(cfg.epochs, epoch_fn, model, opt, sched, state_path, "classifier", rt.progress)
-    test_acc = (predict(model, data.test_x, device) == data.test_y).float().mean().item()
-    metrics = {"test_acc": test_acc, "n_test": len(data.test_y), "history": history}
-    return save_checkpoint(out, model, classifier_spec(cfg), flatten(cfg), metrics, provenance(rt))
+    return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, rt, device), len(x_all), finish)
+
+
+def train_classifier(cfg: ClassifierConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
+                     state_path: Path | None = None, on_epoch=None) -> Path:
+    """Train (or resume, or skip if already done) the classifier; returns its checkpoint dir."""
+    return fit_local(classifier_recipe, cfg, {}, data, out, rt, state_path, "classifier", on_epoch)

@@ -1,12 +1,20 @@
-"""Helpers every stage uses: finished-stage detection and a stage log."""
+"""Helpers every stage uses: finished-stage detection, the stage log, and the training
+recipe that one process and a Ray Train worker both run."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
 
 from kdp.checkpoint import is_complete, read_meta
+from kdp.config import flatten
+from kdp.train import epoch_batches, fit, train_epoch
 
 
 class StageConflict(ValueError):
@@ -33,3 +41,71 @@ def log_stage(run_dir: Path | None, stage: str, status: str, **extra) -> None:
     line = json.dumps({"stage": stage, "status": status, "time": time.time(), "pid": os.getpid(), **extra})
     with open(run_dir / "stages.jsonl", "a") as f:  # one short O_APPEND write per line
         f.write(line + "\n")
+
+
+@dataclass
+class Recipe:
+    """Everything one training stage needs, built the same way in one process and in a Ray
+    Train worker: the model and its optimizer, a step function and how to finish."""
+    model: nn.Module
+    """What the optimizer trains (and what DDP wraps, if `ddp`)."""
+    optimizer: torch.optim.Optimizer
+    """The stage's optimizer."""
+    scheduler: object | None
+    """A per-epoch LR scheduler, or None."""
+    make_step: Callable[[nn.Module], Callable[[torch.Tensor], dict]]
+    """(the model, possibly DDP-wrapped) -> step(index batch) -> loss dict with 'loss'."""
+    n: int
+    """Items per epoch (training images)."""
+    finish: Callable[[list[dict]], tuple[nn.Module, dict, dict]]
+    """history -> (module to save, its registry spec, checkpoint metrics)."""
+    ddp: bool = True
+    """False when the step calls submodules directly (DDP would not sync them): one worker only."""
+
+
+def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=None, state_path: Path | None = None,
+                 rank: int = 0, world: int = 1, on_epoch=None) -> list[dict]:
+    """The resumable epoch loop of a recipe on this rank's share of each epoch's batches."""
+    step = recipe.make_step(model)
+
+    def epoch_fn(epoch):
+        batches = epoch_batches(recipe.n, cfg.batch_size, cfg.seed, epoch, rank, world)
+        return train_epoch(model, recipe.optimizer, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+
+    return fit(cfg.epochs, epoch_fn, recipe.model, recipe.optimizer, recipe.scheduler, state_path, desc,
+               rt.progress, store=store, on_epoch=on_epoch)
+
+
+def save_recipe(out: Path, cfg, recipe: Recipe, history: list[dict], rt) -> Path:
+    """The stage's self-describing checkpoint directory, the same from every executor."""
+    from kdp.checkpoint import save_checkpoint
+    from kdp.provenance import provenance
+
+    module, spec, metrics = recipe.finish(history)
+    return save_checkpoint(out, module, spec, flatten(cfg), metrics, provenance(rt))
+
+
+def fit_local(build, cfg, inputs: dict, data, out: Path, rt, state_path: Path | None = None, desc: str = "train",
+              on_epoch=None) -> Path:
+    """Build a recipe and train it in this process (resuming from state_path); skip a stage
+    whose checkpoint is already finished with this config."""
+    from kdp.train import resolve_device
+
+    out = Path(out)
+    if finished(out, flatten(cfg)):
+        return out
+    recipe = build(cfg, inputs, data, resolve_device(rt.device), rt)
+    history = train_recipe(cfg, recipe, recipe.model, rt, desc, state_path=state_path, on_epoch=on_epoch)
+    return save_recipe(out, cfg, recipe, history, rt)
+
+
+def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1):
+    """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in stages.jsonl."""
+    where = {"epochs": epochs, "rank": rank, "world": world}
+
+    def on_epoch(epoch, metrics):
+        if metrics is None:
+            log_stage(run_dir, stage, "epoch_start", epoch=epoch, **where)
+        else:
+            log_stage(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
+    return on_epoch

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import torch
 
-from kdp.checkpoint import load_checkpoint, save_checkpoint
-from kdp.config import Runtime, StudentConfig, TeacherConfig, flatten
+from kdp.checkpoint import load_checkpoint
+from kdp.config import Runtime, StudentConfig, TeacherConfig
 from kdp.data import Cifar, to_float
 from kdp.losses import at_loss, nt_loss, student_loss
 from kdp.models import build_model, freeze
-from kdp.provenance import provenance
 from kdp.stages.aes import load_training_aes
-from kdp.stages.common import finished
-from kdp.train import autocast, epoch_batches, fit, resolve_device, seed_all, train_epoch
+from kdp.stages.common import Recipe, fit_local
+from kdp.train import autocast, seed_all
 
 
 def purifier_spec(cfg: TeacherConfig | StudentConfig) -> dict:
@@ -91,49 +90,52 @@ def student_step(cfg: StudentConfig, model, d: PurifierData, teachers: dict, cla
     return step
 
 
-def _train(cfg, make_step, data: Cifar, out: Path, rt: Runtime, state_path, desc, ae_dir, needs_clf,
-           classifier_dir, teacher_dirs=None) -> Path:
-    device = resolve_device(rt.device)
+def _purifier_recipe(cfg, model, opt, d: PurifierData, make_step, ae_dir) -> Recipe:
+    def finish(history):
+        return model, purifier_spec(cfg), {"final": history[-1] if history else {}, "history": history,
+                                           "ae_dir": str(ae_dir) if ae_dir else None}
+    return Recipe(model, opt, None, make_step, len(d), finish)
+
+
+def teacher_recipe(cfg: TeacherConfig, inputs: dict, data: Cifar, device: torch.device, rt: Runtime,
+                   rank: int = 0) -> Recipe:
+    """AT: inputs 'classifier' and 'aes'; NT: none."""
+    ae_dir = None
+    if cfg.kind == "at":
+        if inputs.get("classifier") is None or inputs.get("aes") is None:
+            raise ValueError("the AT teacher needs classifier_dir and ae_dir")
+        ae_dir = Path(inputs["aes"])
+    classifier = load_frozen(Path(inputs["classifier"]), device) if cfg.kind == "at" else None
     d = PurifierData(data, device, ae_dir)
-    classifier = load_frozen(classifier_dir, device) if needs_clf else None
     model, opt = build_purifier_training(cfg, device, rt.channels_last)
-    args = (cfg, model, d) + ((teacher_dirs,) if teacher_dirs is not None else ()) + (classifier, device, rt)
-    step = make_step(*args)
+    return _purifier_recipe(cfg, model, opt, d, lambda m: teacher_step(cfg, m, d, classifier, device, rt), ae_dir)
 
-    def epoch_fn(epoch):
-        batches = epoch_batches(len(d), cfg.batch_size, cfg.seed, epoch)
-        return train_epoch(model, opt, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
 
-    history = fit(cfg.epochs, epoch_fn, model, opt, None, state_path, desc, rt.progress)
-    metrics = {"final": history[-1] if history else {}, "history": history,
-               "ae_dir": str(ae_dir) if ae_dir else None}
-    return save_checkpoint(out, model, purifier_spec(cfg), flatten(cfg), metrics, provenance(rt))
+def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.device, rt: Runtime,
+                   rank: int = 0) -> Recipe:
+    """Inputs 'classifier', 'aes' and 'teacher_<k>' for each of cfg.teachers."""
+    missing = [t for t in cfg.teachers if inputs.get(f"teacher_{t}") is None]
+    if missing:
+        raise ValueError(f"student {cfg.variant} needs teacher checkpoints for {missing}")
+    teachers = {k: load_frozen(Path(inputs[f"teacher_{k}"]), device) for k in cfg.teachers}
+    classifier = load_frozen(Path(inputs["classifier"]), device)
+    d = PurifierData(data, device, Path(inputs["aes"]))
+    model, opt = build_purifier_training(cfg, device, rt.channels_last)
+    return _purifier_recipe(cfg, model, opt, d,
+                            lambda m: student_step(cfg, m, d, teachers, classifier, device, rt), inputs["aes"])
 
 
 def train_teacher(cfg: TeacherConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
                   classifier_dir: Path | None = None, ae_dir: Path | None = None,
-                  state_path: Path | None = None) -> Path:
+                  state_path: Path | None = None, on_epoch=None) -> Path:
     """Train (or resume, or skip) an AT or NT teacher; AT needs the classifier and AEs."""
-    out = Path(out)
-    if finished(out, flatten(cfg)):
-        return out
-    if cfg.kind == "at" and (classifier_dir is None or ae_dir is None):
-        raise ValueError("the AT teacher needs classifier_dir and ae_dir")
-    return _train(cfg, teacher_step, data, out, rt, state_path, f"teacher {cfg.kind}",
-                  ae_dir if cfg.kind == "at" else None, cfg.kind == "at", classifier_dir)
+    return fit_local(teacher_recipe, cfg, {"classifier": classifier_dir, "aes": ae_dir}, data, out, rt,
+                      state_path, f"teacher {cfg.kind}", on_epoch)
 
 
 def train_student(cfg: StudentConfig, data: Cifar, out: Path, teacher_dirs: dict[str, Path],
                   classifier_dir: Path, ae_dir: Path, rt: Runtime = Runtime(),
-                  state_path: Path | None = None) -> Path:
+                  state_path: Path | None = None, on_epoch=None) -> Path:
     """Distil the student from cfg.teachers (keys of teacher_dirs: 'at', 'nt')."""
-    out = Path(out)
-    if finished(out, flatten(cfg)):
-        return out
-    missing = [t for t in cfg.teachers if t not in teacher_dirs]
-    if missing:
-        raise ValueError(f"student {cfg.variant} needs teacher checkpoints for {missing}")
-    device = resolve_device(rt.device)
-    teachers = {k: load_frozen(teacher_dirs[k], device) for k in cfg.teachers}
-    return _train(cfg, student_step, data, out, rt, state_path, f"student {cfg.variant}", ae_dir,
-                  True, classifier_dir, teachers)
+    inputs = {"classifier": classifier_dir, "aes": ae_dir, **{f"teacher_{k}": v for k, v in teacher_dirs.items()}}
+    return fit_local(student_recipe, cfg, inputs, data, out, rt, state_path, f"student {cfg.variant}", on_epoch)

@@ -1,0 +1,71 @@
+"""How the Ray layer places work on a cluster (`ScaleConfig`), its flags, and how a job
+connects to Ray. Importing this module does not import Ray."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+
+from kdp.config import _check, _positive
+from kdp.flags import add_dataclass_args, dataclass_from_args
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How the distributed layer places work on a Ray cluster; not part of an experiment's identity."""
+    num_workers: int = 1
+    """Data-parallel workers per training stage (each stage gets its own group)."""
+    use_gpu: bool = False
+    """One GPU per worker and per task."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker and per task; torch uses that many threads."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker with --use-gpu (fractions pack several workers on one GPU)."""
+    max_failures: int = 3
+    """Worker-group restarts from the last checkpoint before a stage fails."""
+    keep_checkpoints: int = 2
+    """Ray Train checkpoints kept per stage (the last k)."""
+    eval_shard_size: int = 512
+    """Test images per evaluation task (rounded up to the eval batch size)."""
+
+    def __post_init__(self):
+        _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
+        _check(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
+        _check(not self.use_gpu or self.gpus_per_worker > 0,
+               f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """The cluster flags of jobs/pipeline.py, jobs/sweep.py and kdp sweep: ScaleConfig's fields,
+    the address and the console's verbosity."""
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    add_dataclass_args(p, ScaleConfig)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and every worker's output")
+
+
+def scale_config(args: argparse.Namespace) -> ScaleConfig:
+    return dataclass_from_args(ScaleConfig, args)
+
+
+# Train's controller polls workers every 2 s by default, which dominates small stages; it and
+# the other RAY_TRAIN_* settings below reach the controller and workers from the driver's env.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# a laptop is never preempted: no watcher actor per stage
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a fresh local Ray sized to
+    this machine: never whatever cluster /tmp/ray/ray_current_cluster last named. Quiet by
+    default: no worker output or Ray INFO lines on the console (each stage logs to a file)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    for k, v in {**TRAIN_ENV, **({} if address else LOCAL_ENV)}.items():
+        os.environ.setdefault(k, v)
+    if not verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    ray.init(address=address or "local", log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)

@@ -1,0 +1,158 @@
+"""The Ray executor of `kdp.graph`: training stages are Ray Train runs (`TorchTrainer`), the
+training AEs and the evaluation shards are Ray tasks, JPEG and the evaluation's fan-out run
+in the driver. `run_graph` starts a stage when its inputs exist and `has_room` says the
+cluster fits it beside what this run already has in flight, so a 2-core machine never runs
+more CPU-bound work than it has cores, while a cluster runs the independent stages (both
+teachers, the surrogate, the baselines, the students) at the same time.
+
+Checkpoints: every epoch reports a Ray Train checkpoint (the last `keep_checkpoints` kept
+under <storage>/<run>-<stage>); a failed worker group restarts from the last one
+(`max_failures`). Rank 0 writes the stage's core checkpoint directory, so re-running the job
+skips it; a half-done stage's Train run resumes from its last checkpoint (found by name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from kdp.checkpoint import is_complete
+from kdp.config import flatten
+from kdp.data import Cifar
+from kdp.distributed.config import ScaleConfig
+from kdp.distributed.loops import remote_call, train_loop
+from kdp.graph import DRIVER, TASKS, Run, Stage
+from kdp.stages.common import log_stage
+from kdp.stages.evaluate import shards
+
+
+class KdpTrainer(TorchTrainer):
+    """A TorchTrainer whose placement-group cleaner answers a stop within ~3 s. Ray's default
+    waits up to 12 s for the cleaner's State API poll (10 s timeout) at the end of every run,
+    measured as ~10 s of each stage's fixed cost on 2 cores. Private API: Ray is pinned (2.60)."""
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        return [PlacementGroupCleanerCallback(get_actor_timeout_s=1) if isinstance(c, PlacementGroupCleanerCallback)
+                else c for c in super()._create_default_callbacks()]
+
+
+class RayExecutor:
+    """Runs graph stages on the connected Ray cluster."""
+
+    def __init__(self, scale: ScaleConfig = ScaleConfig(), callbacks=None):
+        self.scale = scale
+        self.callbacks = callbacks or (lambda stage: [])
+        """stage -> Ray Train callbacks for its run (a Tune trial forwards the student's epochs)."""
+        self._refs: dict[int, ray.ObjectRef] = {}
+
+    # ---- scheduling
+    def demand(self, stage: Stage) -> dict[str, float]:
+        """Resources a stage holds while it runs (driver work holds none)."""
+        if stage.kind == "driver":
+            return {}
+        n = self.scale.num_workers if stage.kind == "train" and stage.parallel else 1
+        need = {"CPU": n * self.scale.cpus_per_worker}
+        if self.scale.use_gpu:
+            need["GPU"] = n * self.scale.gpus_per_worker
+        return need
+
+    def has_room(self, stage: Stage, running: list[Stage]) -> bool:
+        """Fits beside this run's stages in flight; with nothing in flight always start (Ray queues
+        it, and an autoscaler sees the demand)."""
+        need = self.demand(stage)
+        if not running or not need:
+            return True
+        total = ray.cluster_resources()
+        for s in running:
+            for k, v in self.demand(s).items():
+                need[k] = need.get(k, 0) + v
+        return all(v <= total.get(k, 0) + 1e-9 for k, v in need.items())
+
+    def task_options(self, **extra) -> dict:
+        """DEFAULT scheduling: a task started from a Tune trial must not be captured by the
+        trial's tiny placement group (it could never fit there). A GPU task's worker exits after
+        it (max_calls=1), so no CUDA state is left in a reused worker."""
+        gpu = self.scale.gpus_per_worker if self.scale.use_gpu else 0
+        return {"num_cpus": self.scale.cpus_per_worker, "num_gpus": gpu, "scheduling_strategy": "DEFAULT",
+                **({"max_calls": 1} if gpu else {}), **extra}
+
+    # ---- running
+    def partial(self, stage: Stage, out: Path, run: Run) -> bool:
+        return stage.kind == "train" and (run.storage / _run_name(out)).exists()
+
+    def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        if stage.kind == "train":
+            return self._fit(stage, inputs, out, run)
+        if stage.kind == "task":
+            fn = ray.remote(remote_call).options(**self.task_options())
+            rt = dataclasses.replace(run.rt, progress=False)
+            return ray.get(fn.remote(TASKS[stage.fn], _log_file(run, stage.name), stage.config, inputs, out,
+                                     self._ref(run.data), rt))
+        return DRIVER[stage.fn](stage, inputs, out, run, self)
+
+    def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
+        return shards(eval_cfg, n_test, self.scale.eval_shard_size, surrogate)
+
+    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
+        task = ray.remote(remote_call).options(**self.task_options())
+        return ray.get([task.remote(fn, log_file, *(self._ref(a) for a in a_)) for a_ in args])
+
+    def _ref(self, obj):
+        """Large inputs (the dataset) go to the object store once."""
+        if not isinstance(obj, Cifar):
+            return obj
+        if id(obj) not in self._refs:
+            self._refs[id(obj)] = ray.put(obj)
+        return self._refs[id(obj)]
+
+    def _trainer(self, stage: Stage, loop_config: dict, name: str, storage: Path) -> TorchTrainer:
+        s = self.scale
+        resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+        return KdpTrainer(
+            train_loop, train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers if stage.parallel else 1,
+                                                   use_gpu=s.use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(storage), callbacks=list(self.callbacks(stage)),
+                failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints)))
+
+    def _fit(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        """trainer.fit(), resuming the stage's Train run if one exists. Ray writes its run snapshot
+        in place, so a driver killed mid-write can leave one that cannot be resumed: then the
+        broken run is moved aside (logged) and the stage starts over rather than failing."""
+        loop_config = {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config),
+                       "data": flatten(run.cfg.data), "runtime": dataclasses.asdict(run.rt),
+                       "run_dir": str(run.log_dir()), "inputs": {k: str(v) for k, v in inputs.items()},
+                       "out": str(out), "log_file": _log_file(run, stage.name)}
+        name, storage = _run_name(out), run.storage
+        resumed = (storage / name).exists()
+        try:
+            self._trainer(stage, loop_config, name, storage).fit()
+        except Exception as e:  # noqa: BLE001 - any failure of a resumed run gets one fresh try
+            if not resumed:
+                raise
+            aside = storage / f"{name}.broken-{int(time.time())}"
+            os.rename(storage / name, aside)
+            log_stage(run.log_dir(), stage.name, "resume_failed", error=f"{type(e).__name__}: {e}"[:500],
+                      moved_to=str(aside))
+            self._trainer(stage, loop_config, name, storage).fit()
+        if not is_complete(out):
+            raise RuntimeError(f"[{stage.name}] the Train run finished but wrote no checkpoint at {out}")
+        return out
+
+
+def _run_name(out: Path) -> str:
+    """The Train run's name: unique per output directory, the same on every re-run (resume)."""
+    return f"{out.parent.name}-{out.name}"
+
+
+def _log_file(run: Run, stage: str) -> str:
+    return str(run.run_dir / "logs" / f"{stage}.log")

@@ -1,0 +1,311 @@
+"""The pipeline's stage graph, written once, and the one scheduler every executor runs it with.
+
+A `Stage` names its config, the stages whose outputs it reads, and how it runs:
+- `train`: one resumable fit of a training recipe (`RECIPES`): in this process, or a Ray Train run;
+- `task`: a function of (config, inputs, out, data, rt) (`TASKS`): in this process, or a Ray task;
+- `driver`: light work in the calling process (`DRIVER`): JPEG writes a checkpoint; evaluation
+  fans its shards out through the executor and writes the parquet.
+
+`run_graph` starts every stage whose inputs exist while the executor has room for it (the
+in-process executor: one stage at a time; Ray: what the cluster fits), logs each stage once
+(`ensure`), and prints one line per stage start, finish and training epoch. `kdp run`,
+`jobs/pipeline.py` and every sweep trial go through it; no Ray is imported here.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kdp.checkpoint import read_meta
+from kdp.config import PipelineConfig, Runtime, flatten
+from kdp.data import Cifar
+from kdp.provenance import provenance
+from kdp.results import make_rows, write_results
+from kdp.stages.aes import AES, ae_cache_key, make_training_aes
+from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
+from kdp.stages.classifier import classifier_recipe
+from kdp.stages.common import finished, log_stage
+from kdp.stages.evaluate import evaluate, finalize, merge_rows
+from kdp.stages.purifier import student_recipe, teacher_recipe
+
+RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student": student_recipe,
+           "nrp": nrp_recipe, "soap": soap_recipe}
+KINDS = ("train", "task", "driver")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph."""
+    name: str
+    """Stage name: its directory under the run, its line in stages.jsonl, its Ray Train run."""
+    kind: str
+    """'train', 'task' or 'driver' (see the module docstring)."""
+    fn: str
+    """Recipe name (train) or function name (task, driver)."""
+    config: Any
+    """The stage's frozen config; a finished checkpoint made with another one is refused."""
+    needs: tuple[str, ...] = ()
+    """Stages whose outputs this one reads (keys of its `inputs`)."""
+    variant: str | None = None
+    """Result-table name of the purifier it makes, if evaluated."""
+    parallel: bool = True
+    """Data-parallel workers allowed (False: the step calls submodules directly, so one worker)."""
+    evaluates: tuple[str, ...] = ()
+    """The evaluate stage: the variants it scores ('none' is the classifier alone)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown stage kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+
+def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None) -> list[Stage]:
+    """The stages of `cfg` in priority order (the critical path first). `evaluated` limits the
+    variants evaluated (default: none, both teachers, every student and baseline)."""
+    teachers = [Stage("teacher_at", "train", "teacher", cfg.at_teacher, ("classifier", "aes"), "at_teacher"),
+                Stage("teacher_nt", "train", "teacher", cfg.nt_teacher, (), "nt_teacher")]
+    students = [Stage(f"student_{s.variant}", "train", "student", s,
+                      ("classifier", "aes", *(f"teacher_{t}" for t in s.teachers)), s.variant) for s in cfg.students]
+    baselines = {"jpeg": Stage("baseline_jpeg", "driver", "jpeg", cfg.jpeg, (), "jpeg"),
+                 "nrp": Stage("baseline_nrp", "train", "nrp", cfg.nrp, ("classifier",), "nrp", parallel=False),
+                 "soap": Stage("baseline_soap", "train", "soap", cfg.soap, (), "soap", parallel=False)}
+    graph = [Stage("classifier", "train", "classifier", cfg.classifier), teachers[1],
+             Stage("aes", "task", "aes", cfg.ae, ("classifier",)), teachers[0], *students]
+    if "transfer" in cfg.eval.threat_models:
+        graph.append(Stage("surrogate", "train", "classifier", cfg.surrogate))
+    graph += [baselines[b] for b in cfg.baselines]
+    order = ["none", "at_teacher", "nt_teacher", *(s.variant for s in students), *cfg.baselines]
+    wanted = tuple(v for v in order if evaluated is None or v in evaluated)
+    makers = sorted((s for s in graph if s.variant in wanted), key=lambda s: order.index(s.variant))
+    needs = ("classifier", *(s.name for s in makers),
+             *(("surrogate",) if "transfer" in cfg.eval.threat_models else ()))
+    graph.append(Stage("evaluate", "driver", "evaluate", cfg, needs, evaluates=wanted))
+    return graph
+
+
+# ---- what each stage does (task and driver functions) ---------------------------------------
+
+def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Path:
+    """The training AEs, crafted into the cache entry `out` (whose name is their cache key)."""
+    return make_training_aes(cfg, Path(inputs["classifier"]), data, Path(out).parent, rt)
+
+
+def jpeg_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
+    return train_jpeg(stage.config, run.data, out, run.rt)
+
+
+def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
+               threat: str | None, attack: str | None, start: int, stop: int | None) -> list[dict]:
+    """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None)."""
+    return evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
+                    None if threat is None else (threat,), surrogate, log=lambda *_: None)
+
+
+def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
+    """Every evaluated variant under every threat model, through the executor's shards; then
+    the checks from the summed counts, and one parquet with config and provenance per row."""
+    cfg, graph = run.cfg, {s.name: s for s in run.graph}
+    purifiers = {"none": None} if "none" in stage.evaluates else {}
+    variants = dict.fromkeys(purifiers)
+    for s in (graph[n] for n in stage.needs if graph[n].variant in stage.evaluates):
+        purifiers[s.variant], variants[s.variant] = inputs[s.name], s.config
+    surrogate = inputs.get("surrogate")
+    items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
+    args = [(cfg.eval, inputs["classifier"], purifiers, run.data, run.rt, surrogate, *w) for w in items]
+    run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
+    shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"))
+    rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
+    extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
+             "data.source": run.data.source, "data.train_size": len(run.data.train_y),
+             "wall_seconds": time.time() - run.t_start, **provenance(run.rt), **run.extra}
+    return write_results(make_rows(cfg, variants, rows, extra), out)
+
+
+TASKS = {"aes": make_aes_task}
+DRIVER = {"jpeg": jpeg_driver, "evaluate": evaluate_driver}
+
+
+# ---- one run of a graph ----------------------------------------------------------------------
+
+def pipeline_place(out_root: Path, run_dir: Path, data: Cifar):
+    """Where a pipeline stage writes: <run>/<stage>/, the AE cache entry, <run>/results.parquet."""
+    def place(stage: Stage, inputs: dict) -> Path:
+        if stage.fn == "aes":
+            return out_root / "cache" / "aes" / ae_cache_key(stage.config, Path(inputs["classifier"]), data)
+        return run_dir / ("results.parquet" if stage.fn == "evaluate" else stage.name)
+    return place
+
+
+@dataclass
+class Run:
+    """One execution of a graph: its config, data, where things go and who is running it."""
+    cfg: PipelineConfig
+    data: Cifar
+    rt: Runtime
+    run_dir: Path
+    """stages.jsonl, per-stage state files and logs live here."""
+    place: Callable[[Stage, dict], Path]
+    """(stage, inputs) -> its output path."""
+    graph: list[Stage] = field(default_factory=list)
+    given: dict = field(default_factory=dict)
+    """Outputs that exist already (stage name -> path), e.g. --classifier."""
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+    """Extra result columns (a sweep trial's)."""
+    guard: Callable | None = None
+    """(out, done, make, stage, resumed) -> out: serializes makers of a shared artifact (sweeps)."""
+    storage: Path | None = None
+    """Ray Train runs go under here (Ray executor)."""
+    t_start: float = field(default_factory=time.time)
+    _offset: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def log_dir(self) -> Path:
+        return self.run_dir
+
+    def say(self, msg: str) -> None:
+        """One console line, after the epoch lines logged before it (stages print from threads)."""
+        with self._lock:
+            self._tail()
+            self.log(msg)
+
+    def tail(self) -> None:
+        with self._lock:
+            self._tail()
+
+    def _tail(self) -> None:
+        """Print each new epoch_end event of rank 0 as one progress line (unless rt.progress is off)."""
+        path = self.run_dir / "stages.jsonl"
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self._offset += end
+        for line in chunk[:end].decode().splitlines():
+            e = json.loads(line)
+            if e.get("status") == "epoch_end" and e.get("rank", 0) == 0 and self.rt.progress:
+                m = e.get("metrics", {})
+                vals = " ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("epoch", "seconds"))
+                self.log(f"[{e['stage']}] epoch {e['epoch'] + 1}/{e.get('epochs', '?')} {vals} "
+                         f"({m.get('seconds', 0):.1f}s)")
+
+
+def is_done(stage: Stage, out: Path) -> bool:
+    if stage.fn == "aes":
+        return (out / AES).is_file()
+    if stage.fn == "evaluate":
+        return False  # always re-scored: cheap next to training, and the code may have changed
+    return finished(out, flatten(stage.config))
+
+
+def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str, who: str | None,
+           log=print, lock: bool = True, skip: str = "reused", resumed: bool = False) -> Path:
+    """Return `out`, making it with make() unless done(); log skipped/started/finished once.
+    With `lock`, concurrent callers serialize on an exclusive flock of `<out>.lock`: one makes,
+    the rest wait and then reuse it. A lock dies with its process; artifacts appear by rename."""
+    by = {"by": who} if who else {}
+    if done():
+        log_stage(log_dir, stage, skip, path=str(out), **by)
+        log(f"[{stage}] done already: {out}")
+        return out
+    if not lock:
+        return _make(out, make, log_dir, stage, by, log, resumed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[{stage}] another trial is making it; waiting")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if done():
+            log_stage(log_dir, stage, skip, path=str(out), **by)
+            return out
+        return _make(out, make, log_dir, stage, by, log, resumed)
+
+
+def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
+    t0 = time.time()
+    log_stage(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
+    log(f"[{stage}] {'resumed' if resumed else 'started'}")
+    result = make()
+    seconds = time.time() - t0
+    log_stage(log_dir, stage, "finished", path=str(out), seconds=seconds, start=t0, **by)
+    acc = (read_meta(out)["metrics"].get("test_acc") if (out / "checkpoint.json").is_file() else None)
+    log(f"[{stage}] finished in {seconds:.1f}s" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
+    return result if result is not None else out
+
+
+def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
+    """One stage, skipped when its output is finished, otherwise made by the executor."""
+    out = run.place(stage, inputs)
+    done, make = (lambda: is_done(stage, out)), (lambda: ex.execute(stage, inputs, out, run))
+    if run.guard is not None:
+        return run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
+    return ensure(out, done, make, run.log_dir(), stage.name, None, run.say, lock=False, skip="skipped",
+                  resumed=ex.partial(stage, out, run))
+
+
+def run_graph(run: Run, ex) -> dict[str, Path]:
+    """Start each stage once its inputs exist and the executor has room; returns every output.
+    The first failure is raised at once (finished stages are kept; a re-run resumes)."""
+    outputs, pending, running = dict(run.given), [s for s in run.graph if s.name not in run.given], {}
+    with ThreadPoolExecutor(max(1, len(pending))) as pool:
+        try:
+            while pending or running:
+                for s in list(pending):
+                    if all(n in outputs for n in s.needs) and ex.has_room(s, list(running.values())):
+                        pending.remove(s)
+                        running[pool.submit(run_stage, s, {n: outputs[n] for n in s.needs}, run, ex)] = s
+                if not running:
+                    raise RuntimeError(f"stages {[s.name for s in pending]} wait on inputs no stage makes")
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                run.tail()
+                for f in done:
+                    outputs[running.pop(f).name] = Path(f.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    run.tail()
+    return outputs
+
+
+def state_path(out: Path) -> Path:
+    """The in-process per-epoch state of the stage writing `out` (beside it, so any process
+    that takes the stage over resumes it)."""
+    return out.parent / "state" / f"{out.name}.pt"
+
+
+class LocalExecutor:
+    """Every stage in this process, one at a time, in the graph's priority order."""
+
+    def __init__(self):
+        self.name = "local"
+
+    def has_room(self, stage: Stage, running: list[Stage]) -> bool:
+        return not running
+
+    def partial(self, stage: Stage, out: Path, run: Run) -> bool:
+        return state_path(out).exists()
+
+    def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        from kdp.stages.common import epoch_logger, fit_local
+
+        if stage.kind == "train":
+            return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out), stage.name,
+                             epoch_logger(run.log_dir(), stage.name, epochs=stage.config.epochs))
+        if stage.kind == "task":
+            return TASKS[stage.fn](stage.config, inputs, out, run.data, run.rt)
+        return DRIVER[stage.fn](stage, inputs, out, run, self)
+
+    def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
+        return [(None, None, 0, None)]  # one pass: clean predictions and crafted AEs shared
+
+    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
+        return [fn(*a) for a in args]
