@@ -29,10 +29,11 @@ def _epoch_span(run_dir: Path, stage: str, epochs: int) -> float:
 
 
 def bench(args) -> dict:
-    from kdp.config import DataConfig, Runtime, ScaleConfig, TeacherConfig
+    from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
     from kdp.data import load_cifar
+    from kdp.distributed.config import ScaleConfig
+    from kdp.graph import Run, Stage, run_graph
     from kdp.stages import train_teacher
-    from kdp.stages.purifier import purifier_spec
 
     cfg = TeacherConfig(kind="nt", depth=args.depth, width=args.width, epochs=args.epochs)
     data_cfg = DataConfig(data_dir=args.data_dir)
@@ -48,17 +49,21 @@ def bench(args) -> dict:
 
     import ray
 
-    from kdp.distributed.pipeline import fit_stage
+    from kdp.distributed.config import TRAIN_ENV
+    from kdp.distributed.executor import RayExecutor
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    for k, v in TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    stage = Stage("teacher_nt", "train", "teacher", cfg)
     out = {}
     for workers in (1, 2):
         run_dir = root / f"ray{workers}"
         scale = ScaleConfig(num_workers=workers, cpus_per_worker=cpus / workers)
         t0 = time.perf_counter()
-        fit_stage("teacher_nt", "teacher", cfg, purifier_spec(cfg), {}, scale, Runtime(progress=False),
-                  data_cfg, run_dir, root / "storage", run_dir / "teacher_nt")
+        run = Run(PipelineConfig(data=data_cfg), data, Runtime(progress=False), run_dir,
+                  lambda s, inputs: run_dir / s.name, graph=[stage], storage=root / "storage", log=lambda *_: None)
+        run_graph(run, RayExecutor(scale))
         wall = time.perf_counter() - t0
         epoch = _epoch_span(run_dir, "teacher_nt", cfg.epochs)
         out[workers] = {"epoch_s": epoch, "wall_s": wall, "img_s": n / epoch,

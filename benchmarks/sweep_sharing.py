@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdp.cli import build_config, connect  # noqa: E402
-from kdp.config import Runtime, ScaleConfig  # noqa: E402
+from kdp.cli import build_config  # noqa: E402
+from kdp.config import Runtime  # noqa: E402
+from kdp.distributed.config import ScaleConfig, connect  # noqa: E402
 from kdp.sweep import sweep_from_dict  # noqa: E402
 
 # the smoke preset, a little smaller: 1024 training images, 100 test images, two attacks

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
+from kdp.checkpoint import read_meta  # noqa: E402
 from kdp.cli import add_run_args, build_config, print_results, run_errors, runtime  # noqa: E402
 from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
 
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:  # bad input fails in one line before Ray starts
         cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
+        if args.classifier:
+            read_meta(Path(args.classifier))
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from kdp.cli import add_scale_args, add_sweep_args, run_errors, sweep_command  # noqa: E402
+from kdp.cli import add_sweep_args, run_errors, sweep_command  # noqa: E402
+from kdp.distributed.config import add_scale_args  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -74,8 +74,8 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
     baselines = {"jpeg": Stage("baseline_jpeg", "driver", "jpeg", cfg.jpeg, (), "jpeg"),
                  "nrp": Stage("baseline_nrp", "train", "nrp", cfg.nrp, ("classifier",), "nrp", parallel=False),
                  "soap": Stage("baseline_soap", "train", "soap", cfg.soap, (), "soap", parallel=False)}
-    graph = [Stage("classifier", "train", "classifier", cfg.classifier), teachers[1],
-             Stage("aes", "task", "aes", cfg.ae, ("classifier",)), teachers[0], *students]
+    graph = [Stage("classifier", "train", "classifier", cfg.classifier),
+             Stage("aes", "task", "aes", cfg.ae, ("classifier",)), *teachers, *students]
     if "transfer" in cfg.eval.threat_models:
         graph.append(Stage("surrogate", "train", "classifier", cfg.surrogate))
     graph += [baselines[b] for b in cfg.baselines]

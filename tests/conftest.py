@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,33 +47,179 @@ def tiny_data(cifar_subset_dir):
     return load_cifar(cifar_subset_dir, n_train=256, n_test=64)
 
 
-def _ray_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|dashboard|ray/_private"], capture_output=True,
-                         text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
+# ---- Ray heads started by tests ------------------------------------------------------------
+#
+# What `ray start --head --block` leaves on Linux (observed with Ray 2.60): started in a new
+# session (start_new_session=True), the `ray start` process is the session and process-group
+# leader; gcs_server, raylet, the dashboard (and its module processes), the log monitor, the
+# autoscaler monitor, the client server and the raylet's agents share that process group. The
+# raylet puts every worker (ray::JobSupervisor, ray::IDLE, tasks, actors) in a process group
+# of its own, still in the head's session. A job's driver (`sh -c <entrypoint>`) and the
+# watcher that kills it when its supervisor dies each run in a new session of their own
+# (start_new_session in ray/dashboard/modules/job/job_supervisor.py), found only through
+# their parent, the JobSupervisor worker. So a head's processes are: its session, plus every
+# descendant of a member. A foreign cluster is in neither, and is never signalled.
+
+
+def _proc_table() -> dict[int, tuple[str, int, int, int, int]]:
+    """pid -> (state, ppid, pgid, sid, starttime) for every process, from /proc/<pid>/stat."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        f = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session, ...
+        table[int(entry)] = (f[0], int(f[1]), int(f[2]), int(f[3]), int(f[19]))
+    return table
+
+
+def head_processes(leader: int) -> dict[int, int]:
+    """The live processes of the head whose `ray start --block` is `leader` (a session leader
+    started by us): {pid: starttime} of the members of its session and all their descendants."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, *_rest) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found = {pid for pid, (_, _, _, sid, _) in table.items() if sid == leader}
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    found.discard(os.getpid())
+    return {pid: table[pid][4] for pid in found if table[pid][0] not in "ZX"}
+
+
+def alive(procs: dict[int, int]) -> dict[int, int]:
+    """The processes of `procs` ({pid: starttime}) still running (same pid and start time)."""
+    table = _proc_table()
+    return {pid: t for pid, t in procs.items() if pid in table and table[pid][4] == t and table[pid][0] not in "ZX"}
+
+
+def _signal_all(procs: dict[int, int], sig: int, done: set) -> None:
+    """Send `sig` once to each process of `procs` still running and not in `done` (pid, start)."""
+    for pid, t in alive(procs).items():  # the start-time check: never signal a recycled pid
+        if (pid, t) not in done:
+            done.add((pid, t))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def start_head(gcs_port: int, dashboard_port: int, env: dict, num_cpus: int = 2, extra: tuple = (),
+               timeout: float = 180) -> subprocess.Popen:
+    """`ray start --head --block` on 127.0.0.1 in a session of its own; returns once the GCS
+    port accepts connections and the job server answers. Its `ray start` output is in
+    <temp dir>/ray-start.log. On failure the processes it started are stopped."""
+    bin_dir = Path(sys.executable).parent
+    if _port_open(gcs_port) or _port_open(dashboard_port):
+        raise RuntimeError(f"port {gcs_port} or {dashboard_port} on 127.0.0.1 is already in use (a Ray head left "
+                           f"by an earlier run? processes naming it: {_naming(str(gcs_port))}); stop it first")
+    temp_dir = Path(f"/tmp/kdp-ray-{gcs_port}")  # keeps /tmp/ray/ray_current_cluster (ray.init()'s default) alone
+    temp_dir.mkdir(exist_ok=True)
+    log_path = temp_dir / "ray-start.log"
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+           "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}", *extra]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (_port_open(gcs_port) and _job_server_up(dashboard_port)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start --head` exited with {proc.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head on port {gcs_port} not up after {timeout:.0f} s:\n{_tail(log_path)}")
+            time.sleep(0.25)
+    except BaseException:
+        stop_head(proc)
+        raise
+    return proc
+
+
+def stop_head(proc: subprocess.Popen, grace: float = 20, timeout: float = 30) -> None:
+    """Stop everything the head `proc` (from start_head) started, and nothing else: SIGTERM to
+    its process group and to every process of its session and their descendants, then SIGKILL
+    after `grace` seconds for what is left. The set is collected before signalling and again
+    on every poll, so processes that leave the session, or lose their parent, are still found."""
+    leader = proc.pid  # not reaped until the end (unless start_head saw it exit), so the pid stays ours
+    reaped = proc.returncode is not None
+    procs = head_processes(leader)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
+        if not reaped:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(leader, sig)
+        done: set = set()
+        procs.update(head_processes(leader))
+        _signal_all(procs, sig, done)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            procs.update(head_processes(leader))
+            if not alive(procs):
+                break
+            _signal_all(procs, sig, done)  # late starters
+            time.sleep(0.1)
+        if not alive(procs):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    left = alive(procs)
+    if left:
+        raise RuntimeError(f"Ray head processes still alive after SIGKILL: {sorted(left)}")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def _job_server_up(dashboard_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _naming(text: str) -> list[int]:
+    """pids whose command line contains `text` (for messages and checks only)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+    return pids
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 @contextlib.contextmanager
 def ray_head(gcs_port: int, dashboard_port: int, env_vars: dict, num_cpus: int = 2):
-    """A real Ray head (`ray start --head`, dashboard on) bound to 127.0.0.1; yields the env for
-    subprocesses. Teardown SIGKILLs whatever `ray stop` leaves behind."""
+    """A real Ray head (`ray start --head --block`, dashboard on) bound to 127.0.0.1; yields the
+    env for subprocesses and sets `env_vars` in os.environ meanwhile. It also takes
+    gcs_port + 1 (Ray client server) and dashboard_port + 1 (dashboard agent HTTP), and random
+    metrics ports, so Ray's defaults (10001, 52365, 44217, 44227) stay free for a cluster of
+    your own: with 52365 taken, the head could not run jobs ("No available agent"). Teardown
+    stops only the processes this head started (stop_head): never `ray stop`, never by name."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **env_vars, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    subprocess.run([bin_dir / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
-                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True, timeout=180,
-                   capture_output=True)
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "AUTOSCALER_METRIC_PORT": "0",
+                "DASHBOARD_METRIC_PORT": "0"}
+    proc = start_head(gcs_port, dashboard_port, head_env, num_cpus,
+                      (f"--ray-client-server-port={gcs_port + 1}", f"--dashboard-agent-listen-port={dashboard_port + 1}"))
     old = {k: os.environ.get(k) for k in env_vars}
     os.environ.update(env_vars)
     try:
         yield env
     finally:
-        subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for pid in _ray_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        stop_head(proc)

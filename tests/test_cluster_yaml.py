@@ -1,6 +1,7 @@
 """cluster.yaml validates offline against the launcher schema shipped in the ray wheel."""
 from pathlib import Path
 
+import pytest
 import yaml
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -28,10 +29,24 @@ def test_cluster_yaml_installs_kdp_and_keeps_the_dashboard_local():
 
 
 def test_a_broken_cluster_yaml_is_rejected():
-    import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(CLUSTER_YAML.read_text())
     raw["head_node_type"] = "no-such-node-type"
-    with pytest.raises(Exception):
+    # ray's own check after the schema (ray/autoscaler/_private/util.py: validate_config)
+    with pytest.raises(ValueError, match="`head_node_type` must be one of `available_node_types`"):
+        validate_config(prepare_config(raw))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("no_such_key", 1, r"Additional properties are not allowed \('no_such_key' was unexpected\)"),
+    ("max_workers", "many", "'many' is not of type 'integer'"),
+])
+def test_a_cluster_yaml_that_breaks_the_schema_is_rejected(key, value, message):
+    jsonschema = pytest.importorskip("jsonschema")  # a dependency of ray[default]
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    raw[key] = value
+    with pytest.raises(jsonschema.ValidationError, match=message):
         validate_config(prepare_config(raw))

@@ -77,7 +77,7 @@ def test_configs_are_frozen():
 def test_override_values():
     cfg = PipelineConfig()
     c = override(cfg, "ae.eps=4/255")
-    assert c.ae.eps == pytest.approx(4 / 255) and isinstance(c.ae.eps, float)
+    assert c.ae.eps == pytest.approx(4 / 255, rel=1e-12) and type(c.ae.eps) is float  # not a Fraction or str
     assert cfg.ae.eps == pytest.approx(8 / 255)  # the original is untouched
     c = override(cfg, "students.beta=0.3")
     assert [s.beta for s in c.students] == [0.3, 0.3, 0.3]
@@ -128,7 +128,17 @@ def test_flatten():
     assert flat["eval.adaptive_attacks"] == "pgd8+fgsm" and flat["eval.threat_models"] == "classifier+full+transfer"
     assert flat["data.n_train"] is None and flat["name"] == "kdp"
     assert "students" not in flat  # a tuple of configs has no single column
-    assert all(not isinstance(v, (tuple, list, dict)) for v in flat.values())
+    cfg = PipelineConfig()
+    for key, value in flat.items():  # every column is the config's own value, under its dotted path
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert value == ("+".join(obj) if isinstance(obj, tuple) else obj), key
+        assert value is None or type(value) in (str, int, float, bool), key
+    sections = [f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for sec in sections:
+        assert {k for k in flat if k.startswith(sec + ".")} == {f"{sec}.{f.name}" for f in
+                                                                  dataclasses.fields(getattr(cfg, sec))}
     assert flatten(StudentConfig())["teachers"] == "at+nt"
     assert flatten(StudentConfig(teachers=("nt",)))["teachers"] == "nt"
     assert set(flatten(AEConfig())) == {f.name for f in dataclasses.fields(AEConfig)}
@@ -150,9 +160,42 @@ def test_paper_preset():
 
 
 def test_all_presets_build():
+    assert set(PRESETS) == {"paper", "smoke", "reduced"}
     for name in PRESETS:
         cfg = get_preset(name)
-        assert isinstance(cfg, PipelineConfig) and cfg.name == name
+        assert type(cfg) is PipelineConfig
+        assert (cfg.name, cfg.preset) == (name, name)
+        assert get_preset(name) == cfg and get_preset(name) is not cfg  # a fresh, deterministic config
+        assert [s.variant for s in cfg.students] == ["kd_at", "kd_nt", "kd_at_nt"]
+        assert (cfg.at_teacher.kind, cfg.nt_teacher.kind) == ("at", "nt")
+        assert cfg.surrogate.seed != cfg.classifier.seed  # the transfer source is another model
+        assert {k: v for k, v in flatten(cfg.surrogate).items() if k != "seed"} == \
+            {k: v for k, v in flatten(cfg.classifier).items() if k != "seed"}
+    assert len({repr(sorted(flatten(get_preset(n)).items())) for n in PRESETS}) == len(PRESETS)  # all differ
+
+
+def test_smoke_preset():
+    """The sizes the README's preset table states for `smoke`."""
+    p = get_preset("smoke")
+    assert (p.classifier.arch, p.classifier.width, p.classifier.epochs) == ("resnet8", 16, 15)
+    assert (p.data.n_train, p.data.n_test) == (None, 200)
+    assert p.ae.steps == 7 and p.ae.eps == pytest.approx(8 / 255)
+    for t in (p.at_teacher, p.nt_teacher, *p.students):
+        assert (t.depth, t.width, t.epochs, t.batch_size) == (4, 16, 3, 128)
+    assert [s.teachers for s in p.students] == [("at",), ("nt",), ("at", "nt")]
+    assert (p.nrp.epochs, p.soap.arch, p.soap.epochs) == (3, "resnet8", 15)
+    assert p.eval.attacks == PAPER_SUITE and p.eval.batch_size == 100
+
+
+def test_reduced_preset():
+    """`reduced`: the paper's model sizes, fewer epochs (README: classifier 80, teachers 30, students 15)."""
+    p = get_preset("reduced")
+    assert p.data == DataConfig()
+    assert (p.classifier.arch, p.classifier.epochs, p.surrogate.arch, p.soap.epochs) == ("resnet56", 80, "resnet56", 80)
+    for t in (p.at_teacher, p.nt_teacher):
+        assert (t.depth, t.width, t.epochs) == (15, 64, 30)
+    assert [(s.depth, s.width, s.epochs) for s in p.students] == [(15, 64, 15)] * 3
+    assert p.eval.attacks == PAPER_SUITE
 
 
 def test_unknown_preset():

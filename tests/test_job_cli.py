@@ -61,3 +61,43 @@ def test_sweep_refuses_an_existing_name_without_resume(tmp_path):
     out = subprocess.run([sys.executable, str(SWEEP), "--name", "abl", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "pass --resume" in out.stderr and "Started a local Ray" not in out.stdout
+
+
+BAD_RUN = [(("--preset", "giant"), "'giant'"), (("--data-dir", "/no/such/cifar"), "/no/such/cifar"),
+           (("--set", "eval.attacks=pgd8+deepfool"), "'deepfool'"), (("--set", "ae.eps=-1"), "-1"),
+           (("--classifier", "/no/such/classifier"), "/no/such/classifier")]
+
+
+@pytest.mark.parametrize("entry", ["kdp run", "jobs/pipeline.py"])
+@pytest.mark.parametrize("args, needle", BAD_RUN)
+def test_bad_input_is_refused_the_same_way_by_both_executors(entry, args, needle, tmp_path):
+    """The in-process and the Ray executor refuse bad input in one line, before any work."""
+    cmd = [sys.executable, "-m", "kdp.cli", "run"] if entry == "kdp run" else [sys.executable, str(JOB)]
+    data = [] if "--data-dir" in args else ["--data-dir", str(JOB.parents[2] / "shared" / "data" / "cifar10-subset")]
+    out = subprocess.run([*cmd, *args, *data, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].split(":")[1].strip() == "error", err
+    assert not (tmp_path / "smoke").exists(), "nothing may be written for bad input"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_stale_ray_address_file_is_ignored_without_address(tmp_path, cifar_subset_dir):
+    """Without --address or RAY_ADDRESS the job starts its own Ray, even when the address file
+    of a crashed cluster (in this test's own RAY_TMPDIR) names a dead GCS."""
+    import os
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdp-stale-", dir="/tmp"))  # short: Ray's socket paths
+    (tmp / "ray").mkdir()
+    (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled")
+    args = ["--data-dir", str(cifar_subset_dir), "--out", str(tmp_path), "--set", "data.n_train=128",
+            "--set", "data.n_test=20", "--set", "classifier.epochs=1", "--set", "eval.attacks=fgsm",
+            "--set", "eval.threat_models=classifier", "--set", "baselines=", "--set", "students=",
+            "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "eval.batch_size=20", "--quiet"]
+    out = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=420, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "results:" in out.stdout and (tmp_path / "smoke" / "results.parquet").is_file()

@@ -10,6 +10,8 @@ from kdp import cli
 from kdp.attacks import LINF_EPS, PAPER_SUITE
 from kdp.results import SCHEMA, load, table1
 
+pytestmark = pytest.mark.slow  # one module-scoped smoke run (minutes) feeds every test
+
 VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap"}
 STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt",
           "baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"]
@@ -51,7 +53,8 @@ def test_smoke_rows_carry_config_and_provenance(smoke_run):
     assert len(row["git_sha"]) >= 7 and row["torch_version"] and row["torchattacks_version"] == "3.5.1"
     assert row["utc"].endswith("+00:00")
     none = df[df.variant == "none"].iloc[0]
-    assert none["purifier.kind"] == "none" and none["purifier.beta"] is None or math.isnan(none["purifier.beta"])
+    assert none["purifier.kind"] == "none"
+    assert none["purifier.beta"] is None or math.isnan(none["purifier.beta"])
 
 
 def test_smoke_numbers_are_sane(smoke_run):
@@ -119,6 +122,7 @@ def test_same_name_with_another_config_is_refused(smoke_run, cifar_subset_dir, c
 
 def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, monkeypatch):
     """The NT teacher dies in epoch 3; the re-run skips what finished and redoes only epoch 3."""
+    import kdp.stages.common as common
     import kdp.stages.purifier as purifier
 
     args = ["run", "--preset", "smoke", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
@@ -126,7 +130,7 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
             "--set", "classifier.epochs=1", "--set", "eval.attacks=fgsm", "--set", "eval.adaptive_attacks=",
             "--set", "nt_teacher.epochs=4", "--set", "students.epochs=1", "--set", "baselines=",
             "--set", "eval.threat_models=classifier"]
-    real_train_epoch, real_teacher_step = purifier.train_epoch, purifier.teacher_step
+    real_train_epoch, real_teacher_step = common.train_epoch, purifier.teacher_step
 
     def nt_only(cfg, *a):  # arm the crash only inside the NT teacher: it dies in its 3rd epoch
         epochs = []
@@ -137,7 +141,7 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
                 raise RuntimeError("simulated crash")
             return real_train_epoch(*args, **kw)
 
-        monkeypatch.setattr(purifier, "train_epoch", dying_train_epoch if cfg.kind == "nt" else real_train_epoch)
+        monkeypatch.setattr(common, "train_epoch", dying_train_epoch if cfg.kind == "nt" else real_train_epoch)
         return real_teacher_step(cfg, *a)
 
     monkeypatch.setattr(purifier, "teacher_step", nt_only)
@@ -146,7 +150,7 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
     run = tmp_path / "crash"
     assert (run / "state" / "teacher_nt.pt").exists() and not (run / "teacher_nt").exists()
     monkeypatch.setattr(purifier, "teacher_step", real_teacher_step)
-    monkeypatch.setattr(purifier, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(common, "train_epoch", real_train_epoch)
     at_mtime = (run / "teacher_at" / "model.pt").stat().st_mtime_ns
     assert cli.main(args) == 0
     meta = json.loads((run / "teacher_nt" / "checkpoint.json").read_text())

@@ -16,6 +16,8 @@ import pytest
 from conftest import ray_head
 from kdp.results import load
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 REPO = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT = 6393, 8273
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}

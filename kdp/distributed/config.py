@@ -66,6 +66,8 @@ def connect(address: str | None, verbose: bool = False) -> None:
         os.environ.setdefault(k, v)
     if not verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        logging.getLogger("ray").setLevel(logging.WARNING)
+    # start-up notices (the dashboard URL, token auth) only with --verbose; warnings after it
     ray.init(address=address or "local", log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)
+             logging_level=logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)

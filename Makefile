@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` (the README's main job) and `make test` (every test).
+# Both first set up .venv from requirements.lock, by the README's install route, when .venv is
+# missing or older than requirements.lock / pyproject.toml (the stamp file below records it).
+#
+#   make run                                   # the Ray main job, smoke preset, on the CIFAR-10 subset
+#   make run ARGS='--preset smoke --data-dir ../shared/data/cifar10-subset --out runs --name try2'
+#   make test                                  # the whole suite (README: "Run the tests")
+#   make test PYTEST_ARGS='-m "not slow"'      # any pytest arguments
+#   make test-fast                             # the fast lane: pytest -m "not slow"
+#   make install                               # only set up .venv
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?= --preset smoke --data-dir ../shared/data/cifar10-subset --out runs
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast install
+
+run: $(STAMP)
+	$(VENV)/bin/python jobs/pipeline.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# The `env` prefix ignores a pip configuration that points find-links at a local CPU-only
+# torch wheel, which PyPI's torchvision cannot be imported next to (README: Install).
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VENV)/bin/pip install -c requirements.lock -e '.[dev]'
+	touch $@
