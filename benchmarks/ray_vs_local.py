@@ -45,21 +45,26 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", required=True, help="CIFAR-10 location (e.g. ../shared/data/cifar10-subset)")
     p.add_argument("--json", help="write the measurements here")
     p.add_argument("--preset", default="smoke", help="preset to run (default: smoke)")
+    p.add_argument("--ray-args", default="", help="extra jobs/pipeline.py flags, e.g. '--cpus-per-worker 2'")
+    p.add_argument("--skip-local", type=float, metavar="SECONDS",
+                   help="do not run kdp run; for exploring Ray flags only (no ratio is recorded)")
     args = p.parse_args(argv)
     py, data = sys.executable, str(Path(args.data_dir).resolve())
     with tempfile.TemporaryDirectory(prefix="kdp-bench-") as tmp:
         local_out, ray_out = Path(tmp) / "local", Path(tmp) / "ray"
         local = timed([py, "-m", "kdp.cli", "run", "--preset", args.preset, "--data-dir", data,
-                       "--out", str(local_out)], local_out)
-        ray = timed([py, "jobs/pipeline.py", "--preset", args.preset, "--data-dir", data, "--out", str(ray_out)],
-                    ray_out)
+                       "--out", str(local_out)], local_out) if args.skip_local is None else {
+            "wall_seconds": args.skip_local, "console_lines": None, "repeated_lines": None, "stages": {},
+            "note": "not run (--skip-local)"}
+        ray = timed([py, "jobs/pipeline.py", "--preset", args.preset, "--data-dir", data, "--out", str(ray_out),
+                     *args.ray_args.split()], ray_out)
     result = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
               "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "preset": args.preset,
               "local": local, "ray": ray, "ratio_ray_over_local": round(ray["wall_seconds"] / local["wall_seconds"], 3)}
     print(json.dumps({k: v for k, v in result.items() if k not in ("local", "ray")} | {
         "local_wall": local["wall_seconds"], "ray_wall": ray["wall_seconds"],
         "ray_console_lines": ray["console_lines"], "ray_repeated_lines": ray["repeated_lines"]}, indent=2))
-    if args.json:
+    if args.json and args.skip_local is None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -37,6 +37,7 @@ from kdp.stages.purifier import student_recipe, teacher_recipe
 RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student": student_recipe,
            "nrp": nrp_recipe, "soap": soap_recipe}
 KINDS = ("train", "task", "driver")
+SIDE_PRIORITY = ("soap", "surrogate", "nrp", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,11 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
                  "soap": Stage("baseline_soap", "train", "soap", cfg.soap, (), "soap", parallel=False)}
     graph = [Stage("classifier", "train", "classifier", cfg.classifier),
              Stage("aes", "task", "aes", cfg.ae, ("classifier",)), *teachers, *students]
-    if "transfer" in cfg.eval.threat_models:
-        graph.append(Stage("surrogate", "train", "classifier", cfg.surrogate))
-    graph += [baselines[b] for b in cfg.baselines]
+    # side branches after the critical path, longest first (SOAP trains a classifier with
+    # auxiliary heads, the surrogate a classifier), so that none of them is left for the end
+    side = {**baselines, "surrogate": Stage("surrogate", "train", "classifier", cfg.surrogate)}
+    wanted_side = [*cfg.baselines, *(("surrogate",) if "transfer" in cfg.eval.threat_models else ())]
+    graph += [side[k] for k in SIDE_PRIORITY if k in wanted_side]
     order = ["none", "at_teacher", "nt_teacher", *(s.variant for s in students), *cfg.baselines]
     wanted = tuple(v for v in order if evaluated is None or v in evaluated)
     makers = sorted((s for s in graph if s.variant in wanted), key=lambda s: order.index(s.variant))
@@ -254,25 +257,29 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
 
 def run_graph(run: Run, ex) -> dict[str, Path]:
     """Start each stage once its inputs exist and the executor has room; returns every output.
-    The first failure is raised at once (finished stages are kept; a re-run resumes)."""
+    After the first failure nothing new starts; it is raised once the stages in flight end
+    (their checkpoints are kept, so a re-run resumes)."""
     outputs, pending, running = dict(run.given), [s for s in run.graph if s.name not in run.given], {}
+    error = None
     with ThreadPoolExecutor(max(1, len(pending))) as pool:
-        try:
-            while pending or running:
-                for s in list(pending):
-                    if all(n in outputs for n in s.needs) and ex.has_room(s, list(running.values())):
-                        pending.remove(s)
-                        running[pool.submit(run_stage, s, {n: outputs[n] for n in s.needs}, run, ex)] = s
-                if not running:
-                    raise RuntimeError(f"stages {[s.name for s in pending]} wait on inputs no stage makes")
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                run.tail()
-                for f in done:
-                    outputs[running.pop(f).name] = Path(f.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        while (pending and error is None) or running:
+            for s in list(pending if error is None else []):
+                if all(n in outputs for n in s.needs) and ex.has_room(s, list(running.values())):
+                    pending.remove(s)
+                    running[pool.submit(run_stage, s, {n: outputs[n] for n in s.needs}, run, ex)] = s
+            if not running:
+                raise RuntimeError(f"stages {[s.name for s in pending]} wait on inputs no stage makes")
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            run.tail()
+            for f in done:
+                s = running.pop(f)
+                if f.exception() is not None:
+                    error = error or f.exception()
+                else:
+                    outputs[s.name] = Path(f.result())
     run.tail()
+    if error is not None:
+        raise error
     return outputs
 
 
