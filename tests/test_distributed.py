@@ -92,9 +92,13 @@ def test_both_executors_write_the_same_checkpoints(local_ray, tmp_path, cifar_su
     data_cfg = DataConfig(str(cifar_subset_dir), n_train=128, n_test=32)
     clf = Stage("classifier", "train", "classifier", ClassifierConfig(arch="resnet8", width=4, epochs=1,
                                                                       batch_size=64))
-    outs = {}
-    for name, ex in (("local", LocalExecutor()), ("ray", RayExecutor(ScaleConfig()))):
-        outs[name] = {s.name: _run_one(ex, s, tmp_path / name, data_cfg)[0] for s in (_nt(2), clf)}
+    outs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 1-CPU Ray worker: other thread counts round differently
+    try:
+        for name, ex in (("local", LocalExecutor()), ("ray", RayExecutor(ScaleConfig()))):
+            outs[name] = {s.name: _run_one(ex, s, tmp_path / name, data_cfg)[0] for s in (_nt(2), clf)}
+    finally:
+        torch.set_num_threads(threads)
     for stage in ("teacher_nt", "classifier"):
         local, ray = read_meta(outs["local"][stage]), read_meta(outs["ray"][stage])
         assert _structure(local) == _structure(ray), stage
