@@ -162,7 +162,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) the whole pipeline in this process",
                        description="Run every stage; re-running the same --name resumes.")
     add_run_args(r)
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    from kdp.config import Runtime
+    from kdp.flags import add_dataclass_args
+
+    add_dataclass_args(r, Runtime, only=("device",))  # the Ray job's devices are Ray's to assign
     r.set_defaults(fn=_run)
     s = sub.add_parser("show", help="print a preset's full config as JSON")
     s.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)}")

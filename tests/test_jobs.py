@@ -31,8 +31,10 @@ TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "clas
         "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=50",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "50", "--quiet"]
-# the smoke preset with shorter baseline and surrogate training (they still run as Ray tasks / a trainer)
-SMOKE_FAST = ["--set", "nrp.epochs=1", "--set", "soap.epochs=3", "--set", "surrogate.epochs=3"]
+# the smoke preset on 1024 training images and 100 test images, with shorter baseline and surrogate
+# training: every stage still runs through Ray, with the whole attack suite
+SMOKE_FAST = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "nrp.epochs=1",
+              "--set", "soap.epochs=3", "--set", "surrogate.epochs=3"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,23 @@ def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
     raise TimeoutError(f"no matching event in {run_dir / 'stages.jsonl'}")
 
 
+def _latest_checkpoint_epoch(train_run: Path) -> int:
+    """The epoch of the last checkpoint Ray Train's controller has recorded for a run (0: none)."""
+    try:
+        snap = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
+
+
+def _wait_until(pred, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
 def _in_flight(events) -> list[int]:
     """How many CPU-bound stages (all but the driver-side JPEG and evaluation) were in flight
     after each started / finished event, in the event log's own order."""
@@ -109,7 +128,7 @@ def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subs
     time, but never more at once than the head's 2 CPUs; a quiet console, each stage's own log."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ADDRESS, "--submission-id", "kdp-cli-smoke",
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
-           "--", *_entrypoint(tmp_path, "smoke", "--quiet", *SMOKE_FAST, data=cifar_subset_dir).split()]
+           "--", *_entrypoint(tmp_path, "smoke", *SMOKE_FAST, data=cifar_subset_dir).split()]
     proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert client.get_job_status("kdp-cli-smoke").value == "SUCCEEDED"
@@ -117,7 +136,7 @@ def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subs
     counts = df.groupby("threat_model").size().to_dict()
     assert counts == {"classifier": 9 * 7, "full": 9 * 2, "transfer": 9 * 2}
     assert df["check.eval_mode"].all() and df.loc[df.threat_model == "full", "check.grad_nonzero"].all()
-    assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.3
+    assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.2  # 1024 training images: well above chance (0.1)
     events = _events(tmp_path / "smoke")
     assert {"baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"} <= {
         e["stage"] for e in events if e["status"] == "finished"}
@@ -142,7 +161,8 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
                             runtime_env=_runtime_env(), submission_id="kdp-fault")
     victim = _wait_for(run, lambda e: e["stage"] == "teacher_at" and e["status"] == "epoch_start"
                        and e["epoch"] == 1)
-    os.kill(victim["pid"], signal.SIGKILL)  # as epoch 1 starts: epoch 0's checkpoint is reported
+    _wait_until(lambda: _latest_checkpoint_epoch(tmp_path / "ray" / "fault-teacher_at") >= 1)
+    os.kill(victim["pid"], signal.SIGKILL)  # in epoch 1, once Train has recorded epoch 0's checkpoint
     assert _wait(client, job) == "SUCCEEDED", _logs(client, job)
     starts = [e for e in _events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_start"]
     after = [e for e in starts if e["pid"] != victim["pid"] and e["time"] > victim["time"]]
