@@ -30,7 +30,7 @@ from kdp.results import make_rows, write_results
 from kdp.stages.aes import AES, ae_cache_key, make_training_aes
 from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
 from kdp.stages.classifier import classifier_recipe
-from kdp.stages.common import finished, log_stage
+from kdp.stages.common import epoch_logger, finished, fit_local, log_stage
 from kdp.stages.evaluate import evaluate, finalize, merge_rows
 from kdp.stages.purifier import student_recipe, teacher_recipe
 
@@ -168,9 +168,6 @@ class Run:
     _offset: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def log_dir(self) -> Path:
-        return self.run_dir
-
     def say(self, msg: str) -> None:
         """One console line, after the epoch lines logged before it (stages print from threads)."""
         with self._lock:
@@ -251,7 +248,7 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     done, make = (lambda: is_done(stage, out)), (lambda: ex.execute(stage, inputs, out, run))
     if run.guard is not None:
         return run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
-    return ensure(out, done, make, run.log_dir(), stage.name, None, run.say, lock=False, skip="skipped",
+    return ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",
                   resumed=ex.partial(stage, out, run))
 
 
@@ -302,11 +299,9 @@ class LocalExecutor:
         return state_path(out).exists()
 
     def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
-        from kdp.stages.common import epoch_logger, fit_local
-
         if stage.kind == "train":
             return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out), stage.name,
-                             epoch_logger(run.log_dir(), stage.name, epochs=stage.config.epochs))
+                             epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs))
         if stage.kind == "task":
             return TASKS[stage.fn](stage.config, inputs, out, run.data, run.rt)
         return DRIVER[stage.fn](stage, inputs, out, run, self)

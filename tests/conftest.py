@@ -208,7 +208,7 @@ def ray_head(gcs_port: int, dashboard_port: int, env_vars: dict, num_cpus: int =
     gcs_port + 1 (Ray client server) and dashboard_port + 1 (dashboard agent HTTP), and random
     metrics ports, so Ray's defaults (10001, 52365, 44217, 44227) stay free for a cluster of
     your own: with 52365 taken, the head could not run jobs ("No available agent"). Teardown
-    stops only the processes this head started (stop_head): never `ray stop`, never by name."""
+    signals only the processes this head started (stop_head), by pid and process group."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **env_vars, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "AUTOSCALER_METRIC_PORT": "0",

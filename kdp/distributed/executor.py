@@ -130,7 +130,7 @@ class RayExecutor:
         broken run is moved aside (logged) and the stage starts over rather than failing."""
         loop_config = {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config),
                        "data": flatten(run.cfg.data), "runtime": dataclasses.asdict(run.rt),
-                       "run_dir": str(run.log_dir()), "inputs": {k: str(v) for k, v in inputs.items()},
+                       "run_dir": str(run.run_dir), "inputs": {k: str(v) for k, v in inputs.items()},
                        "out": str(out), "log_file": _log_file(run, stage.name)}
         name, storage = _run_name(out), run.storage
         resumed = (storage / name).exists()
@@ -141,7 +141,7 @@ class RayExecutor:
                 raise
             aside = storage / f"{name}.broken-{int(time.time())}"
             os.rename(storage / name, aside)
-            log_stage(run.log_dir(), stage.name, "resume_failed", error=f"{type(e).__name__}: {e}"[:500],
+            log_stage(run.run_dir, stage.name, "resume_failed", error=f"{type(e).__name__}: {e}"[:500],
                       moved_to=str(aside))
             self._trainer(stage, loop_config, name, storage).fit()
         if not is_complete(out):

@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from kdp.checkpoint import is_complete, read_meta
+from kdp.checkpoint import is_complete, read_meta, save_checkpoint
 from kdp.config import flatten
-from kdp.train import epoch_batches, fit, train_epoch
+from kdp.provenance import provenance
+from kdp.train import epoch_batches, fit, resolve_device, train_epoch
 
 
 class StageConflict(ValueError):
@@ -78,9 +79,6 @@ def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=Non
 
 def save_recipe(out: Path, cfg, recipe: Recipe, history: list[dict], rt) -> Path:
     """The stage's self-describing checkpoint directory, the same from every executor."""
-    from kdp.checkpoint import save_checkpoint
-    from kdp.provenance import provenance
-
     module, spec, metrics = recipe.finish(history)
     return save_checkpoint(out, module, spec, flatten(cfg), metrics, provenance(rt))
 
@@ -89,8 +87,6 @@ def fit_local(build, cfg, inputs: dict, data, out: Path, rt, state_path: Path | 
               on_epoch=None) -> Path:
     """Build a recipe and train it in this process (resuming from state_path); skip a stage
     whose checkpoint is already finished with this config."""
-    from kdp.train import resolve_device
-
     out = Path(out)
     if finished(out, flatten(cfg)):
         return out
