@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from kdp.events import read_events
+
 
 def _epoch_span(run_dir: Path, stage: str, epochs: int) -> float:
-    events = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     ev = [e for e in events if e["stage"] == stage and e.get("rank", 0) == 0]
     start = min(e["time"] for e in ev if e["status"] == "epoch_start")
     end = max(e["time"] for e in ev if e["status"] == "epoch_end")

@@ -1,6 +1,6 @@
 """The README's two ways to run the smoke pipeline, back to back on this machine: `kdp run`
 (in-process executor) and `jobs/pipeline.py` (Ray executor on a fresh local Ray). Writes wall
-times, their ratio, console line counts and per-stage times (from stages.jsonl) to JSON.
+times, their ratio, console line counts and per-stage times (from the run's events) to JSON.
 
     python benchmarks/ray_vs_local.py --data-dir ../shared/data/cifar10-subset \\
         --json docs/runs/ray_vs_local-cpu2.json
@@ -17,12 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdp.events import read_events
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_times(run_dir: Path) -> dict:
     """{stage: {"seconds": s, "start": offset from the first event}} of each finished stage."""
-    events = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     t0 = events[0]["time"]
     return {e["stage"]: {"seconds": round(e["seconds"], 1), "start": round(e["start"] - t0, 1)}
             for e in events if e["status"] == "finished"}

@@ -41,9 +41,11 @@ def main(argv=None) -> int:
         return 2
     connect(args.address, args.verbose)
     from kdp.distributed.executor import RayExecutor
+    from kdp.distributed.nodes import check_shared_storage
     from kdp.pipeline import run_pipeline
 
     try:
+        check_shared_storage(Path(args.out).expanduser().resolve())
         print_results(run_pipeline(cfg, args.out, rt, args.classifier, executor=RayExecutor(scale)))
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)

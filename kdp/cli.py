@@ -151,8 +151,10 @@ def run_errors():
     """The exceptions that mean bad input: reported as one line, exit code 2."""
     from kdp.checkpoint import CheckpointError
     from kdp.data import DataError
+    from kdp.distributed.config import StorageError
+    from kdp.locks import LockTimeout
 
-    return (ValueError, DataError, CheckpointError, FileNotFoundError)
+    return (ValueError, DataError, CheckpointError, FileNotFoundError, StorageError, LockTimeout)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdp.locks import held
+
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -195,10 +197,13 @@ def load_image_folder(root: Path) -> Cifar:
 
 
 def download_cifar(root: Path = DEFAULT_ROOT) -> Path:
-    """Fetch CIFAR-10 the torchvision way (needs internet); returns the batch directory."""
+    """Fetch CIFAR-10 the torchvision way (needs internet); returns the batch directory. One
+    process downloads, under a lock; the others wait, then find it complete (md5-checked)."""
     from torchvision.datasets import CIFAR10
 
-    CIFAR10(str(root), train=True, download=True)
+    root = Path(root)
+    with held(root / ".download.lock", "downloading CIFAR-10"):
+        CIFAR10(str(root), train=True, download=True)
     return root / BATCH_DIR
 
 

@@ -13,8 +13,6 @@ in-process executor: one stage at a time; Ray: what the cluster fits), logs each
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -25,6 +23,8 @@ from typing import Any, Callable
 from kdp.checkpoint import read_meta
 from kdp.config import PipelineConfig, Runtime, flatten
 from kdp.data import Cifar
+from kdp.events import EventTail
+from kdp.locks import held
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages.aes import AES, ae_cache_key, make_training_aes
@@ -44,7 +44,7 @@ SIDE_PRIORITY = ("soap", "surrogate", "nrp", "jpeg")
 class Stage:
     """One node of the graph."""
     name: str
-    """Stage name: its directory under the run, its line in stages.jsonl, its Ray Train run."""
+    """Stage name: its directory under the run, its events, its Ray Train run."""
     kind: str
     """'train', 'task' or 'driver' (see the module docstring)."""
     fn: str
@@ -151,7 +151,7 @@ class Run:
     data: Cifar
     rt: Runtime
     run_dir: Path
-    """stages.jsonl, per-stage state files and logs live here."""
+    """The event log (events/), per-stage state files and logs live here."""
     place: Callable[[Stage, dict], Path]
     """(stage, inputs) -> its output path."""
     graph: list[Stage] = field(default_factory=list)
@@ -165,7 +165,7 @@ class Run:
     storage: Path | None = None
     """Ray Train runs go under here (Ray executor)."""
     t_start: float = field(default_factory=time.time)
-    _offset: int = 0
+    _events: EventTail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def say(self, msg: str) -> None:
@@ -180,16 +180,8 @@ class Run:
 
     def _tail(self) -> None:
         """Print each new epoch_end event of rank 0 as one progress line (unless rt.progress is off)."""
-        path = self.run_dir / "stages.jsonl"
-        if not path.exists():
-            return
-        with open(path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n") + 1
-        self._offset += end
-        for line in chunk[:end].decode().splitlines():
-            e = json.loads(line)
+        self._events = self._events or EventTail(self.run_dir)
+        for e in self._events.new():
             if e.get("status") == "epoch_end" and e.get("rank", 0) == 0 and self.rt.progress:
                 m = e.get("metrics", {})
                 vals = " ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("epoch", "seconds"))
@@ -206,10 +198,12 @@ def is_done(stage: Stage, out: Path) -> bool:
 
 
 def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str, who: str | None,
-           log=print, lock: bool = True, skip: str = "reused", resumed: bool = False) -> Path:
+           log=print, lock: bool = True, skip: str = "reused", resumed: bool = False,
+           lock_timeout_s: float | None = None) -> Path:
     """Return `out`, making it with make() unless done(); log skipped/started/finished once.
-    With `lock`, concurrent callers serialize on an exclusive flock of `<out>.lock`: one makes,
-    the rest wait and then reuse it. A lock dies with its process; artifacts appear by rename."""
+    With `lock`, concurrent callers serialize on an exclusive lock of `<out>.lock`: one makes,
+    the rest wait (at most lock_timeout_s, then fail naming the holder) and reuse it. A lock
+    dies with its process; artifacts appear by rename."""
     by = {"by": who} if who else {}
     if done():
         log_stage(log_dir, stage, skip, path=str(out), **by)
@@ -217,13 +211,8 @@ def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_di
         return out
     if not lock:
         return _make(out, make, log_dir, stage, by, log, resumed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"[{stage}] another trial is making it; waiting")
-            fcntl.flock(f, fcntl.LOCK_EX)
+    with held(out.parent / f"{out.name}.lock", f"{who or ''} making {stage}".strip(), lock_timeout_s,
+              on_wait=lambda h: log(f"[{stage}] {h} is making it; waiting")):
         if done():
             log_stage(log_dir, stage, skip, path=str(out), **by)
             return out

@@ -7,7 +7,8 @@ finished stages are skipped and a half-done stage continues from its last finish
 Layout under the output root:
     cache/aes/<key>/            training AEs, shared by every run under this root
     <run>/config.json           the PipelineConfig
-    <run>/stages.jsonl          one line per stage start / skip / finish and per epoch
+    <run>/events/*.jsonl        one line per stage start / skip / finish and per epoch, a file
+                                per writing process (read them with kdp.events.read_events)
     <run>/classifier/, teacher_at/, teacher_nt/, student_<variant>/   checkpoints
     <run>/surrogate/, baseline_<jpeg|nrp|soap>/   the transfer surrogate and the baselines
     <run>/state/<stage>.pt      per-epoch training state of unfinished stages (in-process)

@@ -9,8 +9,8 @@ only trains its student and evaluates it; everything it depends on is shared:
     <out>/<sweep>/shared/teacher_nt-<key>/        once (NT does not depend on eps)
     <out>/<sweep>/shared/aes/<key>/               training AEs, once per eps
     <out>/<sweep>/shared/teacher_at-<key>/        once per eps
-    <out>/<sweep>/shared/stages.jsonl             which trial made or reused what, when
-    <out>/<sweep>/stages.jsonl                    each trial's start, finish (or skip)
+    <out>/<sweep>/shared/events/                  which trial made or reused what, when
+    <out>/<sweep>/events/                         each trial's start, finish (or skip)
     <out>/<sweep>/trials/<trial_id>/student/      the trial's own student
     <out>/results/sweep_id=<sweep>/trial-<trial_id>-<uuid>.parquet   one file per trial
 
@@ -85,6 +85,8 @@ class SweepConfig:
     """Trials in flight at once; 0: as many as the cluster's CPUs fit training workers."""
     share: bool = True
     """Reuse the classifier, teachers and AEs across trials (False: the naive sweep, for benchmarks)."""
+    lock_timeout_s: float = 24 * 3600.0
+    """Longest wait for another trial making a shared artifact; then the trial fails naming it."""
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -100,6 +102,7 @@ class SweepConfig:
             self._check_dim(dim)
         _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         _check(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
+        _check(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
 
     def _check_dim(self, dim: str) -> None:
         v = getattr(self, dim)
@@ -232,12 +235,13 @@ def trial_place(root: Path, trial_dir: Path, data: Cifar, results_file: Path):
     return place
 
 
-def trial_guard(root: Path, trial_dir: Path, who: str, log):
+def trial_guard(root: Path, trial_dir: Path, who: str, log, lock_timeout_s: float | None = None):
     """Shared artifacts are made under a lock by the first trial that needs them and reused by
-    the others (logged in <root>/stages.jsonl); the trial's own stages need no lock."""
+    the others (logged in <root>/events/); the trial's own stages need no lock."""
     def guard(out, done, make, stage, resumed):
         own = not out.is_relative_to(root)
-        return ensure(out, done, make, trial_dir if own else root, stage, who, log, lock=not own, resumed=resumed)
+        return ensure(out, done, make, trial_dir if own else root, stage, who, log, lock=not own, resumed=resumed,
+                      lock_timeout_s=lock_timeout_s)
     return guard
 
 
@@ -246,9 +250,10 @@ def trial_results(results_root: Path, sweep: str, trial_id: str) -> list[Path]:
 
 
 def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id: str, ex, data: Cifar,
-              rt: Runtime = Runtime(), share: bool = True, log=print) -> Path:
+              rt: Runtime = Runtime(), share: bool = True, log=print, lock_timeout_s: float | None = None) -> Path:
     """One trial through the pipeline's graph with executor `ex`: train its student (reusing
-    shared inputs) and write its results file. A trial whose results file exists is done: it
+    shared inputs, waiting at most lock_timeout_s for another trial making one) and write its
+    results file. A trial whose results file exists is done: it
     is returned untouched."""
     out_root = Path(out_root)
     sweep_dir, results_root = out_root / base.name, out_root / "results"
@@ -265,7 +270,7 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     results = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
     run = Run(cfg, data, rt, trial_dir, trial_place(root, trial_dir, data, results),
               graph=pipeline_graph(cfg, evaluated=(variant,)), log=log, extra=trial_columns(params, trial_id),
-              guard=trial_guard(root, trial_dir, trial_id, log), storage=sweep_dir / "ray", t_start=t0)
+              guard=trial_guard(root, trial_dir, trial_id, log, lock_timeout_s), storage=sweep_dir / "ray", t_start=t0)
     outputs = run_graph(run, ex)
     write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
         k: str(v) for k, v in outputs.items() if k != "evaluate"}, "config": json.loads(json.dumps(

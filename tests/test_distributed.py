@@ -1,7 +1,6 @@
 """The Ray executor on an embedded local Ray (no head, no job server): a training stage as a
 Ray Train run, an unresumable run moved aside, both executors writing the same checkpoints,
 and the scheduler's room check."""
-import json
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 from kdp.checkpoint import load_checkpoint, read_meta
 from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
 from kdp.data import load_cifar
+from kdp.events import read_events
 from kdp.graph import LocalExecutor, Run, Stage, run_graph
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -24,7 +24,7 @@ def local_ray():
 
 
 def _events(run_dir):
-    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 def _run_one(ex, stage: Stage, root, data_cfg: DataConfig) -> tuple:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ray_head
+from kdp.events import read_events
 from kdp.results import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -80,8 +81,7 @@ def _wait(client, job_id: str, timeout: float = 600) -> str:
 
 
 def _events(run_dir: Path) -> list[dict]:
-    path = run_dir / "stages.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_events(run_dir)
 
 
 def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
@@ -91,7 +91,7 @@ def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
             if pred(e):
                 return e
         time.sleep(0.1)
-    raise TimeoutError(f"no matching event in {run_dir / 'stages.jsonl'}")
+    raise TimeoutError(f"no matching event under {run_dir / 'events'}")
 
 
 def _latest_checkpoint_epoch(train_run: Path) -> int:

@@ -8,6 +8,7 @@ import pytest
 
 from kdp import cli
 from kdp.attacks import LINF_EPS, PAPER_SUITE
+from kdp.events import read_events
 from kdp.results import SCHEMA, load, table1
 
 pytestmark = pytest.mark.slow  # one module-scoped smoke run (minutes) feeds every test
@@ -19,7 +20,7 @@ SMOKE_FULL = SMOKE_TRANSFER = {"pgd8", "fgsm"}
 
 
 def _stages(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 @pytest.fixture(scope="module")

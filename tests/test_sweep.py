@@ -2,7 +2,6 @@
 trials run in this process on tiny models (sharing, one results file per trial, resume)."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -12,8 +11,9 @@ import pytest
 
 from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
                         TeacherConfig)
-from kdp.results import SCHEMA, load
+from kdp.events import read_events
 from kdp.graph import LocalExecutor
+from kdp.results import SCHEMA, load
 from kdp.sweep import (Range, ensure, load_sweep_file, parse_dim, run_trial, sweep_from_dict,
                        trial_config)
 
@@ -93,7 +93,7 @@ def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_pa
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [out] * 4
-    events = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    events = read_events(tmp_path)
     assert sorted(e["status"] for e in events) == ["finished", "reused", "reused", "reused", "started"]
 
     other = tmp_path / "other"
@@ -117,7 +117,7 @@ def _tiny_base(name="sw") -> PipelineConfig:
 
 
 def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_events(path)
 
 
 def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
@@ -127,7 +127,7 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
     files = [run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet),
              run_trial(base, {**p, "variant": "at_only"}, tmp_path, "t1", be, tiny_data, **quiet),
              run_trial(base, {**p, "variant": "kd_at", "eps": 4 / 255}, tmp_path, "t2", be, tiny_data, **quiet)]
-    shared = _events(tmp_path / "sw" / "shared" / "stages.jsonl")
+    shared = _events(tmp_path / "sw" / "shared")
     made = {}
     for e in shared:
         if e["status"] == "finished":
@@ -145,7 +145,7 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
     before = {f: f.stat().st_mtime_ns for f in files}
     again = run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet)
     assert again == files[0] and {f: f.stat().st_mtime_ns for f in files} == before
-    assert _events(tmp_path / "sw" / "stages.jsonl")[-1]["status"] == "skipped"
+    assert _events(tmp_path / "sw")[-1]["status"] == "skipped"
 
 
 def test_naive_trials_train_their_own_inputs(tmp_path, tiny_data):

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import ray_head
+from kdp.events import read_events
 from kdp.results import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -41,13 +42,13 @@ def _cmd(out: Path, *args: str) -> list[str]:
 
 
 def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_events(path)
 
 
 def _made(sweep_dir: Path) -> dict[str, int]:
     """How many times each shared stage was made (finished), from the sweep's own log."""
     counts: dict[str, int] = {}
-    for e in _events(sweep_dir / "shared" / "stages.jsonl"):
+    for e in _events(sweep_dir / "shared"):
         if e["status"] == "finished":
             counts[e["stage"]] = counts.get(e["stage"], 0) + 1
     return counts
@@ -112,7 +113,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(head, tmp_path, 
     finished = {p.stem.split("-")[1] for p in done}  # trial-<trial_id>-<uuid>.parquet
     assert len(finished) == len(done) and finished <= set(df.trial_id)
     sweep_dir = tmp_path / "kill"
-    later = [e for e in _events(sweep_dir / "shared" / "stages.jsonl") + _events(sweep_dir / "stages.jsonl")
+    later = [e for e in _events(sweep_dir / "shared") + _events(sweep_dir)
              if e["time"] > killed_at and e.get("by") in finished]
     assert all(e["status"] == "skipped" for e in later), f"finished trials did work again: {later}"
     made = _made(sweep_dir)

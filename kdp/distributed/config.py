@@ -11,11 +11,19 @@ from kdp.config import _check, _positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
 
 
+class StorageError(RuntimeError):
+    """A node does not see the storage the job writes to (not a shared filesystem)."""
+
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
 @dataclass(frozen=True)
 class ScaleConfig:
     """How the distributed layer places work on a Ray cluster; not part of an experiment's identity."""
     num_workers: int = 1
-    """Data-parallel workers per training stage (each stage gets its own group)."""
+    """Data-parallel workers per training stage. One is the default: spare GPUs run independent
+    stages and sweep trials at once, which pays more than DDP for a 0.85M-parameter model."""
     use_gpu: bool = False
     """One GPU per worker and per task."""
     cpus_per_worker: float = 1.0
@@ -28,12 +36,27 @@ class ScaleConfig:
     """Ray Train checkpoints kept per stage (the last k)."""
     eval_shard_size: int = 512
     """Test images per evaluation task (rounded up to the eval batch size)."""
+    backend: str = "auto"
+    """torch.distributed backend of the workers: auto (nccl with --use-gpu, else gloo), nccl or gloo."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
         _check(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
         _check(not self.use_gpu or self.gpus_per_worker > 0,
                f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+        _check(self.backend in BACKENDS, f"ScaleConfig.backend must be one of {', '.join(BACKENDS)}, "
+               f"got {self.backend!r}")
+        _check(self.backend != "nccl" or self.use_gpu, "ScaleConfig.backend nccl needs --use-gpu")
+        _check(not (self.torch_backend == "nccl" and self.num_workers > 1 and self.gpus_per_worker < 1),
+               f"ScaleConfig.gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: "
+               "NCCL refuses two ranks on one GPU (use whole GPUs, one worker, or --backend gloo)")
+
+    @property
+    def torch_backend(self) -> str:
+        """The backend workers use: nccl or gloo."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.use_gpu else "gloo"
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:

@@ -13,22 +13,27 @@ skips it; a half-done stage's Train run resumes from its last checkpoint (found 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from kdp.checkpoint import is_complete
 from kdp.config import flatten
 from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
-from kdp.distributed.loops import remote_call, train_loop
+from kdp.distributed.loops import STATE, remote_call, train_loop
+from kdp.distributed.nodes import cluster_capacity
 from kdp.graph import DRIVER, TASKS, Run, Stage
 from kdp.stages.common import log_stage
 from kdp.stages.evaluate import shards
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.train.v2._internal.constants)
 
 
 class KdpTrainer(TorchTrainer):
@@ -51,6 +56,7 @@ class RayExecutor:
         self.callbacks = callbacks or (lambda stage: [])
         """stage -> Ray Train callbacks for its run (a Tune trial forwards the student's epochs)."""
         self._refs: dict[int, ray.ObjectRef] = {}
+        self._cap: tuple[float, dict] | None = None
 
     # ---- scheduling
     def demand(self, stage: Stage) -> dict[str, float]:
@@ -64,16 +70,22 @@ class RayExecutor:
         return need
 
     def has_room(self, stage: Stage, running: list[Stage]) -> bool:
-        """Fits beside this run's stages in flight; with nothing in flight always start (Ray queues
-        it, and an autoscaler sees the demand)."""
+        """Fits beside this run's stages in flight in the cluster at its largest (an autoscaler
+        starts nodes for what is queued); with nothing in flight always start."""
         need = self.demand(stage)
         if not running or not need:
             return True
-        total = ray.cluster_resources()
+        total = self._capacity()
         for s in running:
             for k, v in self.demand(s).items():
                 need[k] = need.get(k, 0) + v
         return all(v <= total.get(k, 0) + 1e-9 for k, v in need.items())
+
+    def _capacity(self) -> dict[str, float]:
+        """cluster_capacity(), asked at most every few seconds (the scheduler polls twice a second)."""
+        if self._cap is None or time.monotonic() - self._cap[0] > 5:
+            self._cap = (time.monotonic(), cluster_capacity())
+        return self._cap[1]
 
     def task_options(self, **extra) -> dict:
         """DEFAULT scheduling: a task started from a Tune trial must not be captured by the
@@ -119,6 +131,7 @@ class RayExecutor:
             train_loop, train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers if stage.parallel else 1,
                                                    use_gpu=s.use_gpu, resources_per_worker=resources),
+            torch_config=TorchConfig(backend=s.torch_backend),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=str(storage), callbacks=list(self.callbacks(stage)),
                 failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
@@ -126,27 +139,43 @@ class RayExecutor:
 
     def _fit(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
         """trainer.fit(), resuming the stage's Train run if one exists. Ray writes its run snapshot
-        in place, so a driver killed mid-write can leave one that cannot be resumed: then the
-        broken run is moved aside (logged) and the stage starts over rather than failing."""
+        in place, so a driver killed mid-write can leave one that cannot be resumed: such a run
+        is moved aside (logged) before fit() and the stage starts over. Any other failure is
+        raised as it is, and the run is kept for the next try."""
         loop_config = {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config),
                        "data": flatten(run.cfg.data), "runtime": dataclasses.asdict(run.rt),
                        "run_dir": str(run.run_dir), "inputs": {k: str(v) for k, v in inputs.items()},
                        "out": str(out), "log_file": _log_file(run, stage.name)}
         name, storage = _run_name(out), run.storage
-        resumed = (storage / name).exists()
-        try:
-            self._trainer(stage, loop_config, name, storage).fit()
-        except Exception as e:  # noqa: BLE001 - any failure of a resumed run gets one fresh try
-            if not resumed:
-                raise
+        broken = snapshot_problem(storage / name)
+        if broken is not None:
             aside = storage / f"{name}.broken-{int(time.time())}"
             os.rename(storage / name, aside)
-            log_stage(run.run_dir, stage.name, "resume_failed", error=f"{type(e).__name__}: {e}"[:500],
-                      moved_to=str(aside))
-            self._trainer(stage, loop_config, name, storage).fit()
+            log_stage(run.run_dir, stage.name, "resume_refused", error=broken, moved_to=str(aside))
+            run.say(f"[{stage.name}] cannot resume ({broken}); starting over, old run kept at {aside}")
+        self._trainer(stage, loop_config, name, storage).fit()
         if not is_complete(out):
             raise RuntimeError(f"[{stage.name}] the Train run finished but wrote no checkpoint at {out}")
         return out
+
+
+def snapshot_problem(run_path: Path) -> str | None:
+    """Why the Train run at run_path cannot be resumed, or None (none there, or resumable): its
+    checkpoint_manager_snapshot.json must parse and name checkpoints that exist with a state."""
+    snap = run_path / SNAPSHOT
+    if not snap.exists():
+        return None  # no report yet: Train starts it from scratch
+    try:
+        state = json.loads(snap.read_text())
+        names = [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
+        latest = state.get("latest_checkpoint_result")
+        names += [latest["checkpoint_dir_name"]] if latest else []
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{snap} is unreadable ({type(e).__name__}: {e})"
+    for n in names:
+        if not (run_path / n / STATE).is_file():
+            return f"{snap} names {n}, which has no {STATE}"
+    return None
 
 
 def _run_name(out: Path) -> str:

@@ -23,6 +23,7 @@ from kdp.checkpoint import load_state, save_state
 from kdp.config import (ClassifierConfig, DataConfig, NRPConfig, Runtime, SoapConfig, StudentConfig, TeacherConfig,
                         unflatten)
 from kdp.data import load_cifar
+from kdp.distributed.nodes import see_paths
 from kdp.graph import RECIPES
 from kdp.stages.common import epoch_logger, save_recipe, train_recipe
 
@@ -60,8 +61,11 @@ def captured(path: Path | None):
 
 
 def remote_call(fn, log_file: str | None, *args):
-    """A task's body: threads from its CPUs, output to the stage's log file."""
+    """A task's body: threads from its CPUs, output to the stage's log file (under
+    <run>/logs/, so this node must see the run directory)."""
     use_assigned_cpus()
+    if log_file:
+        see_paths([Path(log_file).parent.parent])
     with captured(Path(log_file) if log_file else None):
         return fn(*args)
 
@@ -96,7 +100,9 @@ def train_loop(c: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_assigned_cpus()
-    device = ray.train.torch.get_device()
+    see_paths([c["run_dir"], *c["inputs"].values()])
+    # a GPU resource without CUDA (a simulated cluster): train on the CPU
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     cfg = unflatten(CONFIGS[c["recipe"]], c["cfg"])
     rt = Runtime(**{**c["runtime"], "device": str(device), "progress": False})
     with captured(Path(c["log_file"])):
@@ -104,6 +110,7 @@ def train_loop(c: dict) -> None:
         recipe = RECIPES[c["recipe"]](cfg, c["inputs"], data, device, rt, rank)
         model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
         history = train_recipe(cfg, recipe, model, rt, c["stage"], store=TrainStore(rank), rank=rank, world=world,
-                               on_epoch=epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world))
+                               on_epoch=epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world,
+                                                     node=ray.get_runtime_context().get_node_id()))
         if rank == 0:
             save_recipe(Path(c["out"]), cfg, recipe, history, rt)

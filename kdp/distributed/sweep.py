@@ -6,8 +6,9 @@ forwarded to Tune (TuneReportCallback, so Tune's own logs and TensorBoard curves
 available), and its evaluation runs as sharded Ray tasks. The
 trial's results become one parquet file; its accuracies are its final Tune report.
 
-Concurrency is bounded by the cluster: at most as many trials in flight as the cluster's
-CPUs (or GPUs) fit one training worker group each, unless `max_concurrent` says otherwise.
+Concurrency is bounded by the grid and the cluster at its largest (the autoscaler's maximum,
+else what exists): as many trials in flight as its CPUs (or GPUs) fit one training worker
+group each, unless `max_concurrent` says otherwise.
 Resume: Tuner.restore on <out>/<sweep>/tune; finished trials are not re-run, and an
 unfinished trial's student resumes its Ray Train run (its name is deterministic).
 """
@@ -17,13 +18,13 @@ import dataclasses
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import ray
 from ray import tune
 
 from kdp.config import PipelineConfig, Runtime, from_dict
 from kdp.data import load_cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
+from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
@@ -47,13 +48,14 @@ def trial_metrics(path: Path) -> dict:
             for r in rows}
 
 
-def sweep_trial(params: dict, base: dict, out_root: str, scale: dict, rt: dict, share: bool) -> None:
+def sweep_trial(params: dict, base: dict, out_root: str, scale: dict, rt: dict, share: bool,
+                lock_timeout_s: float) -> None:
     """The Tune trainable: one trial of the sweep (see kdp.sweep.run_trial)."""
     cfg = from_dict(PipelineConfig, base)
     trial_id = tune.get_context().get_trial_id()
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
     path = run_trial(cfg, params, out_root, trial_id, trial_executor(ScaleConfig(**scale)), data, Runtime(**rt),
-                     share, log=lambda *_: None)
+                     share, log=lambda *_: None, lock_timeout_s=lock_timeout_s)
     tune.report({**trial_metrics(path), "results_file": str(path)})
 
 
@@ -66,18 +68,23 @@ def param_space(s: SweepConfig) -> dict:
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
-    """Trials in flight: the sweep's setting, else as many worker groups as the cluster fits."""
+    """Trials in flight: the sweep's setting, else as many as the grid has and the cluster at
+    its largest fits one training worker group each (an autoscaling cluster that starts with
+    no workers grows to that, since Tune then queues that many trials' trainers)."""
     if s.max_concurrent:
         return s.max_concurrent
-    res = ray.cluster_resources()
+    res, n = cluster_capacity(), s.grid_size()
     if scale.use_gpu:
-        return max(1, int(res.get("GPU", 0) // (scale.num_workers * scale.gpus_per_worker)))
-    return max(1, int(res.get("CPU", 1) // (scale.num_workers * scale.cpus_per_worker)))
+        fits = res.get("GPU", 0) // (scale.num_workers * scale.gpus_per_worker)
+    else:
+        fits = res.get("CPU", 0) // (scale.num_workers * scale.cpus_per_worker)
+    return int(max(1, min(n, fits)))
 
 
 def _trainable(s: SweepConfig, base: PipelineConfig, out_root: Path, scale: ScaleConfig, rt: Runtime):
     fn = tune.with_parameters(sweep_trial, base=dataclasses.asdict(base), out_root=str(out_root),
-                              scale=dataclasses.asdict(scale), rt=dataclasses.asdict(rt), share=s.share)
+                              scale=dataclasses.asdict(scale), rt=dataclasses.asdict(rt), share=s.share,
+                              lock_timeout_s=s.lock_timeout_s)
     return tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits; workers hold the CPUs
 
 
@@ -89,6 +96,7 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale:
     base = dataclasses.replace(base, name=s.name)
     tune_dir = out_root / s.name / TUNE_DIR
     trainable = _trainable(s, base, out_root, scale, rt)
+    check_shared_storage(out_root)
     if resume:
         if not tune.Tuner.can_restore(str(tune_dir)):
             raise FileNotFoundError(f"{tune_dir}: no sweep to resume there")

@@ -2,9 +2,6 @@
 recipe that one process and a Ray Train worker both run."""
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +11,7 @@ import torch.nn as nn
 
 from kdp.checkpoint import is_complete, read_meta, save_checkpoint
 from kdp.config import flatten
+from kdp.events import log_event
 from kdp.provenance import provenance
 from kdp.train import epoch_batches, fit, resolve_device, train_epoch
 
@@ -35,13 +33,8 @@ def finished(out: Path, config: dict) -> bool:
 
 
 def log_stage(run_dir: Path | None, stage: str, status: str, **extra) -> None:
-    """Append one JSON line to run_dir/stages.jsonl (what ran, was skipped or resumed, when)."""
-    if run_dir is None:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"stage": stage, "status": status, "time": time.time(), "pid": os.getpid(), **extra})
-    with open(run_dir / "stages.jsonl", "a") as f:  # one short O_APPEND write per line
-        f.write(line + "\n")
+    """One event in run_dir's event log (kdp.events): what ran, was skipped or resumed, when."""
+    log_event(run_dir, stage, status, **extra)
 
 
 @dataclass
@@ -95,9 +88,10 @@ def fit_local(build, cfg, inputs: dict, data, out: Path, rt, state_path: Path | 
     return save_recipe(out, cfg, recipe, history, rt)
 
 
-def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1):
-    """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in stages.jsonl."""
-    where = {"epochs": epochs, "rank": rank, "world": world}
+def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1, **tags):
+    """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in the
+    run's event log; `tags` (e.g. the Ray node id) go into every event."""
+    where = {"epochs": epochs, "rank": rank, "world": world, **tags}
 
     def on_epoch(epoch, metrics):
         if metrics is None:

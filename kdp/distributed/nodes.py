@@ -1,0 +1,76 @@
+"""What the cluster is made of: how large it can grow, and whether every node sees the
+same storage. Both matter on a cluster that is not this laptop: an autoscaling cluster
+starts with no workers (sizing work by what exists now serializes it), and a node that
+failed to mount the shared filesystem writes its checkpoints where no one else looks."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kdp.distributed.config import StorageError
+
+MARKER_DIR = ".kdp-storage"
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The most resources the cluster can have: the autoscaler's node types times their
+    max_workers when Ray knows them (the same bound Ray Train checks), else what it has now."""
+    now = ray.cluster_resources()
+    try:  # private API (Ray is pinned); None without an autoscaler
+        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older GCS without the key: size by what exists
+        most = {}
+    return {k: max(float(now.get(k, 0)), float(most.get(k, 0))) for k in {*now, *most}}
+
+
+def _read_marker(path: str, token: str) -> str | None:
+    """On one node: None if `path` holds `token`, else why not."""
+    try:
+        got = Path(path).read_text()
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None if got == token else "it holds another job's marker"
+
+
+def alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_storage(root: Path, timeout_s: float = 120.0) -> int:
+    """Write a marker under `root`, read it back with one task on every alive node, and raise
+    StorageError naming the first node that cannot (its address and id, and the path).
+    Returns the number of nodes checked. Nodes that join later are checked by each stage,
+    which refuses to start where its inputs are missing (`see_paths`)."""
+    root = Path(root)
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    marker = root / MARKER_DIR / f"{uuid.uuid4().hex}.txt"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(token)
+    os.replace(tmp, marker)
+    try:
+        nodes = alive_nodes()
+        read = ray.remote(_read_marker)
+        refs = [read.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), token) for n in nodes]
+        for n, why in zip(nodes, ray.get(refs, timeout=timeout_s)):
+            if why is not None:
+                raise StorageError(f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) cannot read {marker} "
+                                   f"({why}): every node must mount the same storage at {root}")
+        return len(nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def see_paths(paths) -> None:
+    """In a worker or task: refuse to run on a node that does not see the run's files."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        node = ray.get_runtime_context().get_node_id()
+        raise StorageError(f"node {ray.util.get_node_ip_address()} ({node[:12]}) cannot see {missing[0]}: "
+                           "every node must mount the same storage")
