@@ -7,6 +7,7 @@
 #   make test                                  # the whole suite (README: "Run the tests")
 #   make test PYTEST_ARGS='-m "not slow"'      # any pytest arguments
 #   make test-fast                             # the fast lane: pytest -m "not slow"
+#   make test-cluster                          # the simulated multi-node cluster: pytest -m cluster
 #   make install                               # only set up .venv
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 ARGS ?= --preset smoke --data-dir ../shared/data/cifar10-subset --out runs
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast install
+.PHONY: run test test-fast test-cluster install
 
 run: $(STAMP)
 	$(VENV)/bin/python jobs/pipeline.py $(ARGS)
@@ -25,6 +26,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-cluster: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m cluster $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -2,6 +2,10 @@
 Ray Train run, an unresumable run moved aside, both executors writing the same checkpoints,
 and the scheduler's room check."""
 
+import dataclasses
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -59,7 +63,8 @@ def test_a_training_stage_runs_as_a_train_run_and_writes_a_core_checkpoint(local
 
 
 def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_path, cifar_subset_dir):
-    """A run snapshot truncated by a killed driver must not fail the stage forever."""
+    """A run snapshot truncated by a killed driver must not fail the stage forever: it is
+    refused before fit(), moved aside, and the stage starts over."""
     from kdp.distributed.config import ScaleConfig
     from kdp.distributed.executor import RayExecutor
 
@@ -70,8 +75,48 @@ def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_pa
                         DataConfig(str(cifar_subset_dir), n_train=64, n_test=16))
     assert [h["epoch"] for h in read_meta(out)["metrics"]["history"]] == [1]
     statuses = [e["status"] for e in _events(run) if e["stage"] == "teacher_nt"]
-    assert "resumed" in statuses and statuses.count("resume_failed") == 1
+    assert "resumed" in statuses and statuses.count("resume_refused") == 1
     assert list((tmp_path / "storage").glob("run-teacher_nt.broken-*"))
+
+
+def test_a_resumed_run_that_fails_raises_its_error_and_is_kept(local_ray, tmp_path, cifar_subset_dir):
+    """A valid snapshot is resumed; a failure then (here: the worker cannot see an input) is
+    raised with its own message, and the Train run is not moved aside or restarted."""
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+
+    data_cfg = DataConfig(str(cifar_subset_dir), n_train=64, n_test=16)
+    out, run_dir = _run_one(RayExecutor(ScaleConfig(max_failures=0)), _nt(1), tmp_path, data_cfg)
+    train_run = tmp_path / "storage" / "run-teacher_nt"
+    snapshot = (train_run / "checkpoint_manager_snapshot.json").read_text()
+    shutil.rmtree(out)  # the stage is not done, its Train run is resumable
+    stage = dataclasses.replace(_nt(1), needs=("classifier",))
+    run = Run(PipelineConfig(data=data_cfg), load_cifar(str(cifar_subset_dir), 64, 16), CPU, run_dir,
+              lambda s, inputs: run_dir / s.name, graph=[stage], given={"classifier": tmp_path / "nowhere"},
+              storage=tmp_path / "storage", log=lambda *_: None)
+    with pytest.raises(Exception, match=r"cannot see .*nowhere"):
+        run_graph(run, RayExecutor(ScaleConfig(max_failures=0)))
+    assert not list((tmp_path / "storage").glob("run-teacher_nt.broken-*"))
+    assert train_run.is_dir() and (train_run / "checkpoint_manager_snapshot.json").read_text() == snapshot
+    assert "resume_refused" not in {e["status"] for e in _events(run_dir)}
+
+
+def test_snapshot_problem_names_what_is_wrong(tmp_path):
+    from kdp.distributed.executor import snapshot_problem
+
+    run = tmp_path / "run"
+    assert snapshot_problem(run) is None  # nothing to resume
+    run.mkdir()
+    assert snapshot_problem(run) is None  # no report yet: Train starts it afresh
+    snap = run / "checkpoint_manager_snapshot.json"
+    snap.write_text("{")
+    assert "unreadable" in snapshot_problem(run)
+    entry = {"checkpoint_dir_name": "checkpoint_1"}
+    snap.write_text(json.dumps({"checkpoint_results": [entry], "latest_checkpoint_result": entry}))
+    assert "names checkpoint_1, which has no state.pt" in snapshot_problem(run)
+    (run / "checkpoint_1").mkdir()
+    (run / "checkpoint_1" / "state.pt").write_bytes(b"x")
+    assert snapshot_problem(run) is None
 
 
 def _structure(meta: dict) -> dict:
@@ -129,4 +174,25 @@ def test_the_scheduler_starts_only_what_the_cluster_fits(monkeypatch):
     assert wide.demand(serial) == {"CPU": 1.0}
     gpu = RayExecutor(ScaleConfig(use_gpu=True))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
-    assert not gpu.has_room(one, [one]) and gpu.task_options()["max_calls"] == 1
+    assert not gpu.has_room(one, [one])  # one GPU: the second GPU stage waits
+
+
+def test_sizing_uses_the_cluster_at_its_largest(monkeypatch):
+    """Under an autoscaler without a published maximum every stage may queue; a sweep runs as
+    many trials as the grid has and the cluster fits at its largest."""
+    from kdp.distributed import executor, sweep
+    from kdp.distributed.config import ScaleConfig
+    from kdp.sweep import SweepConfig
+
+    one = _nt(1)
+    monkeypatch.setattr(executor, "cluster_capacity", lambda: None)
+    assert executor.RayExecutor(ScaleConfig(use_gpu=True)).has_room(one, [one] * 5)
+    grid = SweepConfig(variants=("kd_at", "kd_nt"), beta=(0.25, 0.5))  # 4 trials
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: None)
+    assert sweep.concurrency(grid, ScaleConfig()) == 4
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 0.0, "GPU": 0.0})  # 0-CPU head, no workers
+    assert sweep.concurrency(grid, ScaleConfig()) == 1
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 12.0, "GPU": 3.0})  # the autoscaler's maximum
+    assert sweep.concurrency(grid, ScaleConfig(use_gpu=True)) == 3
+    assert sweep.concurrency(grid, ScaleConfig()) == 4
+    assert sweep.concurrency(SweepConfig(max_concurrent=2), ScaleConfig()) == 2

@@ -15,7 +15,7 @@ def _run(*args):
 def test_help_lists_the_cluster_options():
     out = _run("--help")
     assert out.returncode == 0
-    for flag in ("--num-workers", "--use-gpu", "--address", "--max-failures", "--preset", "ray job submit"):
+    for flag in ("--num-workers", "--use-gpu", "--address", "--max-failures", "--backend", "--preset", "ray job submit"):
         assert flag in out.stdout
 
 
@@ -24,6 +24,9 @@ def test_help_lists_the_cluster_options():
     (("--data-dir", "/no/such/cifar"), "/no/such/cifar"),
     (("--num-workers", "0"), "num_workers"),
     (("--set", "ae.eps=-1"), "-1"),
+    (("--backend", "mpi"), "'mpi'"),
+    (("--backend", "nccl"), "nccl needs --use-gpu"),
+    (("--use-gpu", "--num-workers", "2", "--gpus-per-worker", "0.5"), "NCCL refuses two ranks on one GPU"),
 ])
 def test_bad_input_is_one_line_and_starts_no_ray(args, needle):
     out = _run(*args)
@@ -101,3 +104,11 @@ def test_a_stale_ray_address_file_is_ignored_without_address(tmp_path, cifar_sub
     out = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=420, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "results:" in out.stdout and (tmp_path / "smoke" / "results.parquet").is_file()
+
+
+def test_gloo_makes_fractional_gpus_with_several_workers_allowed():
+    from kdp.distributed.config import ScaleConfig
+
+    s = ScaleConfig(use_gpu=True, num_workers=2, gpus_per_worker=0.5, backend="gloo")
+    assert (s.torch_backend, ScaleConfig().torch_backend, ScaleConfig(use_gpu=True).torch_backend) == (
+        "gloo", "gloo", "nccl")

@@ -56,7 +56,7 @@ class RayExecutor:
         self.callbacks = callbacks or (lambda stage: [])
         """stage -> Ray Train callbacks for its run (a Tune trial forwards the student's epochs)."""
         self._refs: dict[int, ray.ObjectRef] = {}
-        self._cap: tuple[float, dict] | None = None
+        self._cap: tuple = ()
 
     # ---- scheduling
     def demand(self, stage: Stage) -> dict[str, float]:
@@ -76,24 +76,27 @@ class RayExecutor:
         if not running or not need:
             return True
         total = self._capacity()
+        if total is None:  # an autoscaler grows the cluster to what is queued
+            return True
         for s in running:
             for k, v in self.demand(s).items():
                 need[k] = need.get(k, 0) + v
         return all(v <= total.get(k, 0) + 1e-9 for k, v in need.items())
 
-    def _capacity(self) -> dict[str, float]:
+    def _capacity(self) -> dict[str, float] | None:
         """cluster_capacity(), asked at most every few seconds (the scheduler polls twice a second)."""
-        if self._cap is None or time.monotonic() - self._cap[0] > 5:
+        if not self._cap or time.monotonic() - self._cap[0] > 5:
             self._cap = (time.monotonic(), cluster_capacity())
         return self._cap[1]
 
-    def task_options(self, **extra) -> dict:
-        """DEFAULT scheduling: a task started from a Tune trial must not be captured by the
-        trial's tiny placement group (it could never fit there). A GPU task's worker exits after
-        it (max_calls=1), so no CUDA state is left in a reused worker."""
+    def task(self):
+        """remote_call as a Ray task with this scale's resources. DEFAULT scheduling: a task
+        started from a Tune trial must not be captured by the trial's tiny placement group (it
+        could never fit there). A GPU task's worker exits after it (max_calls=1), so no CUDA
+        state is left in a reused worker; Ray takes max_calls only in ray.remote, not options()."""
         gpu = self.scale.gpus_per_worker if self.scale.use_gpu else 0
-        return {"num_cpus": self.scale.cpus_per_worker, "num_gpus": gpu, "scheduling_strategy": "DEFAULT",
-                **({"max_calls": 1} if gpu else {}), **extra}
+        fn = ray.remote(max_calls=1)(remote_call) if gpu else ray.remote(remote_call)
+        return fn.options(num_cpus=self.scale.cpus_per_worker, num_gpus=gpu, scheduling_strategy="DEFAULT")
 
     # ---- running
     def partial(self, stage: Stage, out: Path, run: Run) -> bool:
@@ -103,7 +106,7 @@ class RayExecutor:
         if stage.kind == "train":
             return self._fit(stage, inputs, out, run)
         if stage.kind == "task":
-            fn = ray.remote(remote_call).options(**self.task_options())
+            fn = self.task()
             rt = dataclasses.replace(run.rt, progress=False)
             return ray.get(fn.remote(TASKS[stage.fn], _log_file(run, stage.name), stage.config, inputs, out,
                                      self._ref(run.data), rt))
@@ -113,7 +116,7 @@ class RayExecutor:
         return shards(eval_cfg, n_test, self.scale.eval_shard_size, surrogate)
 
     def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
-        task = ray.remote(remote_call).options(**self.task_options())
+        task = self.task()
         return ray.get([task.remote(fn, log_file, *(self._ref(a) for a in a_)) for a_ in args])
 
     def _ref(self, obj):

@@ -111,6 +111,7 @@ def train_loop(c: dict) -> None:
         model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
         history = train_recipe(cfg, recipe, model, rt, c["stage"], store=TrainStore(rank), rank=rank, world=world,
                                on_epoch=epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world,
-                                                     node=ray.get_runtime_context().get_node_id()))
+                                                     node=ray.get_runtime_context().get_node_id(),
+                                                     node_ip=ray.util.get_node_ip_address()))
         if rank == 0:
             save_recipe(Path(c["out"]), cfg, recipe, history, rt)

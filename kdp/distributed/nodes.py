@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 
 import ray
+from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+from ray.experimental.internal_kv import _internal_kv_get
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdp.distributed.config import StorageError
@@ -17,15 +19,20 @@ from kdp.distributed.config import StorageError
 MARKER_DIR = ".kdp-storage"
 
 
-def cluster_capacity() -> dict[str, float]:
-    """The most resources the cluster can have: the autoscaler's node types times their
-    max_workers when Ray knows them (the same bound Ray Train checks), else what it has now."""
+def cluster_capacity() -> dict[str, float] | None:
+    """The most resources the cluster can have. An autoscaler's maximum when Ray publishes it
+    (autoscaler v2: node types times max_workers, the bound Ray Train checks); None when an
+    autoscaler runs that does not publish it (v1, what `ray up` starts): the cluster grows to
+    what is queued, so plan as if unbounded. Without an autoscaler: what the cluster has."""
+    try:  # private APIs (Ray is pinned)
+        most = ray._private.state.state.get_max_resources_from_cluster_config()
+        autoscaling = _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception:  # noqa: BLE001 - a GCS without these keys: size by what exists
+        most, autoscaling = None, False
     now = ray.cluster_resources()
-    try:  # private API (Ray is pinned); None without an autoscaler
-        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - an older GCS without the key: size by what exists
-        most = {}
-    return {k: max(float(now.get(k, 0)), float(most.get(k, 0))) for k in {*now, *most}}
+    if most:
+        return {k: max(float(now.get(k, 0)), float(most.get(k, 0))) for k in {*now, *most}}
+    return None if autoscaling else {k: float(v) for k, v in now.items()}
 
 
 def _read_marker(path: str, token: str) -> str | None:

@@ -6,9 +6,10 @@ forwarded to Tune (TuneReportCallback, so Tune's own logs and TensorBoard curves
 available), and its evaluation runs as sharded Ray tasks. The
 trial's results become one parquet file; its accuracies are its final Tune report.
 
-Concurrency is bounded by the grid and the cluster at its largest (the autoscaler's maximum,
-else what exists): as many trials in flight as its CPUs (or GPUs) fit one training worker
-group each, unless `max_concurrent` says otherwise.
+Concurrency is bounded by the grid and the cluster at its largest (`cluster_capacity`): as
+many trials in flight as its CPUs (or GPUs) fit one training worker group each, every trial
+of the grid under an autoscaler that grows to what is queued, unless `max_concurrent` says
+otherwise.
 Resume: Tuner.restore on <out>/<sweep>/tune; finished trials are not re-run, and an
 unfinished trial's student resumes its Ray Train run (its name is deterministic).
 """
@@ -69,11 +70,13 @@ def param_space(s: SweepConfig) -> dict:
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
     """Trials in flight: the sweep's setting, else as many as the grid has and the cluster at
-    its largest fits one training worker group each (an autoscaling cluster that starts with
-    no workers grows to that, since Tune then queues that many trials' trainers)."""
+    its largest fits one training worker group each. An autoscaling cluster that starts with
+    no workers grows as those trials' trainers queue (a trial itself holds 0.01 CPU)."""
     if s.max_concurrent:
         return s.max_concurrent
     res, n = cluster_capacity(), s.grid_size()
+    if res is None:  # an autoscaler without a published maximum: all of them, it adds nodes as they queue
+        return n
     if scale.use_gpu:
         fits = res.get("GPU", 0) // (scale.num_workers * scale.gpus_per_worker)
     else:

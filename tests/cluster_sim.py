@@ -1,0 +1,148 @@
+"""A multi-node Ray cluster on this one machine, for the `cluster` tests.
+
+The head and every worker node are the real `ray start` processes a cluster runs, each in a
+session of its own, so removing a node (SIGKILL to all of its processes, a machine dying)
+and tearing down touch only what the test started (`conftest.stop_head`). Worker nodes
+listen on their own loopback address (127.0.0.2, ...) with their own temp dir (sockets)
+and agent port, and are started one after the other (started together, two nodes picked
+the same free port). A node can be started in its own mount namespace (`unshare`), with
+the job's output root hidden behind an empty directory: a node whose shared filesystem
+is not mounted.
+
+The autoscaling head uses Ray's own fake multi-node provider, configured as
+`ray.cluster_utils.AutoscalingCluster` does (its template, fake_multi_node/example.yaml, is
+not in the wheel, so the config is written here). It is not started through
+AutoscalingCluster.start, which runs `ray stop --force` (that would stop every Ray on the
+machine). Its worker nodes are children of the head's autoscaler: they go down with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conftest import start_head, stop_head
+
+BIN = Path(sys.executable).parent
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def _env() -> dict:
+    return {**os.environ, **ENV, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+
+
+def can_unshare() -> bool:
+    """Unprivileged user and mount namespaces are available (for the storage-blind node)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+class SimCluster:
+    """A head with 0 CPUs (no work on it, as in cluster.yaml) and 1-CPU worker nodes."""
+
+    def __init__(self, gcs_port: int, dashboard_port: int):
+        self.port, self.dashboard_port = gcs_port, dashboard_port
+        self.address = f"127.0.0.1:{gcs_port}"
+        self.env = _env()
+        self.head = None
+        self.workers: dict[str, subprocess.Popen] = {}  # ip -> its `ray start --block`
+
+    def start(self, extra: tuple = (), env: dict | None = None) -> "SimCluster":
+        self.head = start_head(self.port, self.dashboard_port, {**self.env, **(env or {})}, num_cpus=0,
+                               extra=(f"--ray-client-server-port={self.port + 1}",
+                                      f"--dashboard-agent-listen-port={self.dashboard_port + 1}", *extra))
+        return self
+
+    def add_worker(self, cpus: int = 1, gpus: int = 0, hide: Path | None = None, timeout: float = 120) -> str:
+        """Start one worker node; returns its IP. With `hide`, the node sees an empty directory
+        at that path (its own mount namespace)."""
+        i = len(self.workers) + 2
+        ip = f"127.0.0.{i}"
+        temp = Path(f"/tmp/kdp-ray-{self.port}-n{i}")
+        temp.mkdir(exist_ok=True)
+        cmd = [str(BIN / "ray"), "start", f"--address={self.address}", "--block", f"--node-ip-address={ip}",
+               f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--disable-usage-stats", f"--temp-dir={temp}",
+               f"--dashboard-agent-listen-port={self.dashboard_port + 10 + i}"]
+        if hide is not None:
+            empty = Path(tempfile.mkdtemp(prefix="kdp-empty-"))
+            cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind "{empty}" "{hide}" && exec "$@"', "sh", *cmd]
+        log = temp / "ray-start.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.workers[ip] = proc
+        deadline = time.monotonic() + timeout
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker node {ip} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        return ip
+
+    def kill_worker(self, ip: str) -> None:
+        """The node dies: SIGKILL to every process of it at once, no graceful shutdown."""
+        stop_head(self.workers.pop(ip), grace=0)
+
+    def stop(self) -> None:
+        for ip in list(self.workers):
+            stop_head(self.workers.pop(ip), grace=5)
+        if self.head is not None:
+            stop_head(self.head)
+
+
+@contextlib.contextmanager
+def sim_cluster(gcs_port: int, dashboard_port: int, workers: int = 2, gpus: int = 0, hide: Path | None = None):
+    """A started SimCluster with `workers` worker nodes; the last one blind to `hide` if given."""
+    c = SimCluster(gcs_port, dashboard_port)
+    try:
+        c.start()
+        for k in range(workers):
+            c.add_worker(gpus=gpus, hide=hide if k == workers - 1 else None)
+        yield c
+    finally:
+        c.stop()
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(gcs_port: int, dashboard_port: int, max_workers: int, cpus: int = 1):
+    """A head with 0 CPUs and no workers; Ray's autoscaler adds up to `max_workers` 1-CPU nodes."""
+    cfg = {"cluster_name": "kdp-sim", "max_workers": max_workers, "upscaling_speed": 1.0, "idle_timeout_minutes": 10,
+           "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                        "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+           "available_node_types": {
+               "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+               "cpu_node": {"resources": {"CPU": cpus}, "node_config": {}, "min_workers": 0, "max_workers": max_workers}},
+           "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
+           **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                              "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
+                              "rsync_exclude", "rsync_filter")}, "file_mounts_sync_continuously": False}
+    path = Path(f"/tmp/kdp-ray-{gcs_port}-autoscaling.json")
+    path.write_text(json.dumps(cfg))
+    c = SimCluster(gcs_port, dashboard_port)
+    try:
+        c.start(extra=(f"--autoscaling-config={path}",), env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+        yield c
+    finally:
+        c.stop()
+
+
+def run_job(cluster: SimCluster, script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run jobs/<script> as a driver connected to the cluster (as `ray job submit` would on the head)."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "jobs" / script), "--address", cluster.address, *args]
+    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=repo)
+
+
+def start_job(cluster: SimCluster, script: str, *args: str, log: Path) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "jobs" / script), "--address", cluster.address, *args]
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, env=cluster.env, stdout=f, stderr=subprocess.STDOUT, cwd=repo,
+                                start_new_session=True)

@@ -1,0 +1,158 @@
+"""The Ray job and sweep on a simulated multi-node cluster (tests/cluster_sim.py): a head with
+0 CPUs, as in cluster.yaml, and 1-CPU worker nodes on their own loopback addresses. Worker
+nodes may carry a GPU resource that no code can use (no CUDA here): the job must then still
+train on the CPU with the gloo backend, one GPU per stage and task, as it would on a cluster."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_sim import autoscaling_cluster, can_unshare, run_job, sim_cluster, start_job
+from kdp.events import read_events
+from kdp.results import load
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
+
+# the smoke preset on 1024 training images, 100 test images, two attacks, no baselines
+TINY = ["--preset", "smoke", "--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "classifier.epochs=2",
+        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=50",
+        "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
+        "--eval-shard-size", "50"]
+N_ROWS = 6 * 3 + 6  # (clean, fgsm, pgd8) x 6 variants + full-model pgd8 x 6
+
+
+def _train_nodes(events: list[dict], stage: str) -> set[str]:
+    return {e["node_ip"] for e in events if e["stage"] == stage and e["status"] == "epoch_end"}
+
+
+def _span(events: list[dict], stage: str) -> tuple[float, float]:
+    t = [e["time"] for e in events if e["stage"] == stage and e["status"] in ("started", "finished")]
+    return min(t), max(t)
+
+
+def _wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
+    """GPU stages and tasks on a GPU resource without CUDA (CPU device, gloo), on the worker
+    nodes only. Re-run under another name with the first run's classifier: its training AEs
+    come from the cache, so both teachers start at once, on different nodes (1 GPU each)."""
+    out = tmp_path / "out"
+    common = [*TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu", "--backend", "gloo"]
+    with sim_cluster(6401, 8281, workers=2, gpus=1) as c:
+        first = run_job(c, "pipeline.py", *common, "--name", "smoke")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        again = run_job(c, "pipeline.py", *common, "--name", "again", "--classifier", str(out / "smoke" / "classifier"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(load(out / "smoke" / "results.parquet")) == len(load(out / "again" / "results.parquet")) == N_ROWS
+    for name in ("smoke", "again"):
+        assert {e["node_ip"] for e in read_events(out / name) if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
+    events = read_events(out / "again")
+    assert ("aes", "skipped") in {(e["stage"], e["status"]) for e in events}
+    at, nt = _span(events, "teacher_at"), _span(events, "teacher_nt")
+    assert at[0] < nt[1] and nt[0] < at[1], f"the teachers did not overlap: AT {at}, NT {nt}"
+    at_nodes, nt_nodes = _train_nodes(events, "teacher_at"), _train_nodes(events, "teacher_nt")
+    assert len(at_nodes) == 1 and len(nt_nodes) == 1 and at_nodes != nt_nodes, (at_nodes, nt_nodes)
+
+
+def _snapshot_epoch(train_run: Path) -> int:
+    try:
+        snap = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
+
+
+def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir):
+    """Kill the node training the AT teacher (every process at once) after its 2nd epoch's
+    checkpoint: the stage resumes from it on another node and the job completes."""
+    out, run = tmp_path / "out", tmp_path / "out" / "loss"
+    with sim_cluster(6403, 8283, workers=3) as c:
+        job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
+                        "loss", "--set", "at_teacher.epochs=5", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
+        try:
+            _wait_until(lambda: _snapshot_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
+            victim = [e for e in read_events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_end"][-1]
+            killed_at = time.time()
+            c.kill_worker(victim["node_ip"])
+            rc = job.wait(timeout=900)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    assert rc == 0, (tmp_path / "job.log").read_text()[-4000:]
+    ends = [e for e in read_events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_end"]
+    after = [e for e in ends if e["time"] > killed_at]
+    assert after and {e["node_ip"] for e in after} != {victim["node_ip"]}, "did not move to another node"
+    assert victim["node_ip"] not in {e["node_ip"] for e in after}
+    epochs = [e["epoch"] for e in ends]
+    assert sorted(set(epochs)) == [0, 1, 2, 3, 4]
+    assert len(epochs) - len(set(epochs)) <= 1, f"more than one epoch repeated: {epochs}"
+    meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4, 5]
+    assert len(load(run / "results.parquet")) == N_ROWS
+
+
+def test_sweep_on_an_autoscaling_cluster_runs_trials_at_once(tmp_path, cifar_subset_dir):
+    """Four trials on a cluster that starts with no worker nodes: the autoscaler adds nodes and
+    more than one trial is in flight at some moment."""
+    out = tmp_path / "out"
+    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--name", "grow",
+             "--variants", "at_only,kd_nt", "--beta", "0.25,0.5"]
+    with autoscaling_cluster(6405, 8285, max_workers=3) as c:
+        proc = run_job(c, "sweep.py", *sweep, "--data-dir", str(cifar_subset_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = [e for e in read_events(out / "grow") if e["stage"] == "trial"]
+    n, most = 0, 0
+    for e in trials:
+        n += {"started": 1, "finished": -1}.get(e["status"], 0)
+        most = max(most, n)
+    assert sum(e["status"] == "finished" for e in trials) == 4
+    assert most > 1, f"one trial at a time: {[(e['by'], e['status']) for e in trials]}"
+    assert len(load(out / "results")) > 0
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_a_node_that_cannot_see_the_output_root_fails_the_job(tmp_path, cifar_subset_dir):
+    """The last worker node has an empty directory mounted over the output root (its shared
+    filesystem not mounted): the job fails before any stage, in one line naming it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with sim_cluster(6407, 8287, workers=2, hide=out) as c:
+        proc = run_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out),
+                       "--name", "blind", timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "node 127.0.0.3 " in errors[0] and str(out) in errors[0] and "same storage" in errors[0], errors[0]
+    assert not (out / "blind").exists(), "a stage ran before the storage check"
+
+
+def test_gpu_tasks_get_a_fresh_worker_each(tmp_path):
+    """A GPU task's worker process exits after it (max_calls=1): no CUDA state is carried into
+    the next task. Ray takes max_calls only in ray.remote, not in .options()."""
+    import os
+
+    import ray
+
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+
+    with sim_cluster(6409, 8289, workers=1, gpus=1) as c:
+        ray.init(address=c.address, log_to_driver=False)
+        try:
+            task = RayExecutor(ScaleConfig(use_gpu=True)).task()
+            pids = [ray.get(task.remote(os.getpid, None), timeout=120) for _ in range(3)]
+            cpu_task = RayExecutor(ScaleConfig()).task()
+            cpu_pids = [ray.get(cpu_task.remote(os.getpid, None), timeout=120) for _ in range(3)]
+        finally:
+            ray.shutdown()
+    assert len(set(pids)) == 3, pids
+    assert len(set(cpu_pids)) < 3, cpu_pids  # CPU workers are reused: the difference is max_calls
