@@ -33,6 +33,16 @@ def _span(events: list[dict], stage: str) -> tuple[float, float]:
     return min(t), max(t)
 
 
+def _most_in_flight(events: list[dict]) -> int:
+    """The most stages holding a CPU (all but the driver-side evaluation) at one time."""
+    n, most = 0, 0
+    for e in events:
+        if e["stage"] != "evaluate" and e["status"] in ("started", "resumed", "finished"):
+            n += -1 if e["status"] == "finished" else 1
+            most = max(most, n)
+    return most
+
+
 def _wait_until(pred, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -57,6 +67,8 @@ def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
         assert {e["node_ip"] for e in read_events(out / name) if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
     events = read_events(out / "again")
     assert ("aes", "skipped") in {(e["stage"], e["status"]) for e in events}
+    # a hand-started cluster does not grow: two 1-GPU nodes run two stages at a time, no more
+    assert _most_in_flight(read_events(out / "smoke")) == _most_in_flight(events) == 2
     at, nt = _span(events, "teacher_at"), _span(events, "teacher_nt")
     assert at[0] < nt[1] and nt[0] < at[1], f"the teachers did not overlap: AT {at}, NT {nt}"
     at_nodes, nt_nodes = _train_nodes(events, "teacher_at"), _train_nodes(events, "teacher_nt")

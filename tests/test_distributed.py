@@ -196,3 +196,20 @@ def test_sizing_uses_the_cluster_at_its_largest(monkeypatch):
     assert sweep.concurrency(grid, ScaleConfig(use_gpu=True)) == 3
     assert sweep.concurrency(grid, ScaleConfig()) == 4
     assert sweep.concurrency(SweepConfig(max_concurrent=2), ScaleConfig()) == 2
+
+
+@pytest.mark.parametrize("status, autoscaling", [
+    (None, False),  # no monitor status yet
+    ({"load_metrics_report": {}}, False),  # a local Ray
+    ({"autoscaler_report": {"node_type_mapping": {"35892c": "node_35892c", "77aa01": "node_77aa01"}}}, False),
+    ({"autoscaler_report": {"node_type_mapping": {"ffff00000": "ray.head.default"}}}, True),  # fake provider
+    ({"autoscaler_report": {"node_type_mapping": {"a1": "head", "b2": "gpu_worker"}}}, True),  # ray up
+])
+def test_an_autoscaler_is_told_from_the_read_only_provider(status, autoscaling):
+    """Statuses as Ray 2.60's monitor writes them: hand-started clusters get the read-only
+    provider, whose node types are `node_<id>`; a launcher config names its own."""
+    import json
+
+    from kdp.distributed.nodes import _autoscaling
+
+    assert _autoscaling(None if status is None else json.dumps(status).encode()) is autoscaling

@@ -4,6 +4,7 @@ starts with no workers (sizing work by what exists now serializes it), and a nod
 failed to mount the shared filesystem writes its checkpoints where no one else looks."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -26,13 +27,21 @@ def cluster_capacity() -> dict[str, float] | None:
     what is queued, so plan as if unbounded. Without an autoscaler: what the cluster has."""
     try:  # private APIs (Ray is pinned)
         most = ray._private.state.state.get_max_resources_from_cluster_config()
-        autoscaling = _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+        autoscaling = _autoscaling(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
     except Exception:  # noqa: BLE001 - a GCS without these keys: size by what exists
         most, autoscaling = None, False
     now = ray.cluster_resources()
     if most:
         return {k: max(float(now.get(k, 0)), float(most.get(k, 0))) for k in {*now, *most}}
     return None if autoscaling else {k: float(v) for k, v in now.items()}
+
+
+def _autoscaling(status: bytes | None) -> bool:
+    """Whether the autoscaler status names node types of a config, not the anonymous
+    `node_<id>` of the read-only provider that Ray runs for a hand-started or local cluster."""
+    report = json.loads(status).get("autoscaler_report") if status else None
+    mapping = (report or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
 def _read_marker(path: str, token: str) -> str | None:
