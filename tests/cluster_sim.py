@@ -12,8 +12,8 @@ is not mounted.
 The autoscaling head uses Ray's own fake multi-node provider, configured as
 `ray.cluster_utils.AutoscalingCluster` does (its template, fake_multi_node/example.yaml, is
 not in the wheel, so the config is written here). It is not started through
-AutoscalingCluster.start, which runs `ray stop --force` (that would stop every Ray on the
-machine). Its worker nodes are children of the head's autoscaler: they go down with it.
+AutoscalingCluster.start or shutdown: both stop every Ray process of the machine, not only
+their own. Its worker nodes are children of the head's autoscaler: they go down with it.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from conftest import start_head, stop_head
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
@@ -133,16 +134,17 @@ def autoscaling_cluster(gcs_port: int, dashboard_port: int, max_workers: int, cp
         c.stop()
 
 
+def _job(cluster: SimCluster, script: str, args) -> list[str]:
+    """jobs/<script> as a driver connected to the cluster (as `ray job submit` runs it on the head)."""
+    return [sys.executable, str(REPO / "jobs" / script), "--address", cluster.address, *args]
+
+
 def run_job(cluster: SimCluster, script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run jobs/<script> as a driver connected to the cluster (as `ray job submit` would on the head)."""
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "jobs" / script), "--address", cluster.address, *args]
-    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=repo)
+    return subprocess.run(_job(cluster, script, args), env=cluster.env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
 
 
 def start_job(cluster: SimCluster, script: str, *args: str, log: Path) -> subprocess.Popen:
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "jobs" / script), "--address", cluster.address, *args]
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, env=cluster.env, stdout=f, stderr=subprocess.STDOUT, cwd=repo,
-                                start_new_session=True)
+        return subprocess.Popen(_job(cluster, script, args), env=cluster.env, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=REPO, start_new_session=True)

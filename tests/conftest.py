@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -170,6 +171,37 @@ def stop_head(proc: subprocess.Popen, grace: float = 20, timeout: float = 30) ->
     left = alive(procs)
     if left:
         raise RuntimeError(f"Ray head processes still alive after SIGKILL: {sorted(left)}")
+
+
+# ---- helpers of the tests that run jobs (test_jobs, test_cluster) -----------------------------
+
+def latest_checkpoint_epoch(train_run: Path) -> int:
+    """The epoch of the last checkpoint Ray Train's controller has recorded for a run (0: none)."""
+    try:
+        snap = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
+
+
+def wait_until(pred, timeout: float = 120, what: str = "condition not met") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def in_flight(events) -> list[int]:
+    """How many CPU-bound stages (all but the driver-side JPEG and evaluation) were in flight
+    after each started / finished event, in the event log's own order."""
+    n, counts = 0, []
+    for e in events:
+        if e["stage"] in ("baseline_jpeg", "evaluate") or e["status"] not in ("started", "resumed", "finished"):
+            continue
+        n += 1 if e["status"] != "finished" else -1
+        counts.append(n)
+    return counts
 
 
 def _port_open(port: int) -> bool:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from cluster_sim import autoscaling_cluster, can_unshare, run_job, sim_cluster, start_job
+from conftest import in_flight, latest_checkpoint_epoch, wait_until
 from kdp.events import read_events
 from kdp.results import load
 
@@ -33,24 +33,6 @@ def _span(events: list[dict], stage: str) -> tuple[float, float]:
     return min(t), max(t)
 
 
-def _most_in_flight(events: list[dict]) -> int:
-    """The most stages holding a CPU (all but the driver-side evaluation) at one time."""
-    n, most = 0, 0
-    for e in events:
-        if e["stage"] != "evaluate" and e["status"] in ("started", "resumed", "finished"):
-            n += -1 if e["status"] == "finished" else 1
-            most = max(most, n)
-    return most
-
-
-def _wait_until(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
-
-
 def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     """GPU stages and tasks on a GPU resource without CUDA (CPU device, gloo), on the worker
     nodes only. Re-run under another name with the first run's classifier: its training AEs
@@ -68,19 +50,11 @@ def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     events = read_events(out / "again")
     assert ("aes", "skipped") in {(e["stage"], e["status"]) for e in events}
     # a hand-started cluster does not grow: two 1-GPU nodes run two stages at a time, no more
-    assert _most_in_flight(read_events(out / "smoke")) == _most_in_flight(events) == 2
+    assert max(in_flight(read_events(out / "smoke"))) == max(in_flight(events)) == 2
     at, nt = _span(events, "teacher_at"), _span(events, "teacher_nt")
     assert at[0] < nt[1] and nt[0] < at[1], f"the teachers did not overlap: AT {at}, NT {nt}"
     at_nodes, nt_nodes = _train_nodes(events, "teacher_at"), _train_nodes(events, "teacher_nt")
     assert len(at_nodes) == 1 and len(nt_nodes) == 1 and at_nodes != nt_nodes, (at_nodes, nt_nodes)
-
-
-def _snapshot_epoch(train_run: Path) -> int:
-    try:
-        snap = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
 
 
 def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir):
@@ -91,7 +65,7 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
         job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
                         "loss", "--set", "at_teacher.epochs=5", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
         try:
-            _wait_until(lambda: _snapshot_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
+            wait_until(lambda: latest_checkpoint_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
             victim = [e for e in read_events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_end"][-1]
             killed_at = time.time()
             c.kill_worker(victim["node_ip"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ray_head
+from conftest import in_flight, latest_checkpoint_epoch, ray_head, wait_until
 from kdp.events import read_events
 from kdp.results import load
 
@@ -94,35 +94,6 @@ def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
     raise TimeoutError(f"no matching event under {run_dir / 'events'}")
 
 
-def _latest_checkpoint_epoch(train_run: Path) -> int:
-    """The epoch of the last checkpoint Ray Train's controller has recorded for a run (0: none)."""
-    try:
-        snap = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
-
-
-def _wait_until(pred, timeout: float = 120) -> None:
-    t0 = time.time()
-    while not pred():
-        if time.time() - t0 > timeout:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
-
-
-def _in_flight(events) -> list[int]:
-    """How many CPU-bound stages (all but the driver-side JPEG and evaluation) were in flight
-    after each started / finished event, in the event log's own order."""
-    n, counts = 0, []
-    for e in events:
-        if e["stage"] in ("baseline_jpeg", "evaluate") or e["status"] not in ("started", "resumed", "finished"):
-            continue
-        n += 1 if e["status"] != "finished" else -1
-        counts.append(n)
-    return counts
-
-
 def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subset_dir):
     """`ray job submit` of the smoke preset with its baselines: independent stages run at the same
     time, but never more at once than the head's 2 CPUs; a quiet console, each stage's own log."""
@@ -140,7 +111,7 @@ def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subs
     events = _events(tmp_path / "smoke")
     assert {"baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"} <= {
         e["stage"] for e in events if e["status"] == "finished"}
-    flight = _in_flight(events)
+    flight = in_flight(events)
     assert max(flight) == 2, f"stages in flight over time: {flight}"  # 2 CPUs: two 1-CPU stages, no more
     first = [e["stage"] for e in events if e["status"] == "started"][:3]
     assert {"classifier", "teacher_nt"} <= set(first), first  # NT needs no input: it starts at once
@@ -161,7 +132,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
                             runtime_env=_runtime_env(), submission_id="kdp-fault")
     victim = _wait_for(run, lambda e: e["stage"] == "teacher_at" and e["status"] == "epoch_start"
                        and e["epoch"] == 1)
-    _wait_until(lambda: _latest_checkpoint_epoch(tmp_path / "ray" / "fault-teacher_at") >= 1)
+    wait_until(lambda: latest_checkpoint_epoch(tmp_path / "ray" / "fault-teacher_at") >= 1)
     os.kill(victim["pid"], signal.SIGKILL)  # in epoch 1, once Train has recorded epoch 0's checkpoint
     assert _wait(client, job) == "SUCCEEDED", _logs(client, job)
     starts = [e for e in _events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_start"]
