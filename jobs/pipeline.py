@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from kdp.checkpoint import read_meta  # noqa: E402
-from kdp.cli import add_run_args, build_config, print_results, run_errors, runtime  # noqa: E402
+from kdp.cli import add_run_args, build_config, print_results, run_all, run_errors, run_seeds, runtime  # noqa: E402
 from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
 
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:  # bad input fails in one line before Ray starts
         cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
+        seeds = run_seeds(args)
         if args.classifier:
             read_meta(Path(args.classifier))
     except run_errors() as e:
@@ -42,11 +43,10 @@ def main(argv=None) -> int:
     connect(args.address, args.verbose)
     from kdp.distributed.executor import RayExecutor
     from kdp.distributed.nodes import check_shared_storage
-    from kdp.pipeline import run_pipeline
 
     try:
         check_shared_storage(Path(args.out).expanduser().resolve())
-        print_results(run_pipeline(cfg, args.out, rt, args.classifier, executor=RayExecutor(scale)))
+        print_results(run_all(cfg, seeds, args, rt, RayExecutor(scale)))
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,18 @@
-"""The paper's attack suite, built on torchattacks (not re-implemented).
+"""The attack suite, built on torchattacks (not re-implemented).
 
 Each entry of ATTACKS is a factory `(model, **overrides) -> torchattacks.Attack`. The model
 is the one attacked: the classifier alone for the paper's (preprocessor-blind) protocol,
 or `Purified(purifier, classifier)` for an end-to-end (adaptive) attack. Images are in
 [0, 1] and normalization lives inside the classifier, so no `set_normalization_used`.
+
+Two AutoAttacks:
+- `autoattack` is torchattacks' `AutoAttack(version="standard")`, whose APGD, APGD-T and FAB
+  keep torchattacks' default of 10 steps: likely the paper's setting, weaker than the field's.
+- `aa-standard` is AutoAttack at the strengths of Croce & Hein (2020) and RobustBench,
+  composed from torchattacks' own pieces: APGD-CE 100 steps; APGD-T 9 target classes x 100
+  steps; FAB-T 9 targets x 100 steps; Square 5000 queries; 1 restart each, run in sequence on
+  the images still classified correctly (`MultiAttack`).
+`describe` reads the settings back from a built attack, so a row records what really ran.
 """
 from __future__ import annotations
 
@@ -16,19 +25,37 @@ import torchattacks
 
 from kdp.models import lookup
 
+EPS = 8 / 255
+
+
+def aa_standard(model: nn.Module, eps: float = EPS, seed: int = 0, n_classes: int = 10,
+                steps: int = 100, n_queries: int = 5000) -> torchattacks.MultiAttack:
+    """AutoAttack 'standard' (L-inf) at the original strengths (see the module docstring)."""
+    common = dict(norm="Linf", eps=eps, seed=seed, n_restarts=1)
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(model, steps=steps, loss="ce", **common),
+        torchattacks.APGDT(model, steps=steps, n_classes=n_classes, **common),
+        torchattacks.FAB(model, steps=steps, multi_targeted=True, n_classes=n_classes, **common),
+        torchattacks.Square(model, n_queries=n_queries, **common)])
+
+
 ATTACKS: dict[str, Callable[..., torchattacks.attack.Attack]] = {
-    "pgd8": partial(torchattacks.PGD, eps=8 / 255, alpha=2 / 255, steps=20, random_start=True),
+    "pgd8": partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=20, random_start=True),
     "pgd16": partial(torchattacks.PGD, eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
-    "fgsm": partial(torchattacks.FGSM, eps=8 / 255),
-    "bim": partial(torchattacks.BIM, eps=8 / 255, alpha=2 / 255, steps=20),
+    "pgd100": partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=100, random_start=True),
+    "fgsm": partial(torchattacks.FGSM, eps=EPS),
+    "bim": partial(torchattacks.BIM, eps=EPS, alpha=2 / 255, steps=20),
     "cw": partial(torchattacks.CW, c=1.0, kappa=0.0, steps=40, lr=0.01),
-    "autoattack": partial(torchattacks.AutoAttack, norm="Linf", eps=8 / 255, version="standard",
+    "autoattack": partial(torchattacks.AutoAttack, norm="Linf", eps=EPS, version="standard",
                           n_classes=10, seed=0),
+    "aa-standard": aa_standard,
 }
 # L-inf budget of each attack (None: CW is L2 and unbounded in L-inf).
-LINF_EPS = {"pgd8": 8 / 255, "pgd16": 16 / 255, "fgsm": 8 / 255, "bim": 8 / 255,
-            "cw": None, "autoattack": 8 / 255}
+LINF_EPS = {"pgd8": EPS, "pgd16": 16 / 255, "pgd100": EPS, "fgsm": EPS, "bim": EPS, "cw": None,
+            "autoattack": EPS, "aa-standard": EPS}
 PAPER_SUITE = ("pgd8", "pgd16", "fgsm", "bim", "cw", "autoattack")
+# Attacks run only on the first EvalConfig.aa_subset test images (their cost is per image).
+SUBSET_ATTACKS = ("aa-standard",)
 
 
 def build_attack(name: str, model: nn.Module, **overrides) -> torchattacks.attack.Attack:
@@ -43,6 +70,37 @@ def linf_budget(name: str, **overrides) -> float | None:
     """The L-inf radius that attack `name` promises to respect (None if it is not L-inf)."""
     lookup(ATTACKS, name, "attack")
     return overrides.get("eps", LINF_EPS[name])
+
+
+def _pieces(attack) -> list:
+    inner = getattr(attack, "_autoattack", attack)  # torchattacks.AutoAttack wraps a MultiAttack
+    return list(getattr(inner, "attacks", [inner]))
+
+
+def _describe_one(a) -> str:
+    name = type(a).__name__
+    if name in ("APGD", "APGDT", "FAB"):
+        tag = {"APGD": f"APGD-{getattr(a, 'loss', 'ce').upper()}", "APGDT": "APGD-T",
+               "FAB": "FAB-T" if getattr(a, "multi_targeted", False) else "FAB"}[name]
+        targets = f"{a.n_target_classes} targets x " if name == "APGDT" or tag == "FAB-T" else ""
+        return f"{tag} {targets}{a.steps} steps x {a.n_restarts} restart(s)"
+    if name == "Square":
+        return f"Square {a.n_queries} queries x {a.n_restarts} restart(s)"
+    if hasattr(a, "steps"):
+        start = ", random start" if getattr(a, "random_start", False) else ""
+        return f"{name} {a.steps} steps{start}"
+    return f"{name} 1 step" if name == "FGSM" else name
+
+
+def describe(attack) -> dict:
+    """What a built attack runs, read from its objects: `attack.settings` (one line),
+    `attack.steps` (iterations per restart of its first piece; Square: queries) and
+    `attack.restarts` (restarts of its first piece; 1 for a random start or none)."""
+    pieces = _pieces(attack)
+    first = pieces[0]
+    steps = getattr(first, "steps", getattr(first, "n_queries", 1))
+    return {"attack.settings": "; ".join(_describe_one(a) for a in pieces), "attack.steps": int(steps),
+            "attack.restarts": int(getattr(first, "n_restarts", 1))}
 
 
 def attack_batches(attack, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,

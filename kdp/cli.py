@@ -25,25 +25,46 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
         cfg = override(cfg, f"name={name}")
     for s in sets:
         cfg = override(cfg, s)
+    if cfg.data.n_test is not None:  # after every override: they may set n_test and aa_subset in any order
+        cfg.eval.check_test_size(cfg.data.n_test)
     return cfg
 
 
 def _run(args) -> None:
-    from kdp.pipeline import run_pipeline
     from kdp.train import resolve_device
 
-    cfg = build_config(args.preset, args.data_dir, args.name, args.set)
+    cfg, seeds = build_config(args.preset, args.data_dir, args.name, args.set), run_seeds(args)
     resolve_device(args.device)
-    rt = runtime(args)
-    path = run_pipeline(cfg, args.out, rt, classifier_dir=args.classifier)
-    print_results(path)
+    print_results(run_all(cfg, seeds, args, runtime(args)))
 
 
-def print_results(path) -> None:
+def run_seeds(args):
+    """The parsed --seeds (None: one run under the plain name), checked before any work."""
+    from kdp.config import SEED_SCOPES, parse_seeds
+
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    if seeds is None and args.seed_scope != SEED_SCOPES[0]:
+        raise ValueError("--seed-scope needs --seeds")
+    return seeds
+
+
+def run_all(cfg, seeds, args, rt, executor=None) -> list:
+    """The run, or one run per seed (kdp.pipeline.run_replicates); returns the parquet paths."""
+    from kdp.pipeline import run_pipeline, run_replicates
+
+    if seeds is None:
+        return [run_pipeline(cfg, args.out, rt, classifier_dir=args.classifier, executor=executor)]
+    return run_replicates(cfg, seeds, args.out, rt, args.classifier, args.seed_scope, executor=executor)
+
+
+def print_results(paths) -> None:
+    import pandas as pd
+
     from kdp.results import load, table1
 
-    print(f"results: {path}")
-    print(table1(load(path)).round(2).to_string())
+    paths = paths if isinstance(paths, list) else [paths]
+    print("results: " + ", ".join(map(str, paths)))
+    print(table1(pd.concat([load(p) for p in paths], ignore_index=True)).round(2).to_string())
 
 
 def _show(args) -> None:
@@ -67,6 +88,13 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. ae.eps=4/255 or students.beta=0.3 (repeatable)")
     r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
+    r.add_argument("--seeds", metavar="LIST", help="replicate seeds, e.g. 0,1,2: one run <name>-seed<k> each, "
+                   "sharing the classifier and training AEs (default: one run, the stages' own seeds)")
+    from kdp.config import SEED_SCOPES
+
+    r.add_argument("--seed-scope", default=SEED_SCOPES[0], choices=SEED_SCOPES,
+                   help="what --seeds reseeds: purifiers (teachers, students, baselines, attack starts; "
+                   "default) or all (the classifier and training AEs too)")
     add_runtime_args(r)
 
 
@@ -101,6 +129,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", help="grid or range, like --beta (default: 0.5)")
     p.add_argument("--eps", help="training eps grid, e.g. '4/255,8/255,16/255' (default: 8/255)")
     p.add_argument("--kd-space", help="comma list of pixels, logits (default: pixels)")
+    p.add_argument("--seeds", help="replicate seeds, a grid dimension, e.g. '0,1,2' (default: 0)")
     p.add_argument("--num-samples", type=int, help="repeats of the grid (default: 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-share", action="store_true", help="every trial trains its own classifier and "
@@ -108,7 +137,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p)
 
 
-_SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "num_samples", "max_concurrent")
+_SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "seeds", "num_samples", "max_concurrent")
 
 
 def build_sweep(args):
@@ -183,6 +212,13 @@ def parser() -> argparse.ArgumentParser:
                        description="Write report.md and PNGs from a results file or dataset directory.")
     add_report_args(g)
     g.set_defaults(fn=report_command)
+    from kdp.analyze import add_analyze_args, analyze_command
+
+    a = sub.add_parser("analyze", help="the blend test: fit each student's output as a·x + b·T_AT(x') + c·T_NT(x)",
+                       description="Least-squares fit of every student's output on test AEs to the clean image "
+                       "and the teachers' outputs; prints (a, b, c, R²) and writes <run>/blend.json.")
+    add_analyze_args(a)
+    a.set_defaults(fn=analyze_command)
     w = sub.add_parser("sweep", help="a Ray Tune sweep over variants, beta, gamma, eps (same as jobs/sweep.py)",
                        description="Sweep the method's knobs with Ray Tune; --resume continues a sweep.")
     add_sweep_args(w)

@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from kdp.attacks import ATTACKS, PAPER_SUITE
+from kdp.attacks import ATTACKS, PAPER_SUITE, SUBSET_ATTACKS
 from kdp.losses import ADV_SCORES, KD_SPACES
 from kdp.models import CLASSIFIERS, SOAP_AUX
 
@@ -265,10 +265,12 @@ class SoapConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage 3: every defense under three threat models, with sanity checks in each row."""
-    attacks: tuple[str, ...] = PAPER_SUITE
-    """`classifier` threat model (the paper's protocol): crafted on the classifier alone, then purified."""
-    adaptive_attacks: tuple[str, ...] = ("pgd8", "fgsm")
-    """`full` threat model: run end to end through purifier∘classifier (BPDA, EOT where needed)."""
+    attacks: tuple[str, ...] = PAPER_SUITE + ("aa-standard",)
+    """`classifier` threat model (the paper's protocol): crafted on the classifier alone, then purified.
+    The paper's suite (its `autoattack` is torchattacks' 10-step one) plus full-strength `aa-standard`."""
+    adaptive_attacks: tuple[str, ...] = ("pgd100", "aa-standard")
+    """`full` threat model: run end to end through purifier∘classifier (BPDA, EOT where needed).
+    Default: PGD-100 and full-strength AutoAttack, the adaptive-attack literature's minimum."""
     transfer_attacks: tuple[str, ...] = ("pgd8", "fgsm")
     """`transfer` threat model: crafted on the surrogate classifier, then purified and classified."""
     threat_models: tuple[str, ...] = THREAT_MODELS
@@ -278,12 +280,16 @@ class EvalConfig:
     min_attack_success: float = 0.5
     """Sanity check: an attack must fool at least this fraction of the images its own
     (undefended) source model classified correctly, else the attack is flagged as broken."""
+    aa_subset: int | None = 200
+    """Test images (the first ones) that the per-image-expensive attacks (kdp.attacks.SUBSET_ATTACKS:
+    aa-standard) run on, under every threat model; None: all. Rows record their own `n`."""
     batch_size: int = 256
     """Images per attack batch."""
     seed: int = 0
     """Seed of random starts; each batch is seeded by its position."""
 
     def __post_init__(self):
+        _positive(self, "aa_subset")
         for n in ("attacks", "adaptive_attacks", "transfer_attacks", "threat_models"):
             object.__setattr__(self, n, tuple(getattr(self, n)))
         for a in self.attacks + self.adaptive_attacks + self.transfer_attacks:
@@ -293,6 +299,18 @@ class EvalConfig:
         _positive(self, "batch_size", "eot_samples")
         _check(0 <= self.min_attack_success <= 1,
                f"EvalConfig.min_attack_success must be in [0, 1], got {self.min_attack_success}")
+
+    def subset(self, attack: str, n_test: int) -> int:
+        """How many of the first test images `attack` runs on."""
+        return min(n_test, self.aa_subset) if attack in SUBSET_ATTACKS and self.aa_subset else n_test
+
+    def check_test_size(self, n_test: int) -> None:
+        """A one-line error when aa_subset asks for more images than the test set has."""
+        suites = {"classifier": self.attacks, "full": self.adaptive_attacks, "transfer": self.transfer_attacks}
+        used = {a for t in self.threat_models for a in suites[t]} & set(SUBSET_ATTACKS)
+        _check(not used or self.aa_subset is None or self.aa_subset <= n_test,
+               f"eval.aa_subset={self.aa_subset} is larger than the test set ({n_test} images); "
+               f"set eval.aa_subset to at most {n_test}")
 
 
 @dataclass(frozen=True)
@@ -306,6 +324,9 @@ class Runtime:
     """channels_last memory format on CUDA."""
     progress: bool = True
     """Show progress bars."""
+    eval_cache: bool = True
+    """Reuse classifier- and transfer-threat-model AEs from the evaluation AE cache (off: craft
+    them every time, e.g. to benchmark the cache; the AEs are the same either way)."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +336,9 @@ class PipelineConfig:
     """Run name: a directory under the output root; re-running it resumes."""
     preset: str = "custom"
     """Preset this config came from."""
+    seed: int | None = None
+    """Replicate seed (set by `replicate`, i.e. --seeds): the seed of every purifier, baseline and
+    evaluation attack of this run; None: a single run with each stage's own seed."""
     data: DataConfig = field(default_factory=DataConfig)
     """Dataset."""
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -353,6 +377,36 @@ class PipelineConfig:
         for b in self.baselines:
             _choice(b, BASELINES, "baseline")
         _check(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
+
+
+SEED_SCOPES = ("purifiers", "all")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); a one-line error for an empty list, a non-integer or a repeat."""
+    parts = [p.strip() for p in str(text).split(",")]
+    _check(any(parts), f"--seeds {text!r}: give at least one integer seed, e.g. 0,1,2")
+    try:
+        seeds = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: seeds must be integers, e.g. 0,1,2") from None
+    _check(len(set(seeds)) == len(seeds) and min(seeds) >= 0, f"--seeds {text!r}: seeds must be distinct and >= 0")
+    return seeds
+
+
+def replicate(cfg: PipelineConfig, seed: int, scope: str = "purifiers") -> PipelineConfig:
+    """The run of `cfg` for replicate `seed`, named <name>-seed<seed>. Scope 'purifiers' seeds
+    what depends on the seed (teachers, students, baselines, attack starts) and keeps the
+    classifier, surrogate and training AEs, so replicates share them; 'all' reseeds the
+    classifier and training AEs too (the surrogate keeps its own seed)."""
+    _choice(scope, SEED_SCOPES, "seed scope")
+    r = dataclasses.replace
+    new = dict(at_teacher=r(cfg.at_teacher, seed=seed), nt_teacher=r(cfg.nt_teacher, seed=seed),
+               students=tuple(r(s, seed=seed) for s in cfg.students), nrp=r(cfg.nrp, seed=seed),
+               soap=r(cfg.soap, seed=seed), eval=r(cfg.eval, seed=seed))
+    if scope == "all":
+        new.update(classifier=r(cfg.classifier, seed=seed), ae=r(cfg.ae, seed=seed))
+    return r(cfg, name=f"{cfg.name}-seed{seed}", seed=seed, **new)
 
 
 def flatten(cfg, prefix: str = "") -> dict:

@@ -103,10 +103,11 @@ def jpeg_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
 
 
 def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
-               threat: str | None, attack: str | None, start: int, stop: int | None) -> list[dict]:
+               cache: Path | None, threat: str | None, attack: str | None, start: int, stop: int | None) -> list[dict]:
     """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None)."""
     return evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
-                    None if threat is None else (threat,), surrogate, log=lambda *_: None)
+                    None if threat is None else (threat,), surrogate, log=print if rt.progress else (lambda *_: None),
+                    cache_dir=cache)
 
 
 def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
@@ -119,7 +120,8 @@ def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Pa
         purifiers[s.variant], variants[s.variant] = inputs[s.name], s.config
     surrogate = inputs.get("surrogate")
     items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
-    args = [(cfg.eval, inputs["classifier"], purifiers, run.data, run.rt, surrogate, *w) for w in items]
+    cache = run.eval_cache if run.rt.eval_cache else None
+    args = [(cfg.eval, inputs["classifier"], purifiers, run.data, run.rt, surrogate, cache, *w) for w in items]
     run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
     shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"))
     rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
@@ -164,6 +166,8 @@ class Run:
     """(out, done, make, stage, resumed) -> out: serializes makers of a shared artifact (sweeps)."""
     storage: Path | None = None
     """Ray Train runs go under here (Ray executor)."""
+    eval_cache: Path | None = None
+    """The evaluation AE cache (kdp.stages.eval_cache); None: AEs are crafted every time."""
     t_start: float = field(default_factory=time.time)
     _events: EventTail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

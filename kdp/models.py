@@ -79,8 +79,9 @@ class ConvAutoencoder(nn.Module):
     Layout follows REDNet30 (Mao et al. 2016), which the paper's inspiration (Kalaria et al.
     2022) uses: width 64, 3x3 kernels; the first conv has stride 2 (32->16) and the last
     ConvT maps back to 3 channels with stride 2 (16->32). The feature maps after encoder
-    convs 2, 4, ... are added, mirrored, to the decoder outputs after deconvs 2, 4, ...,
-    each sum followed by a ReLU. Unlike REDNet30, the input is not added to the output
+    convs 2, 4, ..., 2k (k = ceil(depth / 2) - 1 skips) are added, mirrored (the last one
+    first), to the outputs of the deconvs i with depth + i even: for depth 15, deconvs 1, 3,
+    ..., 13 (counting from 1); for an even depth, deconvs 2, 4, .... Each sum is followed by a ReLU. Unlike REDNet30, the input is not added to the output
     (the paper does not mention it).
 
     head: "literal" (default) is the paper's text read literally: the last block is

@@ -6,6 +6,7 @@ finished stages are skipped and a half-done stage continues from its last finish
 
 Layout under the output root:
     cache/aes/<key>/            training AEs, shared by every run under this root
+    cache/eval_aes/<key>/       classifier- and transfer-threat evaluation AEs, likewise
     <run>/config.json           the PipelineConfig
     <run>/events/*.jsonl        one line per stage start / skip / finish and per epoch, a file
                                 per writing process (read them with kdp.events.read_events)
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from kdp.checkpoint import read_json, read_meta, write_json
-from kdp.config import PipelineConfig, Runtime
+from kdp.config import PipelineConfig, Runtime, replicate
 from kdp.data import load_cifar
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
 from kdp.stages.common import StageConflict
@@ -41,19 +42,42 @@ def prepare_run(cfg: PipelineConfig, out_root: Path) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtime(),
-                 classifier_dir: str | Path | None = None, log=print, executor=None) -> Path:
+                 classifier_dir: str | Path | None = None, log=print, executor=None,
+                 reuse: dict[str, Path] | None = None) -> Path:
     """Run (or resume) every stage of `cfg` under out_root/<name>; returns the results parquet.
+    `reuse`: finished outputs of another run to take as they are (stage name -> directory).
     Bad data, a bad --classifier or a conflicting run name fail before anything is written."""
     t_start = time.time()
     ex = executor if executor is not None else LocalExecutor()
     out_root = Path(out_root).expanduser().resolve()
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
-    given = {}
+    cfg.eval.check_test_size(len(data.test_y))
+    given = dict(reuse or {})
     if classifier_dir is not None:
         given["classifier"] = Path(classifier_dir).expanduser().resolve()
         read_meta(given["classifier"])
     run_dir = prepare_run(cfg, out_root)
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     run = Run(cfg, data, rt, run_dir, pipeline_place(out_root, run_dir, data), graph=pipeline_graph(cfg),
-              given=given, log=log, t_start=t_start, storage=out_root / "ray")
+              given=given, log=log, t_start=t_start, storage=out_root / "ray", eval_cache=out_root / "cache" / "eval_aes")
     return run_graph(run, ex)["evaluate"]
+
+
+def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | Path, rt: Runtime = Runtime(),
+                   classifier_dir: str | Path | None = None, scope: str = "purifiers", log=print,
+                   executor=None) -> list[Path]:
+    """One run per seed (`replicate`: <name>-seed<k>), one after the other; the classifier and
+    surrogate of the first are reused by the others when their configs agree (scope
+    'purifiers'), and the training AEs come from the shared cache. Returns the parquets."""
+    runs = [replicate(cfg, s, scope) for s in seeds]  # every config is validated before any work
+    paths, first = [], None
+    for r in runs:
+        reuse = {}
+        if first is not None:  # a stage whose config did not change with the seed: take the first run's
+            done = Path(out_root).expanduser().resolve() / first.name
+            reuse = {k: done / k for k in ("classifier", "surrogate") if getattr(r, k) == getattr(first, k)
+                     and (done / k / "checkpoint.json").is_file() and not (k == "classifier" and classifier_dir)}
+        log(f"[seeds] run {r.name} (seed {r.seed}, {len(paths) + 1}/{len(runs)})")
+        paths.append(run_pipeline(r, out_root, rt, classifier_dir, log, executor, reuse))
+        first = first or r
+    return paths

@@ -3,25 +3,25 @@
 Input is a DataFrame of `kdp.results.SCHEMA` rows (pipeline runs and/or sweep trials).
 Accuracy is always pooled as 100 * sum(correct) / sum(n) over the grouped rows, so shards
 and repeated runs combine by their image counts rather than by averaging percentages.
-Every file is written under a temporary name and renamed into place.
+Where rows carry per-image `hits`, each cell also gets half the width of a 95% bootstrap
+interval over test images and replicates (seeds); see kdp.stats. Every file is written
+under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # headless: no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from kdp.checkpoint import atomic_path  # noqa: E402
+from kdp.checkpoint import atomic_path
+from kdp.stats import bootstrap, paired
 
 # Cited paper figures (Koo et al. 2023, Table 1): accuracy (%) of ResNet-56 on purified AEs.
+# "original" is the classifier's own clean accuracy, no purifier (the paper's "Original" row,
+# the same in every column); the paper reports no clean accuracy after purification.
 PAPER_TABLE1 = {
-    "clean": {"ours": 89.46, "nrp": 89.46, "soap": 89.46},
+    "original": {"ours": 89.46, "nrp": 89.46, "soap": 89.46},
     "pgd8": {"ours": 40.20, "nrp": 35.07, "soap": 39.14},
     "pgd16": {"ours": 33.57, "nrp": 35.57, "soap": 35.65},
     "fgsm": {"ours": 40.12, "nrp": 39.79, "soap": 37.43},
@@ -36,9 +36,11 @@ PAPER_TABLE2 = {
     "kd_nt": {"pgd8": 35.77, "pgd16": 29.47, "fgsm": 36.93, "bim": 34.88, "cw": 57.90, "autoattack": 40.50},
     "kd_at_nt": {"pgd8": 40.20, "pgd16": 33.57, "fgsm": 40.12, "bim": 38.37, "cw": 56.87, "autoattack": 46.91},
 }
-ATTACK_ORDER = ("clean", "pgd8", "pgd16", "fgsm", "bim", "cw", "autoattack")
-ATTACK_LABELS = {"clean": "Original", "pgd8": "PGD8", "pgd16": "PGD16", "fgsm": "FGSM", "bim": "BIM",
-                 "cw": "CW", "autoattack": "AA"}
+ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoattack", "aa-standard")
+# `autoattack` is torchattacks' AutoAttack at its 10-step default (the paper's likely setting);
+# `aa-standard` is AutoAttack at the original strengths (kdp.attacks).
+ATTACK_LABELS = {"clean": "Purified clean", "pgd8": "PGD8", "pgd16": "PGD16", "pgd100": "PGD-100", "fgsm": "FGSM",
+                 "bim": "BIM", "cw": "CW", "autoattack": "AA (10-step)", "aa-standard": "AA (standard)"}
 VARIANT_ORDER = ("none", "jpeg", "nrp", "soap", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
 # Table 1 rows: the paper's comparison first, then any other variant present.
 TABLE1_VARIANTS = ("none", "jpeg", "nrp", "soap", "at_teacher", "kd_at_nt")
@@ -56,7 +58,8 @@ SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← N
 VARIANT_TO_SWEEP = {"at_teacher": "at_only", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
 TOL = 1e-6
 DASH = "–"
-FIGURE_N = 8
+INTERVAL_TEXT = ("Each kdp cell is the pooled accuracy (%) ± half the width of its 95% bootstrap interval "
+                 "(1000 draws over test images and replicate seeds; no ± where rows carry no per-image hits).")
 
 
 # ---------------------------------------------------------------- aggregation helpers
@@ -94,6 +97,34 @@ def _at_setting(df, beta, gamma, eps, cols=("sweep.beta", "sweep.gamma", "sweep.
 
 def _fmt(v) -> str:
     return DASH if v is None or pd.isna(v) else f"{v:.2f}"
+
+
+def _hits(g: pd.DataFrame) -> list[str]:
+    """One per-image hit string per replicate row (in a stable order), or [] if none recorded."""
+    if "hits" not in g:
+        return []
+    keys = [c for c in ("seed", "run", "trial_id") if c in g]
+    return [h for h in g.sort_values(keys)["hits"].tolist() if isinstance(h, str) and h]
+
+
+def cell_stats(g: pd.DataFrame) -> dict:
+    """Pooled accuracy and agreement (%), n, replicates, and the bootstrap half-width of one cell."""
+    n = g["n"].sum()
+    bs = bootstrap(_hits(g))
+    agree = 100 * g["agree"].sum() / n if "agree" in g and n else None
+    return {"acc": 100 * g["correct"].sum() / n if n else None, "agree": agree, "n": int(g["n"].max()),
+            "reps": len(g), "hw": None if bs is None else 50 * (bs["hi"] - bs["lo"])}
+
+
+def cells(df: pd.DataFrame, by: list[str]) -> dict:
+    """cell_stats per group of `by` (groups with no images are dropped)."""
+    return {k: cell_stats(g) for k, g in df.groupby(by, dropna=True, sort=False) if g["n"].sum() > 0}
+
+
+def _fmt_cell(c: dict | None, key: str = "acc") -> str:
+    if c is None or c.get(key) is None:
+        return DASH
+    return _fmt(c[key]) + (f" ± {c['hw']:.2f}" if key == "acc" and c.get("hw") is not None else "")
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -135,34 +166,78 @@ def _checks_cell(df: pd.DataFrame) -> str:
     return f"{int(failed.sum())} failed" + (f" ({', '.join(names)})" if names else "")
 
 
+def _column_label(t: str, a: str, c: dict, n_clean: int | None) -> str:
+    label = ATTACK_LABELS.get(a, a) if t == "classifier" else f"{t} {ATTACK_LABELS.get(a, a)}"
+    return label + (f" (n={c['n']})" if n_clean and c["n"] < n_clean else "")
+
+
+def suite_lines(sub: pd.DataFrame, threats: list[str]) -> list[str]:
+    """Which attacks, at which settings and on how many images, each threat model's numbers come from."""
+    lines = []
+    for t in threats:
+        rows = sub[(sub["threat_model"] == t) & (sub["attack"] != "clean")]
+        parts = []
+        for a in _ordered(rows["attack"].dropna(), ATTACK_ORDER):
+            r = rows[rows["attack"] == a]
+            settings = r["attack.settings"].dropna() if "attack.settings" in r else pd.Series(dtype=object)
+            what = settings.iloc[0] if len(settings) else "settings not recorded"
+            parts.append(f"{ATTACK_LABELS.get(a, a)} = {what}, {int(r['n'].max())} images")
+        lines.append(f"- `{t}` suite: " + ("; ".join(parts) or DASH) + ".")
+    return lines
+
+
 def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
-    lines = [f"Accuracy (%) on purified images; {source}, pooled over {_count(sub, 'run')} run(s), "
-             f"{_count(sub, 'trial_id')} sweep trial(s), {len(sub)} rows (counts summed). Threat models:"]
+    lines = [f"Accuracy (%) against the true label; {source}, pooled over {_count(sub, 'run')} run(s), "
+             f"{_count(sub, 'trial_id')} sweep trial(s), {len(sub)} rows (counts summed). {INTERVAL_TEXT}",
+             "`Original` is the classifier alone on clean images (no purifier), the paper's \"Original\" row; "
+             "`Purified clean` is each defense's clean accuracy after purification, which the paper does not "
+             "report. Threat models:"]
     lines += [f"- {THREAT_TEXT.get(t, f'`{t}`.')}" for t in threats]
-    lines.append("The `paper:` rows are copied from the paper's Table 1 (its NRP and SOAP included) and exist "
-                 "only for the `classifier` protocol; kdp's JPEG/NRP/SOAP rows come from the same run as its "
-                 "other rows. `checks`: the variant's rows whose sanity checks failed.")
+    lines += suite_lines(sub, threats)
+    lines.append("The `paper:` rows are copied from the paper's Table 1 (its NRP and SOAP included), only into "
+                 "the columns that measure the same quantity: `Original` and the paper's attacks under the "
+                 "`classifier` protocol (the paper's AA is placed beside kdp's 10-step `AA`, not `AA (standard)`). "
+                 "`checks`: the variant's rows whose sanity checks failed.")
     return "\n".join(lines)
 
 
+def _table1_layout(sub: pd.DataFrame):
+    """(columns [(threat, attack)], their labels, cell stats, the variants in order)."""
+    stats = cells(sub, ["threat_model", "attack", "variant"])
+    threats = _ordered(sub["threat_model"].dropna(), THREAT_ORDER)
+    cols = [(t, a) for t in threats for a in _ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(),
+                                                      ATTACK_ORDER)
+            if any(k[:2] == (t, a) for k in stats)]
+    clean = [c["n"] for k, c in stats.items() if k[:2] == ("classifier", "clean")]
+    n_clean = max(clean) if clean else None
+    labels = [_column_label(t, a, max((c for k, c in stats.items() if k[:2] == (t, a)), key=lambda c: c["n"]),
+                            n_clean) for t, a in cols]
+    variants = _ordered(sub["variant"].dropna(), tuple(dict.fromkeys(TABLE1_VARIANTS + VARIANT_ORDER)))
+    return threats, cols, labels, stats, variants
+
+
 def table1_markdown(df: pd.DataFrame) -> str:
-    """Table-1 layout: variants (then the paper's rows) x one attack block per threat model."""
+    """Table-1 layout: variants (then the paper's rows) x `Original` and one attack block per
+    threat model; then the same layout for agreement with the classifier's clean prediction."""
     sub, source = table1_rows(df)
     if sub.empty:
         return "_No Table 1 rows._"
-    acc = pooled(sub, ["threat_model", "attack", "variant"])
-    threats = _ordered(sub["threat_model"].dropna(), THREAT_ORDER)
-    cols = [(t, a) for t in threats
-            for a in _ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(), ATTACK_ORDER)]
-    header = ["variant"] + [f"{t} {ATTACK_LABELS.get(a, a)}" for t, a in cols] + ["checks"]
-    rows = []
-    for v in _ordered(sub["variant"].dropna(), tuple(dict.fromkeys(TABLE1_VARIANTS + VARIANT_ORDER))):
-        cells = [_fmt(acc.get((t, a, v))) for t, a in cols]
-        rows.append([VARIANT_LABELS.get(v, v)] + cells + [_checks_cell(sub[sub["variant"] == v])])
+    threats, cols, labels, stats, variants = _table1_layout(sub)
+    original = stats.get(("classifier", "clean", "none"))
+    header = ["variant", "Original"] + labels + ["checks"]
+    rows, agree = [], []
+    for v in variants:
+        label = VARIANT_LABELS.get(v, v)
+        rows.append([label, _fmt_cell(original)] + [_fmt_cell(stats.get((t, a, v))) for t, a in cols]
+                    + [_checks_cell(sub[sub["variant"] == v])])
+        agree.append([label] + [_fmt_cell(stats.get((t, a, v)), "agree") for t, a in cols])
     for label, key in PAPER_ROWS:
-        cells = [_fmt(PAPER_TABLE1.get(a, {}).get(key)) if t == "classifier" else DASH for t, a in cols]
-        rows.append([label] + cells + [DASH])
-    return _table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows)
+        cells_ = [_fmt(PAPER_TABLE1.get(a, {}).get(key)) if t == "classifier" else DASH for t, a in cols]
+        rows.append([label, _fmt(PAPER_TABLE1["original"].get(key))] + cells_ + [DASH])
+    agreement = ("Agreement (%): the purified image's prediction equals the classifier's prediction on the clean "
+                 "image (the paper's \"matches the original prediction\"), same rows and columns, pooled.")
+    return (_table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows) + "\n\n" + agreement
+            + "\n\n" + _markdown(["variant"] + labels, agree))
 
 
 def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tuple[pd.DataFrame, str]:
@@ -178,120 +253,48 @@ def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tu
     return rows.assign(table2_variant=rows["variant"].map(VARIANT_TO_SWEEP)), "pipeline runs"
 
 
+def _replicate_key(rows: pd.DataFrame) -> pd.Series:
+    """What pairs a variant's rows with the AT-only rows: the run (pipeline: same run, same seed
+    and images) or the seed (sweep trials)."""
+    if _is_sweep(rows).all() and "sweep.seed" in rows:
+        return rows["sweep.seed"].fillna(0).astype(int).astype(str)
+    return rows["run"].astype(str)
+
+
+def _versus_at(rows: pd.DataFrame, v: str, a: str) -> str:
+    """'▲'/'▼' when variant v differs from AT-only on attack a beyond noise (paired bootstrap), else ''."""
+    if v == "at_only":
+        return ""
+    key = rows.assign(_rep=_replicate_key(rows))
+    mine = key[(key["table2_variant"] == v) & (key["attack"] == a)].groupby("_rep")["hits"].first()
+    ref = key[(key["table2_variant"] == "at_only") & (key["attack"] == a)].groupby("_rep")["hits"].first()
+    common = sorted(set(mine.index) & set(ref.index))
+    test = paired([mine[k] for k in common], [ref[k] for k in common]) if common else None
+    return "" if not test or not test["differs"] else (" ▲" if test["diff"] > 0 else " ▼")
+
+
 def table2_markdown(df: pd.DataFrame, beta: float = 0.5, gamma: float = 0.5, eps: float = 8 / 255) -> str:
-    """Table-2 ablation: sweep variants x attacks, each cell 'ours (paper)'."""
+    """Table-2 ablation: sweep variants x attacks, each cell 'ours ± interval (paper)', marked
+    where it differs from the AT teacher beyond noise."""
     rows, source = table2_source(df, beta, gamma, eps)
     setting = f"β={beta:g}, γ={gamma:g}, ε={eps * 255:g}/255"
     if rows.empty:
         return f"_Table 2: no classifier-threat-model rows at {setting}._"
-    acc = pooled(rows, ["table2_variant", "attack"])
+    stats = cells(rows, ["table2_variant", "attack"])
     attacks = [a for a in _ordered(rows["attack"].dropna(), ATTACK_ORDER) if a != "clean"]
+    has_hits = "hits" in rows and rows["hits"].notna().any()
     body = []
     for v in _ordered(rows["table2_variant"].dropna(), tuple(SWEEP_LABELS)):
         paper = PAPER_TABLE2.get(v, {})
-        body.append([SWEEP_LABELS.get(v, v)] + [f"{_fmt(acc.get((v, a)))} ({_fmt(paper.get(a))})"
-                                                for a in attacks])
+        body.append([SWEEP_LABELS.get(v, v)] + [
+            f"{_fmt_cell(stats.get((v, a)))}{_versus_at(rows, v, a) if has_hits else ''} ({_fmt(paper.get(a))})"
+            for a in attacks])
     caption = (f"Ablation at {setting}, classifier threat model, accuracy (%) as kdp (paper); from "
-               f"{source}: {_count(rows, 'run')} run(s), {_count(rows, 'trial_id')} trial(s), {len(rows)} rows.")
+               f"{source}: {_count(rows, 'run')} run(s), {_count(rows, 'trial_id')} trial(s), {len(rows)} rows. "
+               f"{INTERVAL_TEXT} ▲/▼: above/below the AT teacher (AT, no KD) beyond noise, i.e. the 95% paired "
+               "bootstrap interval of the difference (same seeds and images) excludes 0. The paper's AA is its "
+               "10-step AutoAttack.")
     return caption + "\n\n" + _markdown(["variant"] + [ATTACK_LABELS.get(a, a) for a in attacks], body)
-
-
-# ---------------------------------------------------------------- plots
-
-def _save(fig, path: str | Path) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)  # format given: the temp name has no .png suffix
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """Grouped bars: accuracy (%) per attack (groups) and variant (bars), classifier threat model."""
-    sub = table1_rows(df)[0]
-    sub = sub[sub["threat_model"] == "classifier"]
-    if sub.empty:
-        return None
-    acc = pooled(sub, ["attack", "variant"])
-    attacks = _ordered(sub["attack"].dropna(), ATTACK_ORDER)
-    variants = _ordered(sub["variant"].dropna(), VARIANT_ORDER)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(attacks)), 4))
-    width = 0.8 / len(variants)
-    for j, v in enumerate(variants):
-        ys = [acc.get((a, v), float("nan")) for a in attacks]
-        ax.bar([i + (j - (len(variants) - 1) / 2) * width for i in range(len(attacks))], ys, width, label=v)
-    ax.set_xticks(range(len(attacks)), [ATTACK_LABELS.get(a, a) for a in attacks])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Accuracy on purified images (classifier threat model)")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path | None:
-    """Accuracy (%) on `attack` against β, γ and ε, one line per sweep variant (pooled over
-    the other two dimensions); None if there are no sweep rows for it."""
-    sub = df[_is_sweep(df) & (df["threat_model"] == "classifier") & (df["attack"] == attack)]
-    if sub.empty:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, dim, label in zip(axes, ("sweep.beta", "sweep.gamma", "sweep.eps"), ("β", "γ", "ε (×1/255)")):
-        # rounded: float jitter in stored ε (8/255 computed twice) must not split a point
-        acc = pooled(sub.assign(**{dim: sub[dim].round(9)}), ["sweep.variant", dim])
-        for v in _ordered(acc.index.get_level_values(0), tuple(SWEEP_LABELS)):
-            s = acc.loc[v].sort_index()
-            xs = s.index * 255 if dim == "sweep.eps" else s.index
-            ax.plot(xs, s.values, marker="o", label=SWEEP_LABELS.get(v, v))
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{ATTACK_LABELS.get(attack, attack)} accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Sweep: {ATTACK_LABELS.get(attack, attack)} accuracy (classifier threat model)")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------- Figure 5
-
-def figure5_images(purifier, classifier, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd8",
-                   seed: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(clean x, AEs crafted on the classifier alone, the purifier's output on the AEs), on CPU."""
-    from kdp.attacks import attack_batches, build_attack
-
-    atk = build_attack(attack, classifier)
-    x_adv = torch.cat(list(attack_batches(atk, x, y, len(x), seed, 0, device))).cpu()
-    with torch.no_grad():
-        x_pur = purifier(x_adv.to(device)).cpu()
-    return x, x_adv, x_pur
-
-
-def figure5(purifier_dir, classifier_dir, data, path: str | Path, attack: str = "pgd8", n: int = FIGURE_N,
-            seed: int = 0, device="cpu") -> Path:
-    """Figure-5-style grid: originals, their AEs, and the purified AEs, with predicted labels."""
-    from kdp.checkpoint import load_checkpoint
-    from kdp.data import to_float
-    from kdp.models import freeze
-
-    classifier = freeze(load_checkpoint(classifier_dir, device)[0])
-    purifier = freeze(load_checkpoint(purifier_dir, device)[0])
-    x, y = to_float(data.test_x[:n]), data.test_y[:n]
-    if len(x) == 0:
-        raise ValueError(f"figure5: the data ({data.source}) has no test images")
-    images = figure5_images(purifier, classifier, x, y, attack, seed, device)
-    titles = ("original", f"AE ({ATTACK_LABELS.get(attack, attack)}, on the classifier)", "purified AE")
-    fig, axes = plt.subplots(3, len(x), figsize=(1.3 * len(x), 5), squeeze=False)
-    for r, (imgs, title) in enumerate(zip(images, titles)):
-        with torch.no_grad():
-            pred = classifier(imgs.to(device)).argmax(1).cpu()
-        for c in range(len(x)):
-            ax = axes[r][c]
-            ax.imshow(imgs[c].clamp(0, 1).permute(1, 2, 0).numpy())
-            ax.set_xticks([]), ax.set_yticks([])
-            ok = "" if pred[c] == y[c] else " ✗"  # mark misclassified images
-            ax.set_xlabel(data.classes[int(pred[c])] + ok, fontsize=7)
-        axes[r][0].set_ylabel(title, fontsize=7)
-    fig.suptitle(f"Figure 5 (kdp): true labels {', '.join(data.classes[int(t)] for t in y)}", fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- report
@@ -326,9 +329,12 @@ def sanity_markdown(df: pd.DataFrame) -> str:
 
 
 def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = None,
-                 attack: str = "pgd8") -> Path:
+                 attack: str = "pgd8", blends: list[dict] | None = None) -> Path:
     """Write out_dir/report.md and its PNGs; `figure` = (purifier_dir, classifier_dir, data)
-    adds the Figure-5 grid for `attack`. Returns the report.md path."""
+    adds the Figure-5 grid for `attack`, `blends` (kdp.analyze records) the blend fit.
+    Returns the report.md path."""
+    from kdp.plots import figure5, plot_attacks, plot_grid
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = {"Accuracy per attack": plot_attacks(df, out / "attacks.png"),
@@ -338,6 +344,10 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
     parts = ["# kdp report", "", *provenance_lines(df), ""]
     parts += ["## Table 1", "", table1_markdown(df), ""]
     parts += ["## Table 2 (ablation)", "", table2_markdown(df), ""]
+    if blends:
+        from kdp.analyze import blend_markdown
+
+        parts += ["## Blend fit (kdp analyze)", "", blend_markdown(blends), ""]
     parts += ["## Sanity checks", "", sanity_markdown(df), ""]
     for title, p in pngs.items():
         if p is not None:
@@ -361,29 +371,17 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", default="pgd8", help="attack shown in Figure 5 (default: pgd8)")
 
 
-def _figure_inputs(purifier: Path) -> tuple[str | None, str | None]:
-    """The classifier and data dir a purifier was trained with, read from its sweep trial's
-    trial.json (<trial>/student) or its pipeline run's config.json (<run>/student_*)."""
-    from kdp.checkpoint import read_json
-
-    trial, run = purifier.parent / "trial.json", purifier.parent / "config.json"
-    if trial.is_file():
-        t = read_json(trial, "trial.json")
-        return t["inputs"]["classifier"], t["config"]["data"]["data_dir"]
-    if run.is_file() and (purifier.parent / "classifier").is_dir():
-        return str(purifier.parent / "classifier"), read_json(run, "config.json")["data"]["data_dir"]
-    return None, None
-
-
 def report_command(args: argparse.Namespace) -> None:
     """`kdp report`: load results, write the report (with Figure 5 if asked), print its path."""
+    from kdp.analyze import find_blends
     from kdp.attacks import ATTACKS
     from kdp.data import load_cifar
     from kdp.models import lookup
+    from kdp.plots import FIGURE_N, figure_inputs
     from kdp.results import load
 
     if args.purifier and not (args.classifier and args.data_dir):
-        clf, data_dir = _figure_inputs(Path(args.purifier))
+        clf, data_dir = figure_inputs(Path(args.purifier))
         args.classifier, args.data_dir = args.classifier or clf, args.data_dir or data_dir
     fig_args = {"--purifier": args.purifier, "--classifier": args.classifier, "--data-dir": args.data_dir}
     given = [k for k, v in fig_args.items() if v is not None]
@@ -396,4 +394,5 @@ def report_command(args: argparse.Namespace) -> None:
     if given:
         data = load_cifar(args.data_dir, n_train=0, n_test=FIGURE_N)
         figure = (Path(args.purifier), Path(args.classifier), data)
-    print(f"report: {write_report(df, args.out, figure, attack=args.attack)}")
+    blends = find_blends(args.path)
+    print(f"report: {write_report(df, args.out, figure, attack=args.attack, blends=blends)}")

@@ -1,7 +1,8 @@
 """Result tables: one parquet row per (run, purifier variant, attack, threat model).
 
 A row holds the flattened pipeline config, the variant's purifier config under
-`purifier.*`, the counts and accuracy, and provenance. The schema is fixed (`SCHEMA`),
+`purifier.*`, the counts and accuracy, the per-image outcome (`hits` from test image
+`first` on), what the attack ran (`attack.*`), and provenance. The schema is fixed (`SCHEMA`),
 so tables from many runs and sweep trials concatenate. Files are written under a
 temporary name and renamed.
 """
@@ -44,10 +45,11 @@ METRIC_FIELDS = [pa.field(n, t) for n, t in (
     ("correct", pa.int64()), ("agree", pa.int64()), ("accuracy", pa.float64()), ("agreement", pa.float64()),
     ("seconds", pa.float64()), ("attack_seconds", pa.float64()), ("linf_max", pa.float64()),
     ("classifier.test_acc", pa.float64()), ("data.source", pa.string()), ("data.train_size", pa.int64()),
-    ("wall_seconds", pa.float64()))]
+    ("wall_seconds", pa.float64()), ("first", pa.int64()), ("hits", pa.string()))]
 # How the attack got its gradient (full threat model) and the sanity checks (kdp.stages.evaluate).
 CHECK_FIELDS = [pa.field(n, t) for n, t in (
-    ("attack.grad", pa.string()), ("attack.eot", pa.int64()), ("check.eval_mode", pa.bool_()),
+    ("attack.settings", pa.string()), ("attack.steps", pa.int64()), ("attack.restarts", pa.int64()),
+    ("attack.cached", pa.bool_()), ("attack.grad", pa.string()), ("attack.eot", pa.int64()), ("check.eval_mode", pa.bool_()),
     ("check.in_range", pa.bool_()), ("check.grad_norm", pa.float64()), ("check.grad_nonzero", pa.bool_()),
     ("check.src_correct", pa.int64()), ("check.src_fooled", pa.int64()), ("check.attack_success", pa.float64()),
     ("check.attack_ok", pa.bool_()), ("check.linf_ok", pa.bool_()), ("checks_ok", pa.bool_()),
@@ -58,9 +60,10 @@ PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
 # the hive partition directory `sweep_id=<id>`, not a column of the files.
 SWEEP_FIELDS = [pa.field(n, t) for n, t in (
     ("trial_id", pa.string()), ("sweep.variant", pa.string()), ("sweep.beta", pa.float64()),
-    ("sweep.gamma", pa.float64()), ("sweep.eps", pa.float64()), ("sweep.kd_space", pa.string()))]
+    ("sweep.gamma", pa.float64()), ("sweep.eps", pa.float64()), ("sweep.kd_space", pa.string()),
+    ("sweep.seed", pa.int64()))]
 SCHEMA = pa.schema(
-    [pa.field("run", pa.string()), pa.field("preset", pa.string())] + METRIC_FIELDS + CHECK_FIELDS
+    [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
     + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
     + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())] + _fields(JpegConfig, "jpeg.")

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, _coerce, flatten, from_dict
+from kdp.config import (PipelineConfig, Runtime, StudentConfig, _check, _choice, _coerce, flatten, from_dict, parse_seeds,
+                        replicate)
 from kdp.data import Cifar
 from kdp.graph import Run, Stage, ensure, pipeline_graph, run_graph
 from kdp.losses import KD_SPACES
@@ -79,6 +80,9 @@ class SweepConfig:
     """Training eps of the AT teacher's and the students' AEs (alpha scales with it)."""
     kd_space: tuple[str, ...] = ("pixels",)
     """KD softmax space(s): pixels and/or logits."""
+    seeds: tuple[int, ...] = (0,)
+    """Replicate seeds, a grid dimension: each reseeds the trial's teachers, student and attack
+    starts (kdp.config.replicate); the classifier and training AEs stay shared."""
     num_samples: int = 1
     """Repeats of the grid (each draws fresh values for Range dimensions)."""
     max_concurrent: int = 0
@@ -98,6 +102,7 @@ class SweepConfig:
             _choice(v, tuple(VARIANTS), "sweep variant")
         for s in self.kd_space:
             _choice(s, KD_SPACES, "kd space")
+        object.__setattr__(self, "seeds", parse_seeds(",".join(str(s) for s in self.seeds)))
         for dim in DIMENSIONS:
             self._check_dim(dim)
         _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
@@ -117,7 +122,7 @@ class SweepConfig:
             _check(ok, f"sweep {dim} value {x} out of range ({'(0, 1]' if dim == 'eps' else '>= 0'})")
 
     def grid_size(self) -> int:
-        n = len(self.variants) * len(self.kd_space) * self.num_samples
+        n = len(self.variants) * len(self.kd_space) * len(self.seeds) * self.num_samples
         for dim in DIMENSIONS:
             v = getattr(self, dim)
             n *= 1 if isinstance(v, Range) else len(v)
@@ -159,6 +164,9 @@ def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
     for key in ("variants", "kd_space"):
         if isinstance(merged.get(key), str):
             merged[key] = tuple(s.strip() for s in merged[key].split(",") if s.strip())
+    if "seeds" in merged:
+        seeds = merged["seeds"]
+        merged["seeds"] = parse_seeds(seeds if isinstance(seeds, str) else ",".join(map(str, seeds)))
     return SweepConfig(**merged)
 
 
@@ -191,6 +199,7 @@ def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineC
     """The PipelineConfig of one trial: AE eps (alpha scaled with it) and at most one student.
     A trial evaluates its own purifier only: no baselines, and no `transfer` threat model
     (a sweep trains no surrogate; `kdp run` gives the whole Table 1)."""
+    base = dataclasses.replace(replicate(base, int(params.get("seed", 0))), name=base.name)
     eps = float(params["eps"])
     ae = dataclasses.replace(base.ae, eps=eps, alpha=base.ae.alpha * eps / base.ae.eps if base.ae.eps else eps / 4)
     teachers = VARIANTS[params["variant"]]
@@ -206,7 +215,7 @@ def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineC
 def trial_columns(params: dict, trial_id: str) -> dict:
     return {"trial_id": trial_id, "sweep.variant": params["variant"], "sweep.beta": float(params["beta"]),
             "sweep.gamma": float(params["gamma"]), "sweep.eps": float(params["eps"]),
-            "sweep.kd_space": params["kd_space"]}
+            "sweep.kd_space": params["kd_space"], "sweep.seed": int(params.get("seed", 0))}
 
 
 def _key(*parts) -> str:
@@ -270,7 +279,8 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     results = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
     run = Run(cfg, data, rt, trial_dir, trial_place(root, trial_dir, data, results),
               graph=pipeline_graph(cfg, evaluated=(variant,)), log=log, extra=trial_columns(params, trial_id),
-              guard=trial_guard(root, trial_dir, trial_id, log, lock_timeout_s), storage=sweep_dir / "ray", t_start=t0)
+              guard=trial_guard(root, trial_dir, trial_id, log, lock_timeout_s), storage=sweep_dir / "ray", t_start=t0,
+              eval_cache=root / "eval_aes")
     outputs = run_graph(run, ex)
     write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
         k: str(v) for k, v in outputs.items() if k != "evaluate"}, "config": json.loads(json.dumps(

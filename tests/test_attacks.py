@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdp.attacks import ATTACKS, LINF_EPS, PAPER_SUITE, attack_batches, build_attack, linf_budget
+from kdp.attacks import ATTACKS, LINF_EPS, PAPER_SUITE, attack_batches, build_attack, describe, linf_budget
 from kdp.data import to_float
 from kdp.models import CifarResNet, freeze
 from kdp.train import epoch_batches, predict, train_epoch
@@ -45,7 +45,7 @@ def test_classifier_learned_something(trained):
 
 
 def test_suite_and_budgets():
-    assert set(PAPER_SUITE) == set(ATTACKS) == set(LINF_EPS)
+    assert set(PAPER_SUITE) | {"pgd100", "aa-standard"} == set(ATTACKS) == set(LINF_EPS)
     assert linf_budget("pgd8") == pytest.approx(8 / 255)
     assert linf_budget("pgd16") == pytest.approx(16 / 255)
     assert linf_budget("autoattack") == pytest.approx(8 / 255)
@@ -75,6 +75,38 @@ def test_attack_valid_and_effective(trained, name):
         assert adv < clean
     if name == "pgd8":
         assert adv <= 0.5 * clean
+
+
+def test_aa_standard_has_the_original_strengths(trained):
+    """Croce & Hein (2020) / RobustBench: APGD-CE 100, APGD-T 9 x 100, FAB-T 9 x 100, Square 5000."""
+    model = trained[0]
+    pieces = build_attack("aa-standard", model).attacks
+    assert [type(a).__name__ for a in pieces] == ["APGD", "APGDT", "FAB", "Square"]
+    apgd, apgdt, fab, square = pieces
+    assert (apgd.loss, apgd.steps, apgd.n_restarts, apgd.eps) == ("ce", 100, 1, pytest.approx(8 / 255))
+    assert (apgdt.steps, apgdt.n_target_classes, apgdt.n_restarts) == (100, 9, 1)
+    assert (fab.steps, fab.multi_targeted, fab.n_target_classes, fab.n_restarts) == (100, True, 9, 1)
+    assert (square.n_queries, square.n_restarts) == (5000, 1)
+    assert all(a.model is model and a.norm == "Linf" for a in pieces)
+    assert describe(build_attack("aa-standard", model)) == {
+        "attack.settings": "APGD-CE 100 steps x 1 restart(s); APGD-T 9 targets x 100 steps x 1 restart(s); "
+                           "FAB-T 9 targets x 100 steps x 1 restart(s); Square 5000 queries x 1 restart(s)",
+        "attack.steps": 100, "attack.restarts": 1}
+    ten = describe(build_attack("autoattack", model))
+    assert ten["attack.steps"] == 10 and "APGD-T 9 targets x 10 steps" in ten["attack.settings"]
+    assert describe(build_attack("pgd100", model))["attack.steps"] == 100
+
+
+@pytest.mark.slow
+def test_aa_standard_at_most_the_10_step_autoattack(trained):
+    """At eps = 1/255 the tiny model keeps some accuracy, so the attacks' strength shows: the
+    standard AutoAttack leaves no more images correct than the 10-step one."""
+    model, x_all, y_all = trained
+    x, y = x_all[:N_AUTOATTACK], y_all[:N_AUTOATTACK]
+    ten = accuracy(model, craft("autoattack", model, x, y, eps=1 / 255), y)
+    standard = accuracy(model, craft("aa-standard", model, x, y, eps=1 / 255), y)
+    assert 0 < ten < accuracy(model, x, y)  # some robustness at this budget, and AA does bite
+    assert standard <= ten
 
 
 def test_unknown_attack_and_negative_budget(trained):

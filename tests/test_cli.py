@@ -32,6 +32,16 @@ def test_show_prints_the_paper_preset(capsys):
     (["run", "--set", "nosuch.key=1"], "'nosuch'"),
     (["run", "--device", "tpu"], "'tpu'"),
     (["results", "/no/such/results.parquet"], "/no/such/results.parquet"),
+    (["run", "--set", "eval.adaptive_attacks=pgd100+aa-strong"], "'aa-strong'"),
+    (["run", "--seeds", "0,x"], "'0,x'"),
+    (["run", "--seeds", "1.5"], "integers"),
+    (["run", "--seeds", ""], "at least one"),
+    (["run", "--seeds", "0,0"], "distinct"),
+    (["run", "--seed-scope", "all"], "--seeds"),
+    (["run", "--set", "eval.aa_subset=500"], "eval.aa_subset=500"),  # smoke: 200 test images
+    (["run", "--set", "data.n_test=None", "--set", "eval.aa_subset=5000"], "1017 images"),  # found on loading
+    (["run", "--set", "eval.aa_subset=0"], "aa_subset"),
+    (["analyze", "/no/such/run"], "/no/such/run"),
 ])
 def test_bad_input_gives_one_line_error(argv, needle, capsys, tmp_path, cifar_subset_dir):
     if argv[0] == "run" and "--data-dir" not in argv:

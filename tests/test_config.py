@@ -7,7 +7,7 @@ import pytest
 
 from kdp.attacks import PAPER_SUITE
 from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, Runtime, StudentConfig,
-                        TeacherConfig, flatten, override)
+                        TeacherConfig, flatten, override, parse_seeds, replicate)
 from kdp.presets import PRESETS, get_preset
 
 
@@ -22,7 +22,9 @@ def test_paper_defaults():
     assert a.eps == pytest.approx(8 / 255) and a.alpha == pytest.approx(2 / 255) and a.steps == 20
     assert a.attack == "pgd8"
     assert ClassifierConfig().arch == "resnet56"
-    assert EvalConfig().attacks == PAPER_SUITE
+    e = EvalConfig()
+    assert e.attacks == PAPER_SUITE + ("aa-standard",)  # the paper's suite, plus full-strength AutoAttack
+    assert e.adaptive_attacks == ("pgd100", "aa-standard") and e.aa_subset == 200
     p = PipelineConfig()
     assert [st.variant for st in p.students] == ["kd_at", "kd_nt", "kd_at_nt"]
     assert p.at_teacher.kind == "at" and p.nt_teacher.kind == "nt"
@@ -53,6 +55,11 @@ def test_paper_defaults():
     (lambda: SoapConfig(arch="vgg"), "'vgg'"),
     (lambda: PipelineConfig(baselines=("jpeg", "jpeg")), "repeated"),
     (lambda: DataConfig(n_train=0), "n_train must be > 0, got 0"),
+    (lambda: EvalConfig(aa_subset=0), "aa_subset must be > 0, got 0"),
+    (lambda: EvalConfig().check_test_size(100), "eval.aa_subset=200 is larger than the test set (100"),
+    (lambda: parse_seeds("0,one"), "'0,one'"),
+    (lambda: parse_seeds(" "), "at least one"),
+    (lambda: replicate(PipelineConfig(), 1, scope="classifier"), "'classifier'"),
     (lambda: PipelineConfig(name="a/b"), "'a/b'"),
     (lambda: PipelineConfig(students=(StudentConfig(teachers=("at",)), StudentConfig(teachers=("at",)))),
      "kd_at"),
@@ -72,6 +79,22 @@ def test_unknown_arch_lists_valid():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         AEConfig().eps = 0.1
+
+
+def test_replicate_reseeds_what_depends_on_the_seed():
+    base = get_preset("smoke")
+    r = replicate(base, 3)
+    assert (r.name, r.seed) == ("smoke-seed3", 3)
+    assert {r.at_teacher.seed, r.nt_teacher.seed, r.nrp.seed, r.soap.seed, r.eval.seed} == {3}
+    assert all(s.seed == 3 for s in r.students)
+    # shared by every replicate: the classifier, the surrogate and the training AEs
+    assert (r.classifier, r.surrogate, r.ae) == (base.classifier, base.surrogate, base.ae)
+    everything = replicate(base, 3, scope="all")
+    assert everything.classifier.seed == 3 and everything.ae.seed == 3 and everything.surrogate == base.surrogate
+    assert flatten(r)["seed"] == 3 and flatten(base)["seed"] is None
+    assert parse_seeds("0, 1,2") == (0, 1, 2)
+    # no aa-standard in the suite: a small test set is fine
+    PipelineConfig(data=DataConfig(n_test=10), eval=EvalConfig(attacks=("pgd8",), adaptive_attacks=("pgd100",)))
 
 
 def test_override_values():
@@ -124,8 +147,8 @@ def test_flatten():
     flat = flatten(PipelineConfig())
     assert flat["ae.eps"] == pytest.approx(8 / 255)
     assert flat["classifier.arch"] == "resnet56"
-    assert flat["eval.attacks"] == "pgd8+pgd16+fgsm+bim+cw+autoattack"
-    assert flat["eval.adaptive_attacks"] == "pgd8+fgsm" and flat["eval.threat_models"] == "classifier+full+transfer"
+    assert flat["eval.attacks"] == "pgd8+pgd16+fgsm+bim+cw+autoattack+aa-standard"
+    assert flat["eval.adaptive_attacks"] == "pgd100+aa-standard" and flat["eval.threat_models"] == "classifier+full+transfer"
     assert flat["data.n_train"] is None and flat["name"] == "kdp"
     assert "students" not in flat  # a tuple of configs has no single column
     cfg = PipelineConfig()
@@ -156,7 +179,7 @@ def test_paper_preset():
     for s in p.students:
         assert (s.epochs, s.beta, s.gamma, s.lr, s.batch_size, s.depth) == (40, 0.5, 0.5, 0.01, 128, 15)
         assert s.kd_space == "pixels"
-    assert p.eval.attacks == PAPER_SUITE
+    assert p.eval.attacks == PAPER_SUITE + ("aa-standard",)
 
 
 def test_all_presets_build():
@@ -195,7 +218,7 @@ def test_reduced_preset():
     for t in (p.at_teacher, p.nt_teacher):
         assert (t.depth, t.width, t.epochs) == (15, 64, 30)
     assert [(s.depth, s.width, s.epochs) for s in p.students] == [(15, 64, 15)] * 3
-    assert p.eval.attacks == PAPER_SUITE
+    assert p.eval.attacks == PAPER_SUITE + ("aa-standard",)
 
 
 def test_unknown_preset():

@@ -80,12 +80,70 @@ def test_sharded_evaluation_equals_one_run(ckpts, tiny_data):
     merged = {key(r): r for r in finalize(merge_rows(parts), cfg, QUIET)}
     assert set(merged) == {key(r) for r in whole}
     assert {r["threat_model"] for r in whole} == {"classifier", "full", "transfer"}
-    fields = ("correct", "agree", "n", "check.src_correct", "check.src_fooled", "checks_ok", "check_failures")
+    fields = ("correct", "agree", "n", "hits", "check.src_correct", "check.src_fooled", "checks_ok", "check_failures")
     for r in whole:
         assert [merged[key(r)][f] for f in fields] == [r[f] for f in fields]
     full = {r["variant"]: r for r in whole if r["threat_model"] == "full"}
     assert full["jpeg"]["attack.grad"] == "bpda" and full["cae"]["attack.grad"] == "exact"
     assert all(r["check.grad_nonzero"] for r in full.values())
+
+
+def test_subset_attacks_run_on_the_first_images_only(ckpts, tiny_data, monkeypatch):
+    """An attack in SUBSET_ATTACKS covers test images [0, aa_subset), whole or sharded."""
+    import kdp.config
+
+    monkeypatch.setattr(kdp.config, "SUBSET_ATTACKS", ("fgsm",))
+    clf, sur, variants = ckpts
+    cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
+                     aa_subset=20, batch_size=16)
+    whole = evaluate(cfg, clf, variants, tiny_data, RT, 0, 48, log=QUIET)
+    n = {(r["attack"], r["threat_model"]): r["n"] for r in whole}
+    assert n == {("clean", "classifier"): 48, ("pgd8", "classifier"): 48, ("fgsm", "classifier"): 20,
+                 ("fgsm", "full"): 20}
+    assert all(len(r["hits"]) == r["n"] and r["first"] == 0 for r in whole)
+    work = shards(cfg, 48, 16)
+    assert sorted((s, e) for t, a, s, e in work if a == "fgsm" and t == "full") == [(0, 16), (16, 20)]
+    parts = [r for t, a, s, e in work for r in evaluate(cfg, clf, variants, tiny_data, RT, s, e, (a,), (t,), log=QUIET)]
+    merged = {(r["variant"], r["attack"], r["threat_model"]): r for r in merge_rows(parts)}
+    for r in whole:
+        m = merged[(r["variant"], r["attack"], r["threat_model"])]
+        assert (m["n"], m["correct"], m["hits"]) == (r["n"], r["correct"], r["hits"])
+
+
+@pytest.mark.slow
+def test_aa_standard_rows_record_settings_and_subset(ckpts, tiny_data):
+    clf, _, variants = ckpts
+    cfg = EvalConfig(attacks=("aa-standard",), adaptive_attacks=("aa-standard",), threat_models=("classifier", "full"),
+                     aa_subset=8, batch_size=8)
+    rows = evaluate(cfg, clf, {"none": None, "cae": variants["cae"]}, tiny_data, RT, 0, 16, log=QUIET)
+    aa = [r for r in rows if r["attack"] == "aa-standard"]
+    assert len(aa) == 4 and all(r["n"] == 8 and r["attack.steps"] == 100 and r["attack.restarts"] == 1 for r in aa)
+    assert all("Square 5000 queries" in r["attack.settings"] for r in aa)
+    assert all(r["check.linf_ok"] for r in aa)
+    clean = next(r for r in rows if r["attack"] == "clean" and r["variant"] == "none")
+    assert clean["n"] == 16 and clean["attack.steps"] == 0
+
+
+def test_eval_cache_reuses_classifier_and_transfer_aes(ckpts, tiny_data, tmp_path):
+    clf, sur, variants = ckpts
+    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16)
+    run = lambda: evaluate(cfg, clf, variants, tiny_data, RT, 0, 32, surrogate_dir=sur, log=QUIET,  # noqa: E731
+                           cache_dir=tmp_path / "cache")
+    first, again = run(), run()
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 2  # pgd8 on the classifier, fgsm on the surrogate; full AEs are never cached
+    key = lambda r: (r["variant"], r["attack"], r["threat_model"])  # noqa: E731
+    before = {key(r): r for r in first}
+    for r in again:
+        assert (r["correct"], r["agree"], r["hits"]) == (before[key(r)]["correct"], before[key(r)]["agree"],
+                                                         before[key(r)]["hits"])
+        crafted = r["attack"] != "clean" and r["threat_model"] != "full"
+        assert r["attack.cached"] is crafted and before[key(r)]["attack.cached"] is False
+    other = evaluate(EvalConfig(attacks=("pgd8",), threat_models=("classifier",), batch_size=16, seed=1), clf,
+                     variants, tiny_data, RT, 0, 32, log=QUIET, cache_dir=tmp_path / "cache")
+    assert not any(r["attack.cached"] for r in other)  # another seed: other AEs, a new entry
+    (tmp_path / "cache" / entries[0] / "x_adv.npy").write_bytes(b"corrupt")
+    assert {key(r): r["correct"] for r in run()} == {key(r): r["correct"] for r in first}  # re-crafted
 
 
 class ZeroGrad(torch.autograd.Function):

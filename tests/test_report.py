@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from kdp import report
+from kdp import plots, report
 from kdp.checkpoint import save_checkpoint
 from kdp.models import build_model
 from kdp.results import SCHEMA
@@ -79,24 +79,35 @@ def _header(md: str) -> list[str]:
     return [c.strip() for c in next(l for l in md.splitlines() if l.startswith("|")).strip("|").split("|")]
 
 
+def _tables(md: str) -> list[list[str]]:
+    """The markdown tables of md, each as its lines."""
+    tables, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables, cur = tables + [cur], []
+    return tables
+
+
 def _first_column(md: str) -> list[str]:
-    """The first cells of a markdown table's body rows (header and separator skipped)."""
-    return [l.split("|")[1].strip() for l in md.splitlines() if l.startswith("| ")][1:]
+    """The first cells of the first markdown table's body rows (header and separator skipped)."""
+    return [l.split("|")[1].strip() for l in _tables(md)[0][2:]]
 
 
 def test_table1_rows_in_order_with_pooled_values_per_threat_block():
     md = report.table1_markdown(_frame(pipeline_rows()))
-    assert _header(md) == ["variant", "classifier Original", "classifier PGD8", "full PGD8", "transfer FGSM",
-                           "checks"]
+    assert _header(md) == ["variant", "Original", "Purified clean", "PGD8", "full PGD8", "transfer FGSM", "checks"]
     assert _first_column(md) == ["none (undefended)", "JPEG", "NRP", "SOAP", "AT teacher", "student KD←AT+NT",
                                  "kd_at", "paper: NRP", "paper: SOAP", "paper: KD←AT+NT (ours)"]
     student = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
-    assert student == {"variant": "student KD←AT+NT", "classifier Original": "80.00", "classifier PGD8": "26.67",
-                       "full PGD8": "1.00", "transfer FGSM": "44.00", "checks": report.DASH}
+    # Original: the undefended classifier's clean accuracy, in every row; Purified clean: the row's own
+    assert student == {"variant": "student KD←AT+NT", "Original": "90.00", "Purified clean": "80.00",
+                       "PGD8": "26.67", "full PGD8": "1.00", "transfer FGSM": "44.00", "checks": report.DASH}
     nrp = _cells(md, "NRP")
-    assert nrp[1:5] == [report.DASH, "15.00", "3.00", report.DASH]
-    assert _cells(md, "JPEG")[2] == "12.00" and _cells(md, "SOAP")[2] == "18.00"
-    assert _cells(md, "none (undefended)")[1:3] == ["90.00", "5.00"]
+    assert nrp[1:6] == ["90.00", report.DASH, "15.00", "3.00", report.DASH]
+    assert _cells(md, "JPEG")[3] == "12.00" and _cells(md, "SOAP")[3] == "18.00"
+    assert _cells(md, "none (undefended)")[1:4] == ["90.00", "90.00", "5.00"]
     assert "surrogate" in md and "BPDA" in md and "paper's protocol" in md
 
 
@@ -104,11 +115,12 @@ def test_table1_paper_rows_only_in_classifier_block():
     md = report.table1_markdown(_frame(pipeline_rows()))
     head = _header(md)
     nrp = dict(zip(head, _cells(md, "paper: NRP")))
-    assert (nrp["classifier Original"], nrp["classifier PGD8"]) == ("89.46", "35.07")
-    assert nrp["full PGD8"] == nrp["transfer FGSM"] == nrp["checks"] == report.DASH
-    assert dict(zip(head, _cells(md, "paper: SOAP")))["classifier PGD8"] == "39.14"
+    assert (nrp["Original"], nrp["PGD8"]) == ("89.46", "35.07")
+    # the paper never reports clean accuracy after purification
+    assert nrp["Purified clean"] == nrp["full PGD8"] == nrp["transfer FGSM"] == nrp["checks"] == report.DASH
+    assert dict(zip(head, _cells(md, "paper: SOAP")))["PGD8"] == "39.14"
     ours = dict(zip(head, _cells(md, "paper: KD←AT+NT (ours)")))
-    assert ours["classifier PGD8"] == "40.20" and ours["full PGD8"] == report.DASH
+    assert ours["PGD8"] == "40.20" and ours["full PGD8"] == report.DASH
 
 
 def test_table1_checks_column():
@@ -131,7 +143,7 @@ def test_table1_from_sweep_only_uses_paper_setting():
     assert _first_column(md)[:4] == ["AT teacher", "student KD←AT+NT", "kd_at", "kd_nt"]
     assert "JPEG" not in _first_column(md)
     cells = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
-    assert cells["classifier PGD8"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
+    assert cells["PGD8"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
     assert "full PGD8" not in _header(md) and "surrogate" not in md
 
 
@@ -161,10 +173,10 @@ def test_table2_falls_back_to_pipeline_variants_and_notes_no_match():
 
 def test_plots_write_pngs(tmp_path):
     df = _frame(sweep_rows() + pipeline_rows())
-    for fn, name in ((report.plot_attacks, "a.png"), (report.plot_grid, "g.png")):
+    for fn, name in ((plots.plot_attacks, "a.png"), (plots.plot_grid, "g.png")):
         path = fn(df, tmp_path / name)
         assert path == tmp_path / name and path.read_bytes()[:8] == PNG_MAGIC
-    assert report.plot_grid(_frame(pipeline_rows()), tmp_path / "none.png") is None
+    assert plots.plot_grid(_frame(pipeline_rows()), tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "g.png"]  # no temp files left
 
@@ -213,14 +225,14 @@ def test_figure5_images_within_budget(tiny_models, tiny_data):
 
     pur, clf = (freeze(load_checkpoint(p)[0]) for p in tiny_models)
     x, y = to_float(tiny_data.test_x[:4]), tiny_data.test_y[:4]
-    x0, x_adv, x_pur = report.figure5_images(pur, clf, x, y, "pgd8")
+    x0, x_adv, x_pur = plots.figure5_images(pur, clf, x, y, "pgd8")
     assert x_adv.shape == x_pur.shape == x.shape and torch.equal(x0, x)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and (x_adv != x).any()
     assert x_pur.min() >= 0 and x_pur.max() <= 1
 
 
 def test_figure5_png_has_three_rows(tiny_models, tiny_data, tmp_path):
-    path = report.figure5(*tiny_models, tiny_data, tmp_path / "f5.png", n=3, attack="fgsm")
+    path = plots.figure5(*tiny_models, tiny_data, tmp_path / "f5.png", n=3, attack="fgsm")
     raw = path.read_bytes()
     assert raw[:8] == PNG_MAGIC
     width, height = struct.unpack(">II", raw[16:24])  # IHDR
@@ -273,3 +285,52 @@ def test_figure5_finds_a_trials_classifier_and_data(tmp_path, tiny_models, cifar
     assert (tmp_path / "o" / "figure5.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="missing --classifier, --data-dir"):
         report.report_command(_args(res, out=tmp_path / "o2", purifier=pur))  # no trial.json beside it
+
+
+def _bits(correct: int, n: int, shift: int = 0) -> str:
+    """A hit string with `correct` ones out of n, rotated by shift."""
+    b = "1" * correct + "0" * (n - correct)
+    return b[shift:] + b[:shift]
+
+
+def seeded_rows():
+    """Three seeds (runs) of a run: at_teacher and kd_at_nt on pgd8 (kd_at_nt clearly higher on
+    the same images), kd_at equal to at_teacher, and each variant's clean row."""
+    rows = []
+    for seed in range(3):
+        run = f"r-seed{seed}"
+        common = dict(n=200, run=run, seed=seed, **{"purifier.beta": 0.5, "purifier.gamma": 0.5})
+        for v, c in (("none", 180), ("at_teacher", 170), ("kd_at", 170), ("kd_at_nt", 175)):
+            rows.append(_row(v, "clean", c, hits=_bits(c, 200), agree=c - 5, **common))
+        for v, c in (("none", 2), ("at_teacher", 60 + seed), ("kd_at", 60 + seed), ("kd_at_nt", 120 + seed)):
+            rows.append(_row(v, "pgd8", c, hits=_bits(c, 200), agree=c, **common,
+                             **{"attack.settings": "PGD 20 steps, random start"}))
+    return rows
+
+
+def test_cells_carry_bootstrap_intervals_and_agreement():
+    md = report.table1_markdown(_frame(seeded_rows()))
+    head = _header(md)
+    student = dict(zip(head, _cells(md, "student KD←AT+NT")))
+    mean, hw = student["PGD8"].split(" ± ")
+    assert float(mean) == pytest.approx(100 * (120 + 121 + 122) / 600, abs=0.01)
+    assert 3 < float(hw) < 12  # about 1.96 * sqrt(.6 * .4 / 200) * 100 = 6.8 over images
+    assert dict(zip(head, _cells(md, "none (undefended)")))["Original"].startswith("90.00 ± ")
+    agreement = _tables(md)[1]
+    assert agreement[0].startswith("| variant | Purified clean | PGD8")
+    assert "| student KD←AT+NT | 85.00 | 60.50 |" in agreement  # pooled agree / n
+    assert "PGD 20 steps, random start, 200 images" in md  # the suite line
+
+
+def test_table2_marks_differences_beyond_noise():
+    md = report.table2_markdown(_frame(seeded_rows()))
+    pgd8 = {r: _cells(md, r)[1] for r in ("AT, no KD", "KD ← AT", "KD ← AT+NT")}
+    assert "▲" in pgd8["KD ← AT+NT"] and "(40.20)" in pgd8["KD ← AT+NT"]
+    assert "▲" not in pgd8["KD ← AT"] and "▼" not in pgd8["KD ← AT"]  # identical to AT: no mark
+    assert "▲" not in pgd8["AT, no KD"]
+    assert " ± " in pgd8["KD ← AT"]
+
+
+def test_rows_without_hits_get_no_interval():
+    md = report.table1_markdown(_frame(pipeline_rows()))
+    assert all(" ± " not in line for t in _tables(md) for line in t)

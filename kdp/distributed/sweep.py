@@ -65,7 +65,7 @@ def param_space(s: SweepConfig) -> dict:
     def dim(v):
         return SAMPLERS[v.dist](v.low, v.high) if isinstance(v, Range) else tune.grid_search(list(v))
     return {"variant": tune.grid_search(list(s.variants)), "beta": dim(s.beta), "gamma": dim(s.gamma),
-            "eps": dim(s.eps), "kd_space": tune.grid_search(list(s.kd_space))}
+            "eps": dim(s.eps), "kd_space": tune.grid_search(list(s.kd_space)), "seed": tune.grid_search(list(s.seeds))}
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:

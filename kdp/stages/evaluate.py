@@ -18,8 +18,12 @@ Sanity checks, in the spirit of AutoAttack's (Croce & Hein 2020) flags:
 - `check.linf_ok`: x_adv lies within the attack's L-inf budget and in [0, 1].
 A failed check is a warning in the log, a name in `check_failures` and `checks_ok` False.
 
-Rows carry counts (`correct`, `agree`, `check.src_*`), so shards over test-set slices sum
-(`merge_rows`); `finalize` then derives the checks from the summed counts.
+Rows carry counts (`correct`, `agree`, `check.src_*`) and the per-image outcome (`hits`, a
+'0'/'1' string over test images first..first+n-1, for bootstrap intervals), so shards over
+test-set slices combine (`merge_rows`); `finalize` then derives the checks from the sums.
+Each row records what the attack ran (`attack.settings`, `attack.steps`, `attack.restarts`);
+aa-standard runs on the first `aa_subset` images only. Classifier- and transfer-threat AEs
+come from the evaluation AE cache when given one (kdp.stages.eval_cache; `attack.cached`).
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdp.attacks import attack_batches, build_attack, linf_budget
+from kdp.attacks import attack_batches, build_attack, describe, linf_budget
 from kdp.checkpoint import load_checkpoint
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.models import EOT, Purified, freeze
+from kdp.stages.eval_cache import cache_key, load_entry, save_entry
 from kdp.train import resolve_device
 
 LINF_TOL = 1e-6  # float slack on the L-inf budget
@@ -102,12 +107,17 @@ class Tally:
     correct: int = 0
     agree: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    hits: list = field(default_factory=list)
 
     def add(self, pred, y, clean_pred):
         self.n += len(y)
         self.correct += int((pred == y).sum())
         self.agree += int((pred == clean_pred).sum())
+        self.hits.append(pred == y)
+
+    def bits(self) -> str:
+        """Per-image correctness as a '0'/'1' string, in test-set order."""
+        return "".join("1" if h else "0" for h in torch.cat(self.hits).tolist()) if self.hits else ""
 
 
 @dataclass
@@ -128,9 +138,14 @@ class Crafted:
             self.src_fooled = (self.src_fooled or 0) + int((ok & (src_adv != y)).sum())
 
 
-def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, **extra) -> dict:
+CLEAN_INFO = {"attack.settings": "none (clean images)", "attack.steps": 0, "attack.restarts": 0,
+              "attack.cached": False}
+
+
+def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: int, info: dict, **extra) -> dict:
     return {"variant": variant, "attack": attack, "threat_model": threat, "n": t.n, "correct": t.correct,
             "agree": t.agree, "accuracy": t.correct / max(t.n, 1), "agreement": t.agree / max(t.n, 1),
+            "first": start, "hits": t.bits(), **info,
             "seconds": c.attack_seconds + t.seconds, "attack_seconds": c.attack_seconds, "linf_max": c.linf,
             "check.eval_mode": eval_mode, "check.in_range": c.in_range, "check.src_correct": c.src_correct,
             "check.src_fooled": c.src_fooled, "check.grad_norm": None, "attack.grad": None, "attack.eot": None,
@@ -140,8 +155,8 @@ def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, **extra
 class Context:
     """The images, labels and clean predictions one evaluation call works on."""
 
-    def __init__(self, cfg: EvalConfig, x, y, device, start: int):
-        self.cfg, self.x, self.y, self.device, self.start = cfg, x, y, device, start
+    def __init__(self, cfg: EvalConfig, x, y, device, start: int, cache: Path | None = None):
+        self.cfg, self.x, self.y, self.device, self.start, self.cache = cfg, x, y, device, start, cache
         self._clean: dict[int, torch.Tensor] = {}
         self._modes: dict[int, bool] = {}
 
@@ -158,9 +173,26 @@ class Context:
         bs = self.cfg.batch_size
         return (self.x[i:i + bs].to(self.device) for i in range(0, len(self.x), bs))
 
-    def adversarial(self, name: str, model: nn.Module):
-        return attack_batches(build_attack(name, model), self.x, self.y, self.cfg.batch_size, self.cfg.seed,
-                              self.start, self.device)
+    def count(self, name: str) -> int:
+        """Images of this slice that attack `name` runs on (aa_subset counts from test image 0)."""
+        return max(0, self.cfg.subset(name, self.start + len(self.x)) - self.start)
+
+    def adversarial(self, name: str, model: nn.Module, cacheable: bool = False):
+        """(batches of AEs of attack `name` on `model`, the attack's settings). With `cacheable`
+        (the AEs depend on nothing but `model`) and a cache, they are read or written there."""
+        cfg, k = self.cfg, self.count(name)
+        attack = build_attack(name, model)
+        info, x, y = {**describe(attack), "attack.cached": False}, self.x[:k], self.y[:k]
+        batches = attack_batches(attack, x, y, cfg.batch_size, cfg.seed, self.start, self.device)
+        if not cacheable or self.cache is None or k == 0:
+            return batches, info
+        key = cache_key(model, name, info["attack.settings"], cfg.seed, cfg.batch_size, self.start, x, y)
+        hit = load_entry(self.cache / key, k)
+        if hit is None:
+            meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k}
+            return _saving(batches, self.cache / key, meta), info
+        bs = cfg.batch_size
+        return (hit[i:i + bs].to(self.device) for i in range(0, k, bs)), {**info, "attack.cached": True}
 
     def clean_pred(self, classifier: nn.Module) -> torch.Tensor:
         """The classifier's predictions on the clean images (agreement's reference)."""
@@ -170,12 +202,21 @@ class Context:
         return self._clean[id(classifier)]
 
 
+def _saving(batches, entry: Path, meta: dict):
+    """Pass the batches through; once all were made, store them as a cache entry."""
+    made = []
+    for xb in batches:
+        made.append(xb.cpu())
+        yield xb
+    save_entry(entry, torch.cat(made), meta)
+
+
 def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Defense]):
     """AEs of attack `name` crafted once on `source` (clean images for 'clean'), scored through
     every defense in `group`; the source model's own success is counted for the checks."""
     tallies = {v: Tally() for v in group}
     crafted = Crafted()
-    batches = ctx.batches() if name == "clean" else ctx.adversarial(name, source)
+    batches, info = (ctx.batches(), CLEAN_INFO) if name == "clean" else ctx.adversarial(name, source, True)
     i, t0 = 0, time.perf_counter()
     for xb in batches:
         crafted.attack_seconds += time.perf_counter() - t0
@@ -189,8 +230,8 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
         i += len(xb)
         t0 = time.perf_counter()
     extra = (source,) if source is not None else ()
-    return [_row(v, name, threat, tallies[v], crafted, ctx.was_eval(d.purifier, d.classifier, *extra))
-            for v, d in group.items()]
+    return [_row(v, name, threat, tallies[v], crafted, ctx.was_eval(d.purifier, d.classifier, *extra), ctx.start,
+                 info) for v, d in group.items()]
 
 
 def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
@@ -201,8 +242,9 @@ def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
     grad_norm = input_grad_norm(model, ctx.x[:bs].to(ctx.device), ctx.y[:bs].to(ctx.device))
     undefended = isinstance(d.purifier, nn.Identity)  # the attacked model is then its own undefended source
     t, c = Tally(), Crafted()
+    batches, info = ctx.adversarial(name, model)
     i, t0 = 0, time.perf_counter()
-    for xb in ctx.adversarial(name, model):
+    for xb in batches:
         sl = slice(i, i + len(xb))
         pred = _predict(d, xb)
         clean = ctx.clean_pred(d.classifier)[sl]
@@ -210,8 +252,8 @@ def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
         t.add(pred, ctx.y[sl], clean)
         i += len(xb)
     c.attack_seconds = time.perf_counter() - t0
-    return _row(variant, name, "full", t, c, eval_mode, **{"check.grad_norm": grad_norm, "attack.grad": grad,
-                                                           "attack.eot": eot})
+    return _row(variant, name, "full", t, c, eval_mode, ctx.start, info,
+                **{"check.grad_norm": grad_norm, "attack.grad": grad, "attack.eot": eot})
 
 
 def _by_classifier(defenses: dict[str, Defense]) -> list[tuple[nn.Module, dict[str, Defense]]]:
@@ -252,12 +294,12 @@ def evaluate_models(ctx: Context, defenses: dict[str, Defense], attacks=None, th
 def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Path | None], data: Cifar,
              rt: Runtime = Runtime(), start: int = 0, stop: int | None = None,
              attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] | None = None,
-             surrogate_dir: Path | None = None, log=print) -> list[dict]:
+             surrogate_dir: Path | None = None, log=print, cache_dir: Path | None = None) -> list[dict]:
     """Checked accuracy rows for every (variant, attack, threat model) on test images [start, stop).
 
     `attacks` / `threat_models` restrict the run (for sharding; default: all of cfg's);
     'clean' counts as a classifier-threat attack. Shards give the same AEs as one run if
-    `start` is a multiple of cfg.batch_size.
+    `start` is a multiple of cfg.batch_size. `cache_dir`: the evaluation AE cache (None: none).
     """
     device = resolve_device(rt.device)
     threats = cfg.threat_models if threat_models is None else tuple(threat_models)
@@ -268,7 +310,8 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
         if surrogate_dir is None:
             raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
         surrogate = freeze(load_checkpoint(surrogate_dir, device)[0])
-    ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start)
+    ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start,
+                  None if cache_dir is None else Path(cache_dir))
     return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)
 
 
@@ -298,7 +341,8 @@ def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True
     per_threat = {"classifier": ("clean",) + cfg.attacks, "full": cfg.adaptive_attacks,
                   "transfer": cfg.transfer_attacks if surrogate else ()}
     items = [(t, a) for t in cfg.threat_models for a in per_threat[t]]
-    return [(t, a, s, min(s + size, n_test)) for t, a in items for s in range(0, n_test, size)]
+    return [(t, a, s, min(s + size, cfg.subset(a, n_test))) for t, a in items
+            for s in range(0, cfg.subset(a, n_test), size)]
 
 
 _SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correct", "check.src_fooled")
@@ -308,6 +352,8 @@ def _merge_into(m: dict, r: dict) -> None:
     for k in _SUMS:
         m[k] = None if m[k] is None and r[k] is None else (m[k] or 0) + (r[k] or 0)
     m["linf_max"] = max(m["linf_max"], r["linf_max"])
+    m["hits"] = (m.get("hits") or "") + (r.get("hits") or "")
+    m["attack.cached"] = bool(m.get("attack.cached")) and bool(r.get("attack.cached"))
     m["check.eval_mode"] = m["check.eval_mode"] and r["check.eval_mode"]
     m["check.in_range"] = m["check.in_range"] and r["check.in_range"]
     norms = [v for v in (m["check.grad_norm"], r["check.grad_norm"]) if v is not None]
@@ -315,10 +361,11 @@ def _merge_into(m: dict, r: dict) -> None:
 
 
 def merge_rows(rows: list[dict]) -> list[dict]:
-    """Sum shard rows of the same (variant, attack, threat model) into one row each; run
-    `finalize` on the result to re-derive the checks from the summed counts."""
+    """Sum shard rows of the same (variant, attack, threat model) into one row each, their
+    per-image `hits` joined in test-set order; run `finalize` on the result to re-derive the
+    checks from the summed counts."""
     merged: dict[tuple, dict] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("first") or 0):
         key = (r["variant"], r["attack"], r["threat_model"])
         if key in merged:
             _merge_into(merged[key], r)

@@ -1,0 +1,63 @@
+"""The evaluation AE cache: AEs crafted on a fixed source model are computed once.
+
+Under the `classifier` and `transfer` threat models an attack's AEs depend only on the model
+they are crafted on (the classifier, SOAP's own, the surrogate), the attack and its settings,
+the seed, the batch boundaries and the test images. The key hashes exactly those, the
+model by its weights, so sweep trials and re-runs that share a classifier reuse them.
+An entry is `<cache>/<key>/x_adv.npy` (float32, no pickle) plus `meta.json`, and appears
+whole by a rename (`atomic_dir`); the `full` threat model's AEs depend on the defense and
+are never cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdp.checkpoint import atomic_dir
+
+AES, META = "x_adv.npy", "meta.json"
+
+
+def tensor_sha(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_sha(model: nn.Module) -> str:
+    """The model's identity for the cache: a hash of its parameters and buffers, in order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(tensor_sha(v).encode())
+    return h.hexdigest()
+
+
+def cache_key(model: nn.Module, attack: str, settings: str, seed: int, batch_size: int, start: int,
+              x: torch.Tensor, y: torch.Tensor) -> str:
+    ident = {"model": model_sha(model), "attack": attack, "settings": settings, "seed": seed,
+             "batch_size": batch_size, "start": start, "images": tensor_sha(x, y)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_entry(entry: Path, n: int) -> torch.Tensor | None:
+    """The cached AEs of `entry`, or None when it is missing or not what was asked for."""
+    if not ((entry / AES).is_file() and (entry / META).is_file()):
+        return None
+    try:
+        arr = np.load(entry / AES, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable: craft again and replace it
+    return torch.from_numpy(arr) if arr.shape == (n, 3, 32, 32) else None
+
+
+def save_entry(entry: Path, x_adv: torch.Tensor, meta: dict) -> None:
+    with atomic_dir(entry) as tmp:
+        np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
