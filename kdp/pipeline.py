@@ -77,7 +77,8 @@ def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | 
             done = Path(out_root).expanduser().resolve() / first.name
             reuse = {k: done / k for k in ("classifier", "surrogate") if getattr(r, k) == getattr(first, k)
                      and (done / k / "checkpoint.json").is_file() and not (k == "classifier" and classifier_dir)}
-        log(f"[seeds] run {r.name} (seed {r.seed}, {len(paths) + 1}/{len(runs)})")
+        log(f"[seeds] run {r.name} (seed {r.seed}, {len(paths) + 1}/{len(runs)})"
+            + (f"; reusing {first.name}'s {' and '.join(reuse)}" if reuse else ""))
         paths.append(run_pipeline(r, out_root, rt, classifier_dir, log, executor, reuse))
         first = first or r
     return paths

@@ -207,7 +207,8 @@ def test_smoke_preset():
         assert (t.depth, t.width, t.epochs, t.batch_size) == (4, 16, 3, 128)
     assert [s.teachers for s in p.students] == [("at",), ("nt",), ("at", "nt")]
     assert (p.nrp.epochs, p.soap.arch, p.soap.epochs) == (3, "resnet8", 15)
-    assert p.eval.attacks == PAPER_SUITE and p.eval.batch_size == 100
+    assert p.eval.attacks == PAPER_SUITE + ("aa-standard",) and p.eval.batch_size == 100
+    assert p.eval.adaptive_attacks == ("pgd8", "aa-standard") and p.eval.aa_subset == 50
 
 
 def test_reduced_preset():

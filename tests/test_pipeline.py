@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow  # one module-scoped smoke run (minutes) feeds eve
 VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap"}
 STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt",
           "baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"]
-SMOKE_FULL = SMOKE_TRANSFER = {"pgd8", "fgsm"}
+CLASSIFIER_SUITE = ("clean",) + PAPER_SUITE + ("aa-standard",)
+SMOKE_FULL, SMOKE_TRANSFER = {"pgd8", "aa-standard"}, {"pgd8", "fgsm"}
+AA_SUBSET = 50  # the smoke preset's eval.aa_subset
 
 
 def _stages(run_dir: Path) -> list[dict]:
@@ -34,14 +36,18 @@ def smoke_run(tmp_path_factory, cifar_subset_dir):
 def test_smoke_parquet_has_a_row_per_variant_and_attack(smoke_run):
     df = load(smoke_run / "results.parquet")
     clf = df[df.threat_model == "classifier"]
-    assert set(zip(clf.variant, clf.attack)) == {(v, a) for v in VARIANTS for a in ("clean",) + PAPER_SUITE}
-    assert len(clf) == len(VARIANTS) * (1 + len(PAPER_SUITE))
+    assert set(zip(clf.variant, clf.attack)) == {(v, a) for v in VARIANTS for a in CLASSIFIER_SUITE}
+    assert len(clf) == len(VARIANTS) * len(CLASSIFIER_SUITE)
     for threat, attacks in (("full", SMOKE_FULL), ("transfer", SMOKE_TRANSFER)):
         sub = df[df.threat_model == threat]
         assert set(zip(sub.variant, sub.attack)) == {(v, a) for v in VARIANTS for a in attacks}
         assert len(sub) == len(VARIANTS) * len(attacks)
     assert list(df.columns) == SCHEMA.names + ["sweep_id"]
-    assert (df.n == 200).all() and ((df.accuracy - df.correct / df.n).abs() < 1e-12).all()
+    aa = df.attack == "aa-standard"
+    assert (df[aa].n == AA_SUBSET).all() and (df[~aa].n == 200).all()
+    assert ((df.accuracy - df.correct / df.n).abs() < 1e-12).all() and (df.hits.str.len() == df.n).all()
+    assert (df.hits.str.count("1") == df.correct).all() and (df["first"] == 0).all()
+    assert (df[aa]["attack.steps"] == 100).all() and df["attack.settings"].notna().all()
 
 
 def test_smoke_rows_carry_config_and_provenance(smoke_run):
@@ -69,21 +75,21 @@ def test_smoke_numbers_are_sane(smoke_run):
     for attack, eps in LINF_EPS.items():
         if eps is not None:
             assert (df[df.attack == attack].linf_max <= eps + 1e-6).all(), attack
-    assert table1(df).shape == (1 + len(PAPER_SUITE), len(VARIANTS))
+    assert table1(df).shape == (len(CLASSIFIER_SUITE), len(VARIANTS))
 
 
 def test_full_white_box_is_never_weaker_than_the_classifier_protocol(smoke_run):
     """Same purifier, same attack: crafting through the purifier must not leave more images
-    correct than crafting on the classifier alone. For PGD this holds for every defense; a
-    single FGSM step through BPDA's identity approximation need not dominate (JPEG can come
-    out an image or two higher), so FGSM is checked where the gradient is exact."""
+    correct than crafting on the classifier alone. For PGD this holds for every defense;
+    through BPDA's identity approximation AutoAttack need not dominate, so it is checked
+    where the gradient is exact (on the same first AA_SUBSET images)."""
     df = load(smoke_run / "results.parquet")
     acc = df.set_index(["variant", "attack", "threat_model"])["accuracy"]
     grad = df[df.threat_model == "full"].set_index(["variant", "attack"])["attack.grad"]
     for v in VARIANTS:
         assert acc[(v, "pgd8", "full")] <= acc[(v, "pgd8", "classifier")], v
-        if grad[(v, "fgsm")] == "exact":
-            assert acc[(v, "fgsm", "full")] <= acc[(v, "fgsm", "classifier")], v
+        if grad[(v, "aa-standard")] == "exact":
+            assert acc[(v, "aa-standard", "full")] <= acc[(v, "aa-standard", "classifier")], v
     assert acc[("none", "pgd8", "full")] == acc[("none", "pgd8", "classifier")]  # no purifier: the same attack
     # differentiable purifiers fall much further once the attack sees them
     assert acc[("kd_at_nt", "pgd8", "full")] < acc[("kd_at_nt", "pgd8", "classifier")] / 2

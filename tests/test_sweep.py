@@ -14,7 +14,7 @@ from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, 
 from kdp.events import read_events
 from kdp.graph import LocalExecutor
 from kdp.results import SCHEMA, load
-from kdp.sweep import (Range, ensure, load_sweep_file, parse_dim, run_trial, sweep_from_dict,
+from kdp.sweep import (Range, ensure, load_sweep_file, parse_dim, run_trial, sweep_from_dict, trial_columns,
                        trial_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,9 @@ CPU = Runtime(device="cpu", progress=False)
     ({"kd_space": "pixels,probs"}, "'probs'"),
     ({"betas": [0.5]}, "betas"),
     ({"num_samples": 0}, "num_samples"),
+    ({"seeds": "0,x"}, "'0,x'"),
+    ({"seeds": []}, "at least one"),
+    ({"seeds": [1, 1]}, "distinct"),
 ])
 def test_bad_search_space_names_the_value(d, needle):
     with pytest.raises(ValueError) as e:
@@ -73,6 +76,18 @@ def test_trial_config_sets_eps_alpha_and_the_student():
     (s,) = kd.students
     assert (s.teachers, s.beta, s.gamma, s.kd_space, s.epochs, s.width) == (("at", "nt"), 0.1, 0.2, "logits", 7, 16)
     assert kd.at_teacher == base.at_teacher and kd.ae.alpha == pytest.approx(4 / 255)
+
+
+def test_seeds_are_a_grid_dimension_that_reseeds_the_trial():
+    s = sweep_from_dict({"variants": "kd_at,kd_nt", "seeds": "0,1,2"})
+    assert s.seeds == (0, 1, 2) and s.grid_size() == 2 * 3
+    assert sweep_from_dict({"seeds": [3, 4]}).seeds == (3, 4) and sweep_from_dict({}).seeds == (0,)
+    base = PipelineConfig(name="sw", students=(StudentConfig(epochs=7),))
+    p = {"variant": "kd_at", "beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels", "seed": 2}
+    cfg = trial_config(base, p, "t2")
+    assert cfg.name == "sw-t2" and cfg.seed == 2 and cfg.students[0].seed == 2 and cfg.eval.seed == 2
+    assert cfg.at_teacher.seed == 2 and cfg.classifier == base.classifier and cfg.ae == base.ae
+    assert trial_columns(p, "t2")["sweep.seed"] == 2
 
 
 def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_path):
