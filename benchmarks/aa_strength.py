@@ -30,9 +30,9 @@ from kdp.train import resolve_device  # noqa: E402
 ATTACKS = ("autoattack", "aa-standard")
 
 
-def measure(name: str, model, x, y, batch_size: int, device) -> dict:
-    """Accuracy (%) of `model` on the AEs of attack `name` crafted on it, and img/s."""
-    attack = build_attack(name, model)
+def measure(name: str, model, x, y, batch_size: int, device, eps: float) -> dict:
+    """Accuracy (%) of `model` on the AEs of attack `name` (L-inf radius eps) crafted on it, and img/s."""
+    attack = build_attack(name, model, eps=eps)
     t0 = time.perf_counter()
     x_adv = torch.cat([b.cpu() for b in attack_batches(attack, x, y, batch_size, 0, 0, device)])
     seconds = time.perf_counter() - t0
@@ -50,9 +50,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="test images (default: 100)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
+    p.add_argument("--eps", default="8/255", help="L-inf radius of both attacks (default: 8/255); a smaller "
+                   "one shows their difference on a model that 8/255 already breaks")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args()
     run, device = Path(args.run), resolve_device(args.device)
+    num, _, den = args.eps.partition("/")
+    eps = float(num) / float(den or 1)
     cfg = read_json(run / "config.json", "config.json")
     data = load_cifar(cfg["data"]["data_dir"], n_train=0, n_test=args.n)
     x, y = to_float(data.test_x), data.test_y
@@ -62,9 +66,10 @@ def main() -> None:
     with torch.no_grad():
         clean = {k: round(100 * float((m(x.to(device)).argmax(1).cpu() == y).float().mean()), 2)
                  for k, m in models.items()}
-    res = {"run": str(run), "n": len(y), "device": device_name(str(device)), "threads": torch.get_num_threads(),
+    res = {"run": str(run), "n": len(y), "eps": args.eps, "device": device_name(str(device)), "threads": torch.get_num_threads(),
            "clean_accuracy": clean,
-           "results": {k: {a: measure(a, m, x, y, args.batch_size, device) for a in ATTACKS} for k, m in models.items()}}
+           "results": {k: {a: measure(a, m, x, y, args.batch_size, device, eps) for a in ATTACKS}
+                       for k, m in models.items()}}
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -28,6 +28,7 @@ from kdp.attacks import attack_batches, build_attack
 from kdp.checkpoint import is_complete, load_checkpoint, read_json, read_meta, write_json
 from kdp.data import Cifar, load_cifar, to_float
 from kdp.models import freeze
+from kdp.pipeline import run_input
 from kdp.train import resolve_device
 
 BLEND_FILE = "blend.json"
@@ -57,8 +58,9 @@ def solve_blend(stats: dict) -> dict:
     ss_tot = stats["sum_yy"] - stats["sum_y"] ** 2 / max(stats["count"], 1)
     r2 = 1 - ss_res / ss_tot if ss_tot > 1e-12 * max(stats["sum_yy"], 1e-300) else math.nan
     a, b, c = (float(v) for v in w)
+    norm = math.sqrt(float(gram[0, 0]) * float(gram[2, 2]))
     return {"a": a, "b": b, "c": c, "r2": r2, "rmse": math.sqrt(ss_res / max(stats["count"], 1)),
-            "n": int(stats["n"])}
+            "n": int(stats["n"]), "cos_x_nt": float(gram[0, 2]) / norm if norm > 0 else math.nan}
 
 
 def fit_blend(student_out, x, t_at, t_nt) -> dict:
@@ -84,7 +86,8 @@ def student_dirs(run_dir: Path) -> list[Path]:
 def is_run(d: Path) -> bool:
     """A pipeline run with what the blend test needs: config, classifier, both teachers, a student."""
     d = Path(d)
-    return ((d / "config.json").is_file() and all(_complete(d / s) for s in ("classifier", "teacher_at", "teacher_nt"))
+    return ((d / "config.json").is_file() and all(_complete(run_input(d, s)) for s in ("classifier", "teacher_at",
+                                                                                          "teacher_nt"))
             and bool(student_dirs(d)))
 
 
@@ -132,7 +135,7 @@ def analyze_run(run_dir, data: Cifar | None = None, attack: str = "pgd8", n: int
     dev = resolve_device(device)
     x, y = _run_data(cfg, data, n)
     ev = cfg.get("eval", {})
-    classifier, t_at, t_nt = (_load(run_dir / s, dev) for s in ("classifier", "teacher_at", "teacher_nt"))
+    classifier, t_at, t_nt = (_load(run_input(run_dir, s), dev) for s in ("classifier", "teacher_at", "teacher_nt"))
     students = {s: _load(s, dev) for s in student_dirs(run_dir)}
     bs = batch_size or ev.get("batch_size", 256)
     stats: dict[Path, dict | None] = dict.fromkeys(students)
@@ -207,12 +210,14 @@ def blend_markdown(records: list[dict]) -> str:
     if not records:
         return "No blend records (run `kdp analyze` on a pipeline run)."
     multi = len({r.get("run_dir", r.get("run")) for r in records}) > 1
-    header = (["run"] if multi else []) + ["variant", "teachers", "a", "b", "c", "R²", "RMSE", "n"]
+    header = (["run"] if multi else []) + ["variant", "teachers", "a", "b", "c", "a + c", "R²", "RMSE",
+                                           "cos(x, T_NT(x))", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         cells = ([str(r.get("run", ""))] if multi else []) + [
             str(r["variant"]), "+".join(r.get("teachers") or []) or "?",
-            *(_num(r[k]) for k in ("a", "b", "c", "r2", "rmse")), str(r["n"])]
+            *(_num(r[k]) for k in ("a", "b", "c")), _num(r["a"] + r["c"]), *(_num(r[k]) for k in ("r2", "rmse")),
+            _num(r.get("cos_x_nt")), str(r["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     attacks = ", ".join(sorted({str(r.get("attack")) for r in records}))
     dominated = sum(1 for r in records if math.isfinite(r["b"] + r["c"]) and r["b"] + r["c"] > abs(r["a"]))
@@ -220,7 +225,9 @@ def blend_markdown(records: list[dict]) -> str:
                "classifier alone), of s(x') ≈ a·x + b·T_AT(x') + c·T_NT(x) with no intercept; the NT "
                "teacher is fed the clean x and the AT teacher the AE, as in the student's training step. "
                "R² = 1 − SS_res/SS_tot with SS_tot about the mean of s(x'); RMSE is the residual's root "
-               "mean square in [0, 1] pixel units. Reading: if b + c dominates a and the students' ordering "
+               "mean square in [0, 1] pixel units. The NT teacher reconstructs x, so x and T_NT(x) are nearly "
+               "collinear (their cosine is listed): a and c are then not separately identified, and a + c is the "
+               "weight on the clean image. Reading: if b + c dominates a and the students' ordering "
                f"follows b, the students are near a fixed blend of the teachers. Here b + c > |a| for "
                f"{dominated} of {len(records)} students.")
     return "\n".join(lines) + "\n\n" + caption

@@ -8,6 +8,8 @@ Layout under the output root:
     cache/aes/<key>/            training AEs, shared by every run under this root
     cache/eval_aes/<key>/       classifier- and transfer-threat evaluation AEs, likewise
     <run>/config.json           the PipelineConfig
+    <run>/given.json            outputs this run took from elsewhere (--classifier, a replicate's
+                                classifier and surrogate): stage name -> directory
     <run>/events/*.jsonl        one line per stage start / skip / finish and per epoch, a file
                                 per writing process (read them with kdp.events.read_events)
     <run>/classifier/, teacher_at/, teacher_nt/, student_<variant>/   checkpoints
@@ -28,6 +30,18 @@ from kdp.config import PipelineConfig, Runtime, replicate
 from kdp.data import load_cifar
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
 from kdp.stages.common import StageConflict
+
+
+GIVEN = "given.json"
+
+
+def run_input(run_dir: str | Path, stage: str) -> Path:
+    """Where a run's output of `stage` is: <run>/<stage>, or the directory given.json names."""
+    run_dir = Path(run_dir)
+    given = run_dir / GIVEN
+    if not (run_dir / stage).is_dir() and given.is_file() and stage in read_json(given, GIVEN):
+        return Path(read_json(given, GIVEN)[stage])
+    return run_dir / stage
 
 
 def prepare_run(cfg: PipelineConfig, out_root: Path) -> Path:
@@ -57,6 +71,8 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
         given["classifier"] = Path(classifier_dir).expanduser().resolve()
         read_meta(given["classifier"])
     run_dir = prepare_run(cfg, out_root)
+    if given:
+        write_json(run_dir / GIVEN, {k: str(v) for k, v in given.items()})
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     run = Run(cfg, data, rt, run_dir, pipeline_place(out_root, run_dir, data), graph=pipeline_graph(cfg),
               given=given, log=log, t_start=t_start, storage=out_root / "ray", eval_cache=out_root / "cache" / "eval_aes")

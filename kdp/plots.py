@@ -132,8 +132,10 @@ def figure_inputs(purifier: Path) -> tuple[str | None, str | None]:
     if trial.is_file():
         t = read_json(trial, "trial.json")
         return t["inputs"]["classifier"], t["config"]["data"]["data_dir"]
-    if run.is_file() and (purifier.parent / "classifier").is_dir():
-        return str(purifier.parent / "classifier"), read_json(run, "config.json")["data"]["data_dir"]
+    from kdp.pipeline import run_input
+
+    if run.is_file() and run_input(purifier.parent, "classifier").is_dir():
+        return str(run_input(purifier.parent, "classifier")), read_json(run, "config.json")["data"]["data_dir"]
     return None, None
 
 

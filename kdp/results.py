@@ -8,7 +8,6 @@ temporary name and renamed.
 """
 from __future__ import annotations
 
-import dataclasses
 import typing
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 
 from kdp.checkpoint import atomic_path
 from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig,
-                        SoapConfig, StudentConfig, TeacherConfig, flatten)
+                        SoapConfig, TeacherConfig, flatten)
 from kdp.provenance import PACKAGES
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}

@@ -33,9 +33,9 @@ TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "clas
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "50", "--quiet"]
 # the smoke preset on 1024 training images and 100 test images, with shorter baseline and surrogate
-# training: every stage still runs through Ray, with the whole attack suite
+# training and aa-standard on 10 images: every stage still runs through Ray, with the whole attack suite
 SMOKE_FAST = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set", "nrp.epochs=1",
-              "--set", "soap.epochs=3", "--set", "surrogate.epochs=3"]
+              "--set", "soap.epochs=3", "--set", "surrogate.epochs=3", "--set", "eval.aa_subset=10"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,9 @@ def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subs
     assert client.get_job_status("kdp-cli-smoke").value == "SUCCEEDED"
     df = load(tmp_path / "smoke" / "results.parquet")
     counts = df.groupby("threat_model").size().to_dict()
-    assert counts == {"classifier": 9 * 7, "full": 9 * 2, "transfer": 9 * 2}
+    assert counts == {"classifier": 9 * 8, "full": 9 * 2, "transfer": 9 * 2}
+    assert (df.loc[df.attack == "aa-standard", "n"] == 10).all() and (df.loc[df.attack != "aa-standard", "n"] == 100).all()
+    assert (df.hits.str.len() == df.n).all()  # shards' per-image hits joined in order
     assert df["check.eval_mode"].all() and df.loc[df.threat_model == "full", "check.grad_nonzero"].all()
     assert df[(df.variant == "none") & (df.attack == "clean")].accuracy.item() > 0.2  # 1024 training images: well above chance (0.1)
     events = _events(tmp_path / "smoke")

@@ -56,3 +56,15 @@ def test_rerun_reuses_the_evaluation_aes(seeded, cifar_subset_dir):
     assert after.loc[crafted, "attack.cached"].all() and not after.loc[~crafted, "attack.cached"].any()
     key = ["variant", "attack", "threat_model"]
     assert (after.sort_values(key)["hits"].tolist() == before.sort_values(key)["hits"].tolist())
+
+
+def test_a_replicate_names_what_it_reused_and_analyze_finds_it(seeded):
+    from kdp.analyze import analyze
+    from kdp.checkpoint import read_json
+
+    given = read_json(seeded / "tiny-seed1" / "given.json")
+    assert given["classifier"] == str(seeded.resolve() / "tiny-seed0" / "classifier")
+    assert not (seeded / "tiny-seed0" / "given.json").exists()
+    records = analyze(seeded / "tiny-seed1", n=16)
+    assert sorted(r["variant"] for r in records) == ["kd_at", "kd_at_nt", "kd_nt"]
+    assert all(r["n"] == 16 and -1 <= r["cos_x_nt"] <= 1 for r in records)
