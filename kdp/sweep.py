@@ -164,9 +164,8 @@ def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
     for key in ("variants", "kd_space"):
         if isinstance(merged.get(key), str):
             merged[key] = tuple(s.strip() for s in merged[key].split(",") if s.strip())
-    if "seeds" in merged:
-        seeds = merged["seeds"]
-        merged["seeds"] = parse_seeds(seeds if isinstance(seeds, str) else ",".join(map(str, seeds)))
+    if isinstance(merged.get("seeds"), str):  # '0,1,2' from a flag; lists are checked by SweepConfig
+        merged["seeds"] = parse_seeds(merged["seeds"])
     return SweepConfig(**merged)
 
 
