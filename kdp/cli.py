@@ -103,7 +103,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     from kdp.config import Runtime
     from kdp.flags import add_dataclass_args
 
-    add_dataclass_args(p, Runtime, only=("bf16", "channels_last"))
+    add_dataclass_args(p, Runtime, only=("bf16", "channels_last", "rescore"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 

@@ -327,6 +327,9 @@ class Runtime:
     eval_cache: bool = True
     """Reuse classifier- and transfer-threat-model AEs from the evaluation AE cache (off: craft
     them every time, e.g. to benchmark the cache; the AEs are the same either way)."""
+    rescore: bool = False
+    """Re-run the evaluation even if its config, inputs, test images and code are unchanged
+    since the results were written (otherwise such a re-run keeps them)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ in-process executor: one stage at a time; Ray: what the cluster fits), logs each
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -26,11 +28,12 @@ from kdp.data import Cifar
 from kdp.events import EventTail
 from kdp.locks import held
 from kdp.provenance import provenance
-from kdp.results import make_rows, write_results
+from kdp.results import make_rows, results_key, write_results
 from kdp.stages.aes import AES, ae_cache_key, make_training_aes
 from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
 from kdp.stages.classifier import classifier_recipe
 from kdp.stages.common import epoch_logger, finished, fit_local, log_stage
+from kdp.stages.eval_cache import tensor_sha
 from kdp.stages.evaluate import evaluate, finalize, merge_rows
 from kdp.stages.purifier import student_recipe, teacher_recipe
 
@@ -110,6 +113,18 @@ def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Run
                     cache_dir=cache)
 
 
+def evaluation_key(stage: Stage, inputs: dict, run: "Run") -> str:
+    """sha256 of what the evaluation's rows follow from: the config, the variants evaluated,
+    each input's weights, the test images, the extra columns and the code and library versions."""
+    weights = {n: read_meta(p)["weights_sha256"] if (Path(p) / "checkpoint.json").is_file() else str(p)
+               for n, p in sorted(inputs.items())}
+    prov = provenance(run.rt)
+    what = {"config": flatten(stage.config), "evaluates": stage.evaluates, "inputs": weights,
+            "test": tensor_sha(run.data.test_x, run.data.test_y), "extra": run.extra,
+            "code": {k: prov[k] for k in sorted(prov) if k == "git_sha" or k.endswith("_version")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
     """Every evaluated variant under every threat model, through the executor's shards; then
     the checks from the summed counts, and one parquet with config and provenance per row."""
@@ -128,7 +143,7 @@ def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Pa
     extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
              "data.source": run.data.source, "data.train_size": len(run.data.train_y),
              "wall_seconds": time.time() - run.t_start, **provenance(run.rt), **run.extra}
-    return write_results(make_rows(cfg, variants, rows, extra), out)
+    return write_results(make_rows(cfg, variants, rows, extra), out, evaluation_key(stage, inputs, run))
 
 
 TASKS = {"aes": make_aes_task}
@@ -193,11 +208,11 @@ class Run:
                          f"({m.get('seconds', 0):.1f}s)")
 
 
-def is_done(stage: Stage, out: Path) -> bool:
+def is_done(stage: Stage, out: Path, inputs: dict, run: Run) -> bool:
     if stage.fn == "aes":
         return (out / AES).is_file()
-    if stage.fn == "evaluate":
-        return False  # always re-scored: cheap next to training, and the code may have changed
+    if stage.fn == "evaluate":  # kept while nothing it follows from changed (--rescore: never)
+        return not run.rt.rescore and results_key(out) == evaluation_key(stage, inputs, run)
     return finished(out, flatten(stage.config))
 
 
@@ -238,7 +253,7 @@ def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
 def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     """One stage, skipped when its output is finished, otherwise made by the executor."""
     out = run.place(stage, inputs)
-    done, make = (lambda: is_done(stage, out)), (lambda: ex.execute(stage, inputs, out, run))
+    done, make = (lambda: is_done(stage, out, inputs, run)), (lambda: ex.execute(stage, inputs, out, run))
     if run.guard is not None:
         return run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
     return ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",

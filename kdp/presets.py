@@ -2,6 +2,7 @@
 reduced so that they fit a CPU or a short GPU lease (their costs are in the README)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, NRPConfig, PipelineConfig, SoapConfig,
@@ -38,6 +39,18 @@ def smoke() -> PipelineConfig:
         eval=EvalConfig(batch_size=100, adaptive_attacks=("pgd8", "aa-standard"), aa_subset=50))
 
 
+def demo() -> PipelineConfig:
+    """`make run`'s config: the smoke preset's stages, baselines, attack suite and threat models,
+    sized for a 5-minute Ray job on 2 CPU cores: 2560 training and 100 test images, 12
+    classifier epochs, a 5-epoch surrogate, 8-epoch SOAP, 2-epoch NRP, aa-standard on 20
+    images. The smoke preset (and every smoke number in docs/) is unchanged."""
+    s = smoke()
+    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2560, n_test=100),
+                   classifier=replace(s.classifier, epochs=12), surrogate=replace(s.surrogate, epochs=5),
+                   soap=replace(s.soap, epochs=8), nrp=replace(s.nrp, epochs=2),
+                   eval=replace(s.eval, aa_subset=20))
+
+
 def reduced() -> PipelineConfig:
     """The real 5085/1017 CIFAR-10 subset at the paper's model sizes, with fewer epochs:
     the recorded H100 run in docs/results.md (about 6 minutes there)."""
@@ -51,7 +64,27 @@ def reduced() -> PipelineConfig:
         eval=EvalConfig(batch_size=512))
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "smoke": smoke, "reduced": reduced}
+def tiny() -> PipelineConfig:
+    """The smallest config that still runs every stage, baseline, threat model and attack of
+    the paper's suite plus aa-standard: 1024 training and 32 test images, 1-2 epochs of 8-wide
+    models, aa-standard on 4 images. For tests and for trying an install; its accuracies mean
+    nothing (README: its time)."""
+    clf = dict(arch="resnet8", width=8, epochs=3, batch_size=64, lr=0.05)
+    cae = dict(depth=2, width=8, batch_size=64)
+    return PipelineConfig(
+        name="tiny", preset="tiny",
+        data=DataConfig(n_train=1024, n_test=32),
+        classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "epochs": 1, "seed": 1}),
+        nrp=NRPConfig(width=8, blocks=1, critic_width=8, epochs=1, batch_size=64, ssp_steps=1, lr=1e-3),
+        soap=SoapConfig(arch="resnet8", width=8, epochs=1, batch_size=64, lr=0.05, steps=2),
+        ae=AEConfig(steps=2, batch_size=64),
+        at_teacher=TeacherConfig(kind="at", epochs=2, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=2, **cae),
+        students=tuple(StudentConfig(teachers=t, epochs=1, **cae) for t in ABLATION),
+        eval=EvalConfig(batch_size=32, adaptive_attacks=("pgd8",), aa_subset=4, eot_samples=2))
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "reduced": reduced, "smoke": smoke, "demo": demo,
+                                                    "tiny": tiny}
 
 
 def get_preset(name: str) -> PipelineConfig:

@@ -68,6 +68,7 @@ SCHEMA = pa.schema(
     + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())] + _fields(JpegConfig, "jpeg.")
     + _fields(NRPConfig, "nrp.") + _fields(SoapConfig, "soap.")
     + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
+KEY_META = b"kdp.results_key"  # parquet metadata: what the rows were computed from
 # Threat-model names of files written before kdp 0.5 (same protocols, renamed).
 OLD_THREAT_NAMES = {"blind": "classifier", "end_to_end": "full"}
 BASELINE_KINDS = {JpegConfig: "jpeg", NRPConfig: "nrp", SoapConfig: "soap"}
@@ -92,15 +93,27 @@ def make_rows(cfg: PipelineConfig, variants: dict, eval_rows: list[dict], extra:
     return [{**base, **purifier_columns(variants[r["variant"]]), **extra, **r} for r in eval_rows]
 
 
-def write_results(rows: list[dict], path: str | Path) -> Path:
-    """Write rows with the fixed schema to `path` (a .parquet file) atomically."""
+def write_results(rows: list[dict], path: str | Path, key: str | None = None) -> Path:
+    """Write rows with the fixed schema to `path` (a .parquet file) atomically; `key` (what
+    the rows were computed from, see `results_key`) goes into the file's metadata."""
     unknown = sorted({k for r in rows for k in r} - set(SCHEMA.names))
     if unknown:
         raise ValueError(f"result columns not in the schema: {unknown}")
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    if key is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), KEY_META: key.encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def results_key(path: str | Path) -> str | None:
+    """The key `write_results` stored in a results file (None: no file, or none stored)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return meta.get(KEY_META, b"").decode() or None
 
 
 def unique_name(prefix: str) -> str:

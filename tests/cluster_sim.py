@@ -2,10 +2,12 @@
 
 The head and every worker node are the real `ray start` processes a cluster runs, each in a
 session of its own, so removing a node (SIGKILL to all of its processes, a machine dying)
-and tearing down touch only what the test started (`conftest.stop_head`). Worker nodes
-listen on their own loopback address (127.0.0.2, ...) with their own temp dir (sockets)
-and agent port, and are started one after the other (started together, two nodes picked
-the same free port). A node can be started in its own mount namespace (`unshare`), with
+and tearing down touch only what the test started (`conftest.stop_head`). The head takes
+free ports (`conftest.free_ports`); worker nodes listen on their own loopback address
+(127.0.0.2, ...) with their own temp dir (sockets) and free agent port, and are started one
+after the other (started together, two nodes picked the same free port). Every temp dir, the
+autoscaler's config and the hidden output root's stand-in are under one short directory in
+/tmp (`conftest.short_temp_dir`: Ray's socket paths), removed when the cluster stops. A node can be started in its own mount namespace (`unshare`), with
 the job's output root hidden behind an empty directory: a node whose shared filesystem
 is not mounted.
 
@@ -27,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import start_head, stop_head
+from conftest import free_ports, short_temp_dir, start_head, stop_head
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +49,13 @@ def can_unshare() -> bool:
 
 
 class SimCluster:
-    """A head with 0 CPUs (no work on it, as in cluster.yaml) and 1-CPU worker nodes."""
+    """A head with 0 CPUs (no work on it, as in cluster.yaml) and 1-CPU worker nodes, on free
+    ports, with their temp dirs under `temp` (short: see conftest.short_temp_dir)."""
 
-    def __init__(self, gcs_port: int, dashboard_port: int):
-        self.port, self.dashboard_port = gcs_port, dashboard_port
-        self.address = f"127.0.0.1:{gcs_port}"
+    def __init__(self, temp: Path):
+        self.port, self.dashboard_port = free_ports(2)
+        self.address = f"127.0.0.1:{self.port}"
+        self.temp = Path(temp)
         self.env = _env()
         self.head = None
         self.workers: dict[str, subprocess.Popen] = {}  # ip -> its `ray start --block`
@@ -59,7 +63,8 @@ class SimCluster:
     def start(self, extra: tuple = (), env: dict | None = None) -> "SimCluster":
         self.head = start_head(self.port, self.dashboard_port, {**self.env, **(env or {})}, num_cpus=0,
                                extra=(f"--ray-client-server-port={self.port + 1}",
-                                      f"--dashboard-agent-listen-port={self.dashboard_port + 1}", *extra))
+                                      f"--dashboard-agent-listen-port={self.dashboard_port + 1}", *extra),
+                               temp_dir=self.temp / "head")
         return self
 
     def add_worker(self, cpus: int = 1, gpus: int = 0, hide: Path | None = None, timeout: float = 120) -> str:
@@ -67,13 +72,14 @@ class SimCluster:
         at that path (its own mount namespace)."""
         i = len(self.workers) + 2
         ip = f"127.0.0.{i}"
-        temp = Path(f"/tmp/kdp-ray-{self.port}-n{i}")
-        temp.mkdir(exist_ok=True)
+        temp = self.temp / f"n{i}"
+        temp.mkdir()
+        (agent_port,) = free_ports(1)
         cmd = [str(BIN / "ray"), "start", f"--address={self.address}", "--block", f"--node-ip-address={ip}",
                f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--disable-usage-stats", f"--temp-dir={temp}",
-               f"--dashboard-agent-listen-port={self.dashboard_port + 10 + i}"]
+               f"--dashboard-agent-listen-port={agent_port}"]
         if hide is not None:
-            empty = Path(tempfile.mkdtemp(prefix="kdp-empty-"))
+            empty = Path(tempfile.mkdtemp(prefix="empty-", dir=self.temp))
             cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind "{empty}" "{hide}" && exec "$@"', "sh", *cmd]
         log = temp / "ray-start.log"
         with open(log, "wb") as f:
@@ -92,28 +98,49 @@ class SimCluster:
         stop_head(self.workers.pop(ip), grace=0)
 
     def stop(self) -> None:
+        """Stop every node (the head even when a worker node will not stop), then raise the first error."""
+        errors = []
         for ip in list(self.workers):
-            stop_head(self.workers.pop(ip), grace=5)
+            try:
+                stop_head(self.workers.pop(ip), grace=5)
+            except RuntimeError as e:
+                errors.append(e)
         if self.head is not None:
             stop_head(self.head)
+        if errors:
+            raise errors[0]
 
 
 @contextlib.contextmanager
-def sim_cluster(gcs_port: int, dashboard_port: int, workers: int = 2, gpus: int = 0, hide: Path | None = None):
+def sim_cluster(workers: int = 2, gpus: int = 0, hide: Path | None = None):
     """A started SimCluster with `workers` worker nodes; the last one blind to `hide` if given."""
-    c = SimCluster(gcs_port, dashboard_port)
-    try:
-        c.start()
-        for k in range(workers):
-            c.add_worker(gpus=gpus, hide=hide if k == workers - 1 else None)
-        yield c
-    finally:
-        c.stop()
+    with short_temp_dir("kdp-sim-") as temp:
+        c = SimCluster(temp)
+        try:
+            c.start()
+            for k in range(workers):
+                c.add_worker(gpus=gpus, hide=hide if k == workers - 1 else None)
+            yield c
+        finally:
+            c.stop()
 
 
 @contextlib.contextmanager
-def autoscaling_cluster(gcs_port: int, dashboard_port: int, max_workers: int, cpus: int = 1):
+def autoscaling_cluster(max_workers: int, cpus: int = 1):
     """A head with 0 CPUs and no workers; Ray's autoscaler adds up to `max_workers` 1-CPU nodes."""
+    with short_temp_dir("kdp-sim-") as temp:
+        c = SimCluster(temp)
+        try:
+            c.start(extra=(f"--autoscaling-config={_autoscaling_config(c, max_workers, cpus)}",),
+                    env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+            yield c
+        finally:
+            c.stop()
+
+
+def _autoscaling_config(c: SimCluster, max_workers: int, cpus: int) -> Path:
+    """Ray's fake multi-node provider config for `c`, written under its temp dir."""
+    gcs_port = c.port
     cfg = {"cluster_name": "kdp-sim", "max_workers": max_workers, "upscaling_speed": 1.0, "idle_timeout_minutes": 10,
            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                         "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
@@ -124,14 +151,9 @@ def autoscaling_cluster(gcs_port: int, dashboard_port: int, max_workers: int, cp
            **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                               "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
                               "rsync_exclude", "rsync_filter")}, "file_mounts_sync_continuously": False}
-    path = Path(f"/tmp/kdp-ray-{gcs_port}-autoscaling.json")
+    path = c.temp / "autoscaling.json"
     path.write_text(json.dumps(cfg))
-    c = SimCluster(gcs_port, dashboard_port)
-    try:
-        c.start(extra=(f"--autoscaling-config={path}",), env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-        yield c
-    finally:
-        c.stop()
+    return path
 
 
 def _job(cluster: SimCluster, script: str, args) -> list[str]:

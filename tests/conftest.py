@@ -48,6 +48,36 @@ def tiny_data(cifar_subset_dir):
     return load_cifar(cifar_subset_dir, n_train=256, n_test=64)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch uses n threads inside the block (then the number it had)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def tiny_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`kdp run` of the tiny preset (argv after `kdp`)."""
+    return ["run", "--preset", "tiny", "--data-dir", str(data_dir), "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cifar_subset_dir) -> Path:
+    """The run directory of one finished `kdp run --preset tiny` in this process: every stage,
+    baseline, threat model and attack. Shared by every test that reads a finished run, so
+    treat it as read-only (copy its output root to change it). One thread, as a 1-CPU Ray
+    worker, so that a Ray run of the same config gives the same rows."""
+    from kdp import cli
+
+    out = tmp_path_factory.mktemp("tiny")
+    with torch_threads(1):
+        assert cli.main(tiny_argv(cifar_subset_dir, out)) == 0
+    return out / "tiny"
+
+
 # ---- Ray heads started by tests ------------------------------------------------------------
 #
 # What `ray start --head --block` leaves on Linux (observed with Ray 2.60): started in a new
@@ -110,18 +140,66 @@ def _signal_all(procs: dict[int, int], sig: int, done: set) -> None:
                 os.kill(pid, sig)
 
 
+@contextlib.contextmanager
+def short_temp_dir(prefix: str = "kdp-ray-"):
+    """A fresh directory under /tmp (not $TMPDIR, not tmp_path: Ray's unix socket paths under a
+    temp dir must stay within ~107 characters), removed with everything in it on exit. As a
+    head's --temp-dir it also keeps /tmp/ray/ray_current_cluster (ray.init()'s default) alone."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports that are free now, each with its next port up free too (a test head
+    also takes gcs_port + 1 and dashboard_port + 1), picked by the kernel (bind to port 0), so
+    two checkouts can run their Ray tests side by side. Bound on all addresses: a port some
+    process holds on any address (a worker node on 127.0.0.2, a GCS on 0.0.0.0) is not picked.
+    Every socket stays bound until all ports are picked (no port, or neighbour, twice), then
+    all are closed: the ports are free, not reserved."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            if len(held) > 200 * n:
+                raise RuntimeError(f"found only {len(ports)} of {n} free ports with a free next port")
+            s = socket.socket()
+            held.append(s)
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+            if port >= 65535:
+                continue
+            up = socket.socket()
+            try:
+                up.bind(("0.0.0.0", port + 1))
+            except OSError:  # the neighbour is taken: keep `port` bound (not picked again), try another
+                up.close()
+                continue
+            held.append(up)
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 def start_head(gcs_port: int, dashboard_port: int, env: dict, num_cpus: int = 2, extra: tuple = (),
-               timeout: float = 180) -> subprocess.Popen:
-    """`ray start --head --block` on 127.0.0.1 in a session of its own; returns once the GCS
-    port accepts connections and the job server answers. Its `ray start` output is in
-    <temp dir>/ray-start.log. On failure the processes it started are stopped."""
+               timeout: float = 180, *, temp_dir: Path) -> subprocess.Popen:
+    """`ray start --head --block` on 127.0.0.1 in a session of its own, with `temp_dir` (short:
+    see short_temp_dir; the caller removes it after stop_head) as its --temp-dir; returns once
+    the GCS port accepts connections and the job server answers. Its `ray start` output is in
+    <temp_dir>/ray-start.log. On failure the processes it started are stopped."""
     bin_dir = Path(sys.executable).parent
     if _port_open(gcs_port) or _port_open(dashboard_port):
         raise RuntimeError(f"port {gcs_port} or {dashboard_port} on 127.0.0.1 is already in use (a Ray head left "
                            f"by an earlier run? processes naming it: {_naming(str(gcs_port))}); stop it first")
-    temp_dir = Path(f"/tmp/kdp-ray-{gcs_port}")  # keeps /tmp/ray/ray_current_cluster (ray.init()'s default) alone
-    temp_dir.mkdir(exist_ok=True)
-    log_path = temp_dir / "ray-start.log"
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    log_path = Path(temp_dir) / "ray-start.log"
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
            "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}", *extra]
@@ -184,12 +262,35 @@ def latest_checkpoint_epoch(train_run: Path) -> int:
     return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
 
 
-def wait_until(pred, timeout: float = 120, what: str = "condition not met") -> None:
+def wait_until(pred, timeout: float = 120, what: str = "condition not met", interval: float = 0.05) -> None:
+    """Poll pred() every `interval` s until it is true; TimeoutError(what) after `timeout` s
+    (monotonic clock)."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             raise TimeoutError(what)
-        time.sleep(0.05)
+        time.sleep(interval)
+
+
+def new_events(before: list[dict], after: list[dict], new_writers: bool = False) -> list[dict]:
+    """The events of `after` (a later read_events of the same log) that `before` did not hold, in
+    the log's order: what was written between the two reads, found by the log's content, not
+    by any clock. With new_writers, only those of processes (host, pid) that wrote none of
+    `before`: a late line from a process of an earlier run is not taken for the new run's."""
+    from collections import Counter
+
+    def key(e):
+        return json.dumps(e, sort_keys=True)
+
+    seen = Counter(key(e) for e in before)
+    old = {(e.get("host"), e.get("pid")) for e in before}
+    out = []
+    for e in after:
+        if seen[key(e)]:
+            seen[key(e)] -= 1
+        elif not (new_writers and (e.get("host"), e.get("pid")) in old):
+            out.append(e)
+    return out
 
 
 def in_flight(events) -> list[int]:
@@ -236,22 +337,25 @@ def _tail(path: Path, n: int = 30) -> str:
 @contextlib.contextmanager
 def ray_head(gcs_port: int, dashboard_port: int, env_vars: dict, num_cpus: int = 2):
     """A real Ray head (`ray start --head --block`, dashboard on) bound to 127.0.0.1; yields the
-    env for subprocesses and sets `env_vars` in os.environ meanwhile. It also takes
-    gcs_port + 1 (Ray client server) and dashboard_port + 1 (dashboard agent HTTP), and random
-    metrics ports, so Ray's defaults (10001, 52365, 44217, 44227) stay free for a cluster of
-    your own: with 52365 taken, the head could not run jobs ("No available agent"). Teardown
-    signals only the processes this head started (stop_head), by pid and process group."""
+    env for subprocesses and sets `env_vars` in os.environ meanwhile. Take the ports from
+    free_ports(2): it also takes gcs_port + 1 (Ray client server) and dashboard_port + 1
+    (dashboard agent HTTP), and random metrics ports, so Ray's defaults (10001, 52365, 44217,
+    44227) stay free for a cluster of your own: with 52365 taken, the head could not run jobs
+    ("No available agent"). Its temp dir is a fresh short_temp_dir, removed at teardown.
+    Teardown signals only the processes this head started (stop_head), by pid and process group."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **env_vars, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "AUTOSCALER_METRIC_PORT": "0",
                 "DASHBOARD_METRIC_PORT": "0"}
-    proc = start_head(gcs_port, dashboard_port, head_env, num_cpus,
-                      (f"--ray-client-server-port={gcs_port + 1}", f"--dashboard-agent-listen-port={dashboard_port + 1}"))
-    old = {k: os.environ.get(k) for k in env_vars}
-    os.environ.update(env_vars)
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        stop_head(proc)
+    with short_temp_dir() as temp_dir:
+        proc = start_head(gcs_port, dashboard_port, head_env, num_cpus,
+                          (f"--ray-client-server-port={gcs_port + 1}",
+                           f"--dashboard-agent-listen-port={dashboard_port + 1}"), temp_dir=temp_dir)
+        old = {k: os.environ.get(k) for k in env_vars}
+        os.environ.update(env_vars)
+        try:
+            yield env
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            stop_head(proc)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import kdp.stages.aes as aes
+from conftest import wait_until
 from kdp.checkpoint import save_checkpoint
 from kdp.config import AEConfig, Runtime
 from kdp.data import load_cifar, to_float
@@ -188,17 +188,23 @@ WORKER = textwrap.dedent("""
     data = load_cifar(data_dir, n_train=int(sys.argv[5]), n_test=8)
     real_craft, crafted = aes.craft, []
 
-    def slow_craft(*a, **k):  # hold both makers between "miss" and "write"
+    def wait_for(what, pred, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                sys.exit(f"worker {os.getpid()}: {what} not within {timeout} s")
+            time.sleep(0.005)
+
+    def meeting_craft(*a, **k):  # both makers missed the cache: neither writes before both crafted
         out = real_craft(*a, **k)
         crafted.append(True)
-        time.sleep(1.0)
+        (sync / f"crafted-{os.getpid()}").touch()
+        wait_for("the other maker's AEs", lambda: len(list(sync.glob("crafted-*"))) == 2)
         return out
 
-    aes.craft = slow_craft
+    aes.craft = meeting_craft
     (sync / f"ready-{os.getpid()}").touch()
-    deadline = time.time() + 60
-    while not (sync / "go").exists() and time.time() < deadline:
-        time.sleep(0.005)
+    wait_for("go", (sync / "go").exists)
     entry = aes.make_training_aes(AEConfig(steps=2, batch_size=32), clf_dir, data, cache,
                                   Runtime(device="cpu", progress=False))
     x = aes.load_training_aes(entry)  # read right away, while the other maker may be writing
@@ -218,11 +224,11 @@ def test_concurrent_makers(tmp_path, data, clf_dir, cifar_subset_dir):
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
-        deadline = time.time() + 90
-        while len(list(sync.glob("ready-*"))) < 2:
-            assert time.time() < deadline, "workers did not start"
+        def ready() -> bool:
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.02)
+            return len(list(sync.glob("ready-*"))) == 2
+
+        wait_until(ready, 90, "workers did not start")
         (sync / "go").touch()
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
@@ -233,6 +239,7 @@ def test_concurrent_makers(tmp_path, data, clf_dir, cifar_subset_dir):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert all(r["crafted"] for r in results)  # both really missed the cache and raced
+    assert len(list(sync.glob("crafted-*"))) == 2
     assert results[0]["entry"] == results[1]["entry"]
     assert results[0]["sha"] == results[1]["sha"]
     assert results[0]["shape"] == [N_TRAIN, 3, 32, 32]

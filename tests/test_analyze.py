@@ -65,7 +65,7 @@ def _save(path, spec, seed, config):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cifar_subset_dir):
+def blend_run(tmp_path_factory, cifar_subset_dir):
     """A run dir with a classifier, two teachers and three students (the third a copy of the
     AT teacher's weights, so its blend must be b = 1)."""
     root = tmp_path_factory.mktemp("runs")
@@ -85,8 +85,8 @@ def tiny_run(tmp_path_factory, cifar_subset_dir):
     return root, run
 
 
-def test_analyze_run_records(tiny_run, tiny_data):
-    _, run = tiny_run
+def test_analyze_run_records(blend_run, tiny_data):
+    _, run = blend_run
     recs = {r["variant"]: r for r in analyze_run(run, tiny_data, n=N_TEST)}
     assert set(recs) == {"kd_at", "kd_nt", "kd_at_nt"}
     r = recs["kd_at_nt"]
@@ -102,9 +102,9 @@ def test_analyze_run_records(tiny_run, tiny_data):
     assert recs["kd_at"]["r2"] == pytest.approx(1, abs=1e-6)
 
 
-def test_analyze_run_matches_a_direct_fit(tiny_run, tiny_data):
+def test_analyze_run_matches_a_direct_fit(blend_run, tiny_data):
     """Same AEs as the eval (classifier, eval seed and batch size), AT fed x', NT fed x."""
-    _, run = tiny_run
+    _, run = blend_run
     load = lambda name: freeze(load_checkpoint(run / name)[0])  # noqa: E731
     clf, t_at, t_nt, s = (load(d) for d in ("classifier", "teacher_at", "teacher_nt", "student_kd_at_nt"))
     x, y = to_float(tiny_data.test_x[:N_TEST]), tiny_data.test_y[:N_TEST]
@@ -116,8 +116,8 @@ def test_analyze_run_matches_a_direct_fit(tiny_run, tiny_data):
         assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7)
 
 
-def test_analyze_writes_blend_json_and_find_blends_reads_it(tiny_run):
-    root, run = tiny_run
+def test_analyze_writes_blend_json_and_find_blends_reads_it(blend_run):
+    root, run = blend_run
     recs = analyze(root, attack="fgsm", n=4)  # a directory of runs; data read from the run's config
     assert len(recs) == 3 and {r["n"] for r in recs} == {4}
     blob = json.loads((run / "blend.json").read_text())
@@ -127,15 +127,15 @@ def test_analyze_writes_blend_json_and_find_blends_reads_it(tiny_run):
     assert find_blends(root / "not_a_run") == []
 
 
-def test_bad_paths_raise_value_error(tiny_run):
-    root, _ = tiny_run
+def test_bad_paths_raise_value_error(blend_run):
+    root, _ = blend_run
     for bad in (root / "missing", root / "not_a_run"):
         with pytest.raises(ValueError, match=re.escape(str(bad))):
             analyze(bad)
 
 
-def test_blend_markdown_and_command(tiny_run, capsys):
-    root, run = tiny_run
+def test_blend_markdown_and_command(blend_run, capsys):
+    root, run = blend_run
     p = argparse.ArgumentParser()
     add_analyze_args(p)
     analyze_command(p.parse_args([str(run), "--n", "4", "--attack", "fgsm"]))

@@ -58,9 +58,13 @@ def test_unknown_preset_lists_valid_ones(capsys):
     assert "paper" in capsys.readouterr().err
 
 
-def test_module_entrypoint_help():
-    out = subprocess.run([sys.executable, "-m", "kdp.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "run" in out.stdout
+def test_module_entrypoint_help(monkeypatch):
+    """`python -m kdp.cli --help` prints the parser's own help, every subcommand in it."""
+    monkeypatch.setenv("COLUMNS", "100")  # the same line width for argparse here and in the subprocess
+    out = subprocess.run([sys.executable, "-m", "kdp.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == cli.parser().format_help()
+    assert out.stdout.startswith("usage: kdp [-h] {run,show,results,report,analyze,sweep} ...\n")
 
 
 def test_data_dir_is_recorded_as_an_absolute_path(cifar_subset_dir, monkeypatch):

@@ -183,7 +183,7 @@ def test_paper_preset():
 
 
 def test_all_presets_build():
-    assert set(PRESETS) == {"paper", "smoke", "reduced"}
+    assert set(PRESETS) == {"paper", "smoke", "reduced", "demo", "tiny"}
     for name in PRESETS:
         cfg = get_preset(name)
         assert type(cfg) is PipelineConfig
@@ -192,8 +192,9 @@ def test_all_presets_build():
         assert [s.variant for s in cfg.students] == ["kd_at", "kd_nt", "kd_at_nt"]
         assert (cfg.at_teacher.kind, cfg.nt_teacher.kind) == ("at", "nt")
         assert cfg.surrogate.seed != cfg.classifier.seed  # the transfer source is another model
-        assert {k: v for k, v in flatten(cfg.surrogate).items() if k != "seed"} == \
-            {k: v for k, v in flatten(cfg.classifier).items() if k != "seed"}
+        same = {"epochs", "seed"} if name in ("demo", "tiny") else {"seed"}  # these train it shorter
+        assert {k: v for k, v in flatten(cfg.surrogate).items() if k not in same} == \
+            {k: v for k, v in flatten(cfg.classifier).items() if k not in same}
     assert len({repr(sorted(flatten(get_preset(n)).items())) for n in PRESETS}) == len(PRESETS)  # all differ
 
 
@@ -209,6 +210,22 @@ def test_smoke_preset():
     assert (p.nrp.epochs, p.soap.arch, p.soap.epochs) == (3, "resnet8", 15)
     assert p.eval.attacks == PAPER_SUITE + ("aa-standard",) and p.eval.batch_size == 100
     assert p.eval.adaptive_attacks == ("pgd8", "aa-standard") and p.eval.aa_subset == 50
+
+
+def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
+    smoke, demo = get_preset("smoke"), get_preset("demo")
+    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2560, 100, 20)
+    assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (12, 5, 8, 2)
+    differ = {k for k, v in flatten(demo).items() if flatten(smoke)[k] != v}
+    assert differ == {"name", "preset", "data.n_train", "data.n_test", "classifier.epochs", "surrogate.epochs",
+                      "soap.epochs", "nrp.epochs", "eval.aa_subset"}
+
+
+def test_tiny_runs_every_stage_attack_and_threat_model():
+    t = get_preset("tiny")
+    assert t.baselines == get_preset("paper").baselines and t.eval.threat_models == get_preset("paper").eval.threat_models
+    assert t.eval.attacks == PAPER_SUITE + ("aa-standard",) and t.eval.aa_subset == 4
+    assert (t.data.n_train, t.data.n_test) == (1024, 32)
 
 
 def test_reduced_preset():

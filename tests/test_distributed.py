@@ -9,22 +9,29 @@ import shutil
 import pytest
 import torch
 
+from conftest import short_temp_dir
 from kdp.checkpoint import load_checkpoint, read_meta
 from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
 from kdp.data import load_cifar
 from kdp.events import read_events
 from kdp.graph import LocalExecutor, Run, Stage, run_graph
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# marked one by one: the tests on the embedded local Ray (local_ray) are slow and start Ray; the
+# scheduler, sizing, snapshot and autoscaler checks (monkeypatch, no Ray started) are in `make test`
 CPU = Runtime(device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """An embedded local Ray whose session dir is in a short temp dir of its own (not /tmp/ray),
+    removed afterwards."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with short_temp_dir() as temp:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(temp))
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _events(run_dir):
@@ -45,6 +52,8 @@ def _nt(epochs):
                                                                   batch_size=32), (), "nt_teacher")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_training_stage_runs_as_a_train_run_and_writes_a_core_checkpoint(local_ray, tmp_path, cifar_subset_dir):
     from kdp.distributed.config import ScaleConfig
     from kdp.distributed.executor import RayExecutor
@@ -62,6 +71,8 @@ def test_a_training_stage_runs_as_a_train_run_and_writes_a_core_checkpoint(local
     assert "Reporting training result" in (run / "logs" / "teacher_nt.log").read_text()  # Ray's lines: in the log
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_path, cifar_subset_dir):
     """A run snapshot truncated by a killed driver must not fail the stage forever: it is
     refused before fit(), moved aside, and the stage starts over."""
@@ -79,6 +90,8 @@ def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_pa
     assert list((tmp_path / "storage").glob("run-teacher_nt.broken-*"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_resumed_run_that_fails_raises_its_error_and_is_kept(local_ray, tmp_path, cifar_subset_dir):
     """A valid snapshot is resumed; a failure then (here: the worker cannot see an input) is
     raised with its own message, and the Train run is not moved aside or restarted."""
@@ -126,6 +139,8 @@ def _structure(meta: dict) -> dict:
             "final": sorted(m["final"]) if isinstance(m.get("final"), dict) else None}
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_both_executors_write_the_same_checkpoints(local_ray, tmp_path, cifar_subset_dir):
     """The same small stages through the in-process and the Ray executor: every checkpoint.json
     has the same keys and metric structure, and the deterministic NT teacher (1 worker, CPU,

@@ -1,4 +1,5 @@
 """kdp.events: a file per writer, merged by time; the tail returns only new whole lines."""
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -8,7 +9,7 @@ from kdp.events import EventTail, events_file, log_event, read_events
 
 def _write(run_dir: str, who: int, n: int) -> None:
     for i in range(n):
-        log_event(run_dir, f"s{who}", "epoch_end", epoch=i, metrics={"loss": 0.5, "pad": "x" * 500})
+        log_event(run_dir, f"s{who}", "epoch_end", epoch=i, metrics={"loss": 0.5, "pad": f"{who}{i:03d}" * 125})
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
@@ -18,12 +19,31 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         p.start()
     for p in procs:
         p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
     events = read_events(tmp_path)
     assert len(events) == 4 * 300
-    assert len(list((tmp_path / "events").glob("*.jsonl"))) == 4  # one file per writing process
+    files = sorted((tmp_path / "events").glob("*.jsonl"))
+    assert len(files) == 4  # one file per writing process
     for k in range(4):
-        assert [e["epoch"] for e in events if e["stage"] == f"s{k}"] == list(range(300))  # each writer's order
-    assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+        mine = [e for e in events if e["stage"] == f"s{k}"]
+        assert [e["epoch"] for e in mine] == list(range(300))  # each writer's order, by the sequence it wrote
+        assert len({(e["host"], e["pid"]) for e in mine}) == 1  # one process per writer
+        assert all(e["metrics"] == {"loss": 0.5, "pad": f"{k}{e['epoch']:03d}" * 125} for e in mine)  # no torn lines
+    for f in files:  # each file: 300 whole lines, all of the writer it is named after
+        own = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [f"{e['host']}-{e['pid']}" for e in own] == [f.stem] * 300
+
+
+def test_read_events_merges_the_files_by_time_keeping_each_files_order_on_ties(tmp_path):
+    """Events from several writers come back ordered by their time; equal times keep the file
+    order (by file name), then each file's own line order."""
+    d = tmp_path / "events"
+    d.mkdir()
+    lines = {"b-2.jsonl": [("b1", 1.0), ("b2", 3.0), ("b3", 3.0)], "a-1.jsonl": [("a1", 2.0), ("a2", 3.0)],
+             "c-3.jsonl": [("c1", 0.5), ("c2", 3.0), ("c3", 4.0)]}
+    for name, evs in lines.items():
+        (d / name).write_text("".join(json.dumps({"stage": s, "status": "x", "time": t}) + "\n" for s, t in evs))
+    assert [e["stage"] for e in read_events(tmp_path)] == ["c1", "b1", "a1", "a2", "b2", "b3", "c2", "c3"]
 
 
 def test_an_event_names_its_writer(tmp_path):

@@ -1,21 +1,68 @@
-"""jobs/pipeline.py's command line: help, and bad input refused before Ray starts."""
+"""jobs/pipeline.py's and jobs/sweep.py's command lines: help, and bad input refused before
+Ray starts. Each script runs once from the shell (--help); the bad-input cases call its
+main(argv) in this process, with Ray's connect replaced by a tripwire."""
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kdp import cli
+
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"
+SWEEP = JOB.parent / "sweep.py"
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=120)
+def _load(script: Path):
+    """jobs/<script> as a module (its main(argv)), without running it as __main__."""
+    spec = importlib.util.spec_from_file_location(f"kdp_test_job_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    return {"pipeline": _load(JOB), "sweep": _load(SWEEP)}
+
+
+@pytest.fixture
+def no_ray(jobs, monkeypatch):
+    """Connecting to (or starting) Ray fails the test; after it, Ray must not be initialized."""
+    import kdp.distributed.config as dist
+
+    def tripwire(*a, **k):
+        raise AssertionError("bad input reached Ray's connect")
+
+    monkeypatch.setattr(dist, "connect", tripwire)
+    monkeypatch.setattr(jobs["pipeline"], "connect", tripwire)  # bound when jobs/pipeline.py was imported
+    yield
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a Ray instance was started"
+
+
+def _main(main, argv, capsys) -> tuple[int, str]:
+    """main(argv) in this process: (its exit code, its stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def test_help_lists_the_cluster_options():
-    out = _run("--help")
-    assert out.returncode == 0
+    """The script itself runs from the shell."""
+    out = subprocess.run([sys.executable, str(JOB), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     for flag in ("--num-workers", "--use-gpu", "--address", "--max-failures", "--backend", "--preset", "ray job submit"):
+        assert flag in out.stdout
+
+
+def test_sweep_help_from_the_shell():
+    out = subprocess.run([sys.executable, str(SWEEP), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--variants", "--beta", "--eps", "--resume", "--max-concurrent", "--address", "--use-gpu"):
         assert flag in out.stdout
 
 
@@ -28,15 +75,11 @@ def test_help_lists_the_cluster_options():
     (("--backend", "nccl"), "nccl needs --use-gpu"),
     (("--use-gpu", "--num-workers", "2", "--gpus-per-worker", "0.5"), "NCCL refuses two ranks on one GPU"),
 ])
-def test_bad_input_is_one_line_and_starts_no_ray(args, needle):
-    out = _run(*args)
-    assert out.returncode == 2
-    err = out.stderr.strip()
+def test_bad_input_is_one_line_and_starts_no_ray(args, needle, jobs, no_ray, capsys):
+    code, err = _main(jobs["pipeline"].main, args, capsys)
+    assert code == 2, err
+    err = err.strip()
     assert err.startswith("pipeline: error:") and needle in err and len(err.splitlines()) == 1
-    assert "Started a local Ray instance" not in out.stdout + out.stderr
-
-
-SWEEP = JOB.parent / "sweep.py"
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -50,20 +93,18 @@ SWEEP = JOB.parent / "sweep.py"
     (("--resume", "--name", "x", "--beta", "0.3"), "drop --beta"),
     (("--preset", "giant"), "'giant'"),
 ])
-def test_sweep_bad_input_is_one_line_and_starts_no_ray(args, needle):
-    out = subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    err = out.stderr.strip()
+def test_sweep_bad_input_is_one_line_and_starts_no_ray(args, needle, jobs, no_ray, capsys):
+    code, err = _main(jobs["sweep"].main, args, capsys)
+    assert code == 2, err
+    err = err.strip()
     assert err.startswith("sweep: error:") and needle in err and len(err.splitlines()) == 1
-    assert "Started a local Ray instance" not in out.stdout + out.stderr
 
 
-def test_sweep_refuses_an_existing_name_without_resume(tmp_path):
+def test_sweep_refuses_an_existing_name_without_resume(tmp_path, jobs, no_ray, capsys):
     (tmp_path / "abl").mkdir()
     (tmp_path / "abl" / "sweep.json").write_text("{}")
-    out = subprocess.run([sys.executable, str(SWEEP), "--name", "abl", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "pass --resume" in out.stderr and "Started a local Ray" not in out.stdout
+    code, err = _main(jobs["sweep"].main, ["--name", "abl", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "pass --resume" in err and len(err.strip().splitlines()) == 1, err
 
 
 BAD_RUN = [(("--preset", "giant"), "'giant'"), (("--data-dir", "/no/such/cifar"), "/no/such/cifar"),
@@ -73,26 +114,31 @@ BAD_RUN = [(("--preset", "giant"), "'giant'"), (("--data-dir", "/no/such/cifar")
 
 @pytest.mark.parametrize("entry", ["kdp run", "jobs/pipeline.py"])
 @pytest.mark.parametrize("args, needle", BAD_RUN)
-def test_bad_input_is_refused_the_same_way_by_both_executors(entry, args, needle, tmp_path):
+def test_bad_input_is_refused_the_same_way_by_both_executors(entry, args, needle, tmp_path, cifar_subset_dir, jobs,
+                                                             no_ray, capsys):
     """The in-process and the Ray executor refuse bad input in one line, before any work."""
-    cmd = [sys.executable, "-m", "kdp.cli", "run"] if entry == "kdp run" else [sys.executable, str(JOB)]
-    data = [] if "--data-dir" in args else ["--data-dir", str(JOB.parents[2] / "shared" / "data" / "cifar10-subset")]
-    out = subprocess.run([*cmd, *args, *data, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    err = out.stderr.strip().splitlines()
+    if entry == "kdp run":
+        main, prefix = cli.main, ["run"]
+    else:
+        main, prefix = jobs["pipeline"].main, []
+    data = [] if "--data-dir" in args else ["--data-dir", str(cifar_subset_dir)]
+    code, err = _main(main, [*prefix, *args, *data, "--out", str(tmp_path)], capsys)
+    assert code == 2, err[-2000:]
+    err = err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].split(":")[1].strip() == "error", err
     assert not (tmp_path / "smoke").exists(), "nothing may be written for bad input"
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_stale_ray_address_file_is_ignored_without_address(tmp_path, cifar_subset_dir):
+def test_a_stale_ray_address_file_is_ignored_without_address(tmp_path, cifar_subset_dir, request):
     """Without --address or RAY_ADDRESS the job starts its own Ray, even when the address file
     of a crashed cluster (in this test's own RAY_TMPDIR) names a dead GCS."""
     import os
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="kdp-stale-", dir="/tmp"))  # short: Ray's socket paths
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     (tmp / "ray").mkdir()
     (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -1,8 +1,8 @@
 """jobs/pipeline.py on a real local Ray head: `ray job submit`, the Python JobSubmissionClient,
 a worker killed mid-epoch, and a killed driver re-submitted under the same run name.
 
-The head is started with `ray start --head` bound to 127.0.0.1 on explicit ports, with
-2 CPUs, and stopped in teardown by signalling only the processes that fixture started."""
+The head is started with `ray start --head` bound to 127.0.0.1 on free ports, with 2 CPUs,
+and stopped in teardown by signalling only the processes that fixture started."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import in_flight, latest_checkpoint_epoch, ray_head, wait_until
+from conftest import free_ports, in_flight, latest_checkpoint_epoch, new_events, ray_head, wait_until
 from kdp.events import read_events
 from kdp.results import load
 
@@ -23,8 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-GCS_PORT, DASHBOARD_PORT = 6391, 8271
-ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
 # a small run: 1024 training images, 2-4 epochs per stage, two attacks
@@ -39,16 +36,27 @@ SMOKE_FAST = ["--set", "data.n_train=1024", "--set", "data.n_test=100", "--set",
 
 
 @pytest.fixture(scope="module")
-def head():
-    with ray_head(GCS_PORT, DASHBOARD_PORT, ENV) as env:
+def ports() -> list[int]:
+    """The head's GCS and dashboard ports (each with the next port up free as well)."""
+    return free_ports(2)
+
+
+@pytest.fixture(scope="module")
+def address(ports) -> str:
+    return f"http://127.0.0.1:{ports[1]}"
+
+
+@pytest.fixture(scope="module")
+def head(ports):
+    with ray_head(*ports, ENV) as env:
         yield env
 
 
 @pytest.fixture(scope="module")
-def client(head):
+def client(head, address):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(ADDRESS)
+    return JobSubmissionClient(address)
 
 
 def _entrypoint(out: Path, name: str, *extra: str, data: Path) -> str:
@@ -61,23 +69,21 @@ def _runtime_env() -> dict:
     return {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": dict(ENV)}
 
 
-def _logs(client, job_id: str) -> str:
-    """The job's log tail, also saved beside the test's temp files for post-mortems."""
+def _logs(client, job_id: str, tmp_path: Path) -> str:
+    """The job's log tail, also saved in the test's tmp_path (<job_id>.log) for post-mortems."""
     text = client.get_job_logs(job_id)
-    Path(f"/tmp/kdp-job-{job_id}.log").write_text(text)
+    (tmp_path / f"{job_id}.log").write_text(text)
     return text[-8000:]
 
 
 def _wait(client, job_id: str, timeout: float = 600) -> str:
+    """The job's final status (SUCCEEDED, FAILED or STOPPED), once it has one."""
     from ray.job_submission import JobStatus
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return status.value
-        time.sleep(1)
-    raise TimeoutError(f"job {job_id} still {status} after {timeout}s")
+    final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    wait_until(lambda: client.get_job_status(job_id) in final, timeout,
+               f"job {job_id} not finished after {timeout:.0f} s", interval=1)
+    return client.get_job_status(job_id).value
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -85,19 +91,21 @@ def _events(run_dir: Path) -> list[dict]:
 
 
 def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        for e in _events(run_dir):
-            if pred(e):
-                return e
-        time.sleep(0.1)
-    raise TimeoutError(f"no matching event under {run_dir / 'events'}")
+    """The first event of the run's log matching pred, once there is one."""
+    found: list[dict] = []
+
+    def seen() -> bool:
+        found[:] = [e for e in _events(run_dir) if pred(e)][:1]
+        return bool(found)
+
+    wait_until(seen, timeout, f"no matching event under {run_dir / 'events'}", interval=0.1)
+    return found[0]
 
 
-def test_ray_job_submit_runs_the_smoke_preset(head, client, tmp_path, cifar_subset_dir):
+def test_ray_job_submit_runs_the_smoke_preset(head, client, address, tmp_path, cifar_subset_dir):
     """`ray job submit` of the smoke preset with its baselines: independent stages run at the same
     time, but never more at once than the head's 2 CPUs; a quiet console, each stage's own log."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ADDRESS, "--submission-id", "kdp-cli-smoke",
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "kdp-cli-smoke",
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
            "--", *_entrypoint(tmp_path, "smoke", *SMOKE_FAST, data=cifar_subset_dir).split()]
     proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
@@ -136,9 +144,12 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
                        and e["epoch"] == 1)
     wait_until(lambda: latest_checkpoint_epoch(tmp_path / "ray" / "fault-teacher_at") >= 1)
     os.kill(victim["pid"], signal.SIGKILL)  # in epoch 1, once Train has recorded epoch 0's checkpoint
-    assert _wait(client, job) == "SUCCEEDED", _logs(client, job)
-    starts = [e for e in _events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_start"]
-    after = [e for e in starts if e["pid"] != victim["pid"] and e["time"] > victim["time"]]
+    assert _wait(client, job) == "SUCCEEDED", _logs(client, job, tmp_path)
+    events = _events(run)
+    assert victim in events
+    # the epochs started after the victim's, in the log's own order, by another worker
+    after = [e for e in events[events.index(victim) + 1:] if e["stage"] == "teacher_at"
+             and e["status"] == "epoch_start" and e["pid"] != victim["pid"]]
     assert after, "no worker restarted after the kill"
     assert after[0]["epoch"] >= victim["epoch"], "resumed before the last checkpoint"
     assert after[0]["epoch"] <= victim["epoch"] + 1 and after[0]["epoch"] > 0, "did not resume from a checkpoint"
@@ -160,12 +171,12 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     assert _wait(client, first) == "STOPPED"
     clf_mtime = (run / "classifier" / "model.pt").stat().st_mtime_ns
     aes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")}
-    n_before = len(_events(run))
+    before = _events(run)
     second = client.submit_job(entrypoint=entry, runtime_env=_runtime_env(), submission_id="kdp-resub-2")
-    assert _wait(client, second) == "SUCCEEDED", _logs(client, second)
+    assert _wait(client, second) == "SUCCEEDED", _logs(client, second, tmp_path)
     assert (run / "classifier" / "model.pt").stat().st_mtime_ns == clf_mtime
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")} == aes
-    later = _events(run)[n_before:]
+    later = new_events(before, _events(run))  # what the log got after the first job stopped
     status = {(e["stage"], e["status"]) for e in later}
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)

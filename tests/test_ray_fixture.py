@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _job_server_up, _naming, _port_open, _proc_table, alive, head_processes, ray_head, start_head, \
-    stop_head
+from conftest import _job_server_up, _naming, _port_open, _proc_table, alive, free_ports, head_processes, ray_head, \
+    short_temp_dir, start_head, stop_head
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.ray]  # in `make test` (not slow): 32 s with setup and teardown, measured on 2 cores
 
-GCS_PORT, DASHBOARD_PORT = 6391, 8271  # test_jobs' head
-FOREIGN_GCS, FOREIGN_DASHBOARD = 6395, 8275
 ENV = {"RAY_AUTH_MODE": "disabled", "KDP_TEST_RAY_HEAD": "on"}
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # what a bare ray.init() on this machine joins
 PROBE = """
@@ -63,29 +61,34 @@ def _free(port: int) -> bool:
 def _leader(gcs_port: int) -> int:
     """The `ray start --block` of the head on gcs_port: the session leader naming that port."""
     table = _proc_table()
-    leaders = [p for p in _naming(f"--port={gcs_port}") if p in table and table[p][3] == p and b"start" in _cmdline(p)]
+    leaders = [p for p in _naming(f"--port={gcs_port}\0") if p in table and table[p][3] == p and b"start" in _cmdline(p)]
     assert len(leaders) == 1, leaders
     return leaders[0]
 
 
 @pytest.fixture
 def foreign_head():
-    """Somebody else's cluster: a head in its own session. It takes Ray's default client-server
+    """Somebody else's cluster: a head in its own session, on free GCS and dashboard ports
+    (yields its `ray start` process and those two ports). It takes Ray's default client-server
     and dashboard-agent ports (10001, 52365) when they are free, as a user's `ray start --head`
     would; if they are taken (a real cluster is up), other ports, so that one is left alone."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    gcs, dashboard = free_ports(2)
     extra = () if _free(10001) and _free(52365) else (
-        f"--ray-client-server-port={FOREIGN_GCS + 1}", f"--dashboard-agent-listen-port={FOREIGN_DASHBOARD + 1}")
-    proc = start_head(FOREIGN_GCS, FOREIGN_DASHBOARD, env, num_cpus=1, extra=extra)
-    try:
-        yield proc
-    finally:
-        stop_head(proc)
+        f"--ray-client-server-port={gcs + 1}", f"--dashboard-agent-listen-port={dashboard + 1}")
+    with short_temp_dir() as temp_dir:
+        proc = start_head(gcs, dashboard, env, num_cpus=1, extra=extra, temp_dir=temp_dir)
+        try:
+            yield proc, gcs, dashboard
+        finally:
+            stop_head(proc)
 
 
 def test_ray_head_stops_its_own_processes_and_leaves_a_foreign_cluster_running(foreign_head, tmp_path):
+    foreign_head, foreign_gcs, foreign_dashboard = foreign_head
+    gcs_port, dashboard_port = free_ports(2)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     table = _proc_table()
@@ -96,12 +99,15 @@ def test_ray_head_stops_its_own_processes_and_leaves_a_foreign_cluster_running(f
     token = f"kdp-probe-{uuid.uuid4().hex}"
     (tmp_path / "probe.py").write_text(PROBE)
 
-    with ray_head(GCS_PORT, DASHBOARD_PORT, ENV) as env:
+    with ray_head(gcs_port, dashboard_port, ENV) as env:
         assert os.environ["KDP_TEST_RAY_HEAD"] == "on" and env["KDP_TEST_RAY_HEAD"] == "on"
-        leader = _leader(GCS_PORT)
+        leader = _leader(gcs_port)
+        (temp_dir,) = [a[len(b"--temp-dir="):].decode() for a in _cmdline(leader).split(b"\0")
+                       if a.startswith(b"--temp-dir=")]
+        assert temp_dir.startswith("/tmp/kdp-ray-") and Path(temp_dir).is_dir()
         # a job next to the foreign head (which may hold Ray's default agent port): a driver in
         # a session of its own, a Ray task worker in a process group of its own, and a grandchild
-        client = JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard_port}")
         job = client.submit_job(entrypoint=f"python probe.py {token}",
                                 runtime_env={"working_dir": str(tmp_path), "env_vars": dict(ENV)})
 
@@ -124,9 +130,10 @@ def test_ray_head_stops_its_own_processes_and_leaves_a_foreign_cluster_running(f
     assert "KDP_TEST_RAY_HEAD" not in os.environ
     # the test head is gone, all of it
     assert alive(mine) == {}
-    assert _naming(token) == [] and _naming(f"/tmp/kdp-ray-{GCS_PORT}/") == []
-    assert not _port_open(GCS_PORT) and not _port_open(DASHBOARD_PORT)
+    assert _naming(token) == [] and _naming(f"{temp_dir}/") == []
+    assert not Path(temp_dir).exists(), "the head's temp dir was left behind"
+    assert not _port_open(gcs_port) and not _port_open(dashboard_port)
     # the foreign head is not: the same processes, its GCS and its job server answer
     assert alive(foreign_group) == foreign_group
-    assert _port_open(FOREIGN_GCS) and _job_server_up(FOREIGN_DASHBOARD)
+    assert _port_open(foreign_gcs) and _job_server_up(foreign_dashboard)
     assert (ADDRESS_FILE.read_text() if ADDRESS_FILE.exists() else None) == address_before

@@ -4,21 +4,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_argv
 from kdp import cli
 from kdp.events import read_events
 from kdp.report import table1_markdown
 from kdp.results import load
 
-pytestmark = pytest.mark.slow
-
-TINY = ["data.n_train=256", "data.n_test=32", "classifier.epochs=1", "at_teacher.epochs=1", "nt_teacher.epochs=1",
-        "students.epochs=1", "baselines=", "eval.threat_models=classifier", "eval.attacks=fgsm+pgd8",
-        "eval.batch_size=16"]
+SMALL = ["data.n_train=256", "data.n_test=32", "classifier.epochs=1", "at_teacher.epochs=1", "nt_teacher.epochs=1",
+         "baselines=", "eval.threat_models=classifier", "eval.attacks=fgsm+pgd8"]
 
 
 def _argv(data_dir, out: Path, *extra) -> list[str]:
-    sets = [a for s in TINY for a in ("--set", s)]
-    return ["run", "--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out), "--quiet", *sets, *extra]
+    return tiny_argv(data_dir, out, *(a for s in SMALL for a in ("--set", s)), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +44,10 @@ def test_report_intervals_pool_the_seeds(seeded):
     assert "pooled over 2 run(s)" in md and " ± " in md
 
 
-def test_rerun_reuses_the_evaluation_aes(seeded, cifar_subset_dir):
+def test_a_rescored_rerun_reuses_the_evaluation_aes(seeded, cifar_subset_dir):
     before = load(seeded / "tiny-seed0" / "results.parquet")
     assert not before["attack.cached"].any()
-    assert cli.main(_argv(cifar_subset_dir, seeded, "--name", "tiny", "--seeds", "0")) == 0
+    assert cli.main(_argv(cifar_subset_dir, seeded, "--name", "tiny", "--seeds", "0", "--rescore")) == 0
     after = load(seeded / "tiny-seed0" / "results.parquet")
     crafted = after["attack"] != "clean"
     assert after.loc[crafted, "attack.cached"].all() and not after.loc[~crafted, "attack.cached"].any()

@@ -3,12 +3,12 @@ trials run in this process on tiny models (sharing, one results file per trial, 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+import kdp.locks as locks
 from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
                         TeacherConfig)
 from kdp.events import read_events
@@ -90,26 +90,50 @@ def test_seeds_are_a_grid_dimension_that_reseeds_the_trial():
     assert trial_columns(p, "t2")["sweep.seed"] == 2
 
 
-def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_path):
-    out, calls = tmp_path / "artifact", []
+def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_path, monkeypatch):
+    """Four callers at once: one makes; the other three find the lock held, say they wait for
+    the maker, and reuse its artifact."""
+    monkeypatch.setattr(locks, "POLL_S", 0.02)  # waiters notice the released lock at once
+    out, calls, lines = tmp_path / "artifact", [], []
+    waiting = threading.Semaphore(0)  # released by each caller that logs its wait
+
+    def logger(who):
+        def log(line):
+            lines.append((who, line))
+            if line.endswith(" is making it; waiting"):
+                waiting.release()
+        return log
 
     def make():
         calls.append(threading.get_ident())
-        time.sleep(0.3)  # long enough that every other caller arrives while this one holds the lock
+        for _ in range(3):  # hold the lock until every other caller waits on it
+            assert waiting.acquire(timeout=60), f"not every caller waited: {lines}"
         tmp = tmp_path / "tmp-artifact"
         tmp.mkdir()
         tmp.rename(out)
 
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(
-        ensure(out, out.exists, make, tmp_path, "thing", f"t{i}", log=lambda *_: None))) for i in range(4)]
+    results, errors = [], []
+
+    def call(i):
+        try:
+            results.append(ensure(out, out.exists, make, tmp_path, "thing", f"t{i}", log=logger(f"t{i}")))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert len(calls) == 1 and results == [out] * 4
+        t.join(120)
+    assert not errors and len(calls) == 1 and results == [out] * 4, errors
     events = read_events(tmp_path)
     assert sorted(e["status"] for e in events) == ["finished", "reused", "reused", "reused", "started"]
+    (maker,) = {e["by"] for e in events if e["status"] in ("started", "finished")}
+    waiters = {e["by"] for e in events if e["status"] == "reused"}
+    assert waiters == {f"t{i}" for i in range(4)} - {maker}
+    waited = [(who, line) for who, line in lines if line.endswith(" is making it; waiting")]
+    assert sorted(who for who, _ in waited) == sorted(waiters), lines  # each waiter said so, once; the maker never
+    assert all(line.startswith("[thing] ") for _, line in waited), waited
 
     other = tmp_path / "other"
 

@@ -7,20 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ray_head
+from conftest import free_ports, new_events, ray_head, wait_until
 from kdp.events import read_events
 from kdp.results import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
-GCS_PORT, DASHBOARD_PORT = 6393, 8273
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # 512 training images, 1-2 epochs per stage, two attacks on 100 test images
 TINY = ["--preset", "smoke", "--set", "data.n_train=512", "--set", "data.n_test=100",
@@ -31,13 +29,19 @@ ATTACKS = 3  # clean, fgsm, pgd8
 
 
 @pytest.fixture(scope="module")
-def head():
-    with ray_head(GCS_PORT, DASHBOARD_PORT, ENV) as env:
+def ports() -> list[int]:
+    """The head's GCS and dashboard ports (each with the next port up free as well)."""
+    return free_ports(2)
+
+
+@pytest.fixture(scope="module")
+def head(ports):
+    with ray_head(*ports, ENV) as env:
         yield env
 
 
-def _cmd(out: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", f"127.0.0.1:{GCS_PORT}",
+def _cmd(ports: list[int], out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", f"127.0.0.1:{ports[0]}",
             "--out", str(out), *args]
 
 
@@ -54,8 +58,8 @@ def _made(sweep_dir: Path) -> dict[str, int]:
     return counts
 
 
-def test_ablation_sweep_shares_teachers_and_writes_one_file_per_trial(head, tmp_path, cifar_subset_dir):
-    proc = subprocess.run(_cmd(tmp_path, *TINY, "--data-dir", str(cifar_subset_dir), "--name", "abl",
+def test_ablation_sweep_shares_teachers_and_writes_one_file_per_trial(head, ports, tmp_path, cifar_subset_dir):
+    proc = subprocess.run(_cmd(ports, tmp_path, *TINY, "--data-dir", str(cifar_subset_dir), "--name", "abl",
                                "--beta", "0.25,0.5"), env=head, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     df = load(tmp_path / "results")
@@ -85,25 +89,27 @@ def test_ablation_sweep_shares_teachers_and_writes_one_file_per_trial(head, tmp_
     assert len(list((sweep_dir / "tune").glob("*/events.out.tfevents*"))) == 8
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(head, tmp_path, cifar_subset_dir):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(head, ports, tmp_path, cifar_subset_dir):
     args = [*TINY, "--data-dir", str(cifar_subset_dir), "--name", "kill", "--variants", "at_only,kd_nt",
             "--eps", "4/255,8/255", "--max-concurrent", "1"]
     results = tmp_path / "results" / "sweep_id=kill"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_cmd(tmp_path, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
+    first = subprocess.Popen(_cmd(ports, tmp_path, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
-    t0 = time.time()
-    while not list(results.glob("*.parquet")):
+
+    def a_trial_finished() -> bool:
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-        assert time.time() - t0 < 600, "no trial finished within 600 s"
-        time.sleep(0.2)
+        return bool(list(results.glob("*.parquet")))
+
+    wait_until(a_trial_finished, 600, "no trial finished within 600 s", interval=0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray kills its trials' actors
     first.wait()
-    killed_at = time.time()
     done = {p: p.stat().st_mtime_ns for p in results.glob("*.parquet")}
     assert 1 <= len(done) < 4
+    sweep_dir = tmp_path / "kill"
+    before = _events(sweep_dir / "shared") + _events(sweep_dir)  # the first run's log, as the resume finds it
 
-    proc = subprocess.run(_cmd(tmp_path, "--resume", "--name", "kill", "--quiet"), env=head,
+    proc = subprocess.run(_cmd(ports, tmp_path, "--resume", "--name", "kill", "--quiet"), env=head,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     files = list(results.glob("*.parquet"))
@@ -112,9 +118,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(head, tmp_path, 
     assert len(df) == 4 * ATTACKS and df.trial_id.nunique() == 4
     finished = {p.stem.split("-")[1] for p in done}  # trial-<trial_id>-<uuid>.parquet
     assert len(finished) == len(done) and finished <= set(df.trial_id)
-    sweep_dir = tmp_path / "kill"
-    later = [e for e in _events(sweep_dir / "shared") + _events(sweep_dir)
-             if e["time"] > killed_at and e.get("by") in finished]
+    # what the resumed run's processes logged (not a late line of a first-run trial Ray had yet to kill)
+    resumed = new_events(before, _events(sweep_dir / "shared") + _events(sweep_dir), new_writers=True)
+    assert {e["by"] for e in resumed if e["stage"] == "trial" and e["status"] in ("started", "skipped")} >= (
+        set(df.trial_id) - finished), f"the resumed run did not take up the other trials: {resumed}"
+    later = [e for e in resumed if e.get("by") in finished]
     assert all(e["status"] == "skipped" for e in later), f"finished trials did work again: {later}"
     made = _made(sweep_dir)
     assert made["classifier"] == 1 and made["teacher_nt"] == 1
