@@ -43,8 +43,8 @@ def checks(df) -> list[tuple[str, bool]]:
                 acc[("kd_at_nt", "pgd8", "full")] < acc[("kd_at_nt", "pgd8", "classifier")] / 2))
     undefended = df[(df.variant == "none") & (df.threat_model == "classifier") & df.attack.isin(["pgd8", "bim"])]
     out.append(("undefended pgd8, bim: attack success > 0.9 and checks ok",
-                bool((undefended["check.attack_success"] > 0.9).all() and undefended["checks_ok"].all())))
-    return out
+                (undefended["check.attack_success"] > 0.9).all() and undefended["checks_ok"].all()))
+    return [(what, bool(ok)) for what, ok in out]
 
 
 def main(argv=None) -> int:

@@ -58,13 +58,35 @@ def run_all(cfg, seeds, args, rt, executor=None) -> list:
 
 
 def print_results(paths) -> None:
+    """Where the rows are; one accuracy table per threat model, each attack with its image
+    count; and the command that writes the full report."""
+    import os
+
     import pandas as pd
 
-    from kdp.results import load, table1
+    from kdp.config import THREAT_MODELS
+    from kdp.results import load
 
     paths = paths if isinstance(paths, list) else [paths]
     print("results: " + ", ".join(map(str, paths)))
-    print(table1(pd.concat([load(p) for p in paths], ignore_index=True)).round(2).to_string())
+    df = pd.concat([load(p) for p in paths], ignore_index=True)
+    for threat in (t for t in THREAT_MODELS if t in set(df.threat_model)):
+        print(f"\n{threat} threat model: accuracy % (n = test images per attack)\n"
+              + threat_table(df, threat).round(2).to_string())
+    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+    print(f"\nfull report (intervals, Table 2, plots): kdp report {root} --out {root / 'report'}")
+
+
+def threat_table(df, threat: str):
+    """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several)."""
+    from kdp.results import table1
+
+    t = table1(df, threat)
+    n = df[df.threat_model == threat].groupby(["run", "attack"])["n"].max()
+    several = df["run"].nunique() > 1
+    t.index = [f"{run} {a} (n={n[(run, a)]})" if several else f"{a} (n={n[(run, a)]})" for run, a in t.index]
+    t.columns.name = None
+    return t
 
 
 def _show(args) -> None:
@@ -165,15 +187,13 @@ def build_sweep(args):
 def sweep_command(args) -> None:
     """Build the sweep, connect to Ray, run it and print its table (kdp sweep, jobs/sweep.py)."""
     from kdp.distributed.config import connect, scale_config
-    from kdp.results import load, table1
 
     sweep, base, rt = build_sweep(args)
     scale = scale_config(args)
     connect(args.address, args.verbose)
     from kdp.distributed.sweep import run_sweep
 
-    path = run_sweep(sweep, base, args.out, scale, rt, resume=args.resume)
-    print(f"results: {path}\n{table1(load(path)).round(2).to_string()}")
+    print_results(run_sweep(sweep, base, args.out, scale, rt, resume=args.resume))
 
 
 def run_errors():

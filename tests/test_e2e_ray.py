@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import short_temp_dir
 from kdp import cli
 from kdp.results import load
 
@@ -24,16 +25,17 @@ KEY = ["variant", "attack", "threat_model"]
 def run_job(script: str, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     """`python jobs/<script> args` in a session of its own; on timeout its whole process group
     (the driver and the local Ray it started) is killed, so nothing is left behind."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / script), *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} still running after {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
+    with short_temp_dir() as ray_tmp:  # the local Ray's session files go here, removed after
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / script), *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{script} still running after {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -72,13 +72,18 @@ def test_rows_record_checks_and_how_gradients_were_taken(tiny_run):
     assert (df["checks_ok"] == (df["check_failures"] == "")).all()
 
 
-def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, cifar_subset_dir):
+def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, cifar_subset_dir, capsys):
     run = _copy(tiny_run, tmp_path / "out")
     files = [*(run / s / "model.pt" for s in STAGES), run / "results.parquet"]
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     n_before = len(read_events(run))
     with torch_threads(1):
         assert cli.main(tiny_argv(cifar_subset_dir, run.parent)) == 0
+    console = capsys.readouterr().out.splitlines()  # a table per threat model, n per attack, the report command
+    assert [line for line in console if "threat model" in line] == [
+        f"{t} threat model: accuracy % (n = test images per attack)" for t in SUITES]
+    assert sum(line.startswith("aa-standard (n=4) ") for line in console) == 1
+    assert console[-1] == f"full report (intervals, Table 2, plots): kdp report {run} --out {run / 'report'}"
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
     later = read_events(run)[n_before:]
     assert sorted((e["stage"], e["status"]) for e in later) == sorted(
@@ -157,3 +162,19 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
     statuses = [(e["stage"], e["status"]) for e in read_events(run)]
     assert ("teacher_nt", "resumed") in statuses and ("teacher_at", "skipped") in statuses
     assert len(load(run / "results.parquet")) == 6 * 2
+
+
+def test_smoke_checks_run_on_rows_and_fail_on_a_broken_one(tiny_run):
+    """benchmarks/smoke_checks.py (the smoke preset's accuracy-level checks) reads a run's rows
+    and reports a failure when the undefended classifier is no better than chance."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke_checks", Path(__file__).parents[1] / "benchmarks" / "smoke_checks.py")
+    smoke_checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke_checks)
+    df = load(tiny_run / "results.parquet")
+    results = dict(smoke_checks.checks(df))
+    assert len(results) > 2 * len(VARIANTS)
+    clean = (df.variant == "none") & (df.attack == "clean") & (df.threat_model == "classifier")
+    df.loc[clean, "accuracy"] = 0.05
+    assert dict(smoke_checks.checks(df))["undefended clean accuracy > 0.3 (chance is 0.1)"] is False

@@ -20,11 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-# 512 training images, 1-2 epochs per stage, two attacks on 100 test images
-TINY = ["--preset", "smoke", "--set", "data.n_train=512", "--set", "data.n_test=100",
-        "--set", "classifier.epochs=2", "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1",
-        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.adaptive_attacks=", "--set", "eval.threat_models=classifier",
-        "--set", "eval.batch_size=50", "--eval-shard-size", "100", "--quiet"]
+# the tiny preset with two attacks under the classifier threat model
+TINY = ["--preset", "tiny", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.adaptive_attacks=",
+        "--set", "eval.threat_models=classifier", "--quiet"]
 ATTACKS = 3  # clean, fgsm, pgd8
 
 
