@@ -68,7 +68,7 @@ def test_a_two_trial_sweep_loads_everywhere_and_reports(tmp_path, cifar_subset_d
 
     rows = load(results, as_table=True)
     assert pl.from_arrow(rows).height == len(df)
-    assert duckdb.sql("select count(distinct trial_id) from rows").fetchone() == (2,)
+    assert duckdb.sql("select count(distinct trial_id) from rows").fetchall() == [(2,)]
     assert cli.main(["report", str(results), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Table 1" in report and "## Table 2 (ablation)" in report and "## Sanity checks" in report
