@@ -125,6 +125,12 @@ def evaluation_key(stage: Stage, inputs: dict, run: "Run") -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _groups(threat: str | None, purifiers: dict) -> list[dict]:
+    """A shard's defenses: a `full` shard attacks each one end to end on its own, so it is split
+    per defense (shards run in parallel); other shards share one crafted set, so they keep all."""
+    return [{v: p} for v, p in purifiers.items()] if threat == "full" else [purifiers]
+
+
 def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
     """Every evaluated variant under every threat model, through the executor's shards; then
     the checks from the summed counts, and one parquet with config and provenance per row."""
@@ -136,7 +142,8 @@ def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Pa
     surrogate = inputs.get("surrogate")
     items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
     cache = run.eval_cache if run.rt.eval_cache else None
-    args = [(cfg.eval, inputs["classifier"], purifiers, run.data, run.rt, surrogate, cache, *w) for w in items]
+    args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, *w)
+            for w in items for group in _groups(w[0], purifiers)]
     run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
     shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"))
     rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)

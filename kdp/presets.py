@@ -41,14 +41,14 @@ def smoke() -> PipelineConfig:
 
 def demo() -> PipelineConfig:
     """`make run`'s config: the smoke preset's stages, baselines, attack suite and threat models,
-    sized for a 5-minute Ray job on 2 CPU cores: 2560 training and 100 test images, 12
-    classifier epochs, a 5-epoch surrogate, 8-epoch SOAP, 2-epoch NRP, aa-standard on 20
-    images. The smoke preset (and every smoke number in docs/) is unchanged."""
+    sized for a short Ray job on 2 CPU cores: 2048 training and 100 test images, 10 classifier
+    epochs, a 4-epoch surrogate, 6-epoch SOAP, 2-epoch NRP, aa-standard on 8 images. The
+    smoke preset (and every smoke number in docs/) is unchanged."""
     s = smoke()
-    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2560, n_test=100),
-                   classifier=replace(s.classifier, epochs=12), surrogate=replace(s.surrogate, epochs=5),
-                   soap=replace(s.soap, epochs=8), nrp=replace(s.nrp, epochs=2),
-                   eval=replace(s.eval, aa_subset=20))
+    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=100),
+                   classifier=replace(s.classifier, epochs=10), surrogate=replace(s.surrogate, epochs=4),
+                   soap=replace(s.soap, epochs=6), nrp=replace(s.nrp, epochs=2),
+                   eval=replace(s.eval, aa_subset=8))
 
 
 def reduced() -> PipelineConfig:

@@ -214,8 +214,8 @@ def test_smoke_preset():
 
 def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
     smoke, demo = get_preset("smoke"), get_preset("demo")
-    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2560, 100, 20)
-    assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (12, 5, 8, 2)
+    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 100, 8)
+    assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (10, 4, 6, 2)
     differ = {k for k, v in flatten(demo).items() if flatten(smoke)[k] != v}
     assert differ == {"name", "preset", "data.n_train", "data.n_test", "classifier.epochs", "surrogate.epochs",
                       "soap.epochs", "nrp.epochs", "eval.aa_subset"}

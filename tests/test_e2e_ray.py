@@ -1,9 +1,10 @@
 """The tiny preset through the Ray entry points, each on the embedded local Ray it starts:
 jobs/pipeline.py gives the same rows as the in-process run (`tiny_run`), and jobs/sweep.py
-runs a 2-trial Tune sweep whose results `load` reads with pandas, polars and duckdb and
-`kdp report` turns into a report. Each job runs as its own process group, ended if it hangs."""
+runs a 2-trial Tune sweep that shares its inputs, whose results `load` reads with pandas,
+polars and duckdb and `kdp report` turns into a report. Each job runs as its own process group, ended if it hangs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import short_temp_dir
+from conftest import in_flight, short_temp_dir
 from kdp import cli
+from kdp.events import read_events
 from kdp.results import load
 
 pytestmark = pytest.mark.ray
@@ -41,27 +43,57 @@ def run_job(script: str, *args: str, timeout: float = 420) -> subprocess.Complet
 
 def test_the_ray_job_gives_the_same_rows_as_one_process(tiny_run, tmp_path, cifar_subset_dir):
     """Every stage as a Ray Train run or task (1 CPU, one thread each), the evaluation sharded
-    over tasks: the same rows, image by image, as the in-process run of the same config."""
+    over tasks: the same rows, image by image, as the in-process run of the same config.
+    Independent stages run at the same time, never more than the 2 CPUs hold; the console has
+    one line per stage event and epoch, and each stage's own output is in its log."""
     proc = run_job("pipeline.py", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
-                   "--quiet", "--eval-shard-size", "16")
+                   "--eval-shard-size", "16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ray_rows = load(tmp_path / "tiny" / "results.parquet").sort_values(KEY).reset_index(drop=True)
     local_rows = load(tiny_run / "results.parquet").sort_values(KEY).reset_index(drop=True)
     assert ray_rows[KEY].equals(local_rows[KEY])
     assert ray_rows[["n", "first"]].equals(local_rows[["n", "first"]])
     assert ray_rows["hits"].tolist() == local_rows["hits"].tolist()
-    assert f"results: {tmp_path / 'tiny' / 'results.parquet'}" in proc.stdout.splitlines()
+
+    events = read_events(tmp_path / "tiny")
+    assert max(in_flight(events)) == 2, in_flight(events)  # 2 CPUs: two 1-CPU stages at once, no more
+    first = [e["stage"] for e in events if e["status"] == "started"][:3]
+    assert {"classifier", "teacher_nt"} <= set(first), first  # NT needs no input: it starts at once
+    console = proc.stdout.splitlines()
+    assert f"results: {tmp_path / 'tiny' / 'results.parquet'}" in console
+    ours = [line for line in console if line.startswith("[")]
+    assert not any(a == b for a, b in zip(ours, ours[1:])), "a console line printed twice in a row"
+    assert sum(line.startswith("[teacher_at] epoch 1/2 ") for line in ours) == 1
+    assert not any("Reporting training result" in line or "core_worker.cc" in line for line in console)
+    assert len(console) < 150, f"{len(console)} console lines"
+    assert (tmp_path / "tiny" / "logs" / "teacher_at.log").stat().st_size > 0
 
 
-def test_a_two_trial_sweep_loads_everywhere_and_reports(tmp_path, cifar_subset_dir):
+def test_a_two_trial_sweep_shares_its_inputs_loads_everywhere_and_reports(tmp_path, cifar_subset_dir):
+    """Two Tune trials (the AT teacher alone, and a student distilled from both teachers): the
+    classifier, training AEs and teachers are made once and shared; one parquet file per
+    trial, with fixed types, read by pandas, polars and duckdb; Tune's own records; a report."""
     proc = run_job("sweep.py", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
-                   "--name", "two", "--variants", "kd_at_nt", "--beta", "0.25,0.5", "--quiet")
+                   "--name", "two", "--variants", "at_only,kd_at_nt", "--beta", "0.25", "--quiet")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = tmp_path / "results"
     df = load(results)
     assert df.trial_id.nunique() == 2 and set(df.sweep_id) == {"two"}
-    assert sorted(df.groupby("trial_id")["sweep.beta"].first()) == [0.25, 0.5]
-    assert (df["purifier.beta"] == df["sweep.beta"]).all() and set(df.variant) == {"kd_at_nt"}
+    assert len(list((results / "sweep_id=two").glob("*.parquet"))) == 2
+    assert sorted(df.groupby("trial_id")["sweep.variant"].first()) == ["at_only", "kd_at_nt"]
+    kd = df[df["sweep.variant"] == "kd_at_nt"]
+    assert (kd["purifier.beta"] == kd["sweep.beta"]).all() and set(kd.variant) == {"kd_at_nt"}
+    assert set(df[df["sweep.variant"] == "at_only"].variant) == {"at_teacher"}
+    for col, dtype in {"accuracy": "float64", "n": "int64", "sweep.beta": "float64", "sweep.eps": "float64"}.items():
+        assert str(df[col].dtype) == dtype, col
+    made = {}
+    for e in read_events(tmp_path / "two" / "shared"):
+        made[e["stage"]] = made.get(e["stage"], 0) + (e["status"] == "finished")
+    assert made == {"classifier": 1, "aes": 1, "teacher_nt": 1, "teacher_at": 1}
+    assert len(list((tmp_path / "two" / "trials").glob("*/student/model.pt"))) == 1  # at_only trains none
+    tune = [json.loads(p.read_text().splitlines()[-1]) for p in (tmp_path / "two" / "tune").glob("*/result.json")]
+    assert len(tune) == 2 and all("acc/pgd8" in r for r in tune)
+    assert len(list((tmp_path / "two" / "tune").glob("*/events.out.tfevents*"))) == 2
 
     import duckdb
     import polars as pl
