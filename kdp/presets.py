@@ -66,7 +66,7 @@ def reduced() -> PipelineConfig:
 
 def tiny() -> PipelineConfig:
     """The smallest config that still runs every stage, baseline, threat model and attack of
-    the paper's suite plus aa-standard: 1024 training and 32 test images, 1-2 epochs of 8-wide
+    the paper's suite plus aa-standard: 1024 training and 32 test images, 1-3 epochs of 8-wide
     models, aa-standard on 4 images. For tests and for trying an install; its accuracies mean
     nothing (README: its time)."""
     clf = dict(arch="resnet8", width=8, epochs=3, batch_size=64, lr=0.05)
