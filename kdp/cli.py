@@ -108,7 +108,8 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--out", default="runs", help="output root (default: ./runs)")
     r.add_argument("--name", help="run name (default: the preset's); re-running a name resumes it")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. ae.eps=4/255 or students.beta=0.3 (repeatable)")
+                   help="override a config field, e.g. ae.eps=4/255, students.beta=0.3, or students=at,at+nt "
+                   "(which students, by teacher set) (repeatable)")
     r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
     r.add_argument("--seeds", metavar="LIST", help="replicate seeds, e.g. 0,1,2: one run <name>-seed<k> each, "
                    "sharing the classifier and training AEs (default: one run, the stages' own seeds)")

@@ -446,8 +446,16 @@ def _coerce(text: str, hint):
     return base(text)
 
 
+def _students(students: tuple, text: str) -> tuple:
+    """'at,nt,at+nt' -> one student per teacher set, each with the first student's settings."""
+    sets = [tuple(t for t in part.strip().split("+") if t) for part in text.split(",")]
+    _check(students and all(sets), f"bad value for students: {text!r}; give teacher sets, e.g. at,nt,at+nt")
+    return tuple(dataclasses.replace(students[0], teachers=t) for t in sets)
+
+
 def override(cfg, assignment: str, _full: str | None = None):
-    """Apply 'a.b=value' to a nested frozen config; 'students.x=v' sets it on every student."""
+    """Apply 'a.b=value' to a nested frozen config; 'students.x=v' sets it on every student,
+    'students=at,at+nt' picks the students by teacher set."""
     if "=" not in assignment:
         raise ValueError(f"override {assignment!r} must look like key=value")
     path, text = assignment.split("=", 1)
@@ -458,7 +466,9 @@ def override(cfg, assignment: str, _full: str | None = None):
         valid = ", ".join(f.name for f in dataclasses.fields(cfg))
         raise ValueError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
     value = getattr(cfg, head)
-    if rest and isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+    if head == "students" and not rest and isinstance(cfg, PipelineConfig):
+        new = _students(value, text)
+    elif rest and isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
         new = tuple(override(v, f"{rest}={text}", full) for v in value)
     elif rest:
         new = override(value, f"{rest}={text}", full)

@@ -262,6 +262,15 @@ def latest_checkpoint_epoch(train_run: Path) -> int:
     return ((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0)
 
 
+def state_epoch(state_file: Path) -> int:
+    """Epochs done in a stage's per-epoch state file (a one-worker stage on Ray is a task that
+    saves one, written by rename; 0: none yet)."""
+    from kdp.checkpoint import load_state
+
+    state = load_state(state_file)
+    return len(state["history"]) if state else 0
+
+
 def wait_until(pred, timeout: float = 120, what: str = "condition not met", interval: float = 0.05) -> None:
     """Poll pred() every `interval` s until it is true; TimeoutError(what) after `timeout` s
     (monotonic clock)."""

@@ -15,12 +15,12 @@ from kdp.results import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 
-# the smoke preset on 1024 training images, 100 test images, two attacks, no baselines
-TINY = ["--preset", "smoke", "--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
+# the smoke preset on 1024 training images, 32 test images, one student, two attacks, no baselines
+TINY = ["--preset", "smoke", "--set", "students=at+nt", "--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
         "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=32",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "16"]
-N_ROWS = 6 * 3 + 6  # (clean, fgsm, pgd8) x 6 variants + full-model pgd8 x 6
+N_ROWS = 4 * 3 + 4  # (clean, fgsm, pgd8) x 4 variants (none, AT, NT, KD <- AT+NT) + full-model pgd8 x 4
 
 
 def _train_nodes(events: list[dict], stage: str) -> set[str]:
@@ -58,11 +58,13 @@ def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
 
 def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir):
     """Kill the node training the AT teacher (every process at once) after its 2nd epoch's
-    checkpoint: the stage resumes from it on another node and the job completes."""
+    checkpoint: the stage resumes from it on another node and the job completes. The stages
+    are Ray Train runs here (--one-worker train): Train's own failover is what this tests
+    (a one-worker task retried after its worker died: tests/test_jobs.py)."""
     out, run = tmp_path / "out", tmp_path / "out" / "loss"
     with sim_cluster(workers=3) as c:
         job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
-                        "loss", "--set", "at_teacher.epochs=5", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
+                        "loss", "--one-worker", "train", "--set", "at_teacher.epochs=5", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
         try:
             wait_until(lambda: latest_checkpoint_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
             victim = [e for e in read_events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_end"][-1]

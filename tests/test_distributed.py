@@ -1,6 +1,6 @@
 """The Ray executor on an embedded local Ray (no head, no job server): a training stage as a
-Ray Train run, an unresumable run moved aside, both executors writing the same checkpoints,
-and the scheduler's room check."""
+Ray Train run (--one-worker train) and as a task, an unresumable run moved aside, every
+executor writing the same checkpoints, and the scheduler's room check."""
 
 import dataclasses
 import json
@@ -58,7 +58,7 @@ def test_a_training_stage_runs_as_a_train_run_and_writes_a_core_checkpoint(local
     from kdp.distributed.config import ScaleConfig
     from kdp.distributed.executor import RayExecutor
 
-    out, run = _run_one(RayExecutor(ScaleConfig(keep_checkpoints=1)), _nt(3), tmp_path,
+    out, run = _run_one(RayExecutor(ScaleConfig(keep_checkpoints=1, one_worker="train")), _nt(3), tmp_path,
                         DataConfig(str(cifar_subset_dir), n_train=128, n_test=16))
     meta = read_meta(out)
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3]
@@ -82,7 +82,7 @@ def test_an_unresumable_train_run_is_moved_aside_and_restarted(local_ray, tmp_pa
     broken = tmp_path / "storage" / "run-teacher_nt"
     broken.mkdir(parents=True)
     (broken / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": [')
-    out, run = _run_one(RayExecutor(ScaleConfig(max_failures=0)), _nt(1), tmp_path,
+    out, run = _run_one(RayExecutor(ScaleConfig(max_failures=0, one_worker="train")), _nt(1), tmp_path,
                         DataConfig(str(cifar_subset_dir), n_train=64, n_test=16))
     assert [h["epoch"] for h in read_meta(out)["metrics"]["history"]] == [1]
     statuses = [e["status"] for e in _events(run) if e["stage"] == "teacher_nt"]
@@ -99,7 +99,7 @@ def test_a_resumed_run_that_fails_raises_its_error_and_is_kept(local_ray, tmp_pa
     from kdp.distributed.executor import RayExecutor
 
     data_cfg = DataConfig(str(cifar_subset_dir), n_train=64, n_test=16)
-    out, run_dir = _run_one(RayExecutor(ScaleConfig(max_failures=0)), _nt(1), tmp_path, data_cfg)
+    out, run_dir = _run_one(RayExecutor(ScaleConfig(max_failures=0, one_worker="train")), _nt(1), tmp_path, data_cfg)
     train_run = tmp_path / "storage" / "run-teacher_nt"
     snapshot = (train_run / "checkpoint_manager_snapshot.json").read_text()
     shutil.rmtree(out)  # the stage is not done, its Train run is resumable
@@ -142,9 +142,9 @@ def _structure(meta: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_both_executors_write_the_same_checkpoints(local_ray, tmp_path, cifar_subset_dir):
-    """The same small stages through the in-process and the Ray executor: every checkpoint.json
-    has the same keys and metric structure, and the deterministic NT teacher (1 worker, CPU,
-    same seed) the same weights."""
+    """The same small stages in process, as Ray tasks and as Ray Train runs: every
+    checkpoint.json has the same keys and metric structure, and the deterministic NT teacher
+    (1 worker, CPU, same seed) the same weights."""
     from kdp.distributed.config import ScaleConfig
     from kdp.distributed.executor import RayExecutor
     from kdp.config import ClassifierConfig
@@ -155,19 +155,23 @@ def test_both_executors_write_the_same_checkpoints(local_ray, tmp_path, cifar_su
     outs, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # as the 1-CPU Ray worker: other thread counts round differently
     try:
-        for name, ex in (("local", LocalExecutor()), ("ray", RayExecutor(ScaleConfig()))):
+        for name, ex in (("local", LocalExecutor()), ("task", RayExecutor(ScaleConfig())),
+                         ("train", RayExecutor(ScaleConfig(one_worker="train")))):
             outs[name] = {s.name: _run_one(ex, s, tmp_path / name, data_cfg)[0] for s in (_nt(2), clf)}
     finally:
         torch.set_num_threads(threads)
-    for stage in ("teacher_nt", "classifier"):
-        local, ray = read_meta(outs["local"][stage]), read_meta(outs["ray"][stage])
-        assert _structure(local) == _structure(ray), stage
-        assert local["config"] == ray["config"] and local["spec"] == ray["spec"]
+    assert (tmp_path / "task" / "run" / "state" / "teacher_nt.pt").is_file()  # the task's resumable state
+    assert not (tmp_path / "task" / "storage").exists() and (tmp_path / "train" / "storage" / "run-teacher_nt").is_dir()
     a = load_checkpoint(outs["local"]["teacher_nt"], torch.device("cpu"))[0].state_dict()
-    b = load_checkpoint(outs["ray"]["teacher_nt"], torch.device("cpu"))[0].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for ray in ("task", "train"):
+        for stage in ("teacher_nt", "classifier"):
+            local, other = read_meta(outs["local"][stage]), read_meta(outs[ray][stage])
+            assert _structure(local) == _structure(other), (ray, stage)
+            assert local["config"] == other["config"] and local["spec"] == other["spec"]
+        b = load_checkpoint(outs[ray]["teacher_nt"], torch.device("cpu"))[0].state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{ray}: {k}")
 
 
 def test_the_scheduler_starts_only_what_the_cluster_fits(monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, latest_checkpoint_epoch, new_events, ray_head, wait_until
+from conftest import free_ports, new_events, ray_head, state_epoch, wait_until
 from kdp.events import read_events
 from kdp.results import load
 
@@ -24,11 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
-# a small run: 1024 training images, 2-4 epochs per stage, two attacks
-TINY = ["--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
+# a small run: 1024 training images, 1-4 epochs per stage, one student, two attacks
+TINY = ["--set", "students=at+nt", "--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
         "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=32",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "16", "--quiet"]
+VARIANTS = 4  # none, the two teachers, KD <- AT+NT
 
 @pytest.fixture(scope="module")
 def ports() -> list[int]:
@@ -107,22 +108,24 @@ def test_ray_job_submit_runs_the_job(head, client, address, tmp_path, cifar_subs
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert client.get_job_status("kdp-cli-submit").value == "SUCCEEDED"
     df = load(tmp_path / "submit" / "results.parquet")
-    assert df.groupby("threat_model").size().to_dict() == {"classifier": 6 * 3, "full": 6}
+    assert df.groupby("threat_model").size().to_dict() == {"classifier": VARIANTS * 3, "full": VARIANTS}
     assert (df.hits.str.len() == df.n).all() and (df.n == 32).all()  # shards' per-image hits joined in order
     assert f"results: {tmp_path / 'submit' / 'results.parquet'}" in proc.stdout.splitlines()
     assert (tmp_path / "submit" / "logs" / "teacher_at.log").stat().st_size > 0
 
 
 def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, cifar_subset_dir):
-    """SIGKILL one AT-teacher worker in its 2nd epoch; the group restarts from epoch 1's checkpoint."""
+    """SIGKILL the AT teacher's worker (a one-worker stage: a Ray task) in its 2nd epoch; Ray
+    retries the task, which resumes from epoch 1's state file. (A Train run's worker group
+    restarting from its checkpoint: tests/test_cluster.py's node loss.)"""
     run = tmp_path / "fault"
     job = client.submit_job(entrypoint=_entrypoint(tmp_path, "fault", *TINY, "--set", "at_teacher.epochs=4",
                                                    "--set", "nt_teacher.epochs=2", data=cifar_subset_dir),
                             runtime_env=_runtime_env(), submission_id="kdp-fault")
     victim = _wait_for(run, lambda e: e["stage"] == "teacher_at" and e["status"] == "epoch_start"
                        and e["epoch"] == 1)
-    wait_until(lambda: latest_checkpoint_epoch(tmp_path / "ray" / "fault-teacher_at") >= 1)
-    os.kill(victim["pid"], signal.SIGKILL)  # in epoch 1, once Train has recorded epoch 0's checkpoint
+    wait_until(lambda: state_epoch(run / "state" / "teacher_at.pt") >= 1)
+    os.kill(victim["pid"], signal.SIGKILL)  # in epoch 1, once epoch 0's state is saved
     assert _wait(client, job) == "SUCCEEDED", _logs(client, job, tmp_path)
     events = _events(run)
     assert victim in events
@@ -135,7 +138,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
     df = load(run / "results.parquet")
-    assert len(df) == 6 * 3 + 6  # (clean, fgsm, pgd8) x 6 variants + full pgd8 x 6
+    assert len(df) == VARIANTS * 3 + VARIANTS  # (clean, fgsm, pgd8) x the variants + full pgd8 x each
 
 
 def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar_subset_dir):
@@ -159,4 +162,4 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     status = {(e["stage"], e["status"]) for e in later}
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
-    assert len(load(run / "results.parquet")) == 6 * 3 + 6
+    assert len(load(run / "results.parquet")) == VARIANTS * 3 + VARIANTS

@@ -16,6 +16,7 @@ class StorageError(RuntimeError):
 
 
 BACKENDS = ("auto", "nccl", "gloo")
+ONE_WORKER = ("task", "train")
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,18 @@ class ScaleConfig:
     gpus_per_worker: float = 1.0
     """GPUs per worker with --use-gpu (fractions pack several workers on one GPU)."""
     max_failures: int = 3
-    """Worker-group restarts from the last checkpoint before a stage fails."""
+    """Restarts from the last checkpoint (of a Train worker group, or retries of a task) before a
+    stage fails; -1: no limit."""
     keep_checkpoints: int = 2
     """Ray Train checkpoints kept per stage (the last k)."""
     eval_shard_size: int = 512
     """Test images per evaluation task (rounded up to the eval batch size)."""
     backend: str = "auto"
     """torch.distributed backend of the workers: auto (nccl with --use-gpu, else gloo), nccl or gloo."""
+    one_worker: str = "task"
+    """How a one-worker training stage runs: task (a Ray task in a reused worker process, resuming
+    from its per-epoch state file) or train (a Ray Train run, as every data-parallel stage and a
+    sweep trial's student are: 10-20 s more per stage on 2 cores, for Train's own run records)."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
@@ -46,6 +52,8 @@ class ScaleConfig:
                f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
         _check(self.backend in BACKENDS, f"ScaleConfig.backend must be one of {', '.join(BACKENDS)}, "
                f"got {self.backend!r}")
+        _check(self.one_worker in ONE_WORKER, f"ScaleConfig.one_worker must be one of {', '.join(ONE_WORKER)}, "
+               f"got {self.one_worker!r}")
         _check(self.backend != "nccl" or self.use_gpu, "ScaleConfig.backend nccl needs --use-gpu")
         _check(not (self.torch_backend == "nccl" and self.num_workers > 1 and self.gpus_per_worker < 1),
                f"ScaleConfig.gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: "

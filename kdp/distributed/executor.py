@@ -1,14 +1,18 @@
-"""The Ray executor of `kdp.graph`: training stages are Ray Train runs (`TorchTrainer`), the
-training AEs and the evaluation shards are Ray tasks, JPEG and the evaluation's fan-out run
-in the driver. `run_graph` starts a stage when its inputs exist and `has_room` says the
+"""The Ray executor of `kdp.graph`: data-parallel training stages are Ray Train runs
+(`TorchTrainer`), and so is a sweep trial's student (its epochs go to Tune); a one-worker
+training stage is a Ray task by default (`ScaleConfig.one_worker`), since a Train run's start-up
+(a controller and a worker process, 10-20 s on 2 cores) buys nothing there. The training AEs
+and the evaluation shards are Ray tasks; JPEG and the evaluation's fan-out run in the driver. `run_graph` starts a stage when its inputs exist and `has_room` says the
 cluster fits it beside what this run already has in flight, so a 2-core machine never runs
 more CPU-bound work than it has cores, while a cluster runs the independent stages (both
 teachers, the surrogate, the baselines, the students) at the same time.
 
-Checkpoints: every epoch reports a Ray Train checkpoint (the last `keep_checkpoints` kept
-under <storage>/<run>-<stage>); a failed worker group restarts from the last one
-(`max_failures`). Rank 0 writes the stage's core checkpoint directory, so re-running the job
-skips it; a half-done stage's Train run resumes from its last checkpoint (found by name).
+Checkpoints: a Train run reports one every epoch (the last `keep_checkpoints` kept under
+<storage>/<run>-<stage>), and a failed worker group restarts from the last one (`max_failures`);
+a task saves the in-process executor's state file every epoch, and Ray retries a task whose
+worker or node died (`max_failures` times), which resumes from it. Rank 0 writes the stage's
+core checkpoint directory, so re-running the job skips it; a half-done stage resumes from its
+Train run (found by name) or its state file.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ from kdp.checkpoint import is_complete
 from kdp.config import flatten
 from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
-from kdp.distributed.loops import STATE, remote_call, train_loop
+from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
-from kdp.graph import DRIVER, TASKS, Run, Stage
+from kdp.graph import DRIVER, TASKS, Run, Stage, state_path
 from kdp.stages.common import log_stage
 from kdp.stages.evaluate import shards
 
@@ -59,11 +63,14 @@ class RayExecutor:
         self._cap: tuple = ()
 
     # ---- scheduling
+    def workers(self, stage: Stage) -> int:
+        return self.scale.num_workers if stage.kind == "train" and stage.parallel else 1
+
     def demand(self, stage: Stage) -> dict[str, float]:
         """Resources a stage holds while it runs (driver work holds none)."""
         if stage.kind == "driver":
             return {}
-        n = self.scale.num_workers if stage.kind == "train" and stage.parallel else 1
+        n = self.workers(stage)
         need = {"CPU": n * self.scale.cpus_per_worker}
         if self.scale.use_gpu:
             need["GPU"] = n * self.scale.gpus_per_worker
@@ -89,22 +96,33 @@ class RayExecutor:
             self._cap = (time.monotonic(), cluster_capacity())
         return self._cap[1]
 
-    def task(self):
+    def task(self, **options):
         """remote_call as a Ray task with this scale's resources. DEFAULT scheduling: a task
         started from a Tune trial must not be captured by the trial's tiny placement group (it
         could never fit there). A GPU task's worker exits after it (max_calls=1), so no CUDA
         state is left in a reused worker; Ray takes max_calls only in ray.remote, not options()."""
         gpu = self.scale.gpus_per_worker if self.scale.use_gpu else 0
         fn = ray.remote(max_calls=1)(remote_call) if gpu else ray.remote(remote_call)
-        return fn.options(num_cpus=self.scale.cpus_per_worker, num_gpus=gpu, scheduling_strategy="DEFAULT")
+        return fn.options(num_cpus=self.scale.cpus_per_worker, num_gpus=gpu, scheduling_strategy="DEFAULT", **options)
+
+    def train_run(self, stage: Stage, out: Path, run: Run) -> bool:
+        """A training stage is a Train run when data-parallel, when its epochs go to callbacks
+        (Tune), when asked (one_worker='train'), or when it began as one (so it resumes)."""
+        return (self.workers(stage) > 1 or bool(self.callbacks(stage)) or self.scale.one_worker == "train"
+                or (run.storage / _run_name(out)).exists())
 
     # ---- running
     def partial(self, stage: Stage, out: Path, run: Run) -> bool:
-        return stage.kind == "train" and (run.storage / _run_name(out)).exists()
+        return stage.kind == "train" and ((run.storage / _run_name(out)).exists() or state_path(out).exists())
 
     def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
-        if stage.kind == "train":
+        if stage.kind == "train" and self.train_run(stage, out, run):
             return self._fit(stage, inputs, out, run)
+        if stage.kind == "train":  # retried where its worker or node died; resumes from its state file
+            fn = self.task(max_retries=self.scale.max_failures)
+            ray.get(fn.remote(train_task, _log_file(run, stage.name), _loop_config(stage, inputs, out, run),
+                              self._ref(run.data)))
+            return out
         if stage.kind == "task":
             fn = self.task()
             rt = dataclasses.replace(run.rt, progress=False)
@@ -145,10 +163,7 @@ class RayExecutor:
         in place, so a driver killed mid-write can leave one that cannot be resumed: such a run
         is moved aside (logged) before fit() and the stage starts over. Any other failure is
         raised as it is, and the run is kept for the next try."""
-        loop_config = {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config),
-                       "data": flatten(run.cfg.data), "runtime": dataclasses.asdict(run.rt),
-                       "run_dir": str(run.run_dir), "inputs": {k: str(v) for k, v in inputs.items()},
-                       "out": str(out), "log_file": _log_file(run, stage.name)}
+        loop_config = _loop_config(stage, inputs, out, run)
         name, storage = _run_name(out), run.storage
         broken = snapshot_problem(storage / name)
         if broken is not None:
@@ -179,6 +194,13 @@ def snapshot_problem(run_path: Path) -> str | None:
         if not (run_path / n / STATE).is_file():
             return f"{snap} names {n}, which has no {STATE}"
     return None
+
+
+def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
+    """What a training stage's worker needs, as plain values (Train's train_loop_config)."""
+    return {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
+            "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
+            "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name)}
 
 
 def _run_name(out: Path) -> str:

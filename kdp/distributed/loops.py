@@ -1,5 +1,5 @@
-"""What runs inside Ray workers: the Train worker loop of every training stage, and the
-wrapper of every task. Both set torch's thread count to the CPUs Ray gave them and send
+"""What runs inside Ray workers: the Train worker loop of a training stage, the task body of a
+one-worker training stage, and the wrapper of every task. Both set torch's thread count to the CPUs Ray gave them and send
 what the stage prints to its log file in the run directory, not to the driver's console.
 
 The worker loop is the core's own recipe and epoch loop (`kdp.stages.common.train_recipe`)
@@ -24,8 +24,8 @@ from kdp.config import (ClassifierConfig, DataConfig, NRPConfig, Runtime, SoapCo
                         unflatten)
 from kdp.data import load_cifar
 from kdp.distributed.nodes import see_paths
-from kdp.graph import RECIPES
-from kdp.stages.common import epoch_logger, save_recipe, train_recipe
+from kdp.graph import RECIPES, state_path
+from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
 
 STATE = "state.pt"
 CONFIGS = {"classifier": ClassifierConfig, "teacher": TeacherConfig, "student": StudentConfig, "nrp": NRPConfig,
@@ -94,6 +94,24 @@ class TrainStore:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1):
+    """The stage's epoch events, tagged with this node."""
+    return epoch_logger(Path(run_dir), stage, epochs, rank, world, node=ray.get_runtime_context().get_node_id(),
+                        node_ip=ray.util.get_node_ip_address())
+
+
+def train_task(c: dict, data) -> None:
+    """A one-worker training stage as a Ray task (inside remote_call): the in-process executor's
+    loop, whose per-epoch state file beside the output lets a retry or a re-run resume it."""
+    see_paths([c["run_dir"], *c["inputs"].values()])
+    # a task's GPU is cuda:0 (CUDA_VISIBLE_DEVICES); a GPU resource without CUDA trains on the CPU
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    cfg, out = unflatten(CONFIGS[c["recipe"]], c["cfg"]), Path(c["out"])
+    rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
+    fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"],
+              _where(c["run_dir"], c["stage"], cfg.epochs))
+
+
 def train_loop(c: dict) -> None:
     """train_loop_per_worker of every training stage; `c` holds the flattened stage config,
     the data config, the input and output paths and the recipe's name."""
@@ -110,8 +128,6 @@ def train_loop(c: dict) -> None:
         recipe = RECIPES[c["recipe"]](cfg, c["inputs"], data, device, rt, rank)
         model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
         history = train_recipe(cfg, recipe, model, rt, c["stage"], store=TrainStore(rank), rank=rank, world=world,
-                               on_epoch=epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world,
-                                                     node=ray.get_runtime_context().get_node_id(),
-                                                     node_ip=ray.util.get_node_ip_address()))
+                               on_epoch=_where(c["run_dir"], c["stage"], cfg.epochs, rank, world))
         if rank == 0:
             save_recipe(Path(c["out"]), cfg, recipe, history, rt)
