@@ -32,7 +32,7 @@ from kdp.results import make_rows, results_key, write_results
 from kdp.stages.aes import AES, ae_cache_key, make_training_aes
 from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
 from kdp.stages.classifier import classifier_recipe
-from kdp.stages.common import epoch_logger, finished, fit_local, log_stage
+from kdp.stages.common import epoch_line, epoch_logger, finished, fit_local, log_stage
 from kdp.stages.eval_cache import tensor_sha
 from kdp.stages.evaluate import evaluate, finalize, merge_rows
 from kdp.stages.purifier import student_recipe, teacher_recipe
@@ -209,10 +209,7 @@ class Run:
         self._events = self._events or EventTail(self.run_dir)
         for e in self._events.new():
             if e.get("status") == "epoch_end" and e.get("rank", 0) == 0 and self.rt.progress:
-                m = e.get("metrics", {})
-                vals = " ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("epoch", "seconds"))
-                self.log(f"[{e['stage']}] epoch {e['epoch'] + 1}/{e.get('epochs', '?')} {vals} "
-                         f"({m.get('seconds', 0):.1f}s)")
+                self.log(epoch_line(e["stage"], e["epoch"], e.get("epochs", "?"), e.get("metrics", {})))
 
 
 def is_done(stage: Stage, out: Path, inputs: dict, run: Run) -> bool:

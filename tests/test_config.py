@@ -214,11 +214,13 @@ def test_smoke_preset():
 
 def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
     smoke, demo = get_preset("smoke"), get_preset("demo")
-    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 100, 8)
+    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 50, 10)
+    assert demo.eval.attacks == smoke.eval.attacks and demo.eval.threat_models == smoke.eval.threat_models
+    assert demo.eval.adaptive_attacks == ("pgd8",) and demo.baselines == smoke.baselines
     assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (10, 4, 6, 2)
     differ = {k for k, v in flatten(demo).items() if flatten(smoke)[k] != v}
     assert differ == {"name", "preset", "data.n_train", "data.n_test", "classifier.epochs", "surrogate.epochs",
-                      "soap.epochs", "nrp.epochs", "eval.aa_subset"}
+                      "soap.epochs", "nrp.epochs", "eval.aa_subset", "eval.adaptive_attacks"}
 
 
 def test_tiny_runs_every_stage_attack_and_threat_model():

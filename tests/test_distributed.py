@@ -196,6 +196,27 @@ def test_the_scheduler_starts_only_what_the_cluster_fits(monkeypatch):
     assert not gpu.has_room(one, [one])  # one GPU: the second GPU stage waits
 
 
+def test_a_one_worker_stage_is_a_task_unless_it_needs_train(tmp_path):
+    """Train runs: data-parallel stages, a stage whose epochs go to callbacks (a sweep trial's
+    student), --one-worker train, and a stage that began as a Train run (so it resumes one)."""
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+
+    run = Run(PipelineConfig(), None, CPU, tmp_path / "run", lambda s, i: tmp_path / "run" / s.name,
+              storage=tmp_path / "storage")
+    one, out, serial = _nt(1), tmp_path / "run" / "teacher_nt", Stage("baseline_nrp", "train", "nrp", None,
+                                                                       parallel=False)
+    assert not RayExecutor(ScaleConfig()).train_run(one, out, run)
+    assert RayExecutor(ScaleConfig(num_workers=2)).train_run(one, out, run)
+    assert not RayExecutor(ScaleConfig(num_workers=2)).train_run(serial, tmp_path / "run" / "baseline_nrp", run)
+    assert RayExecutor(ScaleConfig(one_worker="train")).train_run(one, out, run)
+    assert RayExecutor(ScaleConfig(), callbacks=lambda s: ["tune"]).train_run(one, out, run)
+    (tmp_path / "storage" / "run-teacher_nt").mkdir(parents=True)
+    assert RayExecutor(ScaleConfig()).train_run(one, out, run)
+    with pytest.raises(ValueError, match="one_worker must be one of task, train, got 'trian'"):
+        ScaleConfig(one_worker="trian")
+
+
 def test_sizing_uses_the_cluster_at_its_largest(monkeypatch):
     """Under an autoscaler without a published maximum every stage may queue; a sweep runs as
     many trials as the grid has and the cluster fits at its largest."""

@@ -95,9 +95,9 @@ class TrainStore:
 
 
 def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1):
-    """The stage's epoch events, tagged with this node."""
-    return epoch_logger(Path(run_dir), stage, epochs, rank, world, node=ray.get_runtime_context().get_node_id(),
-                        node_ip=ray.util.get_node_ip_address())
+    """The stage's epoch events, tagged with this node, and its epoch lines in the stage's log."""
+    return epoch_logger(Path(run_dir), stage, epochs, rank, world, echo=rank == 0,
+                        node=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address())
 
 
 def train_task(c: dict, data) -> None:

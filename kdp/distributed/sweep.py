@@ -1,10 +1,10 @@
-"""Ray Tune sweeps. Each trial is a Tune function trainable (holding 0.01 CPU) that drives
-TorchTrainers, the Train V2 pattern: the trial runs the pipeline's graph with the Ray
-executor; the shared classifier, AEs and teachers are made by whichever trial needs them
-first (kdp.sweep.ensure), the trial's student is one more TorchTrainer whose epochs are
-forwarded to Tune (TuneReportCallback, so Tune's own logs and TensorBoard curves stay
-available), and its evaluation runs as sharded Ray tasks. The
-trial's results become one parquet file; its accuracies are its final Tune report.
+"""Ray Tune sweeps. Each trial is a Tune function trainable (holding 0.01 CPU) that runs the
+pipeline's graph with the Ray executor: the shared classifier, AEs and teachers are made by
+whichever trial needs them first (kdp.sweep.ensure; one-worker stages as Ray tasks), the
+trial's student is a TorchTrainer (the Train V2 pattern) whose epochs are forwarded to Tune
+(TuneReportCallback, so Tune's own logs and TensorBoard curves stay available), and its
+evaluation runs as sharded Ray tasks. The trial's results become one parquet file; its
+accuracies are its final Tune report.
 
 Concurrency is bounded by the grid and the cluster at its largest (`cluster_capacity`): as
 many trials in flight as its CPUs (or GPUs) fit one training worker group each, every trial

@@ -86,9 +86,17 @@ def fit_local(build, cfg, inputs: dict, data, out: Path, rt, state_path: Path | 
     return save_recipe(out, cfg, recipe, history, rt)
 
 
-def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1, **tags):
+def epoch_line(stage: str, epoch: int, epochs, metrics: dict) -> str:
+    """'[stage] epoch 2/3 loss=0.1 (1.2s)': an epoch on the console and in a stage's log."""
+    vals = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+    return f"[{stage}] epoch {epoch + 1}/{epochs} {vals} ({metrics.get('seconds', 0):.1f}s)"
+
+
+def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1, echo: bool = False,
+                 **tags):
     """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in the
-    run's event log; `tags` (e.g. the Ray node id) go into every event."""
+    run's event log; `tags` (e.g. the Ray node id) go into every event; `echo` also prints
+    each finished epoch's line (a Ray worker's output goes to the stage's log file)."""
     where = {"epochs": epochs, "rank": rank, "world": world, **tags}
 
     def on_epoch(epoch, metrics):
@@ -96,4 +104,6 @@ def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, w
             log_stage(run_dir, stage, "epoch_start", epoch=epoch, **where)
         else:
             log_stage(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
+            if echo:
+                print(epoch_line(stage, epoch, epochs, metrics), flush=True)
     return on_epoch
