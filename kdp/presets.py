@@ -41,13 +41,13 @@ def smoke() -> PipelineConfig:
 
 def demo() -> PipelineConfig:
     """`make run`'s config: the smoke preset's stages, baselines, attacks and threat models, sized
-    for a 5-minute Ray job on 2 CPU cores: 2048 training and 50 test images, 10 classifier
+    for a 5-minute Ray job on 2 CPU cores: 2048 training and 100 test images, 10 classifier
     epochs, a 4-epoch surrogate, 6-epoch SOAP, 2-epoch NRP, aa-standard on 10 images. Unlike
     smoke, the `full` threat model runs adaptive PGD only, not aa-standard: SOAP's test-time
     optimization inside Square's 5000 queries took 350 s of one 8-image demo evaluation alone.
     The smoke preset (and every smoke number in docs/) is unchanged."""
     s = smoke()
-    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=50),
+    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=100),
                    classifier=replace(s.classifier, epochs=10), surrogate=replace(s.surrogate, epochs=4),
                    soap=replace(s.soap, epochs=6), nrp=replace(s.nrp, epochs=2),
                    eval=replace(s.eval, aa_subset=10, adaptive_attacks=("pgd8",)))

@@ -214,7 +214,7 @@ def test_smoke_preset():
 
 def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
     smoke, demo = get_preset("smoke"), get_preset("demo")
-    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 50, 10)
+    assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 100, 10)
     assert demo.eval.attacks == smoke.eval.attacks and demo.eval.threat_models == smoke.eval.threat_models
     assert demo.eval.adaptive_attacks == ("pgd8",) and demo.baselines == smoke.baselines
     assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (10, 4, 6, 2)
