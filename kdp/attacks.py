@@ -11,8 +11,13 @@ Two AutoAttacks:
 - `aa-standard` is AutoAttack at the strengths of Croce & Hein (2020) and RobustBench,
   composed from torchattacks' own pieces: APGD-CE 100 steps; APGD-T 9 target classes x 100
   steps; FAB-T 9 targets x 100 steps; Square 5000 queries; 1 restart each, run in sequence on
-  the images still classified correctly (`MultiAttack`).
-`describe` reads the settings back from a built attack, so a row records what really ran.
+  the images still classified correctly (`MultiAttack`). Its Square uses the original's
+  schedule (`resc_schedule=False`; torchattacks' default rescales it).
+Both take the evaluation's seed (`build_attack(..., seed=)`); the other attacks draw from
+torch's generator, which `attack_batches` seeds per batch.
+`describe` reads the settings back from a built attack, so a row records what really ran,
+with every setting that differs from torchattacks' default for that piece; `settings` reads
+all of them (the evaluation AE cache's key).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ def aa_standard(model: nn.Module, eps: float = EPS, seed: int = 0, n_classes: in
         torchattacks.APGD(model, steps=steps, loss="ce", **common),
         torchattacks.APGDT(model, steps=steps, n_classes=n_classes, **common),
         torchattacks.FAB(model, steps=steps, multi_targeted=True, n_classes=n_classes, **common),
-        torchattacks.Square(model, n_queries=n_queries, **common)])
+        torchattacks.Square(model, n_queries=n_queries, resc_schedule=False, **common)])
 
 
 ATTACKS: dict[str, Callable[..., torchattacks.attack.Attack]] = {
@@ -56,14 +61,22 @@ LINF_EPS = {"pgd8": EPS, "pgd16": 16 / 255, "pgd100": EPS, "fgsm": EPS, "bim": E
 PAPER_SUITE = ("pgd8", "pgd16", "fgsm", "bim", "cw", "autoattack")
 # Attacks run only on the first EvalConfig.aa_subset test images (their cost is per image).
 SUBSET_ATTACKS = ("aa-standard",)
+# Attacks with a seed of their own (the others draw from torch's generator).
+SEEDED = ("autoattack", "aa-standard")
+# Attributes that name or report but do not change what an attack crafts.
+NOT_SETTINGS = ("model_name", "verbose", "supported_mode")
 
 
-def build_attack(name: str, model: nn.Module, **overrides) -> torchattacks.attack.Attack:
-    """Build attack `name` against `model` (which must already sit on its device)."""
+def build_attack(name: str, model: nn.Module, seed: int | None = None, **overrides) -> torchattacks.attack.Attack:
+    """Build attack `name` against `model` (which must already sit on its device); `seed`
+    reaches the attacks that have one (SEEDED)."""
     for key in ("eps", "alpha"):
         if key in overrides and overrides[key] < 0:
             raise ValueError(f"attack {name}: {key} must be >= 0, got {overrides[key]}")
-    return lookup(ATTACKS, name, "attack")(model, **overrides)
+    factory = lookup(ATTACKS, name, "attack")
+    if seed is not None and name in SEEDED:
+        overrides["seed"] = seed
+    return factory(model, **overrides)
 
 
 def linf_budget(name: str, **overrides) -> float | None:
@@ -75,6 +88,36 @@ def linf_budget(name: str, **overrides) -> float | None:
 def _pieces(attack) -> list:
     inner = getattr(attack, "_autoattack", attack)  # torchattacks.AutoAttack wraps a MultiAttack
     return list(getattr(inner, "attacks", [inner]))
+
+
+def _settings_of(a) -> dict:
+    """One piece's settings: its public plain-valued attributes."""
+    return {k: v for k, v in sorted(vars(a).items()) if not k.startswith("_") and k not in NOT_SETTINGS
+            and isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def settings(attack) -> list[dict]:
+    """Every setting of every piece of a built attack, read from its objects, with the
+    torch and torchattacks versions (what its AEs follow from, besides model, seed and images)."""
+    versions = {"torch": torch.__version__, "torchattacks": torchattacks.__version__}
+    return [{"class": type(a).__name__, **_settings_of(a)} for a in _pieces(attack)] + [versions]
+
+
+def settings_of(name: str, **overrides) -> list[dict]:
+    """`settings` of attack `name` as the registry builds it (on a stand-in model)."""
+    return settings(build_attack(name, nn.Linear(1, 1), **overrides))
+
+
+def _changed(a) -> str:
+    """The settings of piece `a` that differ from its class's defaults, e.g. 'steps=100'."""
+    probe = nn.Linear(1, 1).to(next(a.model.parameters(), torch.zeros(0)).device)
+    try:
+        default = _settings_of(type(a)(probe))
+    except TypeError:  # a piece without defaults for its other arguments
+        return ""
+    mine = _settings_of(a)
+    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in mine.items() if k in default and default[k] != v)
 
 
 def _describe_one(a) -> str:
@@ -93,13 +136,15 @@ def _describe_one(a) -> str:
 
 
 def describe(attack) -> dict:
-    """What a built attack runs, read from its objects: `attack.settings` (one line),
+    """What a built attack runs, read from its objects: `attack.settings` (one line; each
+    piece's settings that differ from torchattacks' defaults in brackets),
     `attack.steps` (iterations per restart of its first piece; Square: queries) and
     `attack.restarts` (restarts of its first piece; 1 for a random start or none)."""
     pieces = _pieces(attack)
     first = pieces[0]
     steps = getattr(first, "steps", getattr(first, "n_queries", 1))
-    return {"attack.settings": "; ".join(_describe_one(a) for a in pieces), "attack.steps": int(steps),
+    lines = [_describe_one(a) + (f" [{c}]" if (c := _changed(a)) else "") for a in pieces]
+    return {"attack.settings": "; ".join(lines), "attack.steps": int(steps),
             "attack.restarts": int(getattr(first, "n_restarts", 1))}
 
 

@@ -49,11 +49,14 @@ def read_events(run_dir: Path) -> list[dict]:
 
 
 class EventTail:
-    """The events appended under run_dir since the last call (whole lines only)."""
+    """The events appended under run_dir since the last call (whole lines only); with
+    `from_now`, only those appended after it was made (a re-run shows only its own)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, from_now: bool = False):
         self.dir = Path(run_dir) / EVENTS
         self.offsets: dict[Path, int] = {}
+        if from_now:
+            self.new()
 
     def new(self) -> list[dict]:
         out = []

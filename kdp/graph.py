@@ -270,6 +270,7 @@ def run_graph(run: Run, ex) -> dict[str, Path]:
     (their checkpoints are kept, so a re-run resumes)."""
     outputs, pending, running = dict(run.given), [s for s in run.graph if s.name not in run.given], {}
     run.run_dir.mkdir(parents=True, exist_ok=True)  # every worker checks that it sees it
+    run._events = run._events or EventTail(run.run_dir, from_now=True)  # the console: this run's epochs only
     error = None
     with ThreadPoolExecutor(max(1, len(pending))) as pool:
         while (pending and error is None) or running:

@@ -37,6 +37,32 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state(generators: Iterable[torch.Generator] = ()) -> dict:
+    """Every random state a training loop may draw from: torch's (CPU, CUDA), numpy's,
+    Python's and the recipe's own generators; saved with each epoch for an exact resume."""
+    key, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"key": key, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": random.getstate(), "generators": [g.get_state() for g in generators]}
+
+
+def set_rng_state(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
+    """Restore what rng_state saved (CUDA's only where CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    generators = list(generators)
+    if len(generators) != len(state["generators"]):
+        raise ValueError(f"saved state has {len(state['generators'])} generator(s), the recipe {len(generators)}")
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1, shuffle: bool = True) -> list[torch.Tensor]:
     """Index batches of one epoch for one data-parallel rank.
@@ -101,12 +127,15 @@ class StateFile:
 def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         optimizer: torch.optim.Optimizer, scheduler=None, state_path: Path | None = None,
         desc: str = "train", progress: bool = True, store=None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[int, dict], None] | None = None, generators: tuple = (),
+        rng: bool = True) -> list[dict]:
     """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one.
 
     The state goes to `store` (anything with load() and save(state): the Ray layer reports a
     Train checkpoint) or, by default, to the file `state_path`; if a saved state exists the
-    loop resumes after its last finished epoch. `on_epoch(epoch, metrics)` is called when an
+    loop resumes after its last finished epoch. With `rng`, every random state (`rng_state`:
+    the global ones and `generators`) is saved too and restored on resume, so a resumed run
+    ends where an uninterrupted one would. `on_epoch(epoch, metrics)` is called when an
     epoch starts (metrics None) and ends, for progress lines and events."""
     store = store if store is not None else StateFile(state_path)
     history: list[dict] = []
@@ -118,6 +147,8 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         start, history = state["epoch"], list(state["history"])
+        if rng and "rng" in state:
+            set_rng_state(state["rng"], generators)
     bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs,
                disable=not (progress and sys.stderr.isatty()))
     for epoch in bar:
@@ -132,7 +163,7 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("epoch",)})
         store.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "epoch": epoch + 1, "history": history})
+                    "epoch": epoch + 1, "history": history, **({"rng": rng_state(generators)} if rng else {})})
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return history

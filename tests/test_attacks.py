@@ -86,11 +86,14 @@ def test_aa_standard_has_the_original_strengths(trained):
     assert (apgd.loss, apgd.steps, apgd.n_restarts, apgd.eps) == ("ce", 100, 1, pytest.approx(8 / 255))
     assert (apgdt.steps, apgdt.n_target_classes, apgdt.n_restarts) == (100, 9, 1)
     assert (fab.steps, fab.multi_targeted, fab.n_target_classes, fab.n_restarts) == (100, True, 9, 1)
-    assert (square.n_queries, square.n_restarts) == (5000, 1)
+    assert (square.n_queries, square.n_restarts, square.rescale_schedule) == (5000, 1, False)  # the original's
     assert all(a.model is model and a.norm == "Linf" for a in pieces)
+    # each piece's settings that differ from torchattacks' defaults, in brackets
     assert describe(build_attack("aa-standard", model)) == {
-        "attack.settings": "APGD-CE 100 steps x 1 restart(s); APGD-T 9 targets x 100 steps x 1 restart(s); "
-                           "FAB-T 9 targets x 100 steps x 1 restart(s); Square 5000 queries x 1 restart(s)",
+        "attack.settings": "APGD-CE 100 steps x 1 restart(s) [steps=100]; "
+                           "APGD-T 9 targets x 100 steps x 1 restart(s) [steps=100]; "
+                           "FAB-T 9 targets x 100 steps x 1 restart(s) [multi_targeted=True, steps=100]; "
+                           "Square 5000 queries x 1 restart(s) [rescale_schedule=False]",
         "attack.steps": 100, "attack.restarts": 1}
     ten = describe(build_attack("autoattack", model))
     assert ten["attack.steps"] == 10 and "APGD-T 9 targets x 10 steps" in ten["attack.settings"]

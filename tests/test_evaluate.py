@@ -130,7 +130,7 @@ def test_eval_cache_reuses_classifier_and_transfer_aes(ckpts, tiny_data, tmp_pat
     run = lambda: evaluate(cfg, clf, variants, tiny_data, RT, 0, 32, surrogate_dir=sur, log=QUIET,  # noqa: E731
                            cache_dir=tmp_path / "cache")
     first, again = run(), run()
-    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())  # not the .lock files
     assert len(entries) == 2  # pgd8 on the classifier, fgsm on the surrogate; full AEs are never cached
     key = lambda r: (r["variant"], r["attack"], r["threat_model"])  # noqa: E731
     before = {key(r): r for r in first}
@@ -216,3 +216,84 @@ def test_soap_like_defense_is_attacked_on_its_own_classifier(tiny_data):
     rows = evaluate_models(ctx, {"soap": d, "none": Defense(nn.Identity(), own)}, None, cfg.threat_models, None, QUIET)
     fg = {r["variant"]: r for r in rows if r["attack"] == "fgsm"}
     assert fg["soap"]["correct"] == fg["none"]["correct"]  # same AEs (crafted on `own`), same classifier
+
+
+def test_an_edited_attack_setting_misses_the_eval_cache(ckpts, tiny_data, tmp_path, monkeypatch):
+    """The key reads every setting from the built attack: the same name with another ε in the
+    registry crafts new AEs instead of serving the old ones."""
+    from functools import partial
+
+    import torchattacks
+
+    import kdp.attacks
+
+    clf, _, _ = ckpts
+    cfg = EvalConfig(attacks=("pgd8",), threat_models=("classifier",), batch_size=16)
+    run = lambda: evaluate(cfg, clf, {"none": None}, tiny_data, RT, 0, 16, log=QUIET,  # noqa: E731
+                           cache_dir=tmp_path / "cache")
+    assert not any(r["attack.cached"] for r in run()) and all(r["attack.cached"] for r in run() if r["attack"] != "clean")
+    monkeypatch.setitem(kdp.attacks.ATTACKS, "pgd8", partial(torchattacks.PGD, eps=4 / 255, alpha=2 / 255, steps=20,
+                                                             random_start=True))
+    edited = [r for r in run() if r["attack"] == "pgd8"]
+    assert not edited[0]["attack.cached"] and "eps=0.0156863" in edited[0]["attack.settings"]
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_concurrent_evaluations_craft_a_cache_entry_once(ckpts, tiny_data, tmp_path, monkeypatch):
+    """Two evaluations of the same AEs at once: the first crafts under the entry's lock, the
+    second waits for it and reads the entry (events, no sleeps)."""
+    import importlib
+    import threading
+
+    ev = importlib.import_module("kdp.stages.evaluate")  # the package re-exports a function of that name
+
+    clf, _, _ = ckpts
+    cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
+    crafting, waiting, go, crafted = threading.Event(), threading.Event(), threading.Event(), []
+    real_batches, real_held = ev.attack_batches, ev.held
+
+    def slow_batches(*a, **k):
+        for xb in real_batches(*a, **k):
+            crafted.append(len(xb))
+            crafting.set()
+            assert go.wait(60)
+            yield xb
+
+    def held(path, who="", timeout_s=None, on_wait=None):
+        return real_held(path, who, timeout_s, on_wait=lambda h: waiting.set())
+
+    monkeypatch.setattr(ev, "attack_batches", slow_batches)
+    monkeypatch.setattr(ev, "held", held)
+    rows = {}
+
+    def run(name):
+        rows[name] = evaluate(cfg, clf, {"none": None}, tiny_data, RT, 0, 16, log=QUIET, cache_dir=tmp_path / "c")
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert crafting.wait(60)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    assert waiting.wait(60)  # the second found the entry locked
+    go.set()
+    first.join(60), second.join(60)
+    assert crafted == [16]  # one batch of 16, crafted by the first only
+    fgsm = {k: next(r for r in v if r["attack"] == "fgsm") for k, v in rows.items()}
+    assert not fgsm["first"]["attack.cached"] and fgsm["second"]["attack.cached"]
+    assert fgsm["first"]["hits"] == fgsm["second"]["hits"]
+
+
+def test_autoattack_takes_the_evaluation_seed():
+    """Two seeds give AutoAttack other random starts; the same seed the same AEs."""
+    from kdp.attacks import attack_batches, build_attack, describe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    y = model(x).argmax(1)  # every image classified "correctly", so every one is attacked
+
+    def aes(seed):  # torch's generator seeded alike: only AutoAttack's own seed differs
+        return torch.cat(list(attack_batches(build_attack("autoattack", model, seed=seed), x, y, 4, 0)))
+
+    assert torch.equal(aes(1), aes(1)) and not torch.equal(aes(1), aes(2))
+    assert "seed=2" in describe(build_attack("autoattack", model, seed=2))["attack.settings"]

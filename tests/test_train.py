@@ -175,3 +175,55 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+class Interrupted(Exception):
+    """Stands in for a crash right after an epoch's state was saved."""
+
+
+@pytest.mark.parametrize("stage_name", ["classifier", "teacher_at", "student_kd_at_nt"])
+def test_a_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(stage_name, tiny_run, tmp_path,
+                                                                       cifar_subset_dir):
+    """3 epochs straight vs. stopped after epoch 1 and resumed from its state file with the
+    process's random states scrambled (as in a new process): the same weights, bit for bit
+    (CPU, one thread). The tiny run gives each stage its inputs."""
+    import dataclasses
+    import random
+
+    import numpy as np
+
+    from conftest import torch_threads
+    from kdp.checkpoint import load_checkpoint, read_meta
+    from kdp.config import Runtime
+    from kdp.data import load_cifar
+    from kdp.graph import RECIPES, pipeline_graph, state_path
+    from kdp.presets import get_preset
+    from kdp.stages.common import fit_local
+
+    cfg = get_preset("tiny")
+    stage = {s.name: s for s in pipeline_graph(cfg)}[stage_name]
+    stage_cfg = dataclasses.replace(stage.config, epochs=3)
+    made = {"classifier": tiny_run / "classifier", "aes": next((tiny_run.parent / "cache" / "aes").iterdir())}
+    inputs = {n: made.get(n, tiny_run / n) for n in stage.needs}
+    data = load_cifar(str(cifar_subset_dir), cfg.data.n_train, cfg.data.n_test)
+    rt = Runtime(device="cpu", progress=False)
+
+    def train(out, stop_after=None):
+        def on_epoch(epoch, metrics):
+            if metrics is not None and epoch + 1 == stop_after:
+                raise Interrupted
+        return fit_local(RECIPES[stage.fn], stage_cfg, inputs, data, out, rt, state_path(out), stage_name, on_epoch)
+
+    with torch_threads(1):
+        whole = train(tmp_path / "whole" / stage_name)
+        with pytest.raises(Interrupted):
+            train(tmp_path / "cut" / stage_name, stop_after=1)
+        torch.manual_seed(12345), np.random.seed(12345), random.seed(12345)
+        cut = train(tmp_path / "cut" / stage_name)
+    a = load_checkpoint(whole, torch.device("cpu"))[0].state_dict()
+    b = load_checkpoint(cut, torch.device("cpu"))[0].state_dict()
+    assert [h["epoch"] for h in read_meta(cut)["metrics"]["history"]] == [1, 2, 3]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])][:5]

@@ -1,7 +1,8 @@
 """The training AEs: PGD on the frozen classifier, computed once and cached.
 
-They depend only on the classifier's weights, the AE config (batch size included) and the
-training images, so the cache key hashes exactly those. An entry is a directory with
+They depend only on the classifier's weights, the AE config (batch size included), the
+attack's settings as built (and the torch and torchattacks versions) and the training
+images, so the cache key hashes exactly those. An entry is a directory with
 `x_adv.npy` (float32, N x 3 x 32 x 32, no pickle) and `meta.json`; it appears whole via a
 rename, so concurrent makers (sweep trials, two teachers) never see half of one.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdp.attacks import attack_batches, build_attack
+from kdp.attacks import attack_batches, build_attack, settings_of
 from kdp.checkpoint import atomic_dir, load_checkpoint, read_json, read_meta
 from kdp.config import AEConfig, Runtime
 from kdp.data import Cifar, to_float
@@ -28,7 +29,8 @@ AES, META = "x_adv.npy", "meta.json"
 
 def ae_cache_key(cfg: AEConfig, classifier_dir: Path, data: Cifar) -> str:
     ident = {"classifier_sha256": read_meta(classifier_dir)["weights_sha256"],
-             "attack": cfg.key_fields(), "data_sha256": data.fingerprint(), "n": len(data.train_y)}
+             "attack": cfg.key_fields(), "data_sha256": data.fingerprint(), "n": len(data.train_y),
+             "settings": settings_of(cfg.attack, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -180,7 +180,7 @@ def soap_recipe(cfg: SoapConfig, inputs: dict, data: Cifar, device, rt: Runtime,
         return model, baseline_spec("soap", cfg), {"test_acc_unpurified": test_acc, "history": history}
 
     return Recipe(model, opt, sched, lambda m: soap_step(cfg, model, x_all, y_all, gen), len(x_all), finish,
-                  ddp=False)
+                  ddp=False, generators=(gen,))
 
 
 def train_soap(cfg: SoapConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir=None,

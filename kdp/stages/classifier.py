@@ -56,7 +56,8 @@ def classifier_recipe(cfg: ClassifierConfig, inputs: dict, data: Cifar, device: 
         test_acc = (predict(model, data.test_x, device) == data.test_y).float().mean().item()
         return model, classifier_spec(cfg), {"test_acc": test_acc, "n_test": len(data.test_y), "history": history}
 
-    return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, rt, device), len(x_all), finish)
+    return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, rt, device), len(x_all), finish,
+                  generators=(gen,))
 
 
 def train_classifier(cfg: ClassifierConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from kdp.checkpoint import is_complete, read_meta, save_checkpoint
+from kdp.checkpoint import WEIGHTS, CheckpointError, file_sha256, is_complete, read_meta, save_checkpoint
 from kdp.config import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
@@ -21,14 +21,19 @@ class StageConflict(ValueError):
 
 
 def finished(out: Path, config: dict) -> bool:
-    """True if `out` is a complete checkpoint made with `config` (so the stage can be skipped)."""
+    """True if `out` is a complete checkpoint made with `config` whose weights still match
+    the sha256 it recorded (so the stage can be skipped)."""
     if not is_complete(out):
         return False
-    old = read_meta(out)["config"]
+    meta = read_meta(out)
+    old = meta["config"]
     if old != config:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         raise StageConflict(f"{out}: exists with a different config ({', '.join(diff)}); "
                             "use another run name or delete it")
+    if file_sha256(out / WEIGHTS) != meta.get("weights_sha256"):
+        raise CheckpointError(f"stage {out.name}: {out / WEIGHTS} does not match the weights_sha256 in its "
+                              f"checkpoint.json (changed or corrupt); delete {out} to train it again")
     return True
 
 
@@ -53,6 +58,8 @@ class Recipe:
     """history -> (module to save, its registry spec, checkpoint metrics)."""
     ddp: bool = True
     """False when the step calls submodules directly (DDP would not sync them): one worker only."""
+    generators: tuple = ()
+    """The recipe's own torch Generators (augmentation, noise): saved and restored with each epoch."""
 
 
 def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=None, state_path: Path | None = None,
@@ -64,8 +71,9 @@ def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=Non
         batches = epoch_batches(recipe.n, cfg.batch_size, cfg.seed, epoch, rank, world)
         return train_epoch(model, recipe.optimizer, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
 
+    # random states are saved by rank 0 only: a one-worker resume is exact, a DDP one is not
     return fit(cfg.epochs, epoch_fn, recipe.model, recipe.optimizer, recipe.scheduler, state_path, desc,
-               rt.progress, store=store, on_epoch=on_epoch)
+               rt.progress, store=store, on_epoch=on_epoch, generators=recipe.generators, rng=world == 1)
 
 
 def save_recipe(out: Path, cfg, recipe: Recipe, history: list[dict], rt) -> Path:

@@ -2,8 +2,10 @@
 
 Under the `classifier` and `transfer` threat models an attack's AEs depend only on the model
 they are crafted on (the classifier, SOAP's own, the surrogate), the attack and its settings,
-the seed, the batch boundaries and the test images. The key hashes exactly those, the
-model by its weights, so sweep trials and re-runs that share a classifier reuse them.
+the seed, the batch boundaries and the test images. The key hashes exactly those: the model
+by its weights, the attack by every setting of its built pieces and the torch and
+torchattacks versions (`kdp.attacks.settings`), so sweep trials and re-runs that share a
+classifier reuse them, and an edited attack never gets the old AEs.
 An entry is `<cache>/<key>/x_adv.npy` (float32, no pickle) plus `meta.json`, and appears
 whole by a rename (`atomic_dir`); the `full` threat model's AEs depend on the defense and
 are never cached.
@@ -39,7 +41,7 @@ def model_sha(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: nn.Module, attack: str, settings: str, seed: int, batch_size: int, start: int,
+def cache_key(model: nn.Module, attack: str, settings: list[dict], seed: int, batch_size: int, start: int,
               x: torch.Tensor, y: torch.Tensor) -> str:
     ident = {"model": model_sha(model), "attack": attack, "settings": settings, "seed": seed,
              "batch_size": batch_size, "start": start, "images": tensor_sha(x, y)}

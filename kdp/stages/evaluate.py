@@ -35,10 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdp.attacks import attack_batches, build_attack, describe, linf_budget
+from kdp.attacks import attack_batches, build_attack, describe, linf_budget, settings
 from kdp.checkpoint import load_checkpoint
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
+from kdp.locks import held
 from kdp.models import EOT, Purified, freeze
 from kdp.stages.eval_cache import cache_key, load_entry, save_entry
 from kdp.train import resolve_device
@@ -181,18 +182,21 @@ class Context:
         """(batches of AEs of attack `name` on `model`, the attack's settings). With `cacheable`
         (the AEs depend on nothing but `model`) and a cache, they are read or written there."""
         cfg, k = self.cfg, self.count(name)
-        attack = build_attack(name, model)
+        attack = build_attack(name, model, seed=cfg.seed)
         info, x, y = {**describe(attack), "attack.cached": False}, self.x[:k], self.y[:k]
         batches = attack_batches(attack, x, y, cfg.batch_size, cfg.seed, self.start, self.device)
         if not cacheable or self.cache is None or k == 0:
             return batches, info
-        key = cache_key(model, name, info["attack.settings"], cfg.seed, cfg.batch_size, self.start, x, y)
+        key = cache_key(model, name, settings(attack), cfg.seed, cfg.batch_size, self.start, x, y)
         hit = load_entry(self.cache / key, k)
         if hit is None:
             meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k}
-            return _saving(batches, self.cache / key, meta), info
-        bs = cfg.batch_size
-        return (hit[i:i + bs].to(self.device) for i in range(0, k, bs)), {**info, "attack.cached": True}
+            return _saving(batches, self.cache / key, meta, info, self._batched), info
+        return self._batched(hit), {**info, "attack.cached": True}
+
+    def _batched(self, x: torch.Tensor):
+        bs = self.cfg.batch_size
+        return (x[i:i + bs].to(self.device) for i in range(0, len(x), bs))
 
     def clean_pred(self, classifier: nn.Module) -> torch.Tensor:
         """The classifier's predictions on the clean images (agreement's reference)."""
@@ -202,13 +206,20 @@ class Context:
         return self._clean[id(classifier)]
 
 
-def _saving(batches, entry: Path, meta: dict):
-    """Pass the batches through; once all were made, store them as a cache entry."""
-    made = []
-    for xb in batches:
-        made.append(xb.cpu())
-        yield xb
-    save_entry(entry, torch.cat(made), meta)
+def _saving(batches, entry: Path, meta: dict, info: dict, batched):
+    """Pass the batches through; once all were made, store them as a cache entry. One maker
+    per entry: under the entry's lock, read what another process made meanwhile instead."""
+    with held(entry.parent / f"{entry.name}.lock", f"crafting {meta['attack']} AEs"):
+        hit = load_entry(entry, meta["n"])
+        if hit is not None:
+            info["attack.cached"] = True
+            yield from batched(hit)
+            return
+        made = []
+        for xb in batches:
+            made.append(xb.cpu())
+            yield xb
+        save_entry(entry, torch.cat(made), meta)
 
 
 def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Defense]):
