@@ -30,6 +30,7 @@ from kdp.data import Cifar, load_cifar, to_float
 from kdp.models import freeze
 from kdp.pipeline import run_input
 from kdp.train import resolve_device
+from kdp.errors import ConfigError, DataError, NotFoundError
 
 BLEND_FILE = "blend.json"
 _STAT_KEYS = ("gram", "xty", "sum_y", "sum_yy", "count", "n")
@@ -130,7 +131,7 @@ def analyze_run(run_dir, data: Cifar | None = None, attack: str = "pgd8", n: int
     run's eval.batch_size, which the per-batch seeding needs to reproduce the eval's AEs)."""
     run_dir = Path(run_dir)
     if not is_run(run_dir):
-        raise ValueError(f"{run_dir}: not a run with config.json, classifier, teacher_at, teacher_nt and a student_*")
+        raise DataError(f"{run_dir}: not a run with config.json, classifier, teacher_at, teacher_nt and a student_*")
     cfg = read_json(run_dir / "config.json", "config.json")
     dev = resolve_device(device)
     x, y = _run_data(cfg, data, n)
@@ -147,7 +148,7 @@ def analyze_run(run_dir, data: Cifar | None = None, attack: str = "pgd8", n: int
             stats[s] = add_stats(stats[s], blend_stats(_purify(model, xa), xb, at_out, nt_out))
         i += len(xa)
     if i == 0:
-        raise ValueError(f"{run_dir}: no test images to analyse")
+        raise DataError(f"{run_dir}: no test images to analyse")
     return [{"run": run_dir.name, "run_dir": str(run_dir), "attack": attack, **_student_fields(s, cfg),
              **solve_blend(stats[s])} for s in students]
 
@@ -158,13 +159,13 @@ def find_runs(path) -> list[Path]:
     """`path` itself if it is a run, else every run below it (hidden directories skipped)."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
+        raise NotFoundError(f"{path}: not a directory")
     if is_run(path):
         return [path]
     runs = [c.parent for c in sorted(path.rglob("config.json"))
             if not any(p.startswith(".") for p in c.relative_to(path).parts) and is_run(c.parent)]
     if not runs:
-        raise ValueError(f"{path}: no run with config.json, classifier, teacher_at, teacher_nt and a student_*")
+        raise DataError(f"{path}: no run with config.json, classifier, teacher_at, teacher_nt and a student_*")
     return runs
 
 
@@ -250,7 +251,7 @@ def analyze_command(args: argparse.Namespace) -> None:
 
     lookup(ATTACKS, args.attack, "attack")  # fail before any work on a bad --attack
     if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
     records = analyze(args.path, attack=args.attack, n=args.n, device=args.device)
     print(blend_markdown(records))
     for run_dir in dict.fromkeys(r["run_dir"] for r in records):

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torchattacks
 
 from kdp.models import lookup
+from kdp.errors import ConfigError
 
 EPS = 8 / 255
 
@@ -72,7 +73,7 @@ def build_attack(name: str, model: nn.Module, seed: int | None = None, **overrid
     reaches the attacks that have one (SEEDED)."""
     for key in ("eps", "alpha"):
         if key in overrides and overrides[key] < 0:
-            raise ValueError(f"attack {name}: {key} must be >= 0, got {overrides[key]}")
+            raise ConfigError(f"attack {name}: {key} must be >= 0, got {overrides[key]}")
     factory = lookup(ATTACKS, name, "attack")
     if seed is not None and name in SEEDED:
         overrides["seed"] = seed

@@ -21,12 +21,9 @@ import torch
 import torch.nn as nn
 
 from kdp.models import build_model
+from kdp.errors import CheckpointError  # noqa: F401 (re-exported)
 
 WEIGHTS, META = "model.pt", "checkpoint.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or corrupt."""
 
 
 @contextmanager

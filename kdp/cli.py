@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kdp.presets import PRESETS
+from kdp.errors import ConfigError, NotFoundError
 
 
 def build_config(preset: str, data_dir: str | None = None, name: str | None = None, sets=()):
@@ -18,7 +19,7 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
     cfg = get_preset(preset)
     if data_dir is not None:
         if not Path(data_dir).expanduser().exists():
-            raise ValueError(f"--data-dir {data_dir}: no such file or directory")
+            raise NotFoundError(f"--data-dir {data_dir}: no such file or directory")
         # absolute: Ray workers and resumed runs do not share this process's cwd
         cfg = override(cfg, f"data.data_dir={Path(data_dir).expanduser().resolve()}")
     if name is not None:
@@ -44,7 +45,7 @@ def run_seeds(args):
 
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     if seeds is None and args.seed_scope != SEED_SCOPES[0]:
-        raise ValueError("--seed-scope needs --seeds")
+        raise ConfigError("--seed-scope needs --seeds")
     return seeds
 
 
@@ -173,14 +174,14 @@ def build_sweep(args):
         given = [f"--{k.replace('_', '-')}" for k, v in space.items() if v is not None]
         given += ["--sweep"] * bool(args.sweep) + ["--set"] * bool(args.set) + ["--no-share"] * args.no_share
         if not args.name or given:
-            raise ValueError("--resume takes --name and --out only (the sweep's recorded config is used)"
+            raise ConfigError("--resume takes --name and --out only (the sweep's recorded config is used)"
                              + (f"; drop {', '.join(given)}" if given else ""))
         sweep, base = load_sweep_record(args.out, args.name)
         return sweep, base, rt
     space.update(name=args.name, share=False if args.no_share else None)
     sweep = load_sweep_file(args.sweep, **space) if args.sweep else sweep_from_dict({}, **space)
     if (Path(args.out) / sweep.name / "sweep.json").exists():
-        raise ValueError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
+        raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
     return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
 
@@ -198,13 +199,11 @@ def sweep_command(args) -> None:
 
 
 def run_errors():
-    """The exceptions that mean bad input: reported as one line, exit code 2."""
-    from kdp.checkpoint import CheckpointError
-    from kdp.data import DataError
-    from kdp.distributed.config import StorageError
-    from kdp.locks import LockTimeout
+    """The exceptions that mean bad input (`kdp.errors`): one line, exit code 2. Anything else
+    keeps its traceback and exits 1."""
+    from kdp.errors import KdpError
 
-    return (ValueError, DataError, CheckpointError, FileNotFoundError, StorageError, LockTimeout)
+    return (KdpError,)
 
 
 def parser() -> argparse.ArgumentParser:

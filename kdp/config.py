@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kdp.attacks import ATTACKS, PAPER_SUITE, SUBSET_ATTACKS
 from kdp.losses import ADV_SCORES, KD_SPACES
 from kdp.models import CLASSIFIERS, SOAP_AUX
+from kdp.errors import ConfigError
 
 TEACHER_KINDS = ("at", "nt")
 THREAT_MODELS = ("classifier", "full", "transfer")
@@ -19,7 +20,7 @@ AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/a
 
 def _check(ok: bool, msg: str) -> None:
     if not ok:
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
 
 def _positive(obj, *names: str) -> None:
@@ -392,7 +393,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: seeds must be integers, e.g. 0,1,2") from None
+        raise ConfigError(f"--seeds {text!r}: seeds must be integers, e.g. 0,1,2") from None
     _check(len(set(seeds)) == len(seeds) and min(seeds) >= 0, f"--seeds {text!r}: seeds must be distinct and >= 0")
     return seeds
 
@@ -438,7 +439,7 @@ def _coerce(text: str, hint):
         return tuple(t for t in text.split("+") if t)
     if base is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
+            raise ConfigError(f"expected true/false, got {text!r}")
         return text.lower() in ("true", "1")
     if base is float and "/" in text:  # allow eps=8/255
         num, den = text.split("/")
@@ -457,14 +458,14 @@ def override(cfg, assignment: str, _full: str | None = None):
     """Apply 'a.b=value' to a nested frozen config; 'students.x=v' sets it on every student,
     'students=at,at+nt' picks the students by teacher set."""
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} must look like key=value")
+        raise ConfigError(f"override {assignment!r} must look like key=value")
     path, text = assignment.split("=", 1)
     full = _full or path
     head, _, rest = path.partition(".")
     hints = typing.get_type_hints(type(cfg))
     if head not in hints:
         valid = ", ".join(f.name for f in dataclasses.fields(cfg))
-        raise ValueError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
+        raise ConfigError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
     value = getattr(cfg, head)
     if head == "students" and not rest and isinstance(cfg, PipelineConfig):
         new = _students(value, text)
@@ -476,7 +477,7 @@ def override(cfg, assignment: str, _full: str | None = None):
         try:
             new = _coerce(text, hints[head])
         except ValueError as e:
-            raise ValueError(f"bad value for {full}: {e}") from None
+            raise ConfigError(f"bad value for {full}: {e}") from None
     return dataclasses.replace(cfg, **{head: new})
 
 
@@ -498,7 +499,7 @@ def unflatten(cls, flat: dict, prefix: str = ""):
 def from_dict(cls, d: dict):
     """Inverse of dataclasses.asdict (e.g. a config.json): nested configs and tuples rebuilt."""
     if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
     hints, kwargs = typing.get_type_hints(cls), {}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)

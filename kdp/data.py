@@ -17,16 +17,13 @@ import numpy as np
 import torch
 
 from kdp.locks import held
+from kdp.errors import DataError  # noqa: F401 (re-exported)
 
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_ROOT = Path.home() / ".cache" / "kdp" / "data"
-
-
-class DataError(ValueError):
-    """A data file or directory that cannot be used; the message names it."""
 
 
 # What a CIFAR batch pickle may reference: numpy array reconstruction and nothing else.

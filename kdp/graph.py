@@ -17,6 +17,7 @@ import hashlib
 import json
 import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +247,12 @@ def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
     t0 = time.time()
     log_stage(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
     log(f"[{stage}] {'resumed' if resumed else 'started'}")
-    result = make()
+    try:
+        result = make()
+    except Exception as e:  # the run's log keeps what failed, traceback included; the caller re-raises
+        log_stage(log_dir, stage, "failed", path=str(out), error=f"{type(e).__name__}: {e}",
+                  traceback=traceback.format_exc(), **by)
+        raise
     seconds = time.time() - t0
     log_stage(log_dir, stage, "finished", path=str(out), seconds=seconds, start=t0, **by)
     acc = (read_meta(out)["metrics"].get("test_acc") if (out / "checkpoint.json").is_file() else None)

@@ -14,11 +14,12 @@ import os
 import socket
 import time
 from pathlib import Path
+from kdp.errors import StorageError
 
 POLL_S = 0.5
 
 
-class LockTimeout(TimeoutError):
+class LockTimeout(StorageError, TimeoutError):
     """Waited longer than the timeout for a lock another process holds."""
 
 

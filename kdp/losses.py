@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kdp.errors import ConfigError
 
 KD_SPACES = ("pixels", "logits")
 ADV_SCORES = ("logprob", "logit")
@@ -23,7 +24,7 @@ def nt_loss(restored: torch.Tensor, x: torch.Tensor) -> dict:
 def class_score(logits: torch.Tensor, y: torch.Tensor, score: str = "logprob") -> torch.Tensor:
     """The classifier's score of the true label: log-probability (default) or raw logit."""
     if score not in ADV_SCORES:
-        raise ValueError(f"unknown adv score {score!r}; valid: {', '.join(ADV_SCORES)}")
+        raise ConfigError(f"unknown adv score {score!r}; valid: {', '.join(ADV_SCORES)}")
     z = F.log_softmax(logits, dim=1) if score == "logprob" else logits
     return z.gather(1, y[:, None]).squeeze(1)
 
@@ -74,7 +75,7 @@ def kd_loss(student_out: torch.Tensor, teacher_outs: list[torch.Tensor], space: 
     The MSE term always compares the output images.
     """
     if space not in KD_SPACES:
-        raise ValueError(f"unknown kd space {space!r}; valid: {', '.join(KD_SPACES)}")
+        raise ConfigError(f"unknown kd space {space!r}; valid: {', '.join(KD_SPACES)}")
     if not teacher_outs:
         raise ValueError("kd_loss needs at least one teacher output")
     if space == "logits" and (student_logits is None or teacher_logits is None):

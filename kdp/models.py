@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kdp.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -41,7 +42,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 56, width: int = 16, num_classes: int = 10):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"ResNet depth must be 6n+2 >= 8, got {depth}")
+            raise ConfigError(f"ResNet depth must be 6n+2 >= 8, got {depth}")
         n = (depth - 2) // 6
         self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
@@ -92,9 +93,9 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, depth: int = 15, width: int = 64, head: str = "literal"):
         super().__init__()
         if depth < 1 or width < 1:
-            raise ValueError(f"ConvAutoencoder needs depth >= 1 and width >= 1, got {depth}, {width}")
+            raise ConfigError(f"ConvAutoencoder needs depth >= 1 and width >= 1, got {depth}, {width}")
         if head not in ("literal", "affine"):
-            raise ValueError(f"unknown head {head!r}; valid: literal, affine")
+            raise ConfigError(f"unknown head {head!r}; valid: literal, affine")
         self.depth, self.head = depth, head
         self.n_skips = max(0, -(-depth // 2) - 1)  # ceil(depth / 2) - 1, as in REDNet
         enc = [_block(nn.Conv2d(3, width, 3, 2, 1), width)]
@@ -150,7 +151,7 @@ class JpegPurifier(nn.Module):
     def __init__(self, quality: int = 75):
         super().__init__()
         if not 1 <= quality <= 100:
-            raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+            raise ConfigError(f"JPEG quality must be in [1, 100], got {quality}")
         self.quality = quality
 
     def forward(self, x):
@@ -184,7 +185,7 @@ class NRPPurifier(nn.Module):
     def __init__(self, width: int = 64, blocks: int = 6, dynamic_std: float = 0.0):
         super().__init__()
         if width < 1 or blocks < 0 or dynamic_std < 0:
-            raise ValueError(f"NRPPurifier needs width >= 1, blocks >= 0, dynamic_std >= 0; "
+            raise ConfigError(f"NRPPurifier needs width >= 1, blocks >= 0, dynamic_std >= 0; "
                              f"got {width}, {blocks}, {dynamic_std}")
         self.dynamic_std = dynamic_std
         self.body = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.ReLU(), *[ResBlock(width) for _ in range(blocks)],
@@ -224,7 +225,7 @@ class SoapNet(nn.Module):
     def __init__(self, arch: str = "resnet20", width: int = 16, aux: str = "recon"):
         super().__init__()
         if aux not in SOAP_AUX:
-            raise ValueError(f"unknown SOAP auxiliary task {aux!r}; valid: {', '.join(SOAP_AUX)}")
+            raise ConfigError(f"unknown SOAP auxiliary task {aux!r}; valid: {', '.join(SOAP_AUX)}")
         self.aux = aux
         self.net = lookup(CLASSIFIERS, arch, "classifier")(width=width)
         c, w = 4 * width, width
@@ -271,7 +272,7 @@ class SoapPurifier(nn.Module):
                  steps: int = 5, step_size: float = 4 / 255, random_start: bool = False):
         super().__init__()
         if eps < 0 or steps < 0 or step_size < 0:
-            raise ValueError(f"SOAP purification needs eps, steps, step_size >= 0; got {eps}, {steps}, {step_size}")
+            raise ConfigError(f"SOAP purification needs eps, steps, step_size >= 0; got {eps}, {steps}, {step_size}")
         self.net = SoapNet(arch, width, aux)
         self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
 
@@ -305,7 +306,7 @@ class EOT(nn.Module):
     def __init__(self, model: nn.Module, samples: int):
         super().__init__()
         if samples < 1:
-            raise ValueError(f"EOT needs samples >= 1, got {samples}")
+            raise ConfigError(f"EOT needs samples >= 1, got {samples}")
         self.model, self.samples = model, samples
         self.training = False  # as Purified: never flip the wrapped model's mode
 
@@ -329,7 +330,7 @@ REGISTRIES = {"classifier": CLASSIFIERS, "purifier": PURIFIERS}
 def lookup(registry: dict, name: str, what: str):
     """registry[name], or a ValueError that lists the valid names."""
     if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}")
+        raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}")
     return registry[name]
 
 

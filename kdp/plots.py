@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from kdp.checkpoint import atomic_path  # noqa: E402
+from kdp.errors import DataError  # noqa: E402
 from kdp.report import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, VARIANT_ORDER, _is_sweep, _ordered,  # noqa: E402
                         cells, table1_rows)
 
@@ -104,7 +105,7 @@ def figure5(purifier_dir, classifier_dir, data, path: str | Path, attack: str = 
     purifier = freeze(load_checkpoint(purifier_dir, device)[0])
     x, y = to_float(data.test_x[:n]), data.test_y[:n]
     if len(x) == 0:
-        raise ValueError(f"figure5: the data ({data.source}) has no test images")
+        raise DataError(f"figure5: the data ({data.source}) has no test images")
     images = figure5_images(purifier, classifier, x, y, attack, seed, device)
     titles = ("original", f"AE ({ATTACK_LABELS.get(attack, attack)}, on the classifier)", "purified AE")
     fig, axes = plt.subplots(3, len(x), figsize=(1.3 * len(x), 5), squeeze=False)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from kdp.checkpoint import atomic_path
 from kdp.stats import bootstrap, paired
+from kdp.errors import ConfigError
 
 # Cited paper figures (Koo et al. 2023, Table 1): accuracy (%) of ResNet-56 on purified AEs.
 # "original" is the classifier's own clean accuracy, no purifier (the paper's "Original" row,
@@ -387,7 +388,7 @@ def report_command(args: argparse.Namespace) -> None:
     given = [k for k, v in fig_args.items() if v is not None]
     if given and len(given) < len(fig_args):
         missing = [k for k in fig_args if k not in given]
-        raise ValueError(f"Figure 5 needs --purifier, --classifier and --data-dir; missing {', '.join(missing)}")
+        raise ConfigError(f"Figure 5 needs --purifier, --classifier and --data-dir; missing {', '.join(missing)}")
     lookup(ATTACKS, args.attack, "attack")  # fail before any work on a bad --attack
     df = load(args.path)
     figure = None

@@ -20,6 +20,7 @@ from kdp.checkpoint import atomic_path
 from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig,
                         SoapConfig, TeacherConfig, flatten)
 from kdp.provenance import PACKAGES
+from kdp.errors import DataError, NotFoundError
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -138,11 +139,11 @@ def load(path: str | Path, as_table: bool = False):
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no results here")
+        raise NotFoundError(f"{path}: no results here")
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
     if not files:
-        raise FileNotFoundError(f"{path}: no .parquet files under it")
+        raise NotFoundError(f"{path}: no .parquet files under it")
     groups: dict[str | None, list[str]] = {}
     for f in files:
         groups.setdefault(_sweep_of(f.resolve()), []).append(str(f))
@@ -151,7 +152,7 @@ def load(path: str | Path, as_table: bool = False):
         try:
             t = ds.dataset(group, schema=SCHEMA, format="parquet").to_table()
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-            raise ValueError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
         parts.append(t.append_column("sweep_id", pa.array([sweep] * len(t), pa.string())))
     table = _rename_threats(pa.concat_tables(parts))
     return table if as_table else table.to_pandas()

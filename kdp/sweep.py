@@ -42,6 +42,7 @@ from kdp.losses import KD_SPACES
 from kdp.results import unique_name
 from kdp.stages.aes import ae_cache_key
 from kdp.stages.common import log_stage
+from kdp.errors import ConfigError, DataError, NotFoundError
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
@@ -149,7 +150,7 @@ def _number(dim: str, x) -> float:
     try:
         return _coerce(str(x).strip(), float)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"sweep {dim}: not a number: {x!r}") from None
+        raise ConfigError(f"sweep {dim}: not a number: {x!r}") from None
 
 
 def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
@@ -175,11 +176,11 @@ def load_sweep_file(path: str | Path, **overrides) -> SweepConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such sweep file")
+        raise NotFoundError(f"{path}: no such sweep file")
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     _check(d is None or isinstance(d, dict), f"{path}: expected a mapping of sweep keys")
     return sweep_from_dict(d, **overrides)
 
@@ -295,7 +296,7 @@ def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path
     if path.exists():
         old = read_json(path, "sweep.json")
         if old != record:
-            raise ValueError(f"{path}: sweep {sweep.name!r} exists with another config; "
+            raise ConfigError(f"{path}: sweep {sweep.name!r} exists with another config; "
                              "use --resume to continue it or pick another --name")
     write_json(path, record)
     return path
@@ -305,6 +306,6 @@ def load_sweep_record(out_root: str | Path, name: str) -> tuple[SweepConfig, Pip
     """The SweepConfig and base PipelineConfig a sweep was started with (for --resume)."""
     path = Path(out_root) / name / "sweep.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sweep {name!r} under {out_root}")
+        raise NotFoundError(f"{path}: no sweep {name!r} under {out_root}")
     record = read_json(path, "sweep.json")
     return sweep_from_dict(record["sweep"]), from_dict(PipelineConfig, record["base"])

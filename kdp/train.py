@@ -16,6 +16,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from kdp.checkpoint import load_state, save_state
+from kdp.errors import CheckpointError, ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -25,9 +26,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return dev
 
 
@@ -58,7 +59,7 @@ def set_rng_state(state: dict, generators: Iterable[torch.Generator] = ()) -> No
     random.setstate(state["python"])
     generators = list(generators)
     if len(generators) != len(state["generators"]):
-        raise ValueError(f"saved state has {len(state['generators'])} generator(s), the recipe {len(generators)}")
+        raise CheckpointError(f"saved state has {len(state['generators'])} generator(s), the recipe {len(generators)}")
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
 

@@ -72,3 +72,37 @@ def test_data_dir_is_recorded_as_an_absolute_path(cifar_subset_dir, monkeypatch)
     monkeypatch.chdir(cifar_subset_dir.parent)
     cfg = cli.build_config("smoke", data_dir=cifar_subset_dir.name)
     assert Path(cfg.data.data_dir).is_absolute() and Path(cfg.data.data_dir) == cifar_subset_dir.resolve()
+
+
+def test_a_bug_inside_a_stage_keeps_its_traceback(tmp_path, cifar_subset_dir, monkeypatch, capsys):
+    """A ValueError from inside a stage is a bug, not bad input: `kdp run` does not turn it into
+    a one-line error (it propagates: a traceback and exit code 1 from the console script), and
+    the run's event log records the stage's failure with the traceback."""
+    from kdp import graph
+    from kdp.events import read_events
+
+    def broken(*args, **kwargs):
+        raise ValueError("injected bug in a recipe")
+
+    monkeypatch.setitem(graph.RECIPES, "classifier", broken)
+    argv = ["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path), "--quiet"]
+    with pytest.raises(ValueError, match="injected bug in a recipe"):
+        cli.main(argv)
+    assert "kdp: error" not in capsys.readouterr().err
+    failed = [e for e in read_events(tmp_path / "tiny") if e["status"] == "failed"]
+    assert [e["stage"] for e in failed] == ["classifier"]
+    assert "injected bug in a recipe" in failed[0]["traceback"] and "in broken" in failed[0]["traceback"]
+
+
+def test_a_bug_exits_1_with_its_traceback_on_the_console(tmp_path, cifar_subset_dir):
+    """The same injected bug in a fresh interpreter, as the console script runs main():
+    exit code 1, the traceback on stderr, no one-line "error:"."""
+    code = ("import sys; from kdp import cli, graph\n"
+            "def broken(*a, **k): raise ValueError('injected bug in a recipe')\n"
+            "graph.RECIPES['classifier'] = broken\n"
+            f"sys.exit(cli.main(['run', '--preset', 'tiny', '--data-dir', {str(cifar_subset_dir)!r}, "
+            f"'--out', {str(tmp_path)!r}, '--quiet']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
+    assert "ValueError: injected bug in a recipe" in proc.stderr and "kdp: error" not in proc.stderr

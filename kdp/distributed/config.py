@@ -9,10 +9,7 @@ from dataclasses import dataclass
 
 from kdp.config import _check, _positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
-
-
-class StorageError(RuntimeError):
-    """A node does not see the storage the job writes to (not a shared filesystem)."""
+from kdp.errors import ConfigError, StorageError  # noqa: F401 (re-exported)
 
 
 BACKENDS = ("auto", "nccl", "gloo")

@@ -27,6 +27,7 @@ from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
+from kdp.errors import ConfigError, NotFoundError
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
@@ -102,11 +103,11 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale:
     check_shared_storage(out_root)
     if resume:
         if not tune.Tuner.can_restore(str(tune_dir)):
-            raise FileNotFoundError(f"{tune_dir}: no sweep to resume there")
+            raise NotFoundError(f"{tune_dir}: no sweep to resume there")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
         if tune_dir.exists():
-            raise ValueError(f"{tune_dir}: sweep {s.name!r} exists; pass --resume to continue it")
+            raise ConfigError(f"{tune_dir}: sweep {s.name!r} exists; pass --resume to continue it")
         prepare_sweep(s, base, out_root)
         tuner = tune.Tuner(trainable, param_space=param_space(s),
                            tune_config=tune.TuneConfig(num_samples=s.num_samples,

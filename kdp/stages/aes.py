@@ -23,6 +23,7 @@ from kdp.data import Cifar, to_float
 from kdp.models import freeze
 from kdp.provenance import provenance
 from kdp.train import resolve_device
+from kdp.errors import CheckpointError
 
 AES, META = "x_adv.npy", "meta.json"
 
@@ -81,7 +82,7 @@ def load_training_aes(entry: Path) -> torch.Tensor:
     try:
         arr = np.load(entry / AES, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{entry / AES}: cannot read cached AEs ({e})") from None
+        raise CheckpointError(f"{entry / AES}: cannot read cached AEs ({e})") from None
     if arr.ndim != 4 or arr.shape[1:] != (3, 32, 32):
-        raise ValueError(f"{entry / AES}: expected (N, 3, 32, 32) AEs, got {arr.shape}")
+        raise CheckpointError(f"{entry / AES}: expected (N, 3, 32, 32) AEs, got {arr.shape}")
     return torch.from_numpy(arr)

@@ -16,7 +16,7 @@ from kdp.provenance import provenance
 from kdp.train import epoch_batches, fit, resolve_device, train_epoch
 
 
-class StageConflict(ValueError):
+class StageConflict(CheckpointError):
     """A finished checkpoint exists at the output path but was made with another config."""
 
 
