@@ -1,4 +1,4 @@
-"""The README's two ways to run the smoke pipeline, back to back on this machine: `kdp run`
+"""The README's two ways to run a preset's pipeline (default: smoke), back to back on this machine: `kdp run`
 (in-process executor) and `jobs/pipeline.py` (Ray executor on a fresh local Ray). Writes wall
 times, their ratio, console line counts and per-stage times (from the run's events) to JSON.
 
@@ -30,7 +30,7 @@ def stage_times(run_dir: Path) -> dict:
             for e in events if e["status"] == "finished"}
 
 
-def timed(cmd: list[str], out: Path) -> dict:
+def timed(cmd: list[str], run_dir: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -39,7 +39,7 @@ def timed(cmd: list[str], out: Path) -> dict:
     lines = (proc.stdout + proc.stderr).splitlines()
     repeats = sum(a == b for a, b in zip(lines, lines[1:]))
     return {"cmd": " ".join(cmd), "wall_seconds": round(wall, 1), "console_lines": len(lines),
-            "repeated_lines": repeats, "stages": stage_times(out / "smoke"), "console": lines}
+            "repeated_lines": repeats, "stages": stage_times(run_dir), "console": lines}
 
 
 def main(argv=None) -> int:
@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdp-bench-") as tmp:
         local_out, ray_out = Path(tmp) / "local", Path(tmp) / "ray"
         local = timed([py, "-m", "kdp.cli", "run", "--preset", args.preset, "--data-dir", data,
-                       "--out", str(local_out)], local_out) if args.skip_local is None else {
+                       "--out", str(local_out)], local_out / args.preset) if args.skip_local is None else {
             "wall_seconds": args.skip_local, "console_lines": None, "repeated_lines": None, "stages": {},
             "note": "not run (--skip-local)"}
         ray = timed([py, "jobs/pipeline.py", "--preset", args.preset, "--data-dir", data, "--out", str(ray_out),
-                     *args.ray_args.split()], ray_out)
+                     *args.ray_args.split()], ray_out / args.preset)
     result = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
               "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "preset": args.preset,
               "local": local, "ray": ray, "ratio_ray_over_local": round(ray["wall_seconds"] / local["wall_seconds"], 3)}

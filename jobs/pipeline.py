@@ -18,8 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from kdp.checkpoint import read_meta  # noqa: E402
-from kdp.cli import add_run_args, build_config, print_results, run_all, run_errors, run_seeds, runtime  # noqa: E402
+from kdp.cli import (add_run_args, build_config, print_results, run_all, run_command, run_errors,  # noqa: E402
+                     run_seeds, runtime)
 from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
+from kdp.interrupt import exit_with  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -40,18 +42,17 @@ def main(argv=None) -> int:
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
+    return run_command("pipeline", run_on_ray, args, cfg, scale, rt, seeds)
+
+
+def run_on_ray(args, cfg, scale, rt, seeds) -> None:
     connect(args.address, args.verbose)
     from kdp.distributed.executor import RayExecutor
     from kdp.distributed.nodes import check_shared_storage
 
-    try:
-        check_shared_storage(Path(args.out).expanduser().resolve())
-        print_results(run_all(cfg, seeds, args, rt, RayExecutor(scale)))
-    except run_errors() as e:
-        print(f"pipeline: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    check_shared_storage(Path(args.out).expanduser().resolve())
+    print_results(run_all(cfg, seeds, args, rt, RayExecutor(scale)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

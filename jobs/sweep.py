@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from kdp.cli import add_sweep_args, run_errors, sweep_command  # noqa: E402
+from kdp.cli import add_sweep_args, run_command, sweep_command  # noqa: E402
 from kdp.distributed.config import add_scale_args  # noqa: E402
+from kdp.interrupt import exit_with  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -29,14 +30,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    try:  # bad input fails before Ray starts; a bad --resume fails before any trial runs
-        sweep_command(args)
-    except run_errors() as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # bad input fails before Ray starts; a bad --resume before any trial runs; Ctrl-C stops it
+    return run_command("sweep", sweep_command, parse(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

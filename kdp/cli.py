@@ -13,7 +13,7 @@ from kdp.errors import ConfigError, NotFoundError
 
 def build_config(preset: str, data_dir: str | None = None, name: str | None = None, sets=()):
     """Preset + data dir + run name + 'key=value' overrides -> a validated PipelineConfig."""
-    from kdp.config import override
+    from kdp.configio import override
     from kdp.presets import get_preset
 
     cfg = get_preset(preset)
@@ -41,7 +41,7 @@ def _run(args) -> None:
 
 def run_seeds(args):
     """The parsed --seeds (None: one run under the plain name), checked before any work."""
-    from kdp.config import SEED_SCOPES, parse_seeds
+    from kdp.configio import SEED_SCOPES, parse_seeds
 
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     if seeds is None and args.seed_scope != SEED_SCOPES[0]:
@@ -79,14 +79,16 @@ def print_results(paths) -> None:
 
 
 def threat_table(df, threat: str):
-    """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several)."""
+    """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several),
+    attacks and variants under the report's labels (kdp.cells)."""
+    from kdp.cells import ATTACK_LABELS, VARIANT_LABELS
     from kdp.results import table1
 
     t = table1(df, threat)
     n = df[df.threat_model == threat].groupby(["run", "attack"])["n"].max()
     several = df["run"].nunique() > 1
-    t.index = [f"{run} {a} (n={n[(run, a)]})" if several else f"{a} (n={n[(run, a)]})" for run, a in t.index]
-    t.columns.name = None
+    t.index = [f"{run + ' ' if several else ''}{ATTACK_LABELS.get(a, a)} (n={n[(run, a)]})" for run, a in t.index]
+    t.columns = [VARIANT_LABELS.get(v, v) for v in t.columns]
     return t
 
 
@@ -104,17 +106,12 @@ def _results(args) -> None:
 
 def add_run_args(r: argparse.ArgumentParser) -> None:
     """Arguments shared by `kdp run` and the Ray job (jobs/pipeline.py)."""
-    r.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)} (default: smoke)")
-    r.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
-    r.add_argument("--out", default="runs", help="output root (default: ./runs)")
     r.add_argument("--name", help="run name (default: the preset's); re-running a name resumes it")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. ae.eps=4/255, students.beta=0.3, or students=at,at+nt "
-                   "(which students, by teacher set) (repeatable)")
+    add_config_args(r)
     r.add_argument("--classifier", help="use this classifier checkpoint dir instead of training one")
     r.add_argument("--seeds", metavar="LIST", help="replicate seeds, e.g. 0,1,2: one run <name>-seed<k> each, "
                    "sharing the classifier and training AEs (default: one run, the stages' own seeds)")
-    from kdp.config import SEED_SCOPES
+    from kdp.configio import SEED_SCOPES
 
     r.add_argument("--seed-scope", default=SEED_SCOPES[0], choices=SEED_SCOPES,
                    help="what --seeds reseeds: purifiers (teachers, students, baselines, attack starts; "
@@ -138,16 +135,22 @@ def runtime(args, **fixed):
     return dataclass_from_args(Runtime, args, progress=not args.quiet, **fixed)
 
 
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a pipeline config and where it writes: kdp run, jobs/pipeline.py, sweeps."""
+    p.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)} (default: smoke)")
+    p.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
+    p.add_argument("--out", default="runs", help="output root (default: ./runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. ae.eps=4/255, students.beta=0.3, or students=at,at+nt "
+                   "(which students, by teacher set) (repeatable)")
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The search space (YAML and/or flags) and the base pipeline config of a sweep."""
     p.add_argument("--sweep", metavar="YAML", help="search space file (see jobs/sweep.yaml); flags override it")
     p.add_argument("--name", help="sweep id (default: the YAML's name, else 'sweep')")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name under --out (Tune restore)")
-    p.add_argument("--preset", default="smoke", help=f"base config, one of: {', '.join(PRESETS)} (default: smoke)")
-    p.add_argument("--data-dir", help="cifar-10-batches-py dir, ImageFolder dir or .zip (default: download)")
-    p.add_argument("--out", default="runs", help="output root (default: ./runs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config field, e.g. students.epochs=10 (repeatable)")
+    add_config_args(p)
     p.add_argument("--variants", help="comma list of at_only, kd_at, kd_nt, kd_at_nt (default: all four)")
     p.add_argument("--beta", help="grid '0.25,0.5' or range 'uniform:0.1:1' (default: 0.5)")
     p.add_argument("--gamma", help="grid or range, like --beta (default: 0.5)")
@@ -249,18 +252,53 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def interrupted(prog: str, e: BaseException, args=None) -> int:
+    """The one line an interrupted command ends with; its exit code (130 SIGINT, 143 SIGTERM)."""
+    how = (f"add --resume (--name {args.name or '<sweep>'} --out {args.out}) to resume it"
+           if args is not None and hasattr(args, "resume") and not args.resume else "the same command resumes")
+    print(f"\n{prog}: interrupted ({e or 'SIGINT'}); {how}: finished stages are kept, a stage in flight "
+          "continues from its last epoch", file=sys.stderr)
+    return getattr(e, "code", 130)
+
+
+def run_command(prog: str, fn, *args) -> int:
+    """fn(*args) as a command: 0; 2 and one line for bad input; on Ctrl-C (130) or SIGTERM (143)
+    the stages in flight are stopped, a Ray this process joined is shut down, and one line says
+    how to resume. `kdp`, jobs/pipeline.py and jobs/sweep.py all end through here."""
+    from kdp.interrupt import STOP, Interrupted, stoppable
+
     try:
-        args.fn(args)
+        with stoppable():
+            try:
+                fn(*args)
+            except run_errors():
+                raise
+            except BaseException as e:  # once stopped, whatever escapes is the stop's doing
+                if STOP.is_set() and not isinstance(e, (Interrupted, KeyboardInterrupt)):
+                    raise Interrupted() from e
+                raise
     except run_errors() as e:
-        print(f"kdp: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kdp: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # a local Ray this command started goes with it; a cluster ends its work
+        return interrupted(prog, e, args[0] if args else None)
     return 0
 
 
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return run_command("kdp", args.fn, args)
+
+
+def console() -> None:
+    """The `kdp` console script: main(), then an exit that leaves no stopped stage's thread behind."""
+    from kdp.interrupt import exit_with
+
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

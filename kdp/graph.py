@@ -21,19 +21,21 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from kdp.checkpoint import read_meta
-from kdp.config import PipelineConfig, Runtime, flatten
+from kdp.config import PipelineConfig, Runtime
+from kdp.configio import flatten
 from kdp.data import Cifar
-from kdp.events import EventTail
+from kdp.events import EventTail, log_event
+from kdp.interrupt import STOP
 from kdp.locks import held
 from kdp.provenance import provenance
 from kdp.results import make_rows, results_key, write_results
 from kdp.stages.aes import AES, ae_cache_key, make_training_aes
 from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
 from kdp.stages.classifier import classifier_recipe
-from kdp.stages.common import epoch_line, epoch_logger, finished, fit_local, log_stage
+from kdp.stages.common import epoch_line, epoch_logger, finished, fit_local
 from kdp.stages.eval_cache import tensor_sha
 from kdp.stages.evaluate import evaluate, finalize, merge_rows
 from kdp.stages.purifier import student_recipe, teacher_recipe
@@ -42,6 +44,7 @@ RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student"
            "nrp": nrp_recipe, "soap": soap_recipe}
 KINDS = ("train", "task", "driver")
 SIDE_PRIORITY = ("soap", "surrogate", "nrp", "jpeg")
+STOP_GRACE_S = 5.0  # how long an interrupted run waits for its stages in flight to see STOP
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_di
     dies with its process; artifacts appear by rename."""
     by = {"by": who} if who else {}
     if done():
-        log_stage(log_dir, stage, skip, path=str(out), **by)
+        log_event(log_dir, stage, skip, path=str(out), **by)
         log(f"[{stage}] done already: {out}")
         return out
     if not lock:
@@ -238,23 +241,26 @@ def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_di
     with held(out.parent / f"{out.name}.lock", f"{who or ''} making {stage}".strip(), lock_timeout_s,
               on_wait=lambda h: log(f"[{stage}] {h} is making it; waiting")):
         if done():
-            log_stage(log_dir, stage, skip, path=str(out), **by)
+            log_event(log_dir, stage, skip, path=str(out), **by)
             return out
         return _make(out, make, log_dir, stage, by, log, resumed)
 
 
 def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
     t0 = time.time()
-    log_stage(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
+    log_event(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
     log(f"[{stage}] {'resumed' if resumed else 'started'}")
     try:
         result = make()
-    except Exception as e:  # the run's log keeps what failed, traceback included; the caller re-raises
-        log_stage(log_dir, stage, "failed", path=str(out), error=f"{type(e).__name__}: {e}",
-                  traceback=traceback.format_exc(), **by)
+    except BaseException as e:
+        if STOP.is_set() or not isinstance(e, Exception):  # Ctrl-C, SIGTERM: its last epoch's state is kept
+            log_event(log_dir, stage, "interrupted", path=str(out), error=f"{type(e).__name__}: {e}", **by)
+        else:  # the run's log keeps what failed, traceback included; the caller re-raises
+            log_event(log_dir, stage, "failed", path=str(out), error=f"{type(e).__name__}: {e}",
+                      traceback=traceback.format_exc(), **by)
         raise
     seconds = time.time() - t0
-    log_stage(log_dir, stage, "finished", path=str(out), seconds=seconds, start=t0, **by)
+    log_event(log_dir, stage, "finished", path=str(out), seconds=seconds, start=t0, **by)
     acc = (read_meta(out)["metrics"].get("test_acc") if (out / "checkpoint.json").is_file() else None)
     log(f"[{stage}] finished in {seconds:.1f}s" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
     return result if result is not None else out
@@ -273,12 +279,15 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
 def run_graph(run: Run, ex) -> dict[str, Path]:
     """Start each stage once its inputs exist and the executor has room; returns every output.
     After the first failure nothing new starts; it is raised once the stages in flight end
-    (their checkpoints are kept, so a re-run resumes)."""
+    (their checkpoints are kept, so a re-run resumes). On Ctrl-C or SIGTERM (`kdp.interrupt`)
+    the stages in flight are stopped, not waited for: in-process ones at their next batch, the
+    executor's own work by its `cancel()`; their last epoch's state is kept."""
     outputs, pending, running = dict(run.given), [s for s in run.graph if s.name not in run.given], {}
     run.run_dir.mkdir(parents=True, exist_ok=True)  # every worker checks that it sees it
     run._events = run._events or EventTail(run.run_dir, from_now=True)  # the console: this run's epochs only
     error = None
-    with ThreadPoolExecutor(max(1, len(pending))) as pool:
+    pool = ThreadPoolExecutor(max(1, len(pending)))
+    try:
         while (pending and error is None) or running:
             for s in list(pending if error is None else []):
                 if all(n in outputs for n in s.needs) and ex.has_room(s, list(running.values())):
@@ -294,10 +303,26 @@ def run_graph(run: Run, ex) -> dict[str, Path]:
                     error = error or f.exception()
                 else:
                     outputs[s.name] = Path(f.result())
+    except BaseException:  # Interrupted, KeyboardInterrupt: stop what is in flight, do not wait for it
+        _stop(ex, pool, running)
+        raise
+    pool.shutdown()
     run.tail()
     if error is not None:
         raise error
     return outputs
+
+
+def _stop(ex, pool: ThreadPoolExecutor, running: dict) -> None:
+    """Stop the stages in flight: in-process ones see STOP at their next batch, the executor
+    cancels its own (Ray tasks); wait a few seconds for them, never for a whole stage."""
+    asked = STOP.is_set()  # by kdp.interrupt's handler; else (a bare KeyboardInterrupt) only for now
+    STOP.set()
+    ex.cancel()
+    pool.shutdown(wait=False, cancel_futures=True)
+    wait(running, timeout=STOP_GRACE_S)
+    if not asked:
+        STOP.clear()
 
 
 def state_path(out: Path) -> Path:
@@ -306,11 +331,37 @@ def state_path(out: Path) -> Path:
     return out.parent / "state" / f"{out.name}.pt"
 
 
+@runtime_checkable
+class Executor(Protocol):
+    """What run_graph needs from an executor: LocalExecutor below, kdp.distributed's RayExecutor."""
+
+    def has_room(self, stage: Stage, running: list[Stage]) -> bool:
+        """May `stage` start beside the stages in flight?"""
+
+    def partial(self, stage: Stage, out: Path, run: Run) -> bool:
+        """Is there a half-done attempt at `stage` to resume?"""
+
+    def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        """Make the stage's output at `out`."""
+
+    def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
+        """The evaluation's shards: (threat model, attack, start, stop), None meaning all."""
+
+    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
+        """[fn(*a) for a in args], wherever the executor runs work."""
+
+    def cancel(self) -> None:
+        """Stop the work in flight now (Ctrl-C, SIGTERM)."""
+
+
 class LocalExecutor:
     """Every stage in this process, one at a time, in the graph's priority order."""
 
     def __init__(self):
         self.name = "local"
+
+    def cancel(self) -> None:
+        """Nothing to do: in-process stages stop at their next batch (kdp.interrupt.STOP)."""
 
     def has_room(self, stage: Stage, running: list[Stage]) -> bool:
         return not running

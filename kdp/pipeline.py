@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from kdp.checkpoint import read_json, read_meta, write_json
-from kdp.config import PipelineConfig, Runtime, replicate
+from kdp.config import PipelineConfig, Runtime
+from kdp.configio import replicate
 from kdp.data import load_cifar
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
 from kdp.stages.common import StageConflict
@@ -44,14 +45,19 @@ def run_input(run_dir: str | Path, stage: str) -> Path:
     return run_dir / stage
 
 
+def record_config(path: Path, record: dict, what: str, hint: str) -> Path:
+    """Write `record` (JSON) at `path` unless the same is there already; refuse a different one."""
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back
+    if path.exists() and read_json(path, path.name) != record:
+        raise StageConflict(f"{path}: {what} exists with another config; {hint}")
+    write_json(path, record)
+    return path
+
+
 def prepare_run(cfg: PipelineConfig, out_root: Path) -> Path:
     """Create the run directory and record its config; refuse a different config under the same name."""
     run_dir = Path(out_root) / cfg.name
-    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    path = run_dir / "config.json"
-    if path.exists() and read_json(path) != cfg_dict:
-        raise StageConflict(f"{path}: run {cfg.name!r} exists with another config; pick another --name")
-    write_json(path, cfg_dict)
+    record_config(run_dir / "config.json", dataclasses.asdict(cfg), f"run {cfg.name!r}", "pick another --name")
     return run_dir
 
 

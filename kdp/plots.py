@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, VARIANT_LABELS, VARIANT_ORDER, cells,  # noqa: E402
+                       is_sweep, ordered, table1_rows)
 from kdp.checkpoint import atomic_path  # noqa: E402
 from kdp.errors import DataError  # noqa: E402
-from kdp.report import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, VARIANT_ORDER, _is_sweep, _ordered,  # noqa: E402
-                        cells, table1_rows)
 
 FIGURE_N = 8
 
@@ -41,40 +41,42 @@ def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
     if sub.empty:
         return None
     stats = cells(sub, ["attack", "variant"])
-    attacks = _ordered(sub["attack"].dropna(), ATTACK_ORDER)
-    variants = _ordered(sub["variant"].dropna(), VARIANT_ORDER)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(attacks)), 4))
+    attacks = ordered(sub["attack"].dropna(), ATTACK_ORDER)
+    variants = ordered(sub["variant"].dropna(), VARIANT_ORDER)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(attacks) + 2.5), 4.5))
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
         ys, errs = _points(stats, [(a, v) for a in attacks])
-        ax.bar([i + (j - (len(variants) - 1) / 2) * width for i in range(len(attacks))], ys, width, label=v,
-               yerr=errs, capsize=2)
-    ax.set_xticks(range(len(attacks)), [ATTACK_LABELS.get(a, a) for a in attacks])
+        ax.bar([i + (j - (len(variants) - 1) / 2) * width for i in range(len(attacks))], ys, width,
+               label=VARIANT_LABELS.get(v, v), yerr=errs, capsize=2)
+    # tick labels turned so that long ones never meet; the legend beside the axes, off the bars
+    ax.set_xticks(range(len(attacks)), [ATTACK_LABELS.get(a, a) for a in attacks], rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy on purified images (classifier threat model)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path | None:
     """Accuracy (%) on `attack` against β, γ and ε, one line per sweep variant (pooled over
     the other two dimensions); None if there are no sweep rows for it."""
-    sub = df[_is_sweep(df) & (df["threat_model"] == "classifier") & (df["attack"] == attack)]
+    sub = df[is_sweep(df) & (df["threat_model"] == "classifier") & (df["attack"] == attack)]
     if sub.empty:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, dim, label in zip(axes, ("sweep.beta", "sweep.gamma", "sweep.eps"), ("β", "γ", "ε (×1/255)")):
         # rounded: float jitter in stored ε (8/255 computed twice) must not split a point
         stats = cells(sub.assign(**{dim: sub[dim].round(9)}), ["sweep.variant", dim])
-        for v in _ordered({k[0] for k in stats}, tuple(SWEEP_LABELS)):
+        for v in ordered({k[0] for k in stats}, tuple(SWEEP_LABELS)):
             keys = sorted(k for k in stats if k[0] == v)
             ys, errs = _points(stats, keys)
             xs = [k[1] * 255 if dim == "sweep.eps" else k[1] for k in keys]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=2, label=SWEEP_LABELS.get(v, v))
         ax.set_xlabel(label)
         ax.set_ylabel(f"{ATTACK_LABELS.get(attack, attack)} accuracy (%)")
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # off the lines
     fig.suptitle(f"Sweep: {ATTACK_LABELS.get(attack, attack)} accuracy (classifier threat model)")
     fig.tight_layout()
     return _save(fig, path)

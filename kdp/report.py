@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
+                       VARIANT_ORDER, VARIANT_TO_SWEEP, at_setting, cells, is_sweep, ordered, pooled, table1_rows)
 from kdp.checkpoint import atomic_path
-from kdp.stats import bootstrap, paired
 from kdp.errors import ConfigError
+from kdp.stats import paired
 
 # Cited paper figures (Koo et al. 2023, Table 1): accuracy (%) of ResNet-56 on purified AEs.
 # "original" is the classifier's own clean accuracy, no purifier (the paper's "Original" row,
@@ -37,16 +39,6 @@ PAPER_TABLE2 = {
     "kd_nt": {"pgd8": 35.77, "pgd16": 29.47, "fgsm": 36.93, "bim": 34.88, "cw": 57.90, "autoattack": 40.50},
     "kd_at_nt": {"pgd8": 40.20, "pgd16": 33.57, "fgsm": 40.12, "bim": 38.37, "cw": 56.87, "autoattack": 46.91},
 }
-ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoattack", "aa-standard")
-# `autoattack` is torchattacks' AutoAttack at its 10-step default (the paper's likely setting);
-# `aa-standard` is AutoAttack at the original strengths (kdp.attacks).
-ATTACK_LABELS = {"clean": "Purified clean", "pgd8": "PGD8", "pgd16": "PGD16", "pgd100": "PGD-100", "fgsm": "FGSM",
-                 "bim": "BIM", "cw": "CW", "autoattack": "AA (10-step)", "aa-standard": "AA (standard)"}
-VARIANT_ORDER = ("none", "jpeg", "nrp", "soap", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
-# Table 1 rows: the paper's comparison first, then any other variant present.
-TABLE1_VARIANTS = ("none", "jpeg", "nrp", "soap", "at_teacher", "kd_at_nt")
-VARIANT_LABELS = {"none": "none (undefended)", "jpeg": "JPEG", "nrp": "NRP", "soap": "SOAP",
-                  "at_teacher": "AT teacher", "kd_at_nt": "student KD←AT+NT"}
 PAPER_ROWS = (("paper: NRP", "nrp"), ("paper: SOAP", "soap"), ("paper: KD←AT+NT (ours)", "ours"))
 THREAT_ORDER = ("classifier", "full", "transfer")
 THREAT_TEXT = {
@@ -54,10 +46,6 @@ THREAT_TEXT = {
     "full": "`full`: white-box attacks through purifier∘classifier (BPDA for non-differentiable "
             "purifiers, EOT for randomized ones).",
     "transfer": "`transfer`: AEs crafted on a separately trained surrogate classifier, then purified."}
-SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}
-# A pipeline run's variant -> the Table 2 row it stands for (used when there are no sweep rows).
-VARIANT_TO_SWEEP = {"at_teacher": "at_only", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
-TOL = 1e-6
 DASH = "–"
 INTERVAL_TEXT = ("Each kdp cell is the pooled accuracy (%) ± half the width of its 95% bootstrap interval "
                  "(1000 draws over test images and replicate seeds; no ± where rows carry no per-image hits).")
@@ -65,61 +53,8 @@ INTERVAL_TEXT = ("Each kdp cell is the pooled accuracy (%) ± half the width of 
 
 # ---------------------------------------------------------------- aggregation helpers
 
-def pooled(df: pd.DataFrame, by: list[str]) -> pd.Series:
-    """Accuracy (%) per group, pooled by summing counts (valid across shards and runs)."""
-    agg = df.groupby(by, dropna=True)[["correct", "n"]].sum()
-    agg = agg[agg["n"] > 0]
-    return (100 * agg["correct"] / agg["n"]).rename("accuracy")
-
-
-def _ordered(values, order) -> list:
-    present = set(values)
-    return [v for v in order if v in present] + sorted(v for v in present if v not in order)
-
-
-def _is_sweep(df: pd.DataFrame) -> pd.Series:
-    col = df["sweep.variant"] if "sweep.variant" in df else pd.Series(None, index=df.index, dtype=object)
-    return col.notna()
-
-
-def _near(col: pd.Series, value: float) -> pd.Series:
-    """Float-tolerant equality; a null value matches anything (e.g. β of an AT-only trial)."""
-    return col.isna() | ((col - value).abs() <= TOL)
-
-
-def _at_setting(df, beta, gamma, eps, cols=("sweep.beta", "sweep.gamma", "sweep.eps")) -> pd.DataFrame:
-    """Rows whose (β, γ, ε) columns match the requested setting."""
-    mask = pd.Series(True, index=df.index)
-    for col, value in zip(cols, (beta, gamma, eps)):
-        if col in df:
-            mask &= _near(df[col].astype(float), value)
-    return df[mask]
-
-
 def _fmt(v) -> str:
     return DASH if v is None or pd.isna(v) else f"{v:.2f}"
-
-
-def _hits(g: pd.DataFrame) -> list[str]:
-    """One per-image hit string per replicate row (in a stable order), or [] if none recorded."""
-    if "hits" not in g:
-        return []
-    keys = [c for c in ("seed", "run", "trial_id") if c in g]
-    return [h for h in g.sort_values(keys)["hits"].tolist() if isinstance(h, str) and h]
-
-
-def cell_stats(g: pd.DataFrame) -> dict:
-    """Pooled accuracy and agreement (%), n, replicates, and the bootstrap half-width of one cell."""
-    n = g["n"].sum()
-    bs = bootstrap(_hits(g))
-    agree = 100 * g["agree"].sum() / n if "agree" in g and n else None
-    return {"acc": 100 * g["correct"].sum() / n if n else None, "agree": agree, "n": int(g["n"].max()),
-            "reps": len(g), "hw": None if bs is None else 50 * (bs["hi"] - bs["lo"])}
-
-
-def cells(df: pd.DataFrame, by: list[str]) -> dict:
-    """cell_stats per group of `by` (groups with no images are dropped)."""
-    return {k: cell_stats(g) for k, g in df.groupby(by, dropna=True, sort=False) if g["n"].sum() > 0}
 
 
 def _fmt_cell(c: dict | None, key: str = "acc") -> str:
@@ -138,15 +73,6 @@ def _count(df: pd.DataFrame, col: str) -> int:
 
 
 # ---------------------------------------------------------------- tables
-
-def table1_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The rows Table 1 describes and their source: pipeline runs when any exist, else sweep
-    trials at the paper's β = γ = 0.5, ε = 8/255 (pooling other settings would mix them)."""
-    sweep = _is_sweep(df)
-    if (~sweep).any():
-        return df[~sweep], "pipeline runs"
-    return _at_setting(df[sweep], 0.5, 0.5, 8 / 255), "sweep trials at β=γ=0.5, ε=8/255"
-
 
 def _failed(df: pd.DataFrame) -> pd.Series | None:
     """Rows whose sanity checks failed (checks_ok == False); None if no row recorded checks."""
@@ -178,7 +104,7 @@ def suite_lines(sub: pd.DataFrame, threats: list[str]) -> list[str]:
     for t in threats:
         rows = sub[(sub["threat_model"] == t) & (sub["attack"] != "clean")]
         parts = []
-        for a in _ordered(rows["attack"].dropna(), ATTACK_ORDER):
+        for a in ordered(rows["attack"].dropna(), ATTACK_ORDER):
             r = rows[rows["attack"] == a]
             settings = r["attack.settings"].dropna() if "attack.settings" in r else pd.Series(dtype=object)
             what = settings.iloc[0] if len(settings) else "settings not recorded"
@@ -205,15 +131,15 @@ def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
 def _table1_layout(sub: pd.DataFrame):
     """(columns [(threat, attack)], their labels, cell stats, the variants in order)."""
     stats = cells(sub, ["threat_model", "attack", "variant"])
-    threats = _ordered(sub["threat_model"].dropna(), THREAT_ORDER)
-    cols = [(t, a) for t in threats for a in _ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(),
+    threats = ordered(sub["threat_model"].dropna(), THREAT_ORDER)
+    cols = [(t, a) for t in threats for a in ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(),
                                                       ATTACK_ORDER)
             if any(k[:2] == (t, a) for k in stats)]
     clean = [c["n"] for k, c in stats.items() if k[:2] == ("classifier", "clean")]
     n_clean = max(clean) if clean else None
     labels = [_column_label(t, a, max((c for k, c in stats.items() if k[:2] == (t, a)), key=lambda c: c["n"]),
                             n_clean) for t, a in cols]
-    variants = _ordered(sub["variant"].dropna(), tuple(dict.fromkeys(TABLE1_VARIANTS + VARIANT_ORDER)))
+    variants = ordered(sub["variant"].dropna(), tuple(dict.fromkeys(TABLE1_VARIANTS + VARIANT_ORDER)))
     return threats, cols, labels, stats, variants
 
 
@@ -244,20 +170,20 @@ def table1_markdown(df: pd.DataFrame) -> str:
 def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tuple[pd.DataFrame, str]:
     """Classifier-threat-model rows at (β, γ, ε) with a `table2_variant` column, and their source."""
     df = df[df["threat_model"] == "classifier"]
-    sweep = _is_sweep(df)
+    sweep = is_sweep(df)
     if sweep.any():
-        rows = _at_setting(df[sweep], beta, gamma, eps)
+        rows = at_setting(df[sweep], beta, gamma, eps)
         return rows.assign(table2_variant=rows["sweep.variant"]), "sweep trials"
     # No sweep: a pipeline run's own variants, filtered on its configured β, γ and AE ε.
     rows = df[df["variant"].isin(list(VARIANT_TO_SWEEP))]
-    rows = _at_setting(rows, beta, gamma, eps, cols=("purifier.beta", "purifier.gamma", "ae.eps"))
+    rows = at_setting(rows, beta, gamma, eps, cols=("purifier.beta", "purifier.gamma", "ae.eps"))
     return rows.assign(table2_variant=rows["variant"].map(VARIANT_TO_SWEEP)), "pipeline runs"
 
 
 def _replicate_key(rows: pd.DataFrame) -> pd.Series:
     """What pairs a variant's rows with the AT-only rows: the run (pipeline: same run, same seed
     and images) or the seed (sweep trials)."""
-    if _is_sweep(rows).all() and "sweep.seed" in rows:
+    if is_sweep(rows).all() and "sweep.seed" in rows:
         return rows["sweep.seed"].fillna(0).astype(int).astype(str)
     return rows["run"].astype(str)
 
@@ -282,10 +208,10 @@ def table2_markdown(df: pd.DataFrame, beta: float = 0.5, gamma: float = 0.5, eps
     if rows.empty:
         return f"_Table 2: no classifier-threat-model rows at {setting}._"
     stats = cells(rows, ["table2_variant", "attack"])
-    attacks = [a for a in _ordered(rows["attack"].dropna(), ATTACK_ORDER) if a != "clean"]
+    attacks = [a for a in ordered(rows["attack"].dropna(), ATTACK_ORDER) if a != "clean"]
     has_hits = "hits" in rows and rows["hits"].notna().any()
     body = []
-    for v in _ordered(rows["table2_variant"].dropna(), tuple(SWEEP_LABELS)):
+    for v in ordered(rows["table2_variant"].dropna(), tuple(SWEEP_LABELS)):
         paper = PAPER_TABLE2.get(v, {})
         body.append([SWEEP_LABELS.get(v, v)] + [
             f"{_fmt_cell(stats.get((v, a)))}{_versus_at(rows, v, a) if has_hits else ''} ({_fmt(paper.get(a))})"
@@ -307,7 +233,7 @@ def provenance_lines(df: pd.DataFrame) -> list[str]:
     acc = df["classifier.test_acc"].dropna() if "classifier.test_acc" in df else pd.Series(dtype=float)
     acc_text = f"{acc.min():.4f} – {acc.max():.4f}" if len(acc) else DASH
     sweeps = _count(df, "sweep_id") if "sweep_id" in df else ("unknown (no sweep_id column)" if
-                                                                _is_sweep(df).any() else 0)
+                                                                is_sweep(df).any() else 0)
     return [f"- rows: {len(df)}; runs: {_count(df, 'run')}; sweeps: {sweeps}; trials: {_count(df, 'trial_id')}",
             f"- git_sha: {', '.join(shas) or DASH}",
             f"- data.train_size: {', '.join(map(str, sizes)) or DASH}",

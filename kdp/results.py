@@ -17,8 +17,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kdp.checkpoint import atomic_path
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig,
-                        SoapConfig, TeacherConfig, flatten)
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, TeacherConfig
+from kdp.configio import flatten
 from kdp.provenance import PACKAGES
 from kdp.errors import DataError, NotFoundError
 

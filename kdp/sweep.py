@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import (PipelineConfig, Runtime, StudentConfig, _check, _choice, _coerce, flatten, from_dict, parse_seeds,
-                        replicate)
+from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, check_name
+from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
+from kdp.errors import ConfigError, DataError, NotFoundError
+from kdp.events import log_event
 from kdp.graph import Run, Stage, ensure, pipeline_graph, run_graph
 from kdp.losses import KD_SPACES
+from kdp.pipeline import record_config
 from kdp.results import unique_name
 from kdp.stages.aes import ae_cache_key
-from kdp.stages.common import log_stage
-from kdp.errors import ConfigError, DataError, NotFoundError
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
@@ -83,7 +84,7 @@ class SweepConfig:
     """KD softmax space(s): pixels and/or logits."""
     seeds: tuple[int, ...] = (0,)
     """Replicate seeds, a grid dimension: each reseeds the trial's teachers, student and attack
-    starts (kdp.config.replicate); the classifier and training AEs stay shared."""
+    starts (kdp.configio.replicate); the classifier and training AEs stay shared."""
     num_samples: int = 1
     """Repeats of the grid (each draws fresh values for Range dimensions)."""
     max_concurrent: int = 0
@@ -94,8 +95,7 @@ class SweepConfig:
     """Longest wait for another trial making a shared artifact; then the trial fails naming it."""
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
-               f"invalid sweep name {self.name!r}")
+        check_name(self.name, "sweep")
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "kd_space", tuple(self.kd_space))
         _check(len(self.variants) > 0, "a sweep needs at least one variant")
@@ -268,11 +268,11 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     sweep_dir, results_root = out_root / base.name, out_root / "results"
     done = trial_results(results_root, base.name, trial_id)
     if done:  # finished before a crash hid it from Tune: keep its file, redo nothing
-        log_stage(sweep_dir, "trial", "skipped", by=trial_id, path=str(done[0]))
+        log_event(sweep_dir, "trial", "skipped", by=trial_id, path=str(done[0]))
         log(f"[trial {trial_id}] results exist: {done[0]}")
         return done[0]
     t0 = time.time()
-    log_stage(sweep_dir, "trial", "started", by=trial_id, params=params)
+    log_event(sweep_dir, "trial", "started", by=trial_id, params=params)
     cfg = trial_config(base, params, trial_id)
     variant = cfg.students[0].variant if cfg.students else "at_teacher"
     root, trial_dir = shared_root(sweep_dir, trial_id, share), sweep_dir / "trials" / trial_id
@@ -285,21 +285,15 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
         k: str(v) for k, v in outputs.items() if k != "evaluate"}, "config": json.loads(json.dumps(
             dataclasses.asdict(cfg)))})
-    log_stage(sweep_dir, "trial", "finished", by=trial_id, path=str(outputs["evaluate"]), seconds=time.time() - t0)
+    log_event(sweep_dir, "trial", "finished", by=trial_id, path=str(outputs["evaluate"]), seconds=time.time() - t0)
     return outputs["evaluate"]
 
 
 def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:
     """Record sweep.json; refuse a different sweep under the same name."""
-    record = {"sweep": sweep_to_dict(sweep), "base": json.loads(json.dumps(dataclasses.asdict(base)))}
+    record = {"sweep": sweep_to_dict(sweep), "base": dataclasses.asdict(base)}
     path = Path(out_root) / sweep.name / "sweep.json"
-    if path.exists():
-        old = read_json(path, "sweep.json")
-        if old != record:
-            raise ConfigError(f"{path}: sweep {sweep.name!r} exists with another config; "
-                             "use --resume to continue it or pick another --name")
-    write_json(path, record)
-    return path
+    return record_config(path, record, f"sweep {sweep.name!r}", "use --resume to continue it or pick another --name")
 
 
 def load_sweep_record(out_root: str | Path, name: str) -> tuple[SweepConfig, PipelineConfig]:

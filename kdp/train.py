@@ -16,6 +16,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from kdp.checkpoint import load_state, save_state
+from kdp.interrupt import check
 from kdp.errors import CheckpointError, ConfigError
 
 
@@ -101,6 +102,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     count = 0
     # the per-batch bar only on a terminal; logs (Ray, CI) get the per-epoch bar alone
     for idx in tqdm(batches, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty())):
+        check()  # Ctrl-C / SIGTERM: stop here, the last epoch's state is kept
         out = step(idx)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()

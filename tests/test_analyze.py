@@ -14,7 +14,8 @@ from kdp.analyze import (add_analyze_args, analyze, analyze_command, analyze_run
                          fit_blend)
 from kdp.attacks import attack_batches, build_attack
 from kdp.checkpoint import load_checkpoint, save_checkpoint, write_json
-from kdp.config import StudentConfig, flatten
+from kdp.config import StudentConfig
+from kdp.configio import flatten
 from kdp.data import to_float
 from kdp.models import build_model, freeze
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from kdp.checkpoint import load_checkpoint
-from kdp.config import ClassifierConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig, flatten
+from kdp.config import ClassifierConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
+from kdp.configio import flatten
 from kdp.models import EOT, CifarResNet, Critic, JpegPurifier, NRPPurifier, SoapPurifier, build_model
 from kdp.stages.baselines import NRPTraining, nrp_step, ragan_loss, ssp, train_baseline
 from kdp.stages.classifier import train_classifier

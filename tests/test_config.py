@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from kdp.attacks import PAPER_SUITE
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, Runtime, StudentConfig,
-                        TeacherConfig, flatten, override, parse_seeds, replicate)
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, Runtime, StudentConfig, TeacherConfig
+from kdp.configio import flatten, override, parse_seeds, replicate
 from kdp.presets import PRESETS, get_preset
 
 
@@ -245,3 +245,17 @@ def test_unknown_preset():
     with pytest.raises(ValueError) as e:
         get_preset("huge")
     assert "'huge'" in str(e.value) and "smoke" in str(e.value) and "paper" in str(e.value)
+
+
+def test_set_students_picks_them_by_teacher_set():
+    from kdp.configio import override
+
+    tiny = get_preset("tiny")
+    picked = override(tiny, "students=at+nt,nt")
+    assert [s.variant for s in picked.students] == ["kd_at_nt", "kd_nt"]
+    assert all(s.epochs == tiny.students[0].epochs and s.width == 8 for s in picked.students)  # the preset's settings
+    assert override(tiny, "students=").students == ()  # none: teachers and baselines only
+    with pytest.raises(ValueError, match="bad value for students: 'at,,nt'"):
+        override(tiny, "students=at,,nt")
+    with pytest.raises(ValueError, match="'xt'"):
+        override(tiny, "students=at+xt")

@@ -253,3 +253,11 @@ def test_an_autoscaler_is_told_from_the_read_only_provider(status, autoscaling):
     from kdp.distributed.nodes import _autoscaling
 
     assert _autoscaling(None if status is None else json.dumps(status).encode()) is autoscaling
+
+
+def test_both_executors_satisfy_the_executor_protocol():
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+    from kdp.graph import Executor
+
+    assert isinstance(LocalExecutor(), Executor) and isinstance(RayExecutor(ScaleConfig()), Executor)

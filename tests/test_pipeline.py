@@ -84,7 +84,8 @@ def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, ci
     assert sum("done already" in line for line in console) == len(STAGES) + 2  # + aes, evaluate
     assert [line for line in console if "threat model" in line] == [
         f"{t} threat model: accuracy % (n = test images per attack)" for t in SUITES]
-    assert sum(line.startswith("aa-standard (n=4) ") for line in console) == 1
+    assert sum(line.startswith("AA (standard) (n=4) ") for line in console) == 1
+    assert any("student KD←AT+NT" in line and "NT teacher" in line for line in console)  # the report's labels
     assert console[-1] == f"full report (intervals, Table 2, plots): kdp report {run} --out {run / 'report'}"
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
     later = read_events(run)[n_before:]

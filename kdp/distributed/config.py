@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kdp.config import _check, _positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
+from kdp.interrupt import reinstall
 from kdp.errors import ConfigError, StorageError  # noqa: F401 (re-exported)
 
 
@@ -97,5 +98,6 @@ def connect(address: str | None, verbose: bool = False) -> None:
     # start-up notices (the dashboard URL, token auth) only with --verbose; warnings after it
     ray.init(address=address or "local", log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR)
+    reinstall()  # ray.init took SIGTERM; a stoppable command takes it back
     if not verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)

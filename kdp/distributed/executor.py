@@ -27,13 +27,13 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from kdp.checkpoint import is_complete
-from kdp.config import flatten
+from kdp.configio import flatten
 from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
 from kdp.graph import DRIVER, TASKS, Run, Stage, state_path
-from kdp.stages.common import log_stage
+from kdp.events import log_event
 from kdp.stages.evaluate import shards
 
 
@@ -61,6 +61,7 @@ class RayExecutor:
         """stage -> Ray Train callbacks for its run (a Tune trial forwards the student's epochs)."""
         self._refs: dict[int, ray.ObjectRef] = {}
         self._cap: tuple = ()
+        self._inflight: set = set()
 
     # ---- scheduling
     def workers(self, stage: Stage) -> int:
@@ -120,22 +121,36 @@ class RayExecutor:
             return self._fit(stage, inputs, out, run)
         if stage.kind == "train":  # retried where its worker or node died; resumes from its state file
             fn = self.task(max_retries=self.scale.max_failures)
-            ray.get(fn.remote(train_task, _log_file(run, stage.name), _loop_config(stage, inputs, out, run),
-                              self._ref(run.data)))
+            self._get([fn.remote(train_task, _log_file(run, stage.name), _loop_config(stage, inputs, out, run),
+                                 self._ref(run.data))])
             return out
         if stage.kind == "task":
             fn = self.task()
             rt = dataclasses.replace(run.rt, progress=False)
-            return ray.get(fn.remote(TASKS[stage.fn], _log_file(run, stage.name), stage.config, inputs, out,
-                                     self._ref(run.data), rt))
+            return self._get([fn.remote(TASKS[stage.fn], _log_file(run, stage.name), stage.config, inputs, out,
+                                        self._ref(run.data), rt)])[0]
         return DRIVER[stage.fn](stage, inputs, out, run, self)
+
+    def _get(self, refs: list) -> list:
+        """ray.get, with the refs known to cancel() while they run."""
+        self._inflight.update(refs)
+        try:
+            return ray.get(refs)
+        finally:
+            self._inflight.difference_update(refs)
+
+    def cancel(self) -> None:
+        """Ctrl-C / SIGTERM: force-cancel this executor's tasks in flight (their workers exit; a
+        training task's last epoch is in its state file). Train runs end with the driver's Ray."""
+        for ref in list(self._inflight):
+            ray.cancel(ref, force=True, recursive=True)
 
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         return shards(eval_cfg, n_test, self.scale.eval_shard_size, surrogate)
 
     def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
         task = self.task()
-        return ray.get([task.remote(fn, log_file, *(self._ref(a) for a in a_)) for a_ in args])
+        return self._get([task.remote(fn, log_file, *(self._ref(a) for a in a_)) for a_ in args])
 
     def _ref(self, obj):
         """Large inputs (the dataset) go to the object store once."""
@@ -169,7 +184,7 @@ class RayExecutor:
         if broken is not None:
             aside = storage / f"{name}.broken-{int(time.time())}"
             os.rename(storage / name, aside)
-            log_stage(run.run_dir, stage.name, "resume_refused", error=broken, moved_to=str(aside))
+            log_event(run.run_dir, stage.name, "resume_refused", error=broken, moved_to=str(aside))
             run.say(f"[{stage.name}] cannot resume ({broken}); starting over, old run kept at {aside}")
         self._trainer(stage, loop_config, name, storage).fit()
         if not is_complete(out):
@@ -198,7 +213,8 @@ def snapshot_problem(run_path: Path) -> str | None:
 
 def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
     """What a training stage's worker needs, as plain values (Train's train_loop_config)."""
-    return {"stage": stage.name, "recipe": stage.fn, "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
+    return {"stage": stage.name, "recipe": stage.fn, "config_class": type(stage.config).__name__,
+            "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
             "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
             "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name)}
 

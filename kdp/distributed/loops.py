@@ -20,16 +20,15 @@ import ray.train.torch
 import torch
 
 from kdp.checkpoint import load_state, save_state
-from kdp.config import (ClassifierConfig, DataConfig, NRPConfig, Runtime, SoapConfig, StudentConfig, TeacherConfig,
-                        unflatten)
+import kdp.config
+from kdp.config import DataConfig, Runtime
+from kdp.configio import unflatten
 from kdp.data import load_cifar
 from kdp.distributed.nodes import see_paths
 from kdp.graph import RECIPES, state_path
 from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
 
 STATE = "state.pt"
-CONFIGS = {"classifier": ClassifierConfig, "teacher": TeacherConfig, "student": StudentConfig, "nrp": NRPConfig,
-           "soap": SoapConfig}
 
 
 def use_assigned_cpus() -> int:
@@ -94,6 +93,11 @@ class TrainStore:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _stage_config(c: dict):
+    """The stage's frozen config, rebuilt from its flat form and its class's name in kdp.config."""
+    return unflatten(getattr(kdp.config, c["config_class"]), c["cfg"])
+
+
 def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1):
     """The stage's epoch events, tagged with this node, and its epoch lines in the stage's log."""
     return epoch_logger(Path(run_dir), stage, epochs, rank, world, echo=rank == 0,
@@ -106,7 +110,7 @@ def train_task(c: dict, data) -> None:
     see_paths([c["run_dir"], *c["inputs"].values()])
     # a task's GPU is cuda:0 (CUDA_VISIBLE_DEVICES); a GPU resource without CUDA trains on the CPU
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    cfg, out = unflatten(CONFIGS[c["recipe"]], c["cfg"]), Path(c["out"])
+    cfg, out = _stage_config(c), Path(c["out"])
     rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
     fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"],
               _where(c["run_dir"], c["stage"], cfg.epochs))
@@ -121,7 +125,7 @@ def train_loop(c: dict) -> None:
     see_paths([c["run_dir"], *c["inputs"].values()])
     # a GPU resource without CUDA (a simulated cluster): train on the CPU
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    cfg = unflatten(CONFIGS[c["recipe"]], c["cfg"])
+    cfg = _stage_config(c)
     rt = Runtime(**{**c["runtime"], "device": str(device), "progress": False})
     with captured(Path(c["log_file"])):
         data = load_cifar(**vars(unflatten(DataConfig, c["data"])))

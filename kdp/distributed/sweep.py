@@ -21,13 +21,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from ray import tune
 
-from kdp.config import PipelineConfig, Runtime, from_dict
+from kdp.config import PipelineConfig, Runtime
+from kdp.configio import from_dict
 from kdp.data import load_cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
 from kdp.errors import ConfigError, NotFoundError
+from kdp.interrupt import in_thread
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
@@ -115,7 +117,9 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale:
                            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_root / s.name),
                                                      failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {out_root / 'results'}")
-    grid = tuner.fit()
+    # off the main thread: Tune installs no Ctrl-C handler of its own (it would wait for a last
+    # experiment checkpoint); kdp's stops at once and --resume restores Tune's periodic one
+    grid = in_thread(tuner.fit)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
     return out_root / "results" / f"sweep_id={s.name}"

@@ -3,7 +3,6 @@ checkpoint directory (or, for evaluation, result rows); none imports Ray."""
 from kdp.stages.aes import load_training_aes, make_training_aes
 from kdp.stages.classifier import train_classifier
 from kdp.stages.evaluate import evaluate
-from kdp.stages.purifier import train_student, train_teacher
+from kdp.stages.purifier import train_teacher
 
-__all__ = ["train_classifier", "make_training_aes", "load_training_aes", "train_teacher",
-           "train_student", "evaluate"]
+__all__ = ["train_classifier", "make_training_aes", "load_training_aes", "train_teacher", "evaluate"]

@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdp.checkpoint import save_checkpoint
-from kdp.config import JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig, flatten
+from kdp.config import JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
+from kdp.configio import flatten
 from kdp.data import Cifar, augment, to_float
 from kdp.models import Critic, build_model, lookup
 from kdp.provenance import provenance

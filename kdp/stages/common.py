@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from kdp.checkpoint import WEIGHTS, CheckpointError, file_sha256, is_complete, read_meta, save_checkpoint
-from kdp.config import flatten
+from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
 from kdp.train import epoch_batches, fit, resolve_device, train_epoch
@@ -35,9 +35,6 @@ def finished(out: Path, config: dict) -> bool:
         raise CheckpointError(f"stage {out.name}: {out / WEIGHTS} does not match the weights_sha256 in its "
                               f"checkpoint.json (changed or corrupt); delete {out} to train it again")
     return True
-
-
-log_stage = log_event  # a stage's log is the run's event log (kdp.events)
 
 
 @dataclass
@@ -109,9 +106,9 @@ def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, w
 
     def on_epoch(epoch, metrics):
         if metrics is None:
-            log_stage(run_dir, stage, "epoch_start", epoch=epoch, **where)
+            log_event(run_dir, stage, "epoch_start", epoch=epoch, **where)
         else:
-            log_stage(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
+            log_event(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
             if echo:
                 print(epoch_line(stage, epoch, epochs, metrics), flush=True)
     return on_epoch

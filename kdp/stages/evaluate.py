@@ -39,6 +39,7 @@ from kdp.attacks import attack_batches, build_attack, describe, linf_budget, set
 from kdp.checkpoint import load_checkpoint
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
+from kdp.interrupt import stop_hook
 from kdp.locks import held
 from kdp.models import EOT, Purified, freeze
 from kdp.stages.eval_cache import cache_key, load_entry, save_entry
@@ -321,6 +322,9 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
         if surrogate_dir is None:
             raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
         surrogate = freeze(load_checkpoint(surrogate_dir, device)[0])
+    for m in {id(m): m for m in (classifier, surrogate, *(d.classifier for d in defenses.values()))
+              if m is not None}.values():
+        m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next
     ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start,
                   None if cache_dir is None else Path(cache_dir))
     return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)

@@ -131,11 +131,3 @@ def train_teacher(cfg: TeacherConfig, data: Cifar, out: Path, rt: Runtime = Runt
     """Train (or resume, or skip) an AT or NT teacher; AT needs the classifier and AEs."""
     return fit_local(teacher_recipe, cfg, {"classifier": classifier_dir, "aes": ae_dir}, data, out, rt,
                       state_path, f"teacher {cfg.kind}", on_epoch)
-
-
-def train_student(cfg: StudentConfig, data: Cifar, out: Path, teacher_dirs: dict[str, Path],
-                  classifier_dir: Path, ae_dir: Path, rt: Runtime = Runtime(),
-                  state_path: Path | None = None, on_epoch=None) -> Path:
-    """Distil the student from cfg.teachers (keys of teacher_dirs: 'at', 'nt')."""
-    inputs = {"classifier": classifier_dir, "aes": ae_dir, **{f"teacher_{k}": v for k, v in teacher_dirs.items()}}
-    return fit_local(student_recipe, cfg, inputs, data, out, rt, state_path, f"student {cfg.variant}", on_epoch)

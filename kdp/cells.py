@@ -1,0 +1,86 @@
+"""The cells every table and plot of a report shows: attack and variant labels and orders (one
+label per variant everywhere), and accuracy pooled over shards, runs and seeds by summing
+counts, with the half-width of its 95% bootstrap interval where rows carry per-image hits."""
+from __future__ import annotations
+
+import pandas as pd
+
+from kdp.stats import bootstrap
+
+ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoattack", "aa-standard")
+# `autoattack` is torchattacks' AutoAttack at its 10-step default (the paper's likely setting);
+# `aa-standard` is AutoAttack at the original strengths (kdp.attacks).
+ATTACK_LABELS = {"clean": "Purified clean", "pgd8": "PGD8", "pgd16": "PGD16", "pgd100": "PGD-100", "fgsm": "FGSM",
+                 "bim": "BIM", "cw": "CW", "autoattack": "AA (10-step)", "aa-standard": "AA (standard)"}
+VARIANT_ORDER = ("none", "jpeg", "nrp", "soap", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
+# Table 1 rows: the paper's comparison first, then any other variant present.
+TABLE1_VARIANTS = ("none", "jpeg", "nrp", "soap", "at_teacher", "kd_at_nt")
+VARIANT_LABELS = {"none": "none (undefended)", "jpeg": "JPEG", "nrp": "NRP", "soap": "SOAP",
+                  "at_teacher": "AT teacher", "nt_teacher": "NT teacher", "kd_at": "student KD←AT",
+                  "kd_nt": "student KD←NT", "kd_at_nt": "student KD←AT+NT"}
+SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}
+# A pipeline run's variant -> the Table 2 row it stands for (used when there are no sweep rows).
+VARIANT_TO_SWEEP = {"at_teacher": "at_only", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
+TOL = 1e-6
+
+
+def pooled(df: pd.DataFrame, by: list[str]) -> pd.Series:
+    """Accuracy (%) per group, pooled by summing counts (valid across shards and runs)."""
+    agg = df.groupby(by, dropna=True)[["correct", "n"]].sum()
+    agg = agg[agg["n"] > 0]
+    return (100 * agg["correct"] / agg["n"]).rename("accuracy")
+
+
+def ordered(values, order) -> list:
+    present = set(values)
+    return [v for v in order if v in present] + sorted(v for v in present if v not in order)
+
+
+def is_sweep(df: pd.DataFrame) -> pd.Series:
+    col = df["sweep.variant"] if "sweep.variant" in df else pd.Series(None, index=df.index, dtype=object)
+    return col.notna()
+
+
+def _near(col: pd.Series, value: float) -> pd.Series:
+    """Float-tolerant equality; a null value matches anything (e.g. β of an AT-only trial)."""
+    return col.isna() | ((col - value).abs() <= TOL)
+
+
+def at_setting(df, beta, gamma, eps, cols=("sweep.beta", "sweep.gamma", "sweep.eps")) -> pd.DataFrame:
+    """Rows whose (β, γ, ε) columns match the requested setting."""
+    mask = pd.Series(True, index=df.index)
+    for col, value in zip(cols, (beta, gamma, eps)):
+        if col in df:
+            mask &= _near(df[col].astype(float), value)
+    return df[mask]
+
+
+def _hits(g: pd.DataFrame) -> list[str]:
+    """One per-image hit string per replicate row (in a stable order), or [] if none recorded."""
+    if "hits" not in g:
+        return []
+    keys = [c for c in ("seed", "run", "trial_id") if c in g]
+    return [h for h in g.sort_values(keys)["hits"].tolist() if isinstance(h, str) and h]
+
+
+def cell_stats(g: pd.DataFrame) -> dict:
+    """Pooled accuracy and agreement (%), n, replicates, and the bootstrap half-width of one cell."""
+    n = g["n"].sum()
+    bs = bootstrap(_hits(g))
+    agree = 100 * g["agree"].sum() / n if "agree" in g and n else None
+    return {"acc": 100 * g["correct"].sum() / n if n else None, "agree": agree, "n": int(g["n"].max()),
+            "reps": len(g), "hw": None if bs is None else 50 * (bs["hi"] - bs["lo"])}
+
+
+def cells(df: pd.DataFrame, by: list[str]) -> dict:
+    """cell_stats per group of `by` (groups with no images are dropped)."""
+    return {k: cell_stats(g) for k, g in df.groupby(by, dropna=True, sort=False) if g["n"].sum() > 0}
+
+
+def table1_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows Table 1 describes and their source: pipeline runs when any exist, else sweep
+    trials at the paper's β = γ = 0.5, ε = 8/255 (pooling other settings would mix them)."""
+    sweep = is_sweep(df)
+    if (~sweep).any():
+        return df[~sweep], "pipeline runs"
+    return at_setting(df[sweep], 0.5, 0.5, 8 / 255), "sweep trials at β=γ=0.5, ε=8/255"

@@ -1,0 +1,111 @@
+"""Stopping a run within seconds on Ctrl-C (SIGINT) or SIGTERM, however long its stages had to go.
+
+`stoppable()` installs the handlers around a command. The first signal sets `STOP` and raises
+`Interrupted` in the main thread (the scheduler's wait); work in other threads sees `STOP` at
+its next check (`check()`: every training batch, every forward pass of a model under attack)
+and raises `Interrupted` too, so in-process stages end within a batch and keep their last
+epoch's state for the resume. The Ray layer cancels its own work (kdp.distributed). A second
+signal exits at once. Exit codes: 130 for SIGINT, 143 for SIGTERM, as a shell reports them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+STOP = threading.Event()
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_received: list[int] = []
+_active: list[bool] = []
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int | None = None):
+        signum = signum or (_received[0] if _received else signal.SIGINT)  # default: the signal received
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.code = EXIT_CODES.get(signum, 130)
+
+
+def check() -> None:
+    """Raise Interrupted if a stop was asked for (cheap: call it per batch)."""
+    if STOP.is_set():
+        raise Interrupted()
+
+
+def _handler(signum, frame):
+    if STOP.is_set():  # the second signal: no more waiting
+        sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now\n")
+        sys.stderr.flush()
+        os._exit(EXIT_CODES.get(signum, 130))
+    _received[:] = [signum]
+    STOP.set()
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stoppable():
+    """SIGINT and SIGTERM stop the block (see the module docstring); outside the main thread,
+    where no handler can be installed, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _handler) for s in EXIT_CODES}
+    STOP.clear()
+    _active.append(True)
+    try:
+        yield
+    finally:
+        _active.pop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        STOP.clear()
+        _received.clear()
+
+
+def reinstall() -> None:
+    """Take the signals back inside a stoppable block after a library set its own handlers
+    (ray.init sets one for SIGTERM)."""
+    if _active and threading.current_thread() is threading.main_thread():
+        for s in EXIT_CODES:
+            signal.signal(s, _handler)
+
+
+def in_thread(fn, *args):
+    """fn(*args) in a daemon thread while the main thread waits in Python: a signal then stops
+    the wait cleanly, never inside a library's own C call (Tune's loop waits in Ray's), and
+    the library's loop, outside the main thread, installs no signal handlers of its own."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def exit_with(code: int) -> None:
+    """A script's exit: after an interruption without waiting for threads of stopped stages
+    (nothing is left to finish: their state was saved each epoch), else sys.exit."""
+    if code in EXIT_CODES.values():
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def stop_hook(module, args) -> None:
+    """A forward pre-hook: an attack running inside a model's forward passes ends at the next one."""
+    check()
