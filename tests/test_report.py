@@ -99,7 +99,7 @@ def test_table1_rows_in_order_with_pooled_values_per_threat_block():
     md = report.table1_markdown(_frame(pipeline_rows()))
     assert _header(md) == ["variant", "Original", "Purified clean", "PGD8", "full PGD8", "transfer FGSM", "checks"]
     assert _first_column(md) == ["none (undefended)", "JPEG", "NRP", "SOAP", "AT teacher", "student KD←AT+NT",
-                                 "kd_at", "paper: NRP", "paper: SOAP", "paper: KD←AT+NT (ours)"]
+                                 "student KD←AT", "paper: NRP", "paper: SOAP", "paper: KD←AT+NT (ours)"]  # one label each
     student = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
     # Original: the undefended classifier's clean accuracy, in every row; Purified clean: the row's own
     assert student == {"variant": "student KD←AT+NT", "Original": "90.00", "Purified clean": "80.00",
@@ -140,7 +140,7 @@ def test_table1_checks_column():
 
 def test_table1_from_sweep_only_uses_paper_setting():
     md = report.table1_markdown(_frame(sweep_rows()))
-    assert _first_column(md)[:4] == ["AT teacher", "student KD←AT+NT", "kd_at", "kd_nt"]
+    assert _first_column(md)[:4] == ["AT teacher", "student KD←AT+NT", "student KD←AT", "student KD←NT"]
     assert "JPEG" not in _first_column(md)
     cells = dict(zip(_header(md), _cells(md, "student KD←AT+NT")))
     assert cells["PGD8"] == "13.00"  # β=0.5 trial (10+3), not pooled with β=0.3 (63)
