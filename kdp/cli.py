@@ -249,6 +249,13 @@ def parser() -> argparse.ArgumentParser:
 
     add_scale_args(w)
     w.set_defaults(fn=sweep_command)
+    from kdp.cache import add_cache_args, cache_command
+
+    c = sub.add_parser("cache", help="list the AE caches under an output root, their sizes; prune them",
+                       description="List the training and evaluation AE caches under ROOT (sweeps' shared ones "
+                       "too) with entries, size and last use; --older-than DAYS and/or --unused prune them.")
+    add_cache_args(c)
+    c.set_defaults(fn=cache_command)
     return p
 
 

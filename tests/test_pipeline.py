@@ -127,6 +127,22 @@ def test_same_name_with_another_config_is_refused(tiny_run, cifar_subset_dir, ca
     assert (tiny_run / "config.json").read_bytes() == config
 
 
+def test_a_changed_weights_file_is_refused_before_it_is_trusted(tiny_run, tmp_path, cifar_subset_dir, capsys):
+    """A finished stage whose model.pt no longer matches its recorded sha256 is not skipped as
+    done: one line names the stage, the file and how to train it again; nothing is rewritten."""
+    run = _copy(tiny_run, tmp_path / "out")
+    weights = run / "teacher_nt" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed
+    weights.write_bytes(bytes(data))
+    results = (run / "results.parquet").read_bytes()
+    assert cli.main(tiny_argv(cifar_subset_dir, run.parent)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kdp: error: stage teacher_nt:")
+    assert f"{weights} does not match the weights_sha256" in err and f"delete {run / 'teacher_nt'}" in err
+    assert (run / "results.parquet").read_bytes() == results
+
+
 def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, monkeypatch):
     """The NT teacher dies in epoch 3; the re-run skips what finished and redoes only epoch 3."""
     import kdp.stages.common as common

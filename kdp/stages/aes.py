@@ -24,6 +24,7 @@ from kdp.models import freeze
 from kdp.provenance import provenance
 from kdp.train import resolve_device
 from kdp.errors import CheckpointError
+from kdp.stages.eval_cache import touch
 
 AES, META = "x_adv.npy", "meta.json"
 
@@ -79,6 +80,7 @@ def load_training_aes(entry: Path) -> torch.Tensor:
     """The cached AEs of an entry as a float32 tensor (N, 3, 32, 32)."""
     entry = Path(entry)
     read_json(entry / META, "AE cache meta.json")
+    touch(entry / META)  # used now (kdp cache prunes by last use)
     try:
         arr = np.load(entry / AES, allow_pickle=False)
     except (OSError, ValueError) as e:

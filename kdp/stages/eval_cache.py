@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,18 @@ def load_entry(entry: Path, n: int) -> torch.Tensor | None:
         arr = np.load(entry / AES, allow_pickle=False)
     except (OSError, ValueError):
         return None  # unreadable: craft again and replace it
-    return torch.from_numpy(arr) if arr.shape == (n, 3, 32, 32) else None
+    if arr.shape != (n, 3, 32, 32):
+        return None
+    touch(entry / META)
+    return torch.from_numpy(arr)
+
+
+def touch(meta: Path) -> None:
+    """Mark a cache entry as used now (`kdp cache` prunes by last use); best effort."""
+    try:
+        os.utime(meta)
+    except OSError:
+        pass
 
 
 def save_entry(entry: Path, x_adv: torch.Tensor, meta: dict) -> None:

@@ -42,7 +42,7 @@ from kdp.data import Cifar, to_float
 from kdp.interrupt import stop_hook
 from kdp.locks import held
 from kdp.models import EOT, Purified, freeze
-from kdp.stages.eval_cache import cache_key, load_entry, save_entry
+from kdp.stages.eval_cache import cache_key, load_entry, model_sha, save_entry
 from kdp.train import resolve_device
 
 LINF_TOL = 1e-6  # float slack on the L-inf budget
@@ -191,7 +191,8 @@ class Context:
         key = cache_key(model, name, settings(attack), cfg.seed, cfg.batch_size, self.start, x, y)
         hit = load_entry(self.cache / key, k)
         if hit is None:
-            meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k}
+            meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k,
+                    "model_sha256": model_sha(model)}  # the model it was crafted on (kdp cache --unused)
             return _saving(batches, self.cache / key, meta, info, self._batched), info
         return self._batched(hit), {**info, "attack.cached": True}
 

@@ -1,0 +1,56 @@
+"""`kdp cache`: the AE caches under an output root listed with sizes, and pruned by last use
+or by what no run uses, on a copy of the session's tiny run."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from kdp import cli
+
+
+def _copy_root(tiny_run, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(tiny_run.parent, root)
+    return root
+
+
+def test_cache_lists_prunes_unused_and_old_entries(tiny_run, tmp_path, capsys):
+    root = _copy_root(tiny_run, tmp_path)
+    aes, evals = root / "cache" / "aes", root / "cache" / "eval_aes"
+    n_eval = sum(p.is_dir() for p in evals.iterdir())
+    assert cli.main(["cache", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{aes}" in out and "training AEs" in out and f"{evals}" in out and "evaluation AEs" in out
+    assert f"total: {n_eval + 1} entries" in out
+    # every entry is used by the run: --unused removes nothing
+    assert cli.main(["cache", str(root), "--unused"]) == 0
+    assert "removed 0 entries" in capsys.readouterr().out
+    # an entry no run made or uses (another classifier's) goes; the run's stay
+    stray = evals / ("0" * 24)
+    shutil.copytree(next(p for p in evals.iterdir() if p.is_dir()), stray)
+    meta = (stray / "meta.json").read_text().replace('"model_sha256": "', '"model_sha256": "x')
+    (stray / "meta.json").write_text(meta)
+    assert cli.main(["cache", str(root), "--unused", "--dry-run"]) == 0
+    assert f"would remove {stray}" in capsys.readouterr().out and stray.is_dir()
+    assert cli.main(["cache", str(root), "--unused"]) == 0
+    assert f"removed {stray}" in capsys.readouterr().out and not stray.exists()
+    assert sum(p.is_dir() for p in evals.iterdir()) == n_eval
+    # without the run, nothing is used
+    shutil.rmtree(root / tiny_run.name)
+    assert cli.main(["cache", str(root), "--unused"]) == 0
+    assert f"removed {n_eval + 1} entries" in capsys.readouterr().out
+    assert not any(p.is_dir() for p in evals.iterdir()) and not any(p.is_dir() for p in aes.iterdir())
+
+
+def test_cache_prunes_by_last_use(tiny_run, tmp_path, capsys):
+    root = _copy_root(tiny_run, tmp_path)
+    entries = [p for p in (root / "cache" / "eval_aes").iterdir() if p.is_dir()]
+    old = time.time() - 3 * 86400
+    os.utime(entries[0] / "meta.json", (old, old))  # last used three days ago
+    assert cli.main(["cache", str(root), "--older-than", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {entries[0]}" in out and "removed 1 entries" in out
+    assert not entries[0].exists() and all(p.exists() for p in entries[1:])
+    assert cli.main(["cache", str(root), "--older-than", "-1"]) == 2
+    assert "--older-than must be >= 0 days, got -1" in capsys.readouterr().err
