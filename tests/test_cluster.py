@@ -34,16 +34,19 @@ def _span(events: list[dict], stage: str) -> tuple[float, float]:
 
 def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     """GPU stages and tasks on a GPU resource without CUDA (CPU device, gloo), on the worker
-    nodes only. Re-run under another name with the first run's classifier: its training AEs
-    come from the cache, so both teachers start at once, on different nodes (1 GPU each)."""
+    nodes only. Re-run under another name with the first run's classifier and only the
+    teachers, scored on clean images and FGSM: its training AEs come from the cache, so both
+    teachers start at once, on different nodes (1 GPU each)."""
     out = tmp_path / "out"
     common = [*TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu", "--backend", "gloo"]
     with sim_cluster(workers=2, gpus=1) as c:
         first = run_job(c, "pipeline.py", *common, "--name", "smoke")
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        again = run_job(c, "pipeline.py", *common, "--name", "again", "--classifier", str(out / "smoke" / "classifier"))
+        again = run_job(c, "pipeline.py", *common, "--name", "again", "--classifier", str(out / "smoke" / "classifier"),
+                        "--set", "students=", "--set", "eval.attacks=fgsm", "--set", "eval.threat_models=classifier")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert len(load(out / "smoke" / "results.parquet")) == len(load(out / "again" / "results.parquet")) == N_ROWS
+    assert len(load(out / "smoke" / "results.parquet")) == N_ROWS
+    assert len(load(out / "again" / "results.parquet")) == 2 * 3  # (clean, fgsm) x (none, AT, NT)
     for name in ("smoke", "again"):
         assert {e["node_ip"] for e in read_events(out / name) if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
     events = read_events(out / "again")

@@ -99,5 +99,10 @@ def connect(address: str | None, verbose: bool = False) -> None:
     ray.init(address=address or "local", log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR)
     reinstall()  # ray.init took SIGTERM; a stoppable command takes it back
+    # no implicit ray.init later: after an interrupted sweep's ray.shutdown, Tune's thread would
+    # start a new local Ray (on the default ports) on its next call (private API; Ray is pinned)
+    import ray._private.auto_init_hook as auto_init
+
+    auto_init.enable_auto_connect = False
     if not verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)
