@@ -67,7 +67,7 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     out, run = tmp_path / "out", tmp_path / "out" / "loss"
     with sim_cluster(workers=3) as c:
         job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
-                        "loss", "--one-worker", "train", "--set", "at_teacher.epochs=5", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
+                        "loss", "--one-worker", "train", "--set", "at_teacher.epochs=4", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
         try:
             wait_until(lambda: latest_checkpoint_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
             victim = [e for e in read_events(run) if e["stage"] == "teacher_at" and e["status"] == "epoch_end"][-1]
@@ -83,10 +83,10 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     assert after and {e["node_ip"] for e in after} != {victim["node_ip"]}, "did not move to another node"
     assert victim["node_ip"] not in {e["node_ip"] for e in after}
     epochs = [e["epoch"] for e in ends]
-    assert sorted(set(epochs)) == [0, 1, 2, 3, 4]
+    assert sorted(set(epochs)) == [0, 1, 2, 3]
     assert len(epochs) - len(set(epochs)) <= 1, f"more than one epoch repeated: {epochs}"
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
-    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
     assert len(load(run / "results.parquet")) == N_ROWS
 
 
