@@ -2,8 +2,8 @@
 (`TorchTrainer`), and so is a sweep trial's student (its epochs go to Tune); a one-worker
 training stage is a Ray task by default (`ScaleConfig.one_worker`), since a Train run's start-up
 (a controller and a worker process, 10-20 s on 2 cores) buys nothing there. The training AEs
-and the evaluation shards are Ray tasks; JPEG and the evaluation's fan-out run in the driver. `run_graph` starts a stage when its inputs exist and `has_room` says the
-cluster fits it beside what this run already has in flight, so a 2-core machine never runs
+and the evaluation shards are Ray tasks; JPEG and the evaluation's fan-out run in the driver.
+`run_graph` starts a stage when its inputs exist and `has_room` says the cluster fits it beside what this run already has in flight, so a 2-core machine never runs
 more CPU-bound work than it has cores, while a cluster runs the independent stages (both
 teachers, the surrogate, the baselines, the students) at the same time.
 
@@ -110,11 +110,11 @@ class RayExecutor:
         """A training stage is a Train run when data-parallel, when its epochs go to callbacks
         (Tune), when asked (one_worker='train'), or when it began as one (so it resumes)."""
         return (self.workers(stage) > 1 or bool(self.callbacks(stage)) or self.scale.one_worker == "train"
-                or (run.storage / _run_name(out)).exists())
+                or _began_as_train_run(out, run))
 
     # ---- running
     def partial(self, stage: Stage, out: Path, run: Run) -> bool:
-        return stage.kind == "train" and ((run.storage / _run_name(out)).exists() or state_path(out).exists())
+        return stage.kind == "train" and (_began_as_train_run(out, run) or state_path(out).exists())
 
     def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
         if stage.kind == "train" and self.train_run(stage, out, run):
@@ -217,6 +217,10 @@ def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
             "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
             "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
             "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name)}
+
+
+def _began_as_train_run(out: Path, run: Run) -> bool:
+    return (run.storage / _run_name(out)).exists()
 
 
 def _run_name(out: Path) -> str:
