@@ -21,6 +21,7 @@ from kdp.checkpoint import read_meta  # noqa: E402
 from kdp.cli import (add_run_args, build_config, print_results, run_all, run_command, run_errors,  # noqa: E402
                      run_seeds, runtime)
 from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
+from kdp.storage import local_only  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     try:  # bad input fails in one line before Ray starts
         cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
         seeds = run_seeds(args)
+        local_only(args.out, "the Ray job's --out (the in-process kdp run takes a bucket)")
         if args.classifier:
             read_meta(Path(args.classifier))
     except run_errors() as e:

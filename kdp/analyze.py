@@ -31,6 +31,7 @@ from kdp.models import freeze
 from kdp.pipeline import run_input
 from kdp.train import resolve_device
 from kdp.errors import ConfigError, DataError, NotFoundError
+from kdp.storage import local_only
 
 BLEND_FILE = "blend.json"
 _STAT_KEYS = ("gram", "xty", "sum_y", "sum_yy", "count", "n")
@@ -252,7 +253,7 @@ def analyze_command(args: argparse.Namespace) -> None:
     lookup(ATTACKS, args.attack, "attack")  # fail before any work on a bad --attack
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    records = analyze(args.path, attack=args.attack, n=args.n, device=args.device)
+    records = analyze(local_only(args.path, "kdp analyze"), attack=args.attack, n=args.n, device=args.device)
     print(blend_markdown(records))
     for run_dir in dict.fromkeys(r["run_dir"] for r in records):
         print(f"blend: {Path(run_dir) / BLEND_FILE}")

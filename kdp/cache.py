@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdp.storage import local_only
 from kdp.errors import ConfigError, NotFoundError
 from kdp.events import read_events
 from kdp.locks import LockTimeout, held
@@ -122,7 +123,7 @@ def cache_command(args) -> None:
     """List the caches under args.root; prune by age (--older-than DAYS) and/or --unused."""
     if args.older_than is not None and args.older_than < 0:
         raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than:g}")
-    entries = find_entries(Path(args.root))
+    entries = find_entries(local_only(args.root, "kdp cache"))
     caches: dict[Path, list[Entry]] = {}
     for e in entries:
         caches.setdefault(e.path.parent, []).append(e)

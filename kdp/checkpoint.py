@@ -133,9 +133,29 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device), meta
 
 
-def is_complete(path: str | Path) -> bool:
+class StageConflict(CheckpointError):
+    """A finished checkpoint exists at the output path but was made with another config."""
+
+
+def is_complete(path: str | Path, config: dict | None = None) -> bool:
+    """Is `path` a finished checkpoint? With `config` (a stage's flattened config), the one
+    question every skip asks: it must have been made with that config (else StageConflict)
+    and its weights must still match the sha256 it recorded (else CheckpointError)."""
     path = Path(path)
-    return (path / WEIGHTS).is_file() and (path / META).is_file()
+    if not ((path / WEIGHTS).is_file() and (path / META).is_file()):
+        return False
+    if config is None:
+        return True
+    meta = read_meta(path)
+    old = meta["config"]
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise StageConflict(f"{path}: exists with a different config ({', '.join(diff)}); "
+                            "use another run name or delete it")
+    if file_sha256(path / WEIGHTS) != meta.get("weights_sha256"):
+        raise CheckpointError(f"stage {path.name}: {path / WEIGHTS} does not match the weights_sha256 in its "
+                              f"checkpoint.json (changed or corrupt); delete {path} to train it again")
+    return True
 
 
 def save_state(path: str | Path, state: dict) -> None:

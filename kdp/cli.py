@@ -67,15 +67,18 @@ def print_results(paths) -> None:
 
     from kdp.config import THREAT_MODELS
     from kdp.results import load
+    from kdp.storage import is_uri
 
-    paths = paths if isinstance(paths, list) else [paths]
-    print("results: " + ", ".join(map(str, paths)))
+    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+    print("results: " + ", ".join(paths))
     df = pd.concat([load(p) for p in paths], ignore_index=True)
     for threat in (t for t in THREAT_MODELS if t in set(df.threat_model)):
         print(f"\n{threat} threat model: accuracy % (n = test images per attack)\n"
               + threat_table(df, threat).round(2).to_string())
-    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
-    print(f"\nfull report (intervals, Table 2, plots): kdp report {root} --out {root / 'report'}")
+    parents = [p.rsplit("/", 1)[0] if is_uri(p) else str(Path(p).resolve().parent) for p in paths]
+    root = parents[0] if len(set(parents)) == 1 else (os.path.commonpath(parents) if not is_uri(paths[0])
+                                                      else parents[0].rsplit("/", 1)[0])
+    print(f"\nfull report (intervals, Table 2, plots): kdp report {root} --out {root}/report")
 
 
 def threat_table(df, threat: str):
@@ -171,6 +174,9 @@ def build_sweep(args):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json."""
     from kdp.sweep import load_sweep_file, load_sweep_record, sweep_from_dict
 
+    from kdp.storage import local_only
+
+    local_only(args.out, "a sweep's --out")  # before Ray starts
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
     if args.resume:

@@ -2,8 +2,8 @@
 
 A `Stage` names its config, the stages whose outputs it reads, and how it runs:
 - `train`: one resumable fit of a training recipe (`RECIPES`): in this process, or a Ray Train run;
-- `task`: a function of (config, inputs, out, data, rt) (`TASKS`): in this process, or a Ray task;
-- `driver`: light work in the calling process (`DRIVER`): JPEG writes a checkpoint; evaluation
+- `task`: a function of (config, inputs, out, data, rt) (`kdp.stages.drivers.TASKS`): here, or a Ray task;
+- `driver`: light work in the calling process (`DRIVER` there): JPEG writes a checkpoint; evaluation
   fans its shards out through the executor and writes the parquet.
 
 `run_graph` starts every stage whose inputs exist while the executor has room for it (the
@@ -13,8 +13,6 @@ in-process executor: one stage at a time; Ray: what the cluster fits), logs each
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 import traceback
@@ -23,26 +21,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from kdp.checkpoint import read_meta
+from kdp.checkpoint import is_complete, read_meta
 from kdp.config import PipelineConfig, Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
-from kdp.events import EventTail, log_event
+from kdp.events import EventTail, events_file, log_event
 from kdp.interrupt import STOP
 from kdp.locks import held
-from kdp.provenance import provenance
-from kdp.results import make_rows, results_key, write_results
-from kdp.stages.aes import AES, ae_cache_key, make_training_aes
-from kdp.stages.baselines import nrp_recipe, soap_recipe, train_jpeg
+from kdp.results import results_key
+from kdp.storage import LocalStorage
+from kdp.stages.aes import AES, ae_cache_key
+from kdp.stages.baselines import nrp_recipe, soap_recipe
 from kdp.stages.classifier import classifier_recipe
-from kdp.stages.common import epoch_line, epoch_logger, finished, fit_local
-from kdp.stages.eval_cache import tensor_sha
-from kdp.stages.evaluate import evaluate, finalize, merge_rows
+from kdp.stages.common import epoch_line, epoch_logger, fit_local
+from kdp.stages.drivers import DRIVER, TASKS, evaluation_key
 from kdp.stages.purifier import student_recipe, teacher_recipe
 
 RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student": student_recipe,
            "nrp": nrp_recipe, "soap": soap_recipe}
 KINDS = ("train", "task", "driver")
+OUTPUTS = ("checkpoint", "aes", "results")
 SIDE_PRIORITY = ("soap", "surrogate", "nrp", "jpeg")
 STOP_GRACE_S = 5.0  # how long an interrupted run waits for its stages in flight to see STOP
 
@@ -66,10 +64,16 @@ class Stage:
     """Data-parallel workers allowed (False: the step calls submodules directly, so one worker)."""
     evaluates: tuple[str, ...] = ()
     """The evaluate stage: the variants it scores ('none' is the classifier alone)."""
+    output: str = "checkpoint"
+    """What it writes (OUTPUTS): a checkpoint directory, an AE cache entry, or the results parquet."""
+    shared: bool = True
+    """May sweep trials share it (False: a trial's own, the student it sweeps, reported to Tune)?"""
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown stage kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"unknown stage output {self.output!r}; valid: {', '.join(OUTPUTS)}")
 
 
 def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None) -> list[Stage]:
@@ -78,12 +82,13 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
     teachers = [Stage("teacher_at", "train", "teacher", cfg.at_teacher, ("classifier", "aes"), "at_teacher"),
                 Stage("teacher_nt", "train", "teacher", cfg.nt_teacher, (), "nt_teacher")]
     students = [Stage(f"student_{s.variant}", "train", "student", s,
-                      ("classifier", "aes", *(f"teacher_{t}" for t in s.teachers)), s.variant) for s in cfg.students]
+                      ("classifier", "aes", *(f"teacher_{t}" for t in s.teachers)), s.variant, shared=False)
+                for s in cfg.students]
     baselines = {"jpeg": Stage("baseline_jpeg", "driver", "jpeg", cfg.jpeg, (), "jpeg"),
                  "nrp": Stage("baseline_nrp", "train", "nrp", cfg.nrp, ("classifier",), "nrp", parallel=False),
                  "soap": Stage("baseline_soap", "train", "soap", cfg.soap, (), "soap", parallel=False)}
     graph = [Stage("classifier", "train", "classifier", cfg.classifier),
-             Stage("aes", "task", "aes", cfg.ae, ("classifier",)), *teachers, *students]
+             Stage("aes", "task", "aes", cfg.ae, ("classifier",), output="aes"), *teachers, *students]
     # side branches after the critical path, longest first (SOAP trains a classifier with
     # auxiliary heads, the surrogate a classifier), so that none of them is left for the end
     side = {**baselines, "surrogate": Stage("surrogate", "train", "classifier", cfg.surrogate)}
@@ -94,82 +99,30 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
     makers = sorted((s for s in graph if s.variant in wanted), key=lambda s: order.index(s.variant))
     needs = ("classifier", *(s.name for s in makers),
              *(("surrogate",) if "transfer" in cfg.eval.threat_models else ()))
-    graph.append(Stage("evaluate", "driver", "evaluate", cfg, needs, evaluates=wanted))
+    graph.append(Stage("evaluate", "driver", "evaluate", cfg, needs, evaluates=wanted, output="results"))
     return graph
-
-
-# ---- what each stage does (task and driver functions) ---------------------------------------
-
-def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Path:
-    """The training AEs, crafted into the cache entry `out` (whose name is their cache key)."""
-    return make_training_aes(cfg, Path(inputs["classifier"]), data, Path(out).parent, rt)
-
-
-def jpeg_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
-    return train_jpeg(stage.config, run.data, out, run.rt)
-
-
-def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
-               cache: Path | None, threat: str | None, attack: str | None, start: int, stop: int | None) -> list[dict]:
-    """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None)."""
-    return evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
-                    None if threat is None else (threat,), surrogate, log=print if rt.progress else (lambda *_: None),
-                    cache_dir=cache)
-
-
-def evaluation_key(stage: Stage, inputs: dict, run: "Run") -> str:
-    """sha256 of what the evaluation's rows follow from: the config, the variants evaluated,
-    each input's weights, the test images, the extra columns and the code and library versions."""
-    weights = {n: read_meta(p)["weights_sha256"] if (Path(p) / "checkpoint.json").is_file() else str(p)
-               for n, p in sorted(inputs.items())}
-    prov = provenance(run.rt)
-    what = {"config": flatten(stage.config), "evaluates": stage.evaluates, "inputs": weights,
-            "test": tensor_sha(run.data.test_x, run.data.test_y), "extra": run.extra,
-            "code": {k: prov[k] for k in sorted(prov) if k == "git_sha" or k.endswith("_version")}}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _groups(threat: str | None, purifiers: dict) -> list[dict]:
-    """A shard's defenses: a `full` shard attacks each one end to end on its own, so it is split
-    per defense (shards run in parallel); other shards share one crafted set, so they keep all."""
-    return [{v: p} for v, p in purifiers.items()] if threat == "full" else [purifiers]
-
-
-def evaluate_driver(stage: Stage, inputs: dict, out: Path, run: "Run", ex) -> Path:
-    """Every evaluated variant under every threat model, through the executor's shards; then
-    the checks from the summed counts, and one parquet with config and provenance per row."""
-    cfg, graph = run.cfg, {s.name: s for s in run.graph}
-    purifiers = {"none": None} if "none" in stage.evaluates else {}
-    variants = dict.fromkeys(purifiers)
-    for s in (graph[n] for n in stage.needs if graph[n].variant in stage.evaluates):
-        purifiers[s.variant], variants[s.variant] = inputs[s.name], s.config
-    surrogate = inputs.get("surrogate")
-    items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
-    cache = run.eval_cache if run.rt.eval_cache else None
-    args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, *w)
-            for w in items for group in _groups(w[0], purifiers)]
-    run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
-    shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"))
-    rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
-    extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
-             "data.source": run.data.source, "data.train_size": len(run.data.train_y),
-             "wall_seconds": time.time() - run.t_start, **provenance(run.rt), **run.extra}
-    return write_results(make_rows(cfg, variants, rows, extra), out, evaluation_key(stage, inputs, run))
-
-
-TASKS = {"aes": make_aes_task}
-DRIVER = {"jpeg": jpeg_driver, "evaluate": evaluate_driver}
 
 
 # ---- one run of a graph ----------------------------------------------------------------------
 
+def placer(places: dict[str, Callable[[Stage, dict], Path]]) -> Callable[[Stage, dict], Path]:
+    """(stage, inputs) -> its output path, from one place function per kind of output (OUTPUTS)."""
+    missing = set(OUTPUTS) - set(places)
+    if missing:
+        raise ValueError(f"no place for outputs {sorted(missing)}")
+    return lambda stage, inputs: places[stage.output](stage, inputs)
+
+
+def ae_entry(cache: Path, data: Cifar) -> Callable[[Stage, dict], Path]:
+    """The training AEs' place: the cache entry named by their key (config, classifier, data)."""
+    return lambda stage, inputs: cache / ae_cache_key(stage.config, Path(inputs["classifier"]), data)
+
+
 def pipeline_place(out_root: Path, run_dir: Path, data: Cifar):
     """Where a pipeline stage writes: <run>/<stage>/, the AE cache entry, <run>/results.parquet."""
-    def place(stage: Stage, inputs: dict) -> Path:
-        if stage.fn == "aes":
-            return out_root / "cache" / "aes" / ae_cache_key(stage.config, Path(inputs["classifier"]), data)
-        return run_dir / ("results.parquet" if stage.fn == "evaluate" else stage.name)
-    return place
+    return placer({"checkpoint": lambda stage, inputs: run_dir / stage.name,
+                   "aes": ae_entry(out_root / "cache" / "aes", data),
+                   "results": lambda stage, inputs: run_dir / "results.parquet"})
 
 
 @dataclass
@@ -194,6 +147,8 @@ class Run:
     """Ray Train runs go under here (Ray executor)."""
     eval_cache: Path | None = None
     """The evaluation AE cache (kdp.stages.eval_cache); None: AEs are crafted every time."""
+    store: Any = None
+    """Where the output root lives (kdp.storage): artifacts are pulled before a stage and pushed after it."""
     t_start: float = field(default_factory=time.time)
     _events: EventTail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -216,12 +171,17 @@ class Run:
                 self.log(epoch_line(e["stage"], e["epoch"], e.get("epochs", "?"), e.get("metrics", {})))
 
 
+DONE = {  # is a stage's output there and made from what it follows from? One test per kind of output
+    "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config)),
+    "aes": lambda stage, out, inputs, run: (out / AES).is_file(),
+    # results are kept while nothing they follow from changed (--rescore: never)
+    "results": lambda stage, out, inputs, run: (not run.rt.rescore
+                                                and results_key(out) == evaluation_key(stage, inputs, run)),
+}
+
+
 def is_done(stage: Stage, out: Path, inputs: dict, run: Run) -> bool:
-    if stage.fn == "aes":
-        return (out / AES).is_file()
-    if stage.fn == "evaluate":  # kept while nothing it follows from changed (--rescore: never)
-        return not run.rt.rescore and results_key(out) == evaluation_key(stage, inputs, run)
-    return finished(out, flatten(stage.config))
+    return DONE[stage.output](stage, out, inputs, run)
 
 
 def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str, who: str | None,
@@ -267,13 +227,23 @@ def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
 
 
 def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
-    """One stage, skipped when its output is finished, otherwise made by the executor."""
-    out = run.place(stage, inputs)
+    """One stage, skipped when its output is finished, otherwise made by the executor. With an
+    output root in a bucket, its output (and an unfinished stage's state) is pulled first and
+    the output is published once made."""
+    out, store = run.place(stage, inputs), run.store or LocalStorage(run.run_dir)
+    if not store.pull(out) and stage.kind == "train":
+        store.pull(state_path(out))  # another node's half-done attempt
     done, make = (lambda: is_done(stage, out, inputs, run)), (lambda: ex.execute(stage, inputs, out, run))
-    if run.guard is not None:
-        return run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
-    return ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",
-                  resumed=ex.partial(stage, out, run))
+    try:
+        if run.guard is not None:
+            made = run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
+        else:
+            made = ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",
+                          resumed=ex.partial(stage, out, run))
+        store.push(out)
+        return made
+    finally:
+        store.push(events_file(run.run_dir))
 
 
 def run_graph(run: Run, ex) -> dict[str, Path]:
@@ -331,6 +301,19 @@ def state_path(out: Path) -> Path:
     return out.parent / "state" / f"{out.name}.pt"
 
 
+def publishing(on_epoch, store, state: Path):
+    """on_epoch, then the epoch's training state published (a bucket output: so that a stage
+    killed here resumes on any node)."""
+    if store is None or not store.remote:
+        return on_epoch
+
+    def hook(epoch: int, metrics: dict | None) -> None:
+        on_epoch(epoch, metrics)
+        if metrics is not None:
+            store.push(state)
+    return hook
+
+
 @runtime_checkable
 class Executor(Protocol):
     """What run_graph needs from an executor: LocalExecutor below, kdp.distributed's RayExecutor."""
@@ -372,7 +355,8 @@ class LocalExecutor:
     def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
         if stage.kind == "train":
             return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out), stage.name,
-                             epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs))
+                             publishing(epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs),
+                                        run.store, state_path(out)))
         if stage.kind == "task":
             return TASKS[stage.fn](stage.config, inputs, out, run.data, run.rt)
         return DRIVER[stage.fn](stage, inputs, out, run, self)

@@ -17,6 +17,8 @@ Layout under the output root:
     <run>/state/<stage>.pt      per-epoch training state of unfinished stages (in-process)
     <run>/logs/<stage>.log      what each stage printed (Ray executor)
     <run>/results.parquet       one row per (variant, attack, threat model)
+The output root is a directory or a bucket (`s3://bucket/prefix`, kdp.storage: the same
+layout, mirrored in node-local scratch; in-process executor only so far).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from kdp.config import PipelineConfig, Runtime
 from kdp.configio import replicate
 from kdp.data import load_cifar
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
-from kdp.stages.common import StageConflict
+from kdp.checkpoint import StageConflict
+from kdp.storage import LocalStorage, local_only, open_storage
 
 
 GIVEN = "given.json"
@@ -54,35 +57,46 @@ def record_config(path: Path, record: dict, what: str, hint: str) -> Path:
     return path
 
 
-def prepare_run(cfg: PipelineConfig, out_root: Path) -> Path:
+def prepare_run(cfg: PipelineConfig, out_root: Path, store=None) -> Path:
     """Create the run directory and record its config; refuse a different config under the same name."""
     run_dir = Path(out_root) / cfg.name
-    record_config(run_dir / "config.json", dataclasses.asdict(cfg), f"run {cfg.name!r}", "pick another --name")
+    store = store or LocalStorage(out_root)
+    store.pull(run_dir / "config.json")
+    store.push(record_config(run_dir / "config.json", dataclasses.asdict(cfg), f"run {cfg.name!r}",
+                             "pick another --name"))
     return run_dir
 
 
 def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtime(),
                  classifier_dir: str | Path | None = None, log=print, executor=None,
-                 reuse: dict[str, Path] | None = None) -> Path:
+                 reuse: dict[str, Path] | None = None) -> Path | str:
     """Run (or resume) every stage of `cfg` under out_root/<name>; returns the results parquet.
     `reuse`: finished outputs of another run to take as they are (stage name -> directory).
-    Bad data, a bad --classifier or a conflicting run name fail before anything is written."""
+    `out_root` is a directory or a bucket URI (kdp.storage; in-process executor only so far).
+    Bad data, a bad --classifier, unusable storage or a conflicting run name fail before
+    anything is written."""
     t_start = time.time()
     ex = executor if executor is not None else LocalExecutor()
-    out_root = Path(out_root).expanduser().resolve()
+    store = open_storage(out_root)
+    if store.remote and not isinstance(ex, LocalExecutor):
+        local_only(store.uri, f"the {ex.name} executor's --out")
+    store.preflight()
+    out_root = store.root
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
     cfg.eval.check_test_size(len(data.test_y))
     given = dict(reuse or {})
     if classifier_dir is not None:
         given["classifier"] = Path(classifier_dir).expanduser().resolve()
         read_meta(given["classifier"])
-    run_dir = prepare_run(cfg, out_root)
+    run_dir = prepare_run(cfg, out_root, store)
     if given:
         write_json(run_dir / GIVEN, {k: str(v) for k, v in given.items()})
+        store.push(run_dir / GIVEN)
     log(f"[data] {len(data.train_y)} train / {len(data.test_y)} test images from {data.source}")
     run = Run(cfg, data, rt, run_dir, pipeline_place(out_root, run_dir, data), graph=pipeline_graph(cfg),
-              given=given, log=log, t_start=t_start, storage=out_root / "ray", eval_cache=out_root / "cache" / "eval_aes")
-    return run_graph(run, ex)["evaluate"]
+              given=given, log=log, t_start=t_start, storage=out_root / "ray", eval_cache=out_root / "cache" / "eval_aes",
+              store=store)
+    return store.uri_of(run_graph(run, ex)["evaluate"])
 
 
 def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | Path, rt: Runtime = Runtime(),
@@ -96,7 +110,7 @@ def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | 
     for r in runs:
         reuse = {}
         if first is not None:  # a stage whose config did not change with the seed: take the first run's
-            done = Path(out_root).expanduser().resolve() / first.name
+            done = open_storage(out_root).root / first.name
             reuse = {k: done / k for k in ("classifier", "surrogate") if getattr(r, k) == getattr(first, k)
                      and (done / k / "checkpoint.json").is_file() and not (k == "classifier" and classifier_dir)}
         log(f"[seeds] run {r.name} (seed {r.seed}, {len(paths) + 1}/{len(runs)})"

@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
-                       VARIANT_ORDER, VARIANT_TO_SWEEP, at_setting, cells, is_sweep, ordered, pooled, table1_rows)
+                       VARIANT_ORDER, VARIANT_TO_SWEEP, at_setting, cells, is_sweep, ordered, table1_rows)
 from kdp.checkpoint import atomic_path
 from kdp.errors import ConfigError
+from kdp.storage import is_uri, open_storage
 from kdp.stats import paired
 
 # Cited paper figures (Koo et al. 2023, Table 1): accuracy (%) of ResNet-56 on purified AEs.
@@ -289,8 +290,8 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kdp report`."""
-    p.add_argument("path", help="a results .parquet file or a directory of them")
-    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+    p.add_argument("path", help="a results .parquet file or a directory of them, or a bucket URI (s3://...)")
+    p.add_argument("--out", default="report", help="output directory or bucket URI (default: ./report)")
     p.add_argument("--purifier", metavar="DIR", help="purifier checkpoint dir: adds Figure 5 (a sweep trial's "
                    "student or a run's student_* dir: its classifier and data are found from there)")
     p.add_argument("--classifier", metavar="DIR", help="classifier checkpoint dir for Figure 5")
@@ -316,10 +317,15 @@ def report_command(args: argparse.Namespace) -> None:
         missing = [k for k in fig_args if k not in given]
         raise ConfigError(f"Figure 5 needs --purifier, --classifier and --data-dir; missing {', '.join(missing)}")
     lookup(ATTACKS, args.attack, "attack")  # fail before any work on a bad --attack
+    store = open_storage(args.out)  # a directory, or a bucket: written in its mirror, then published
+    store.preflight()
     df = load(args.path)
     figure = None
     if given:
         data = load_cifar(args.data_dir, n_train=0, n_test=FIGURE_N)
         figure = (Path(args.purifier), Path(args.classifier), data)
-    blends = find_blends(args.path)
-    print(f"report: {write_report(df, args.out, figure, attack=args.attack, blends=blends)}")
+    blends = [] if is_uri(args.path) else find_blends(args.path)  # blend.json sits in local runs only
+    report = write_report(df, store.root, figure, attack=args.attack, blends=blends)
+    for f in sorted(p for p in store.root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        store.push(f)
+    print(f"report: {store.uri_of(report)}")

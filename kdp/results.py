@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -20,7 +20,7 @@ from kdp.checkpoint import atomic_path
 from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, TeacherConfig
 from kdp.configio import flatten
 from kdp.provenance import PACKAGES
-from kdp.errors import DataError, NotFoundError
+from kdp.errors import DataError, NotFoundError, StorageError
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -122,7 +122,7 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
 
 
-def _sweep_of(file: Path) -> str | None:
+def _sweep_of(file: PurePosixPath) -> str | None:
     """The sweep id of a file from its hive partition directory `sweep_id=<id>`, if any."""
     for parent in file.parents:
         if parent.name.startswith("sweep_id="):
@@ -130,27 +130,48 @@ def _sweep_of(file: Path) -> str | None:
     return None
 
 
+def _parquet_files(path: str | Path):
+    """(filesystem, the .parquet files under `path`: local, or in a bucket when it is a URI)."""
+    import pyarrow.fs as pafs
+
+    from kdp.storage import is_uri, open_storage
+
+    if is_uri(path):
+        store = open_storage(path)
+        fs, base = store.fs, store.base
+    else:
+        fs, base = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise NotFoundError(f"{path}: no results here")
+        found = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as e:
+        from kdp.storage import _why
+        raise StorageError(f"{path}: {_why(e)}") from None
+    files = sorted(f.path for f in found if f.path.endswith(".parquet") and f.type == pafs.FileType.File
+                   and not any(part.startswith(".") for part in PurePosixPath(f.path).relative_to(base).parts))
+    if not files:
+        raise NotFoundError(f"{path}: no .parquet files under it")
+    return fs, files
+
+
 def load(path: str | Path, as_table: bool = False):
     """Every result row under `path` as one pandas DataFrame (a pyarrow Table with as_table).
 
     `path` is a results .parquet file, a sweep partition (`.../results/sweep_id=<id>`), a
-    results root holding many sweeps, or any directory tree of runs. Columns are SCHEMA plus
-    `sweep_id` (null outside sweeps); files written before a column existed read it as null.
+    results root holding many sweeps, or any directory tree of runs; local, or in a bucket
+    (`s3://bucket/prefix`, read in place: kdp.storage). Columns are SCHEMA plus `sweep_id`
+    (null outside sweeps); files written before a column existed read it as null.
     """
-    path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"{path}: no results here")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
-    if not files:
-        raise NotFoundError(f"{path}: no .parquet files under it")
+    fs, files = _parquet_files(path)
     groups: dict[str | None, list[str]] = {}
     for f in files:
-        groups.setdefault(_sweep_of(f.resolve()), []).append(str(f))
+        groups.setdefault(_sweep_of(PurePosixPath(f)), []).append(f)
     parts = []
     for sweep, group in groups.items():
         try:
-            t = ds.dataset(group, schema=SCHEMA, format="parquet").to_table()
+            t = ds.dataset(group, schema=SCHEMA, format="parquet", filesystem=fs).to_table()
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
             raise DataError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
         parts.append(t.append_column("sweep_id", pa.array([sweep] * len(t), pa.string())))

@@ -39,11 +39,10 @@ from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
 from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.events import log_event
-from kdp.graph import Run, Stage, ensure, pipeline_graph, run_graph
+from kdp.graph import Run, Stage, ae_entry, ensure, pipeline_graph, placer, run_graph
 from kdp.losses import KD_SPACES
 from kdp.pipeline import record_config
 from kdp.results import unique_name
-from kdp.stages.aes import ae_cache_key
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
@@ -229,19 +228,16 @@ def shared_root(sweep_dir: Path, trial_id: str, share: bool) -> Path:
 
 def trial_place(root: Path, trial_dir: Path, data: Cifar, results_file: Path):
     """Where a trial's stages write: shared artifacts keyed by their config and inputs, the
-    student in the trial's own directory, the results in the sweep's partition."""
+    trial's own stage (its student) in the trial's directory, the results in the sweep's partition."""
     dkey = data.fingerprint()
 
-    def place(stage: Stage, inputs: dict) -> Path:
-        if stage.fn == "aes":
-            return root / "aes" / ae_cache_key(stage.config, Path(inputs["classifier"]), data)
-        if stage.fn == "evaluate":
-            return results_file
-        if stage.fn == "student":
+    def checkpoint(stage: Stage, inputs: dict) -> Path:
+        if not stage.shared:
             return trial_dir / "student"
         upstream = Path(inputs["aes"]).name if "aes" in inputs else dkey
         return root / f"{stage.name}-{_key(flatten(stage.config), upstream)}"
-    return place
+    return placer({"checkpoint": checkpoint, "aes": ae_entry(root / "aes", data),
+                   "results": lambda stage, inputs: results_file})
 
 
 def trial_guard(root: Path, trial_dir: Path, who: str, log, lock_timeout_s: float | None = None):

@@ -368,3 +368,30 @@ def ray_head(gcs_port: int, dashboard_port: int, env_vars: dict, num_cpus: int =
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             stop_head(proc)
+
+
+# ---- a real S3 server (tests/s3_server.py) ---------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS's `weed mini` on 127.0.0.1 with free ports, for the whole session."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """This test's own bucket on the session's server: its URI (`s3://<bucket>`), with the
+    client's endpoint and credentials in the environment (as a user sets them) and this
+    test's node-local scratch (`KDP_SCRATCH`) under tmp_path."""
+    import uuid
+
+    bucket = f"t{uuid.uuid4().hex[:12]}"
+    s3_server.admin().create_dir(bucket)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
+    return f"s3://{bucket}"

@@ -32,7 +32,8 @@ from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
-from kdp.graph import DRIVER, TASKS, Run, Stage, state_path
+from kdp.graph import Run, Stage, state_path
+from kdp.stages.drivers import DRIVER, TASKS
 from kdp.events import log_event
 from kdp.stages.evaluate import shards
 

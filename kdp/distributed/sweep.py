@@ -36,9 +36,9 @@ TUNE_DIR = "tune"
 
 
 def trial_executor(scale: ScaleConfig) -> RayExecutor:
-    """The pipeline's Ray executor; the student's epochs are forwarded to Tune."""
+    """The pipeline's Ray executor; the epochs of the trial's own stage (its student) go to Tune."""
     def callbacks(stage):
-        if stage.fn != "student":
+        if stage.shared:
             return []
         from ray.tune.integration.ray_train import TuneReportCallback
         return [TuneReportCallback()]

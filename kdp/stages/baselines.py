@@ -31,13 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdp.checkpoint import save_checkpoint
+from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.config import JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
 from kdp.configio import flatten
 from kdp.data import Cifar, augment, to_float
 from kdp.models import Critic, build_model, lookup
 from kdp.provenance import provenance
-from kdp.stages.common import Recipe, finished, fit_local
+from kdp.stages.common import Recipe, fit_local
 from kdp.stages.purifier import PurifierData, load_frozen
 from kdp.train import predict, seed_all
 
@@ -60,7 +60,7 @@ def train_jpeg(cfg: JpegConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
                state_path=None) -> Path:
     """JPEG has nothing to learn: write its checkpoint (spec + config) so it loads like the others."""
     out = Path(out)
-    if finished(out, flatten(cfg)):
+    if is_complete(out, flatten(cfg)):
         return out
     model = _build("jpeg", cfg, torch.device("cpu"))
     return save_checkpoint(out, model, baseline_spec("jpeg", cfg), flatten(cfg), {"trained": False}, provenance(rt))

@@ -1,4 +1,4 @@
-"""Helpers every stage uses: finished-stage detection, the stage log, and the training
+"""Helpers every stage uses: the stage log, epoch lines, and the training
 recipe that one process and a Ray Train worker both run."""
 from __future__ import annotations
 
@@ -9,32 +9,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from kdp.checkpoint import WEIGHTS, CheckpointError, file_sha256, is_complete, read_meta, save_checkpoint
+from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
 from kdp.train import epoch_batches, fit, resolve_device, train_epoch
-
-
-class StageConflict(CheckpointError):
-    """A finished checkpoint exists at the output path but was made with another config."""
-
-
-def finished(out: Path, config: dict) -> bool:
-    """True if `out` is a complete checkpoint made with `config` whose weights still match
-    the sha256 it recorded (so the stage can be skipped)."""
-    if not is_complete(out):
-        return False
-    meta = read_meta(out)
-    old = meta["config"]
-    if old != config:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise StageConflict(f"{out}: exists with a different config ({', '.join(diff)}); "
-                            "use another run name or delete it")
-    if file_sha256(out / WEIGHTS) != meta.get("weights_sha256"):
-        raise CheckpointError(f"stage {out.name}: {out / WEIGHTS} does not match the weights_sha256 in its "
-                              f"checkpoint.json (changed or corrupt); delete {out} to train it again")
-    return True
 
 
 @dataclass
@@ -84,7 +63,7 @@ def fit_local(build, cfg, inputs: dict, data, out: Path, rt, state_path: Path | 
     """Build a recipe and train it in this process (resuming from state_path); skip a stage
     whose checkpoint is already finished with this config."""
     out = Path(out)
-    if finished(out, flatten(cfg)):
+    if is_complete(out, flatten(cfg)):
         return out
     recipe = build(cfg, inputs, data, resolve_device(rt.device), rt)
     history = train_recipe(cfg, recipe, recipe.model, rt, desc, state_path=state_path, on_epoch=on_epoch)
