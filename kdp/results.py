@@ -143,12 +143,13 @@ def _parquet_files(path: str | Path):
         fs, base = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     try:
         info = fs.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise NotFoundError(f"{path}: no results here")
-        found = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        found = ([] if info.type == pafs.FileType.NotFound else [info] if info.type == pafs.FileType.File
+                 else fs.get_file_info(pafs.FileSelector(base, recursive=True)))
     except OSError as e:
         from kdp.storage import _why
         raise StorageError(f"{path}: {_why(e)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise NotFoundError(f"{path}: no results here")
     files = sorted(f.path for f in found if f.path.endswith(".parquet") and f.type == pafs.FileType.File
                    and not any(part.startswith(".") for part in PurePosixPath(f.path).relative_to(base).parts))
     if not files:

@@ -1,0 +1,172 @@
+"""The pipeline with its output root in a bucket of a real S3 server (tests/s3_server.py):
+`kdp run --out s3://...` (the in-process executor), reading the rows back with pandas, polars
+and duckdb, `kdp report` to and from the bucket, a fresh node resuming from the bucket alone,
+and storage errors in one line with nothing written. One reduced tiny run (one student, no
+baselines, the classifier threat model, two attacks) is shared by the tests that read it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from conftest import torch_threads, wait_until
+from kdp import cli
+from kdp.events import read_events
+from kdp.results import load
+from kdp.storage import MANIFEST
+from s3_server import KEY, SECRET
+
+REPO = Path(__file__).resolve().parents[1]
+REDUCED = ["--set", "baselines=", "--set", "eval.threat_models=classifier", "--set", "students=at+nt",
+           "--set", "eval.attacks=pgd8+fgsm"]
+STAGES = ("classifier", "teacher_at", "teacher_nt", "student_kd_at_nt")
+
+
+def _run_argv(data_dir, out, *extra) -> list[str]:
+    return ["run", "--preset", "tiny", "--data-dir", str(data_dir), "--out", str(out), "--quiet", *REDUCED, *extra]
+
+
+@pytest.fixture(scope="module")
+def bucket_run(s3_server, tmp_path_factory, cifar_subset_dir):
+    """(URI of the output root, the scratch it ran in, the console) of one reduced tiny run
+    into a fresh bucket, run from an empty working directory."""
+    bucket, home = "bucketrun", tmp_path_factory.mktemp("bucket_run")
+    s3_server.admin().create_dir(bucket)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**s3_server.env, "KDP_SCRATCH": str(home / "scratch")}.items():
+            mp.setenv(k, v)
+        mp.chdir(home)
+        with torch_threads(1):
+            rc = cli.main(_run_argv(cifar_subset_dir, f"s3://{bucket}/runs"))
+        assert rc == 0
+        yield f"s3://{bucket}/runs", home
+
+
+@pytest.fixture
+def env(s3_server, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+
+
+def _objects(s3_server, uri: str) -> dict[str, int]:
+    base = uri[len("s3://"):]
+    infos = s3_server.admin().get_file_info(pafs.FileSelector(base, recursive=True))
+    return {f.path[len(base) + 1:]: f.size for f in infos if f.type == pafs.FileType.File}
+
+
+def test_a_bucket_output_gives_the_rows_of_a_local_run_and_writes_nothing_local(bucket_run, tiny_run, env):
+    uri, home = bucket_run
+    cols = ["variant", "attack", "threat_model", "n", "hits"]
+    rows = load(uri)[cols]
+    local = load(tiny_run / "results.parquet")[cols]
+    both = rows.merge(local, on=cols[:3], suffixes=("", "_local"))
+    assert len(rows) == len(both) == 4 * 3  # (none, 2 teachers, a student) x (clean, pgd8, fgsm): each has its twin
+    assert (both.hits == both.hits_local).all() and (both.n == both.n_local).all()
+    assert sorted(p.name for p in home.iterdir()) == ["scratch"]  # no `s3:` directory, nothing else
+
+
+def test_every_artifact_is_in_the_bucket_and_no_credential_is(bucket_run, s3_server):
+    uri, _ = bucket_run
+    objects = _objects(s3_server, uri)
+    for stage in STAGES:
+        assert {f"tiny/{stage}/{n}" for n in ("model.pt", "checkpoint.json", MANIFEST)} <= set(objects), stage
+    assert {"tiny/config.json", "tiny/results.parquet"} <= set(objects)
+    assert any(k.startswith("cache/aes/") and k.endswith(MANIFEST) for k in objects)
+    assert any(k.startswith("tiny/events/") and k.endswith(".jsonl") for k in objects)
+    assert not any(".tmp-" in k or "preflight" in k for k in objects)
+    fs = s3_server.admin()
+    for key in objects:
+        with fs.open_input_stream(f"{uri[5:]}/{key}") as f:
+            data = f.read()
+        assert KEY.encode() not in data and SECRET.encode() not in data, key
+
+
+def test_results_load_from_the_bucket_with_pandas_polars_and_duckdb(bucket_run, env):
+    import duckdb
+    import polars as pl
+
+    uri, _ = bucket_run
+    df = load(uri)
+    table = load(uri, as_table=True)
+    assert len(pl.from_arrow(table)) == len(df) == 12
+    rel = duckdb.from_arrow(table)
+    assert duckdb.sql("select count(*) from rel where attack = 'pgd8'").fetchall() == [(4,)]
+    assert load(f"{uri}/tiny/results.parquet").equals(df)
+
+
+def test_kdp_report_reads_and_writes_the_bucket(bucket_run, s3_server, env, tmp_path, monkeypatch, capsys):
+    uri, _ = bucket_run
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
+    assert cli.main(["report", uri, "--out", f"{uri}/report"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {uri}/report/report.md")
+    objects = _objects(s3_server, f"{uri}/report")
+    assert "report.md" in objects and any(k.endswith(".png") for k in objects)
+
+
+def test_a_fresh_node_takes_every_stage_from_the_bucket(bucket_run, env, tmp_path, monkeypatch, capsys,
+                                                       cifar_subset_dir):
+    uri, _ = bucket_run
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))  # another node: nothing local
+    with torch_threads(1):
+        assert cli.main(_run_argv(cifar_subset_dir, uri)) == 0
+    out = capsys.readouterr().out
+    for stage in (*STAGES, "aes", "evaluate"):
+        assert f"[{stage}] done already:" in out, stage
+    assert "started" not in out and "epoch" not in out
+
+
+def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path, cifar_subset_dir):
+    """SIGKILL (the node dies) after the classifier's 2nd epoch; the same command on a node
+    with its own empty scratch resumes the classifier from the state in the bucket."""
+    cmd = [sys.executable, "-m", "kdp.cli", *_run_argv(cifar_subset_dir, f"{s3}/runs"),
+           "--set", "classifier.epochs=100"]
+    firsts = []
+    for node in ("a", "b"):
+        scratch = tmp_path / node
+        events = scratch / s3[5:] / "runs" / "tiny"
+        ends = lambda: [e for e in read_events(events) if e["stage"] == "classifier" and e["status"] == "epoch_end"]  # noqa: E731
+        log = tmp_path / f"{node}.log"
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "KDP_SCRATCH": str(scratch)},
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: len(ends()) >= 2, 300, f"no classifier epochs on node {node}: {log.read_text()[-2000:]}",
+                       interval=0.1)
+            firsts.append(ends()[0]["epoch"])
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert firsts[0] == 0 and firsts[1] >= 1, firsts  # node b began where node a's published state ended
+    assert "[classifier] resumed" in (tmp_path / "b.log").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "wrong credentials", "unreachable endpoint"])
+def test_bad_storage_fails_in_one_line_before_any_work(case, s3, s3_server, monkeypatch, tmp_path, capsys,
+                                                      cifar_subset_dir):
+    uri = {"missing bucket": "s3://nosuchbucket/runs"}.get(case, f"{s3}/runs")
+    if case == "wrong credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    if case == "unreachable endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_run_argv(cifar_subset_dir, uri)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kdp: error: {uri}: ") and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir()) and _objects(s3_server, s3) == {}  # nothing written, here or there
+
+
+def test_entry_points_without_bucket_support_refuse_a_uri_in_one_line(env, tmp_path, capsys):
+    for argv, what in [(["sweep", "--out", "s3://kdp/x", "--name", "s"], "a sweep's --out"),
+                       (["cache", "s3://kdp/x"], "kdp cache"), (["analyze", "s3://kdp/x"], "kdp analyze")]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"kdp: error: s3://kdp/x: {what} takes a local path; bucket URIs are supported by kdp run, "
+                       "kdp report and kdp.results.load (docs/object-storage.md)"), err
+    job = subprocess.run([sys.executable, "jobs/pipeline.py", "--out", "s3://kdp/x"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert job.returncode == 2 and len(job.stderr.strip().splitlines()) == 1, job.stderr
+    assert job.stderr.startswith("pipeline: error: s3://kdp/x: the Ray job's --out")
