@@ -8,7 +8,8 @@ Without --address or RAY_ADDRESS it starts its own local Ray sized to this machi
 cluster an old /tmp/ray address file names). Re-submitting with the same --name resumes:
 finished stages are skipped, a half-done one continues from its last checkpoint. With
 `ray job submit`, give absolute --data-dir and --out paths on storage every node can reach
-(the working dir is a temporary copy). The console shows one line per stage start and
+(the working dir is a temporary copy), or a bucket, `--out s3://bucket/prefix`
+(docs/object-storage.md). The console shows one line per stage start and
 finish and per epoch; each stage's own output is in <out>/<run>/logs/<stage>.log.
 """
 import argparse
@@ -21,7 +22,8 @@ from kdp.checkpoint import read_meta  # noqa: E402
 from kdp.cli import (add_run_args, build_config, print_results, run_all, run_command, run_errors,  # noqa: E402
                      run_seeds, runtime)
 from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
-from kdp.storage import local_only  # noqa: E402
+from kdp.distributed.executor import RayExecutor  # noqa: E402
+from kdp.storage import open_storage  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402
 
 
@@ -38,22 +40,24 @@ def main(argv=None) -> int:
     try:  # bad input fails in one line before Ray starts
         cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
         seeds = run_seeds(args)
-        local_only(args.out, "the Ray job's --out (the in-process kdp run takes a bucket)")
         if args.classifier:
             read_meta(Path(args.classifier))
+        executor = RayExecutor(scale)
+        store = open_storage(args.out)  # a directory every node mounts, or a bucket every node reaches
+        executor.check_storage(store)
+        store.preflight()
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
-    return run_command("pipeline", run_on_ray, args, cfg, scale, rt, seeds)
+    return run_command("pipeline", run_on_ray, args, cfg, rt, seeds, executor, store)
 
 
-def run_on_ray(args, cfg, scale, rt, seeds) -> None:
+def run_on_ray(args, cfg, rt, seeds, executor, store) -> None:
     connect(args.address, args.verbose)
-    from kdp.distributed.executor import RayExecutor
     from kdp.distributed.nodes import check_shared_storage
 
-    check_shared_storage(Path(args.out).expanduser().resolve())
-    print_results(run_all(cfg, seeds, args, rt, RayExecutor(scale)))
+    check_shared_storage(store)
+    print_results(run_all(cfg, seeds, args, rt, executor))
 
 
 if __name__ == "__main__":

@@ -240,7 +240,9 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
         else:
             made = ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",
                           resumed=ex.partial(stage, out, run))
-        store.push(out)
+        store.push(out)  # made here; made on another node, it is fetched for what reads it here
+        if not Path(made).exists():
+            store.pull(made)
         return made
     finally:
         store.push(events_file(run.run_dir))
@@ -330,11 +332,15 @@ class Executor(Protocol):
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         """The evaluation's shards: (threat model, attack, start, stop), None meaning all."""
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
-        """[fn(*a) for a in args], wherever the executor runs work."""
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
+        """[fn(*a) for a in args], wherever the executor runs work (`store`: the output root's
+        storage, whose artifacts among the args a node fetches first)."""
 
     def cancel(self) -> None:
         """Stop the work in flight now (Ctrl-C, SIGTERM)."""
+
+    def check_storage(self, store) -> None:
+        """Refuse (StorageError, before any work) an output root (kdp.storage) it cannot use."""
 
 
 class LocalExecutor:
@@ -345,6 +351,9 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         """Nothing to do: in-process stages stop at their next batch (kdp.interrupt.STOP)."""
+
+    def check_storage(self, store) -> None:
+        """Any: a directory, or a bucket mirrored in this machine's scratch."""
 
     def has_room(self, stage: Stage, running: list[Stage]) -> bool:
         return not running
@@ -364,5 +373,5 @@ class LocalExecutor:
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         return [(None, None, 0, None)]  # one pass: clean predictions and crafted AEs shared
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
         return [fn(*a) for a in args]

@@ -33,7 +33,7 @@ from kdp.configio import replicate
 from kdp.data import load_cifar
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
 from kdp.checkpoint import StageConflict
-from kdp.storage import LocalStorage, local_only, open_storage
+from kdp.storage import LocalStorage, open_storage
 
 
 GIVEN = "given.json"
@@ -78,8 +78,7 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
     t_start = time.time()
     ex = executor if executor is not None else LocalExecutor()
     store = open_storage(out_root)
-    if store.remote and not isinstance(ex, LocalExecutor):
-        local_only(store.uri, f"the {ex.name} executor's --out")
+    ex.check_storage(store)
     store.preflight()
     out_root = store.root
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)

@@ -65,6 +65,15 @@ class LocalStorage:
     def push(self, path: Path) -> None:
         """Nothing to publish: it is there."""
 
+    def pull_all(self, obj) -> None:
+        """Nothing to fetch."""
+
+    def remove(self, path: Path) -> None:
+        """Nothing to remove but the file itself (the caller's)."""
+
+    def holds(self, path) -> bool:
+        return False
+
     def uri_of(self, path: Path) -> Path:
         return Path(path)
 
@@ -87,6 +96,13 @@ class BucketStorage:
         self.bucket = self.base.split("/", 1)[0]
         scratch = Path(scratch or os.environ.get("KDP_SCRATCH") or Path.home() / ".cache" / "kdp" / "mirror")
         self.root = scratch.expanduser().resolve() / self.base
+
+    def __getstate__(self):  # to Ray workers: the URI and the mirror, never the client or its keys
+        return {"uri": self.uri, "root": str(self.root)}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"])
+        self.root = Path(state["root"])  # the driver's mirror path: the same on every node
 
     def key(self, path: Path) -> str:
         """The object key of a path in the mirror."""
@@ -173,6 +189,31 @@ class BucketStorage:
             if sha is not None and h.hexdigest() != sha:
                 raise StorageError(f"{self.uri}: {key} does not match the sha256 in its manifest "
                                    "(changed or corrupt in the bucket)")
+
+    def holds(self, path) -> bool:
+        """Is `path` a local path inside the mirror (an artifact of this output root)?"""
+        return isinstance(path, (str, Path)) and not is_uri(path) and Path(path).resolve().is_relative_to(self.root)
+
+    def pull_all(self, obj) -> None:
+        """Pull every artifact path in `obj` (a path, or a dict, list or tuple holding some):
+        what a task on another node reads."""
+        if isinstance(obj, dict):
+            for v in obj.values():
+                self.pull_all(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                self.pull_all(v)
+        elif isinstance(obj, Path) and self.holds(obj):
+            self.pull(obj)
+
+    def remove(self, path: Path) -> None:
+        """Delete the object of a single-file artifact (a marker), if there."""
+        try:
+            self.fs.delete_file(self.key(path))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"{self.uri}: {_why(e)}") from None
 
     # ---- push: mirror -> bucket --------------------------------------------------------------
 

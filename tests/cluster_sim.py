@@ -59,6 +59,7 @@ class SimCluster:
         self.env = _env()
         self.head = None
         self.workers: dict[str, subprocess.Popen] = {}  # ip -> its `ray start --block`
+        self.hidden: dict[str, Path] = {}  # ip -> the node's own directory over the hidden path
 
     def start(self, extra: tuple = (), env: dict | None = None) -> "SimCluster":
         self.head = start_head(self.port, self.dashboard_port, {**self.env, **(env or {})}, num_cpus=0,
@@ -68,8 +69,9 @@ class SimCluster:
         return self
 
     def add_worker(self, cpus: int = 1, gpus: int = 0, hide: Path | None = None, timeout: float = 120) -> str:
-        """Start one worker node; returns its IP. With `hide`, the node sees an empty directory
-        at that path (its own mount namespace)."""
+        """Start one worker node; returns its IP. With `hide`, the node sees a directory of its
+        own (at first empty) at that path, in its own mount namespace: a shared filesystem not
+        mounted, or a node-local scratch directory that no other node shares."""
         i = len(self.workers) + 2
         ip = f"127.0.0.{i}"
         temp = self.temp / f"n{i}"
@@ -80,6 +82,7 @@ class SimCluster:
                f"--dashboard-agent-listen-port={agent_port}"]
         if hide is not None:
             empty = Path(tempfile.mkdtemp(prefix="empty-", dir=self.temp))
+            self.hidden[ip] = empty
             cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind "{empty}" "{hide}" && exec "$@"', "sh", *cmd]
         log = temp / "ray-start.log"
         with open(log, "wb") as f:
@@ -112,14 +115,15 @@ class SimCluster:
 
 
 @contextlib.contextmanager
-def sim_cluster(workers: int = 2, gpus: int = 0, hide: Path | None = None):
-    """A started SimCluster with `workers` worker nodes; the last one blind to `hide` if given."""
+def sim_cluster(workers: int = 2, gpus: int = 0, hide: Path | None = None, private: Path | None = None):
+    """A started SimCluster with `workers` worker nodes; the last one blind to `hide` if given;
+    every one with a directory of its own at `private` if given (SimCluster.hidden)."""
     with short_temp_dir("kdp-sim-") as temp:
         c = SimCluster(temp)
         try:
             c.start()
             for k in range(workers):
-                c.add_worker(gpus=gpus, hide=hide if k == workers - 1 else None)
+                c.add_worker(gpus=gpus, hide=private or (hide if k == workers - 1 else None))
             yield c
         finally:
             c.stop()

@@ -5,13 +5,17 @@ train on the CPU with the gloo backend, one GPU per stage and task, as it would 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from cluster_sim import autoscaling_cluster, can_unshare, run_job, sim_cluster, start_job
-from conftest import in_flight, latest_checkpoint_epoch, new_events, wait_until
+from conftest import in_flight, latest_checkpoint_epoch, new_events, state_epoch, wait_until
 from kdp.events import read_events
 from kdp.results import load
+from kdp.storage import BucketStorage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 
@@ -151,3 +155,53 @@ def test_gpu_tasks_get_a_fresh_worker_each(tmp_path):
             ray.shutdown()
     assert len(set(pids)) == 3, pids
     assert len(set(cpu_pids)) < 3, cpu_pids  # CPU workers are reused: the difference is max_calls
+
+
+def _bucket_state_epoch(fs, key: str, tmp: Path) -> int:
+    """Epochs done in the training state the bucket holds at `key` (0: none yet)."""
+    try:
+        with fs.open_input_stream(key) as src:
+            tmp.write_bytes(src.read())
+    except FileNotFoundError:
+        return 0
+    return state_epoch(tmp)
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_a_bucket_job_shares_no_directory_and_resumes_a_lost_node_from_the_bucket(s3, s3_server, tmp_path,
+                                                                                 cifar_subset_dir):
+    """Every worker node has a scratch directory of its own over the common KDP_SCRATCH path
+    (its own mount namespace), so the nodes share no directory and the job's output is a bucket.
+    Once the bucket holds the AT teacher's 2nd epoch, the node training it (a Ray task) is
+    killed: Ray retries the task on another node, which resumes from the state in the bucket."""
+    scratch = Path(os.environ["KDP_SCRATCH"])
+    scratch.mkdir(parents=True)
+    uri, fs = f"{s3}/out", s3_server.admin()
+    state_key = f"{uri[5:]}/loss/state/teacher_at.pt"
+    with sim_cluster(workers=3, private=scratch) as c:
+        job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", uri, "--name", "loss",
+                        "--set", "at_teacher.epochs=4", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
+        try:
+            wait_until(lambda: _bucket_state_epoch(fs, state_key, tmp_path / "state.pt") >= 2, 600,
+                       "no 2nd AT epoch in the bucket", interval=0.5)
+            holders = [ip for ip, d in c.hidden.items()
+                       if (d / s3[5:] / "out" / "loss" / "state" / "teacher_at.pt").is_file()]
+            assert len(holders) == 1, holders  # one node trains it, in its own scratch
+            c.kill_worker(holders[0])
+            rc = job.wait(timeout=900)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        worked = [ip for ip, d in c.hidden.items() if any(d.iterdir())]
+    assert rc == 0, (tmp_path / "job.log").read_text()[-4000:]
+    assert len(worked) >= 2, worked
+    reader = BucketStorage(uri, tmp_path / "reader")  # a fresh node: the bucket alone
+    assert reader.pull(reader.root / "loss" / "teacher_at")
+    meta = json.loads((reader.root / "loss" / "teacher_at" / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
+    (tmp_path / "events" / "events").mkdir(parents=True)  # the run's event log: every writer's object
+    pafs.copy_files(f"{uri[5:]}/loss/events", str(tmp_path / "events" / "events"), source_filesystem=fs)
+    ends = [e for e in read_events(tmp_path / "events") if e["stage"] == "teacher_at" and e["status"] == "epoch_end"]
+    assert ends and holders[0] not in {e["node_ip"] for e in ends}  # the lost node never published its events
+    assert min(e["epoch"] for e in ends) >= 2 and max(e["epoch"] for e in ends) == 3, [e["epoch"] for e in ends]
+    assert len(load(f"{uri}/loss/results.parquet")) == N_ROWS

@@ -32,6 +32,7 @@ from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
+from kdp.errors import StorageError
 from kdp.graph import Run, Stage, state_path
 from kdp.stages.drivers import DRIVER, TASKS
 from kdp.events import log_event
@@ -122,14 +123,14 @@ class RayExecutor:
             return self._fit(stage, inputs, out, run)
         if stage.kind == "train":  # retried where its worker or node died; resumes from its state file
             fn = self.task(max_retries=self.scale.max_failures)
-            self._get([fn.remote(train_task, _log_file(run, stage.name), _loop_config(stage, inputs, out, run),
-                                 self._ref(run.data))])
+            self._get([fn.remote(train_task, _log_file(run, stage.name), run.store,
+                                 _loop_config(stage, inputs, out, run), self._ref(run.data), run.store)])
             return out
         if stage.kind == "task":
             fn = self.task()
             rt = dataclasses.replace(run.rt, progress=False)
-            return self._get([fn.remote(TASKS[stage.fn], _log_file(run, stage.name), stage.config, inputs, out,
-                                        self._ref(run.data), rt)])[0]
+            return self._get([fn.remote(TASKS[stage.fn], _log_file(run, stage.name), run.store, stage.config, inputs,
+                                        out, self._ref(run.data), rt)])[0]
         return DRIVER[stage.fn](stage, inputs, out, run, self)
 
     def _get(self, refs: list) -> list:
@@ -140,6 +141,15 @@ class RayExecutor:
         finally:
             self._inflight.difference_update(refs)
 
+    def check_storage(self, store) -> None:
+        """A bucket output (kdp.storage) runs one-worker stages as Ray tasks, which fetch their
+        inputs and publish their outputs; Ray Train runs (data-parallel stages, --one-worker
+        train) and sweeps (Tune) need a shared filesystem so far."""
+        if store.remote and (self.scale.num_workers > 1 or self.scale.one_worker == "train"):
+            flag = f"--num-workers {self.scale.num_workers}" if self.scale.num_workers > 1 else "--one-worker train"
+            raise StorageError(f"{store.uri}: with a bucket output, training stages run as one-worker Ray tasks "
+                               f"so far; drop {flag} or use a shared filesystem (docs/object-storage.md)")
+
     def cancel(self) -> None:
         """Ctrl-C / SIGTERM: force-cancel this executor's tasks in flight (their workers exit; a
         training task's last epoch is in its state file). Train runs end with the driver's Ray."""
@@ -149,9 +159,9 @@ class RayExecutor:
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         return shards(eval_cfg, n_test, self.scale.eval_shard_size, surrogate)
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None) -> list:
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
         task = self.task()
-        return self._get([task.remote(fn, log_file, *(self._ref(a) for a in a_)) for a_ in args])
+        return self._get([task.remote(fn, log_file, store, *(self._ref(a) for a in a_)) for a_ in args])
 
     def _ref(self, obj):
         """Large inputs (the dataset) go to the object store once."""

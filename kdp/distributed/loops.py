@@ -25,7 +25,8 @@ from kdp.config import DataConfig, Runtime
 from kdp.configio import unflatten
 from kdp.data import load_cifar
 from kdp.distributed.nodes import see_paths
-from kdp.graph import RECIPES, state_path
+from kdp.events import events_file
+from kdp.graph import RECIPES, publishing, state_path
 from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
 
 STATE = "state.pt"
@@ -59,14 +60,27 @@ def captured(path: Path | None):
             os.close(f)
 
 
-def remote_call(fn, log_file: str | None, *args):
-    """A task's body: threads from its CPUs, output to the stage's log file (under
-    <run>/logs/, so this node must see the run directory)."""
+def remote_call(fn, log_file: str | None, store, *args):
+    """A task's body: threads from its CPUs, output to the stage's log file (under <run>/logs/).
+    With a shared filesystem this node must see the run directory; with a bucket (`store`,
+    kdp.storage) the artifacts among the arguments are fetched into this node's mirror first,
+    and a returned artifact, the log and this process's events are published after."""
     use_assigned_cpus()
-    if log_file:
+    remote = store is not None and store.remote
+    if remote:
+        store.pull_all(args)
+    elif log_file:
         see_paths([Path(log_file).parent.parent])
-    with captured(Path(log_file) if log_file else None):
-        return fn(*args)
+    try:
+        with captured(Path(log_file) if log_file else None):
+            result = fn(*args)
+        if remote and store.holds(result):
+            store.push(Path(result))
+        return result
+    finally:
+        if remote and log_file:
+            store.push(Path(log_file))
+            store.push(events_file(Path(log_file).parent.parent))
 
 
 class TrainStore:
@@ -104,16 +118,23 @@ def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1)
                         node=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address())
 
 
-def train_task(c: dict, data) -> None:
+def train_task(c: dict, data, store=None) -> Path:
     """A one-worker training stage as a Ray task (inside remote_call): the in-process executor's
-    loop, whose per-epoch state file beside the output lets a retry or a re-run resume it."""
-    see_paths([c["run_dir"], *c["inputs"].values()])
+    loop, whose per-epoch state file beside the output lets a retry or a re-run resume it (on
+    any node: with a bucket, the inputs and the state are fetched first, the state published
+    every epoch)."""
+    out = Path(c["out"])
+    if store is not None and store.remote:
+        store.pull_all([Path(p) for p in c["inputs"].values()])
+        store.pull(state_path(out))
+    else:
+        see_paths([c["run_dir"], *c["inputs"].values()])
     # a task's GPU is cuda:0 (CUDA_VISIBLE_DEVICES); a GPU resource without CUDA trains on the CPU
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    cfg, out = _stage_config(c), Path(c["out"])
+    cfg = _stage_config(c)
     rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
-    fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"],
-              _where(c["run_dir"], c["stage"], cfg.epochs))
+    return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"],
+                     publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)))
 
 
 def train_loop(c: dict) -> None:

@@ -16,6 +16,7 @@ from ray.experimental.internal_kv import _internal_kv_get
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdp.distributed.config import StorageError
+from kdp.storage import LocalStorage
 
 MARKER_DIR = ".kdp-storage"
 
@@ -44,9 +45,11 @@ def _autoscaling(status: bytes | None) -> bool:
     return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
-def _read_marker(path: str, token: str) -> str | None:
-    """On one node: None if `path` holds `token`, else why not."""
+def _read_marker(path: str, token: str, store=None) -> str | None:
+    """On one node: None if `path` holds `token` (fetched from the bucket first, if any), else why not."""
     try:
+        if store is not None and store.remote and not store.pull(Path(path)):
+            return "the marker is not in the bucket"
         got = Path(path).read_text()
     except OSError as e:
         return f"{type(e).__name__}: {e.strerror or e}"
@@ -57,30 +60,34 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_shared_storage(root: Path, timeout_s: float = 120.0) -> int:
-    """Write a marker under `root`, read it back with one task on every alive node, and raise
-    StorageError naming the first node that cannot (its address and id, and the path).
-    Returns the number of nodes checked. Nodes that join later are checked by each stage,
-    which refuses to start where its inputs are missing (`see_paths`)."""
-    root = Path(root)
+def check_shared_storage(root, timeout_s: float = 120.0) -> int:
+    """Write a marker under the output root (a directory, or a kdp.storage bucket whose marker
+    object every node fetches into its own mirror), read it back with one task on every alive
+    node, and raise StorageError naming the first node that cannot (its address and id, and the
+    path). Returns the number of nodes checked. Nodes that join later are checked by each stage,
+    which refuses to start where its inputs are missing (`see_paths`, or a failed fetch)."""
+    store = root if hasattr(root, "push") else LocalStorage(root)
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-    marker = root / MARKER_DIR / f"{uuid.uuid4().hex}.txt"
+    marker = store.root / MARKER_DIR / f"{uuid.uuid4().hex}.txt"
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(token)
     os.replace(tmp, marker)
     try:
+        store.push(marker)
         nodes = alive_nodes()
         read = ray.remote(_read_marker)
         refs = [read.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), token) for n in nodes]
+                .remote(str(marker), token, store) for n in nodes]
+        where = f"reach {store.uri}" if store.remote else f"mount the same storage at {store.root}"
         for n, why in zip(nodes, ray.get(refs, timeout=timeout_s)):
             if why is not None:
                 raise StorageError(f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) cannot read {marker} "
-                                   f"({why}): every node must mount the same storage at {root}")
+                                   f"({why}): every node must {where}")
         return len(nodes)
     finally:
         marker.unlink(missing_ok=True)
+        store.remove(marker)
 
 
 def see_paths(paths) -> None:

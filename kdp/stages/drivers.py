@@ -69,7 +69,7 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
     args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, *w)
             for w in items for group in _groups(w[0], purifiers)]
     run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
-    shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"))
+    shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"), run.store)
     rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
     extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
              "data.source": run.data.source, "data.train_size": len(run.data.train_y),
