@@ -1,13 +1,14 @@
 """Check a Ray cluster launcher file offline before `ray up` (no AWS call, no credentials).
 
     python jobs/check_cluster.py                 # checks ./cluster.yaml
-    python jobs/check_cluster.py my-cluster.yaml
+    python jobs/check_cluster.py cluster-efs.yaml   # the variant with a shared EFS volume
 
 Checks Ray's own schema validation, placeholders left in (any value containing REPLACE, such
 as the EFS id and the AMI id of the shipped cluster.yaml), `latest_dlami` (Ray's default AMI,
 too old for torch 2.13), shell variables in setup and start commands that are unset on the
 node, the EFS region against provider.region, exactly one availability zone, and a mount
-whose failure is swallowed. Prints each problem on its own line and exits 1, else prints
+whose failure is swallowed, and without a mount (a bucket output: cluster.yaml) an instance
+profile on every node type. Prints each problem on its own line and exits 1, else prints
 '<file>: ok' and exits 0. The rules: kdp/distributed/cluster_file.py.
 """
 import argparse

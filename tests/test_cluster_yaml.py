@@ -1,6 +1,7 @@
-"""cluster.yaml validates offline against the launcher schema shipped in the ray wheel, and
-jobs/check_cluster.py refuses what would break on AWS: placeholders, `latest_dlami`, shell
-variables unset on the node, a swallowed mount, two zones, an EFS host in another region."""
+"""cluster.yaml (every artifact in a bucket) and cluster-efs.yaml (a shared EFS volume) validate
+offline against the launcher schema shipped in the ray wheel, and jobs/check_cluster.py refuses
+what would break on AWS: placeholders, `latest_dlami`, shell variables unset on the node, a
+swallowed mount, two zones, an EFS host in another region, a bucket cluster without credentials."""
 import re
 import subprocess
 import sys
@@ -12,9 +13,12 @@ import yaml
 from kdp.distributed.cluster_file import check_cluster_config, check_cluster_file
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER_YAML = REPO / "cluster.yaml"
+CLUSTER_YAML = REPO / "cluster-efs.yaml"  # most checks are the EFS variant's; the bucket one's are at the end
+BUCKET_YAML = REPO / "cluster.yaml"
 EFS, AMI = "fs-REPLACE-WITH-YOUR-EFS-ID", "ami-REPLACE-WITH-DLAMI-BASE-GPU-UBUNTU2204-ID"
-REAL = {EFS: "fs-0123456789abcdef0", AMI: "ami-0123456789abcdef0"}  # realistic ids, as a user writes them
+PROFILE = "arn:aws:iam::REPLACE-WITH-ACCOUNT-ID:instance-profile/kdp-s3"
+REAL = {EFS: "fs-0123456789abcdef0", AMI: "ami-0123456789abcdef0",  # realistic ids, as a user writes them
+        PROFILE: "arn:aws:iam::123456789012:instance-profile/kdp-s3"}
 SHIPPED_PROBLEMS = [f"{key}: placeholder {value!r} left in: put your own value there (docs/cluster-setup.md)"
                     for key, value in [("available_node_types.head.node_config.ImageId", AMI),
                                        ("available_node_types.gpu_worker.node_config.ImageId", AMI),
@@ -25,8 +29,8 @@ def raw_config() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def filled_text() -> str:
-    text = CLUSTER_YAML.read_text()
+def filled_text(path: Path = CLUSTER_YAML) -> str:
+    text = path.read_text()
     for placeholder, value in REAL.items():
         text = text.replace(placeholder, value)
     return text
@@ -178,9 +182,9 @@ def _check_cluster(*args):
 
 
 def test_check_cluster_exit_codes(tmp_path):
-    shipped = _check_cluster("cluster.yaml")
+    shipped = _check_cluster("cluster-efs.yaml")
     assert shipped.returncode == 1, shipped.stderr
-    assert shipped.stdout.splitlines() == [f"cluster.yaml: {p}" for p in SHIPPED_PROBLEMS]
+    assert shipped.stdout.splitlines() == [f"cluster-efs.yaml: {p}" for p in SHIPPED_PROBLEMS]
     path = tmp_path / "cluster.yaml"
     path.write_text(filled_text())
     ok = _check_cluster(str(path))
@@ -192,3 +196,41 @@ def test_check_cluster_exit_codes(tmp_path):
 def test_the_checker_imports_ray_only_when_it_runs():
     code = "import sys, kdp.distributed.cluster_file; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+# ---- cluster.yaml: no shared filesystem, every artifact in a bucket ---------------------------
+
+def test_the_bucket_cluster_is_valid_mounts_nothing_and_is_refused_only_for_its_placeholders(tmp_path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(BUCKET_YAML.read_text())
+    validate_config(prepare_config(raw))
+    text = " ".join(c for key in ("initialization_commands", "setup_commands") for c in raw[key])
+    assert "mount" not in text and "/shared" not in " ".join(raw["docker"]["run_options"]) and EFS not in text
+    assert check_cluster_file(BUCKET_YAML) == [
+        f"{key}: placeholder {value!r} left in: put your own value there (docs/cluster-setup.md)"
+        for key, value in [("available_node_types.head.node_config.ImageId", AMI),
+                           ("available_node_types.head.node_config.IamInstanceProfile.Arn", "REPLACE-WITH-ACCOUNT-ID"),
+                           ("available_node_types.gpu_worker.node_config.ImageId", AMI),
+                           ("available_node_types.gpu_worker.node_config.IamInstanceProfile.Arn",
+                            "REPLACE-WITH-ACCOUNT-ID")]]
+    path = tmp_path / "cluster.yaml"
+    path.write_text(filled_text(BUCKET_YAML))
+    assert check_cluster_file(path) == []
+    ok = _check_cluster(str(path))
+    assert (ok.returncode, ok.stdout) == (0, f"{path}: ok\n"), ok.stderr
+    # everything else is the EFS variant's, line for line: one image, one install, one start
+    efs = filled()
+    for key in ("docker", "head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "provider"):
+        got = yaml.safe_load(filled_text(BUCKET_YAML))[key]
+        if key == "docker":
+            got, efs[key] = got["image"], efs[key]["image"]
+        assert got == efs[key], key
+
+
+def test_a_bucket_cluster_without_an_instance_profile_is_refused():
+    raw = yaml.safe_load(filled_text(BUCKET_YAML))
+    del raw["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]
+    assert check_cluster_config(raw) == [
+        "available_node_types.gpu_worker.node_config: no IamInstanceProfile, and no shared filesystem is mounted: "
+        "the nodes have no credentials for a bucket output (docs/object-storage.md)"]

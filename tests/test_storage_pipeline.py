@@ -144,6 +144,20 @@ def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path
     assert "[classifier] resumed" in (tmp_path / "b.log").read_text()
 
 
+@pytest.mark.ray
+def test_the_ray_job_with_a_bucket_output_gives_the_rows_of_one_process(bucket_run, s3, tmp_path, cifar_subset_dir):
+    """jobs/pipeline.py on its own local Ray, into another bucket, from its own scratch: its
+    stages are Ray tasks that fetch their inputs and publish their outputs; the rows are the
+    in-process run's, hit by hit."""
+    cmd = [sys.executable, "jobs/pipeline.py", *_run_argv(cifar_subset_dir, f"{s3}/runs")[1:]]
+    job = subprocess.run(cmd, cwd=REPO, env={**os.environ, "KDP_SCRATCH": str(tmp_path / "job")},
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    cols = ["variant", "attack", "threat_model", "hits"]
+    got = load(f"{s3}/runs")[cols].sort_values(cols).reset_index(drop=True)
+    assert got.equals(load(bucket_run[0])[cols].sort_values(cols).reset_index(drop=True))
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "wrong credentials", "unreachable endpoint"])
 def test_bad_storage_fails_in_one_line_before_any_work(case, s3, s3_server, monkeypatch, tmp_path, capsys,
                                                       cifar_subset_dir):
@@ -159,14 +173,26 @@ def test_bad_storage_fails_in_one_line_before_any_work(case, s3, s3_server, monk
     assert not any(tmp_path.iterdir()) and _objects(s3_server, s3) == {}  # nothing written, here or there
 
 
-def test_entry_points_without_bucket_support_refuse_a_uri_in_one_line(env, tmp_path, capsys):
+def test_entry_points_without_bucket_support_refuse_a_uri_in_one_line(env, capsys):
     for argv, what in [(["sweep", "--out", "s3://kdp/x", "--name", "s"], "a sweep's --out"),
                        (["cache", "s3://kdp/x"], "kdp cache"), (["analyze", "s3://kdp/x"], "kdp analyze")]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"kdp: error: s3://kdp/x: {what} takes a local path; bucket URIs are supported by kdp run, "
                        "kdp report and kdp.results.load (docs/object-storage.md)"), err
-    job = subprocess.run([sys.executable, "jobs/pipeline.py", "--out", "s3://kdp/x"], cwd=REPO,
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--num-workers", "2"], "{uri}: with a bucket output, training stages run as one-worker Ray tasks so far; "
+                             "drop --num-workers 2"),
+    (["--one-worker", "train"], "{uri}: with a bucket output, training stages run as one-worker Ray tasks so far; "
+                                "drop --one-worker train"),
+    (["--out", "s3://nosuchbucket/x"], "s3://nosuchbucket/x: no bucket 'nosuchbucket' at http://127.0.0.1:"),
+], ids=["data-parallel", "train-runs", "missing-bucket"])
+def test_the_ray_job_refuses_what_a_bucket_output_cannot_do_before_ray_starts(s3, extra, needle):
+    uri = f"{s3}/x"
+    job = subprocess.run([sys.executable, "jobs/pipeline.py", "--out", uri, *extra], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
-    assert job.returncode == 2 and len(job.stderr.strip().splitlines()) == 1, job.stderr
-    assert job.stderr.startswith("pipeline: error: s3://kdp/x: the Ray job's --out")
+    err = job.stderr.strip()
+    assert job.returncode == 2 and len(err.splitlines()) == 1, job.stderr
+    assert err.startswith("pipeline: error: " + needle.format(uri=uri)), err

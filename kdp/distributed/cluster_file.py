@@ -1,7 +1,8 @@
 """Offline checks of a Ray cluster launcher file (cluster.yaml) before `ray up`: Ray's own
 schema, values left to fill in, the `latest_dlami` image, shell variables that are unset on
-the node, the EFS region against provider.region, one availability zone, and a mount whose
-failure is swallowed. Each problem is one line naming the YAML key and the bad value.
+the node, the EFS region against provider.region, one availability zone, a mount whose
+failure is swallowed, and, where no shared filesystem is mounted (the output is a bucket), an
+instance profile on every node type: the nodes' only credentials. Each problem is one line naming the YAML key and the bad value.
 Importing this module does not import Ray (its schema check imports it when it runs).
 
 The shell-variable rule: a command runs on the node in a fresh login shell, so `$X` / `${X}`
@@ -63,7 +64,7 @@ def check_cluster_config(raw: dict) -> list[str]:
     """The problems of a parsed cluster file (see the module docstring for what is checked)."""
     strings = list(_strings(raw))
     return [*_schema(raw), *_placeholders(strings), *_images(raw), *_variables(strings),
-            *_efs_region(raw, strings), *_zones(raw), *_swallowed_mounts(strings)]
+            *_efs_region(raw, strings), *_zones(raw), *_swallowed_mounts(strings), *_bucket_credentials(raw, strings)]
 
 
 def _schema(raw: dict) -> list[str]:
@@ -148,6 +149,16 @@ def _swallowed_mounts(strings: list[tuple[str, str]]) -> list[str]:
             "let the command fail so the node's setup stops"
             for key, text in strings
             if _command_section(key) and _MOUNT.search(text) and _SWALLOW.search(text)]
+
+
+def _bucket_credentials(raw: dict, strings: list[tuple[str, str]]) -> list[str]:
+    """Without a shared filesystem the output is a bucket, and a node's only credentials for it
+    are its instance profile's (none are written in the file)."""
+    if any(_command_section(key) and _MOUNT.search(text) for key, text in strings):
+        return []
+    return [f"available_node_types.{name}.node_config: no IamInstanceProfile, and no shared filesystem is mounted: "
+            "the nodes have no credentials for a bucket output (docs/object-storage.md)"
+            for name, node in _node_types(raw) if not (node.get("node_config") or {}).get("IamInstanceProfile")]
 
 
 def _strings(node, key: str = ""):
