@@ -16,8 +16,12 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
     from kdp.configio import override
     from kdp.presets import get_preset
 
+    from kdp.storage import is_uri
+
     cfg = get_preset(preset)
-    if data_dir is not None:
+    if data_dir is not None and is_uri(data_dir):  # checked when it is fetched, before any stage
+        cfg = override(cfg, f"data.data_dir={data_dir}")
+    elif data_dir is not None:
         if not Path(data_dir).expanduser().exists():
             raise NotFoundError(f"--data-dir {data_dir}: no such file or directory")
         # absolute: Ray workers and resumed runs do not share this process's cwd

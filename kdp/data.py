@@ -6,6 +6,7 @@ since `pickle.load` on a downloaded file can execute arbitrary code.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -205,7 +206,12 @@ def download_cifar(root: Path = DEFAULT_ROOT) -> Path:
 
 
 def load_cifar(data_dir: str | Path | None, n_train: int | None = None, n_test: int | None = None) -> Cifar:
-    """Load CIFAR-10 from the python layout, an ImageFolder tree or zip, or (None) a download."""
+    """Load CIFAR-10 from the python layout, an ImageFolder tree or zip, or (None) a download;
+    any of the first three may be in a bucket (`s3://...`: fetched once per node, kdp.storage)."""
+    from kdp.storage import fetch_data, is_uri
+
+    if data_dir is not None and is_uri(data_dir):
+        return dataclasses.replace(load_cifar(fetch_data(str(data_dir)), n_train, n_test), source=str(data_dir))
     if data_dir is None:
         data = load_batches(download_cifar())
     else:

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from kdp.checkpoint import atomic_path, file_sha256
-from kdp.errors import StorageError
+from kdp.errors import NotFoundError, StorageError
 
 SCHEMES = ("s3",)
 MANIFEST = ".kdp-manifest.json"
@@ -94,8 +94,7 @@ class BucketStorage:
             raise StorageError(f"{uri}: {str(e).splitlines()[0]}") from None
         self.uri, self.base = uri.rstrip("/"), base.rstrip("/")
         self.bucket = self.base.split("/", 1)[0]
-        scratch = Path(scratch or os.environ.get("KDP_SCRATCH") or Path.home() / ".cache" / "kdp" / "mirror")
-        self.root = scratch.expanduser().resolve() / self.base
+        self.root = Path(scratch or _scratch()).expanduser().resolve() / self.base
 
     def __getstate__(self):  # to Ray workers: the URI and the mirror, never the client or its keys
         return {"uri": self.uri, "root": str(self.root)}
@@ -255,6 +254,11 @@ def open_storage(where, scratch=None) -> LocalStorage | BucketStorage:
     return BucketStorage(str(where), scratch) if is_uri(where) else LocalStorage(where)
 
 
+def _scratch() -> Path:
+    """This node's scratch: KDP_SCRATCH, else ~/.cache/kdp/mirror."""
+    return Path(os.environ.get("KDP_SCRATCH") or Path.home() / ".cache" / "kdp" / "mirror")
+
+
 def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
@@ -269,3 +273,44 @@ def _why(e: OSError) -> str:
                 "AWS_PROFILE or the instance role)")
     return msg.splitlines()[0]
 
+
+def fetch_data(uri: str) -> Path:
+    """A dataset in a bucket (a .zip object, or a prefix such as .../cifar-10-batches-py/),
+    downloaded once per node into $KDP_SCRATCH/data/<bucket>/<prefix> under a lock. Each
+    file's size and sha256 go into a local manifest written last; a later use checks the local
+    files against it (and against the bucket's sizes) before trusting them, else downloads
+    again. Returns the local path (the file, or the directory)."""
+    import pyarrow.fs as pafs
+
+    from kdp.locks import held
+
+    store = BucketStorage(uri, _scratch() / "data")
+    info = store._call(store.fs.get_file_info, store.base)
+    if info.type == pafs.FileType.NotFound:
+        raise NotFoundError(f"--data-dir {uri}: no such object or prefix at {endpoint()}")
+    listing = [info] if info.type == pafs.FileType.File else [
+        f for f in store._call(store.fs.get_file_info, pafs.FileSelector(store.base, recursive=True))
+        if f.type == pafs.FileType.File]
+    names = {f.path[len(store.base):].lstrip("/") or Path(store.base).name: f for f in listing}
+    top = store.root.parent if info.type == pafs.FileType.File else store.root
+    manifest = top / (f".{store.root.name}{MANIFEST}" if info.type == pafs.FileType.File else MANIFEST)
+    top.mkdir(parents=True, exist_ok=True)
+    with held(top / f".{store.root.name}.fetch.lock", f"fetching {uri}"):
+        if not _fetched(top, manifest, names):
+            files = {}
+            for name, f in sorted(names.items()):
+                store._download(f.path, top / name)
+                files[name] = [f.size, file_sha256(top / name)]
+            with atomic_path(manifest) as tmp:  # last: the local copy is complete
+                tmp.write_text(json.dumps({"uri": uri, "files": files}, sort_keys=True))
+    return store.root
+
+
+def _fetched(top: Path, manifest: Path, names: dict) -> bool:
+    """Does the local copy hold every listed file, of the bucket's size and the sha256 recorded?"""
+    if not manifest.is_file():
+        return False
+    files = json.loads(manifest.read_text())["files"]
+    return set(files) == set(names) and all(
+        files[n][0] == f.size and (top / n).is_file() and (top / n).stat().st_size == f.size
+        and file_sha256(top / n) == files[n][1] for n, f in names.items())

@@ -143,3 +143,39 @@ def test_uris_are_recognised_and_refused_where_not_supported(tmp_path):
     with pytest.raises(StorageError, match="unsupported storage scheme 'gs'; valid: s3"):
         open_storage("gs://b/p")
     assert open_storage(tmp_path).root == tmp_path.resolve() and not open_storage(tmp_path).remote
+
+
+def test_a_dataset_in_a_bucket_is_fetched_once_per_node_and_checked(s3, s3_server, tmp_path, monkeypatch,
+                                                                  cifar_subset_dir):
+    import torch
+
+    from kdp.data import load_cifar
+
+    pafs.copy_files(str(cifar_subset_dir), f"{s3[5:]}/data/cifar10-subset", destination_filesystem=s3_server.admin())
+    uri = f"{s3}/data/cifar10-subset"
+    got, want = load_cifar(uri, 256, 64), load_cifar(cifar_subset_dir, 256, 64)
+    assert torch.equal(got.train_x, want.train_x) and torch.equal(got.test_y, want.test_y)
+    assert got.source == uri and got.fingerprint() == want.fingerprint()  # the same AE cache keys as local data
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded again")
+    with monkeypatch.context() as m:  # the node's copy is used as it is
+        m.setattr(BucketStorage, "_download", no_download)
+        load_cifar(uri, 8, 8)
+    local = Path(os.environ["KDP_SCRATCH"]) / "data" / s3[5:] / "data" / "cifar10-subset" / "cifar-10-batches-py"
+    batch = local / "data_batch_1"
+    damaged = bytearray(batch.read_bytes())
+    damaged[1000] ^= 0xFF  # same size, other content: only its sha256 tells
+    batch.write_bytes(bytes(damaged))
+    assert torch.equal(load_cifar(uri, 256, 64).train_x, want.train_x)  # noticed, fetched again
+    with pytest.raises(FileNotFoundError, match=rf"^--data-dir {s3}/nodata: no such object or prefix at http://127"):
+        load_cifar(f"{s3}/nodata")
+
+
+def test_a_missing_dataset_in_a_bucket_fails_kdp_run_in_one_line(s3, tmp_path, capsys):
+    from kdp import cli
+
+    assert cli.main(["run", "--preset", "tiny", "--data-dir", f"{s3}/nodata", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kdp: error: --data-dir {s3}/nodata: no such object or prefix") and "\n" not in err
+    assert not (tmp_path / "out").exists()
