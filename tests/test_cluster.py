@@ -25,6 +25,9 @@ TINY = ["--preset", "smoke", "--set", "students=at+nt", "--set", "data.n_train=1
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "16"]
 N_ROWS = 4 * 3 + 4  # (clean, fgsm, pgd8) x 4 variants (none, AT, NT, KD <- AT+NT) + full-model pgd8 x 4
+# the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher)
+LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier"]
+LOSS_ROWS = 3 * 3  # (clean, fgsm, pgd8) x (none, AT, NT)
 
 
 def _train_nodes(events: list[dict], stage: str) -> set[str]:
@@ -70,7 +73,7 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     (a one-worker task retried after its worker died: tests/test_jobs.py)."""
     out, run = tmp_path / "out", tmp_path / "out" / "loss"
     with sim_cluster(workers=3) as c:
-        job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
+        job = start_job(c, "pipeline.py", *TINY, *LOSS, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
                         "loss", "--one-worker", "train", "--set", "at_teacher.epochs=4", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
         try:
             wait_until(lambda: latest_checkpoint_epoch(out / "ray" / "loss-teacher_at") >= 2, 600, "no 2nd AT checkpoint")
@@ -91,7 +94,7 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     assert len(epochs) - len(set(epochs)) <= 1, f"more than one epoch repeated: {epochs}"
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
-    assert len(load(run / "results.parquet")) == N_ROWS
+    assert len(load(run / "results.parquet")) == LOSS_ROWS
 
 
 def test_sweep_on_an_autoscaling_cluster_runs_trials_at_once(tmp_path, cifar_subset_dir):
@@ -179,7 +182,7 @@ def test_a_bucket_job_shares_no_directory_and_resumes_a_lost_node_from_the_bucke
     uri, fs = f"{s3}/out", s3_server.admin()
     state_key = f"{uri[5:]}/loss/state/teacher_at.pt"
     with sim_cluster(workers=3, private=scratch) as c:
-        job = start_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", uri, "--name", "loss",
+        job = start_job(c, "pipeline.py", *TINY, *LOSS, "--data-dir", str(cifar_subset_dir), "--out", uri, "--name", "loss",
                         "--set", "at_teacher.epochs=4", "--set", "nt_teacher.epochs=2", log=tmp_path / "job.log")
         try:
             wait_until(lambda: _bucket_state_epoch(fs, state_key, tmp_path / "state.pt") >= 2, 600,
@@ -204,4 +207,4 @@ def test_a_bucket_job_shares_no_directory_and_resumes_a_lost_node_from_the_bucke
     ends = [e for e in read_events(tmp_path / "events") if e["stage"] == "teacher_at" and e["status"] == "epoch_end"]
     assert ends and holders[0] not in {e["node_ip"] for e in ends}  # the lost node never published its events
     assert min(e["epoch"] for e in ends) >= 2 and max(e["epoch"] for e in ends) == 3, [e["epoch"] for e in ends]
-    assert len(load(f"{uri}/loss/results.parquet")) == N_ROWS
+    assert len(load(f"{uri}/loss/results.parquet")) == LOSS_ROWS
