@@ -5,7 +5,8 @@
 #   make run                                   # the Ray main job, demo preset (a lighter smoke), CIFAR-10 subset
 #   make run ARGS='--preset smoke --data-dir ../shared/data/cifar10-subset --out runs --name try2'
 #   make test                                  # every component end to end, within 10 minutes (README: Tests)
-#   make test-all                              # everything, cluster and fault tests too (CI: .ci/run)
+#   make test-all                              # everything but `long`, cluster and fault tests too (CI: .ci/run)
+#   make test-long                             # the tests beyond CI's budget: pytest -m long
 #   make test PYTEST_ARGS='-k pipeline'        # any pytest arguments
 #   make test-cluster                          # the simulated multi-node cluster only: pytest -m cluster
 #   make install                               # only set up .venv
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed
 ARGS ?= --preset demo --data-dir ../shared/data/cifar10-subset --out runs
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all test-cluster install
+.PHONY: run test test-all test-long test-cluster install
 
 run: $(STAMP)
 	$(VENV)/bin/python jobs/pipeline.py $(ARGS)
@@ -25,7 +26,10 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not long" $(PYTEST_ARGS)
+
+test-long: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m long $(PYTEST_ARGS)
 
 test-cluster: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m cluster $(PYTEST_ARGS)

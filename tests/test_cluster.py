@@ -66,11 +66,13 @@ def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     assert len(at_nodes) == 1 and len(nt_nodes) == 1 and at_nodes != nt_nodes, (at_nodes, nt_nodes)
 
 
+@pytest.mark.long  # 157 s; node loss of a one-worker task (the default) is in CI: the bucket test below
 def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir):
     """Kill the node training the AT teacher (every process at once) after its 2nd epoch's
     checkpoint: the stage resumes from it on another node and the job completes. The stages
     are Ray Train runs here (--one-worker train): Train's own failover is what this tests
-    (a one-worker task retried after its worker died: tests/test_jobs.py)."""
+    (a one-worker task retried after its worker died: tests/test_jobs.py; after its node
+    died, with a bucket output: the bucket test below)."""
     out, run = tmp_path / "out", tmp_path / "out" / "loss"
     with sim_cluster(workers=3) as c:
         job = start_job(c, "pipeline.py", *TINY, *LOSS, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--name",
