@@ -234,11 +234,12 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     if not store.pull(out) and stage.kind == "train":
         store.pull(state_path(out))  # another node's half-done attempt
     done, make = (lambda: is_done(stage, out, inputs, run)), (lambda: ex.execute(stage, inputs, out, run))
+    say = (lambda msg: run.say(msg.replace(str(store.root), store.uri))) if store.remote else run.say
     try:
         if run.guard is not None:
             made = run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
         else:
-            made = ensure(out, done, make, run.run_dir, stage.name, None, run.say, lock=False, skip="skipped",
+            made = ensure(out, done, make, run.run_dir, stage.name, None, say, lock=False, skip="skipped",
                           resumed=ex.partial(stage, out, run))
         store.push(out)  # made here; made on another node, it is fetched for what reads it here
         if not Path(made).exists():

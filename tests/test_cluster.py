@@ -153,9 +153,9 @@ def test_gpu_tasks_get_a_fresh_worker_each(tmp_path):
         ray.init(address=c.address, log_to_driver=False)
         try:
             task = RayExecutor(ScaleConfig(use_gpu=True)).task()
-            pids = [ray.get(task.remote(os.getpid, None), timeout=120) for _ in range(3)]
+            pids = [ray.get(task.remote(os.getpid, None, None), timeout=120) for _ in range(3)]
             cpu_task = RayExecutor(ScaleConfig()).task()
-            cpu_pids = [ray.get(cpu_task.remote(os.getpid, None), timeout=120) for _ in range(3)]
+            cpu_pids = [ray.get(cpu_task.remote(os.getpid, None, None), timeout=120) for _ in range(3)]
         finally:
             ray.shutdown()
     assert len(set(pids)) == 3, pids
