@@ -175,7 +175,9 @@ class BucketStorage:
         with atomic_path(local) as tmp:  # last: the local copy is complete
             tmp.write_text(json.dumps(manifest, sort_keys=True))
 
-    def _download(self, key: str, dest: Path, sha: str | None = None) -> None:
+    def _download(self, key: str, dest: Path, sha: str | None = None) -> str:
+        """Copy one object to `dest` (by rename), refused unless its sha256 is `sha` if given;
+        returns the sha256, computed while it streams."""
         h = hashlib.sha256()
         with atomic_path(dest) as tmp:
             try:
@@ -188,6 +190,7 @@ class BucketStorage:
             if sha is not None and h.hexdigest() != sha:
                 raise StorageError(f"{self.uri}: {key} does not match the sha256 in its manifest "
                                    "(changed or corrupt in the bucket)")
+        return h.hexdigest()
 
     def holds(self, path) -> bool:
         """Is `path` a local path inside the mirror (an artifact of this output root)?"""
@@ -299,8 +302,7 @@ def fetch_data(uri: str) -> Path:
         if not _fetched(top, manifest, names):
             files = {}
             for name, f in sorted(names.items()):
-                store._download(f.path, top / name)
-                files[name] = [f.size, file_sha256(top / name)]
+                files[name] = [f.size, store._download(f.path, top / name)]  # hashed as it streams
             with atomic_path(manifest) as tmp:  # last: the local copy is complete
                 tmp.write_text(json.dumps({"uri": uri, "files": files}, sort_keys=True))
     return store.root
