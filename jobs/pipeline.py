@@ -44,7 +44,6 @@ def main(argv=None) -> int:
             read_meta(Path(args.classifier))
         executor = RayExecutor(scale)
         store = open_storage(args.out)  # a directory every node mounts, or a bucket every node reaches
-        executor.check_storage(store)
         store.preflight()
     except run_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)

@@ -176,11 +176,10 @@ _SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "seeds", "num_sa
 
 def build_sweep(args):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json."""
-    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_from_dict
+    from kdp.storage import open_storage
+    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict
 
-    from kdp.storage import local_only
-
-    local_only(args.out, "a sweep's --out")  # before Ray starts
+    open_storage(args.out).preflight()  # a bucket's problems in one line, before Ray starts
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
     if args.resume:
@@ -193,7 +192,7 @@ def build_sweep(args):
         return sweep, base, rt
     space.update(name=args.name, share=False if args.no_share else None)
     sweep = load_sweep_file(args.sweep, **space) if args.sweep else sweep_from_dict({}, **space)
-    if (Path(args.out) / sweep.name / "sweep.json").exists():
+    if sweep_exists(args.out, sweep.name):
         raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
     return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
@@ -282,7 +281,7 @@ def run_command(prog: str, fn, *args) -> int:
     """fn(*args) as a command: 0; 2 and one line for bad input; on Ctrl-C (130) or SIGTERM (143)
     the stages in flight are stopped, a Ray this process joined is shut down, and one line says
     how to resume. `kdp`, jobs/pipeline.py and jobs/sweep.py all end through here."""
-    from kdp.interrupt import STOP, Interrupted, stoppable
+    from kdp.interrupt import STOP, Interrupted, reap_at_exit, stoppable
 
     try:
         with stoppable():
@@ -300,6 +299,7 @@ def run_command(prog: str, fn, *args) -> int:
     except (Interrupted, KeyboardInterrupt) as e:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
+            reap_at_exit()  # if the shutdown is cut short, nothing this command started stays
             ray.shutdown()  # a local Ray this command started goes with it; a cluster ends its work
         return interrupted(prog, e, args[0] if args else None)
     return 0

@@ -186,11 +186,12 @@ def is_done(stage: Stage, out: Path, inputs: dict, run: Run) -> bool:
 
 def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str, who: str | None,
            log=print, lock: bool = True, skip: str = "reused", resumed: bool = False,
-           lock_timeout_s: float | None = None) -> Path:
+           lock_timeout_s: float | None = None, locker=held) -> Path:
     """Return `out`, making it with make() unless done(); log skipped/started/finished once.
-    With `lock`, concurrent callers serialize on an exclusive lock of `<out>.lock`: one makes,
-    the rest wait (at most lock_timeout_s, then fail naming the holder) and reuse it. A lock
-    dies with its process; artifacts appear by rename."""
+    With `lock`, concurrent callers serialize on an exclusive lock of `<out>.lock` (`locker`:
+    an flock, kdp.locks.held, or a sweep's lease through Ray): one makes, the rest wait (at
+    most lock_timeout_s, then fail naming the holder) and reuse it. A lock dies with its
+    process; artifacts appear by rename."""
     by = {"by": who} if who else {}
     if done():
         log_event(log_dir, stage, skip, path=str(out), **by)
@@ -198,7 +199,7 @@ def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_di
         return out
     if not lock:
         return _make(out, make, log_dir, stage, by, log, resumed)
-    with held(out.parent / f"{out.name}.lock", f"{who or ''} making {stage}".strip(), lock_timeout_s,
+    with locker(out.parent / f"{out.name}.lock", f"{who or ''} making {stage}".strip(), lock_timeout_s,
               on_wait=lambda h: log(f"[{stage}] {h} is making it; waiting")):
         if done():
             log_event(log_dir, stage, skip, path=str(out), **by)
@@ -233,7 +234,13 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     out, store = run.place(stage, inputs), run.store or LocalStorage(run.run_dir)
     if not store.pull(out) and stage.kind == "train":
         store.pull(state_path(out))  # another node's half-done attempt
-    done, make = (lambda: is_done(stage, out, inputs, run)), (lambda: ex.execute(stage, inputs, out, run))
+
+    def done() -> bool:  # asked again after a sweep's lock: another node may have published it meanwhile
+        return (not store.remote or store.pull(out) or True) and is_done(stage, out, inputs, run)
+
+    def make() -> Path:
+        return ex.execute(stage, inputs, out, run)
+
     say = (lambda msg: run.say(msg.replace(str(store.root), store.uri))) if store.remote else run.say
     try:
         if run.guard is not None:
@@ -340,9 +347,6 @@ class Executor(Protocol):
     def cancel(self) -> None:
         """Stop the work in flight now (Ctrl-C, SIGTERM)."""
 
-    def check_storage(self, store) -> None:
-        """Refuse (StorageError, before any work) an output root (kdp.storage) it cannot use."""
-
 
 class LocalExecutor:
     """Every stage in this process, one at a time, in the graph's priority order."""
@@ -352,9 +356,6 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         """Nothing to do: in-process stages stop at their next batch (kdp.interrupt.STOP)."""
-
-    def check_storage(self, store) -> None:
-        """Any: a directory, or a bucket mirrored in this machine's scratch."""
 
     def has_room(self, stage: Stage, running: list[Stage]) -> bool:
         return not running

@@ -19,6 +19,7 @@ STOP = threading.Event()
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _received: list[int] = []
 _active: list[bool] = []
+_reapers: list = []
 
 
 class Interrupted(BaseException):
@@ -109,3 +110,51 @@ def exit_with(code: int) -> None:
 def stop_hook(module, args) -> None:
     """A forward pre-hook: an attack running inside a model's forward passes ends at the next one."""
     check()
+
+
+def descendants(pid: int | None = None) -> list[tuple[int, str]]:
+    """This process's descendants (Linux /proc), each as (pid, start time): what it started."""
+    pid = pid or os.getpid()
+    parent, start = {}, {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)], start[int(d)] = int(fields[1]), fields[19]
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += [(c, start[c]) for c in kids]
+        frontier += kids
+    return found
+
+
+REAPER = """import os, sys, signal
+pids = [(int(p), s) for p, s in (a.split(':') for a in sys.argv[1:])]
+sys.stdin.read()  # EOF: the command's process is gone
+for pid, start in pids:
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            if f.read().rsplit(')', 1)[1].split()[19] == start:
+                os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+"""
+
+
+def reap_at_exit() -> None:
+    """Make sure what this process started ends with it: a reaper process kills the
+    descendants alive now (pid and start time checked) once this process is gone. For an
+    interrupted command's local Ray, whose shutdown can be cut short by a library thread still
+    calling into it (the core worker then ends the process before the raylet and GCS)."""
+    import subprocess
+
+    pids = [f"{p}:{s}" for p, s in descendants()]
+    if pids:
+        _reapers.append(subprocess.Popen([sys.executable, "-c", REAPER, *pids], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True))
+        # the pipe's write end stays open (referenced) in this process only: its exit is the reaper's EOF

@@ -78,7 +78,6 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
     t_start = time.time()
     ex = executor if executor is not None else LocalExecutor()
     store = open_storage(out_root)
-    ex.check_storage(store)
     store.preflight()
     out_root = store.root
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)

@@ -43,7 +43,7 @@ def is_uri(where) -> bool:
 def local_only(where, what: str) -> Path:
     """`where` as a local path; a URI is refused in one line (never turned into `s3:/...`)."""
     if is_uri(where):
-        raise StorageError(f"{where}: {what} takes a local path; bucket URIs are supported by kdp run, "
+        raise StorageError(f"{where}: {what} takes a local path; bucket URIs are supported by kdp run, kdp sweep, "
                            "kdp report and kdp.results.load (docs/object-storage.md)")
     return Path(where).expanduser().resolve()
 
@@ -73,6 +73,12 @@ class LocalStorage:
 
     def holds(self, path) -> bool:
         return False
+
+    def exists(self, path: Path) -> bool:
+        return Path(path).exists()
+
+    def pull_tree(self, path: Path) -> None:
+        """Nothing to fetch."""
 
     def uri_of(self, path: Path) -> Path:
         return Path(path)
@@ -192,6 +198,18 @@ class BucketStorage:
                                    "(changed or corrupt in the bucket)")
         return h.hexdigest()
 
+    def pull_tree(self, path: Path) -> None:
+        """Fetch every file under the directory `path` that the mirror lacks or has at another
+        size (small files only: a sweep's results partition)."""
+        import pyarrow.fs as pafs
+
+        listing = self._call(self.fs.get_file_info, pafs.FileSelector(self.key(path), allow_not_found=True,
+                                                                      recursive=True))
+        for f in listing:
+            dest = Path(path) / f.path[len(self.key(path)):].lstrip("/")
+            if f.type == pafs.FileType.File and not (dest.is_file() and dest.stat().st_size == f.size):
+                self._download(f.path, dest)
+
     def holds(self, path) -> bool:
         """Is `path` a local path inside the mirror (an artifact of this output root)?"""
         return isinstance(path, (str, Path)) and not is_uri(path) and Path(path).resolve().is_relative_to(self.root)
@@ -253,7 +271,10 @@ class BucketStorage:
 
 
 def open_storage(where, scratch=None) -> LocalStorage | BucketStorage:
-    """The storage of an output root: a bucket for a URI, else the local directory."""
+    """The storage of an output root: a bucket for a URI, else the local directory (a storage
+    is returned as it is: a worker keeps the driver's mirror path)."""
+    if isinstance(where, (LocalStorage, BucketStorage)):
+        return where
     return BucketStorage(str(where), scratch) if is_uri(where) else LocalStorage(where)
 
 

@@ -38,11 +38,13 @@ from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, 
 from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
 from kdp.errors import ConfigError, DataError, NotFoundError
-from kdp.events import log_event
+from kdp.events import events_file, log_event
 from kdp.graph import Run, Stage, ae_entry, ensure, pipeline_graph, placer, run_graph
+from kdp.locks import held
 from kdp.losses import KD_SPACES
 from kdp.pipeline import record_config
 from kdp.results import unique_name
+from kdp.storage import open_storage
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
@@ -240,13 +242,19 @@ def trial_place(root: Path, trial_dir: Path, data: Cifar, results_file: Path):
                    "results": lambda stage, inputs: results_file})
 
 
-def trial_guard(root: Path, trial_dir: Path, who: str, log, lock_timeout_s: float | None = None):
-    """Shared artifacts are made under a lock by the first trial that needs them and reused by
-    the others (logged in <root>/events/); the trial's own stages need no lock."""
+def trial_guard(root: Path, trial_dir: Path, who: str, log, lock_timeout_s: float | None = None,
+                store=None, locker=held):
+    """Shared artifacts are made under a lock (`locker`) by the first trial that needs them and
+    reused by the others (logged in <root>/events/, published to a bucket `store`); the trial's
+    own stages need no lock."""
     def guard(out, done, make, stage, resumed):
         own = not out.is_relative_to(root)
-        return ensure(out, done, make, trial_dir if own else root, stage, who, log, lock=not own, resumed=resumed,
-                      lock_timeout_s=lock_timeout_s)
+        try:
+            return ensure(out, done, make, trial_dir if own else root, stage, who, log, lock=not own,
+                          resumed=resumed, lock_timeout_s=lock_timeout_s, locker=locker)
+        finally:
+            if store is not None and not own:
+                store.push(events_file(root))
     return guard
 
 
@@ -255,13 +263,16 @@ def trial_results(results_root: Path, sweep: str, trial_id: str) -> list[Path]:
 
 
 def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id: str, ex, data: Cifar,
-              rt: Runtime = Runtime(), share: bool = True, log=print, lock_timeout_s: float | None = None) -> Path:
+              rt: Runtime = Runtime(), share: bool = True, log=print, lock_timeout_s: float | None = None,
+              locker=held) -> Path:
     """One trial through the pipeline's graph with executor `ex`: train its student (reusing
-    shared inputs, waiting at most lock_timeout_s for another trial making one) and write its
-    results file. A trial whose results file exists is done: it
-    is returned untouched."""
-    out_root = Path(out_root)
-    sweep_dir, results_root = out_root / base.name, out_root / "results"
+    shared inputs, waiting at most lock_timeout_s for another trial making one, under `locker`)
+    and write its results file. A trial whose results file exists is done: it is returned
+    untouched. `out_root` is a directory or a bucket URI (kdp.storage; then `locker` must
+    reach every node: kdp.distributed.locks)."""
+    store = open_storage(out_root)
+    sweep_dir, results_root = store.root / base.name, store.root / "results"
+    store.pull_tree(results_root / f"sweep_id={base.name}")
     done = trial_results(results_root, base.name, trial_id)
     if done:  # finished before a crash hid it from Tune: keep its file, redo nothing
         log_event(sweep_dir, "trial", "skipped", by=trial_id, path=str(done[0]))
@@ -275,27 +286,39 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     results = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
     run = Run(cfg, data, rt, trial_dir, trial_place(root, trial_dir, data, results),
               graph=pipeline_graph(cfg, evaluated=(variant,)), log=log, extra=trial_columns(params, trial_id),
-              guard=trial_guard(root, trial_dir, trial_id, log, lock_timeout_s), storage=sweep_dir / "ray", t_start=t0,
-              eval_cache=root / "eval_aes")
+              guard=trial_guard(root, trial_dir, trial_id, log, lock_timeout_s, store, locker),
+              storage=sweep_dir / "ray", t_start=t0, eval_cache=root / "eval_aes", store=store)
     outputs = run_graph(run, ex)
     write_json(trial_dir / "trial.json", {"trial_id": trial_id, "params": params, "inputs": {
         k: str(v) for k, v in outputs.items() if k != "evaluate"}, "config": json.loads(json.dumps(
             dataclasses.asdict(cfg)))})
     log_event(sweep_dir, "trial", "finished", by=trial_id, path=str(outputs["evaluate"]), seconds=time.time() - t0)
+    for path in (trial_dir / "trial.json", events_file(sweep_dir)):
+        store.push(path)
     return outputs["evaluate"]
 
 
 def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:
-    """Record sweep.json; refuse a different sweep under the same name."""
+    """Record sweep.json (in a bucket too); refuse a different sweep under the same name."""
     record = {"sweep": sweep_to_dict(sweep), "base": dataclasses.asdict(base)}
-    path = Path(out_root) / sweep.name / "sweep.json"
-    return record_config(path, record, f"sweep {sweep.name!r}", "use --resume to continue it or pick another --name")
+    store = open_storage(out_root)
+    path = store.root / sweep.name / "sweep.json"
+    store.pull(path)
+    record_config(path, record, f"sweep {sweep.name!r}", "use --resume to continue it or pick another --name")
+    store.push(path)
+    return path
+
+
+def sweep_exists(out_root: str | Path, name: str) -> bool:
+    store = open_storage(out_root)
+    return store.exists(store.root / name / "sweep.json")
 
 
 def load_sweep_record(out_root: str | Path, name: str) -> tuple[SweepConfig, PipelineConfig]:
     """The SweepConfig and base PipelineConfig a sweep was started with (for --resume)."""
-    path = Path(out_root) / name / "sweep.json"
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no sweep {name!r} under {out_root}")
+    store = open_storage(out_root)
+    path = store.root / name / "sweep.json"
+    if not store.pull(path):
+        raise NotFoundError(f"{store.uri_of(path)}: no sweep {name!r} under {out_root}")
     record = read_json(path, "sweep.json")
     return sweep_from_dict(record["sweep"]), from_dict(PipelineConfig, record["base"])

@@ -114,6 +114,30 @@ def test_a_resumed_run_that_fails_raises_its_error_and_is_kept(local_ray, tmp_pa
     assert "resume_refused" not in {e["status"] for e in _events(run_dir)}
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_lease_through_ray_is_renewed_while_held_and_lapses_when_its_holder_dies(local_ray, tmp_path):
+    """The sweep's lock on object storage (kdp.distributed.locks): a waiter names the holder
+    and times out while the holder renews (for 2.5 leases); a holder that stops renewing (it
+    died) loses the lock one lease later; a released lock is free at once."""
+    from kdp.distributed.locks import LeaseTable, RayLocks
+    from kdp.locks import LockTimeout
+
+    table = LeaseTable.remote()
+    holder, other = RayLocks(table, lease_s=1.0), RayLocks(table, lease_s=1.0)
+    key = tmp_path / "classifier-1.lock"
+    with holder.held(key, "trial a making classifier"):
+        with pytest.raises(LockTimeout, match=r"still locked after 2.5s by host .* \(trial a making classifier\)"):
+            with other.held(key, "trial b", timeout_s=2.5):
+                pass
+    with other.held(key, "trial b", timeout_s=0):  # released: free at once
+        pass
+    assert local_ray.get(table.acquire.remote(str(key), "dead", "a dead holder", 1.0)) is None  # never renewed
+    seen = []
+    with other.held(key, "trial c", timeout_s=10, on_wait=seen.append):
+        assert seen and seen[0].startswith("a dead holder since ")
+
+
 def test_snapshot_problem_names_what_is_wrong(tmp_path):
     from kdp.distributed.executor import snapshot_problem
 

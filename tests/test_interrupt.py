@@ -33,6 +33,34 @@ def test_a_signal_sets_stop_and_raises_interrupted_with_its_exit_code():
     check()
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("reap", [True, False])
+def test_what_a_command_started_ends_with_it_even_when_its_exit_is_cut_short(reap):
+    """An interrupted command's local Ray can be cut short mid-shutdown (a library thread calls
+    into it; its core worker ends the process): `reap_at_exit` then ends what the command
+    started. Without it (the control) the child outlives the command."""
+    code = ("import os, subprocess; from kdp.interrupt import reap_at_exit; "
+            "p = subprocess.Popen(['sleep', '120'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid, flush=True); "
+            f"{'reap_at_exit(); ' if reap else ''}os._exit(1)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    child = int(done.stdout.split()[0])
+    try:
+        if reap:
+            wait_until(lambda: not _running(child), 30, f"pid {child} outlived the command", interval=0.1)
+        else:
+            assert _running(child)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)  # this test's own grandchild
+
+
 def _session_pids(sid: int) -> list[int]:
     """Processes of session `sid` (the command's session: Ray's processes included)."""
     pids = []

@@ -32,11 +32,11 @@ from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
-from kdp.errors import StorageError
 from kdp.graph import Run, Stage, state_path
 from kdp.stages.drivers import DRIVER, TASKS
 from kdp.events import log_event
 from kdp.stages.evaluate import shards
+from kdp.storage import LocalStorage
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.train.v2._internal.constants)
@@ -141,15 +141,6 @@ class RayExecutor:
         finally:
             self._inflight.difference_update(refs)
 
-    def check_storage(self, store) -> None:
-        """A bucket output (kdp.storage) runs one-worker stages as Ray tasks, which fetch their
-        inputs and publish their outputs; Ray Train runs (data-parallel stages, --one-worker
-        train) and sweeps (Tune) need a shared filesystem so far."""
-        if store.remote and (self.scale.num_workers > 1 or self.scale.one_worker == "train"):
-            flag = f"--num-workers {self.scale.num_workers}" if self.scale.num_workers > 1 else "--one-worker train"
-            raise StorageError(f"{store.uri}: with a bucket output, training stages run as one-worker Ray tasks "
-                               f"so far; drop {flag} or use a shared filesystem (docs/object-storage.md)")
-
     def cancel(self) -> None:
         """Ctrl-C / SIGTERM: force-cancel this executor's tasks in flight (their workers exit; a
         training task's last epoch is in its state file). Train runs end with the driver's Ray."""
@@ -171,7 +162,7 @@ class RayExecutor:
             self._refs[id(obj)] = ray.put(obj)
         return self._refs[id(obj)]
 
-    def _trainer(self, stage: Stage, loop_config: dict, name: str, storage: Path) -> TorchTrainer:
+    def _trainer(self, stage: Stage, loop_config: dict, name: str, storage: str) -> TorchTrainer:
         s = self.scale
         resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
         return KdpTrainer(
@@ -180,7 +171,7 @@ class RayExecutor:
                                                    use_gpu=s.use_gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend=s.torch_backend),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(storage), callbacks=list(self.callbacks(stage)),
+                name=name, storage_path=storage, callbacks=list(self.callbacks(stage)),
                 failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints)))
 
@@ -188,16 +179,19 @@ class RayExecutor:
         """trainer.fit(), resuming the stage's Train run if one exists. Ray writes its run snapshot
         in place, so a driver killed mid-write can leave one that cannot be resumed: such a run
         is moved aside (logged) before fit() and the stage starts over. Any other failure is
-        raised as it is, and the run is kept for the next try."""
+        raised as it is, and the run is kept for the next try. With a bucket output, Train keeps
+        its run in the bucket (each object one PUT: no half-written snapshot) and the checkpoint
+        rank 0 published is fetched here."""
         loop_config = _loop_config(stage, inputs, out, run)
-        name, storage = _run_name(out), run.storage
-        broken = snapshot_problem(storage / name)
+        name, storage, store = _run_name(out), run.storage, _store(run)
+        broken = None if store.remote else snapshot_problem(storage / name)
         if broken is not None:
             aside = storage / f"{name}.broken-{int(time.time())}"
             os.rename(storage / name, aside)
             log_event(run.run_dir, stage.name, "resume_refused", error=broken, moved_to=str(aside))
             run.say(f"[{stage.name}] cannot resume ({broken}); starting over, old run kept at {aside}")
-        self._trainer(stage, loop_config, name, storage).fit()
+        self._trainer(stage, loop_config, name, str(store.uri_of(storage))).fit()
+        store.pull(out)
         if not is_complete(out):
             raise RuntimeError(f"[{stage.name}] the Train run finished but wrote no checkpoint at {out}")
         return out
@@ -227,11 +221,16 @@ def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
     return {"stage": stage.name, "recipe": stage.fn, "config_class": type(stage.config).__name__,
             "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
             "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
-            "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name)}
+            "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name),
+            "store": _store(run)}
+
+
+def _store(run: Run):
+    return run.store or LocalStorage(run.run_dir)
 
 
 def _began_as_train_run(out: Path, run: Run) -> bool:
-    return (run.storage / _run_name(out)).exists()
+    return _store(run).exists(run.storage / _run_name(out))
 
 
 def _run_name(out: Path) -> str:

@@ -143,7 +143,23 @@ def train_loop(c: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_assigned_cpus()
-    see_paths([c["run_dir"], *c["inputs"].values()])
+    store = c.get("store")
+    if store is not None and store.remote:  # every rank reads the inputs on its own node
+        store.pull_all([Path(p) for p in c["inputs"].values()])
+    else:
+        see_paths([c["run_dir"], *c["inputs"].values()])
+    try:
+        _train_worker(c, rank, world)
+        if rank == 0 and store is not None:
+            store.push(Path(c["out"]))
+    finally:
+        if store is not None and store.remote:
+            store.push(Path(c["log_file"]))
+            store.push(events_file(Path(c["run_dir"])))
+
+
+def _train_worker(c: dict, rank: int, world: int) -> None:
+    """One rank of the stage: the recipe, DDP when there are peers, rank 0 saves the checkpoint."""
     # a GPU resource without CUDA (a simulated cluster): train on the CPU
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     cfg = _stage_config(c)

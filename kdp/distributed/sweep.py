@@ -26,10 +26,12 @@ from kdp.configio import from_dict
 from kdp.data import load_cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
+from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
 from kdp.errors import ConfigError, NotFoundError
 from kdp.interrupt import in_thread
+from kdp.storage import open_storage
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
@@ -52,15 +54,16 @@ def trial_metrics(path: Path) -> dict:
             for r in rows}
 
 
-def sweep_trial(params: dict, base: dict, out_root: str, scale: dict, rt: dict, share: bool,
-                lock_timeout_s: float) -> None:
+def sweep_trial(params: dict, base: dict, store, scale: dict, rt: dict, share: bool,
+                lock_timeout_s: float, locks: RayLocks | None) -> None:
     """The Tune trainable: one trial of the sweep (see kdp.sweep.run_trial)."""
     cfg = from_dict(PipelineConfig, base)
     trial_id = tune.get_context().get_trial_id()
     data = load_cifar(cfg.data.data_dir, cfg.data.n_train, cfg.data.n_test)
-    path = run_trial(cfg, params, out_root, trial_id, trial_executor(ScaleConfig(**scale)), data, Runtime(**rt),
-                     share, log=lambda *_: None, lock_timeout_s=lock_timeout_s)
-    tune.report({**trial_metrics(path), "results_file": str(path)})
+    path = run_trial(cfg, params, store, trial_id, trial_executor(ScaleConfig(**scale)), data, Runtime(**rt),
+                     share, log=lambda *_: None, lock_timeout_s=lock_timeout_s,
+                     **({"locker": locks.held} if locks is not None else {}))
+    tune.report({**trial_metrics(path), "results_file": str(store.uri_of(path))})
 
 
 def param_space(s: SweepConfig) -> dict:
@@ -87,39 +90,44 @@ def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
     return int(max(1, min(n, fits)))
 
 
-def _trainable(s: SweepConfig, base: PipelineConfig, out_root: Path, scale: ScaleConfig, rt: Runtime):
-    fn = tune.with_parameters(sweep_trial, base=dataclasses.asdict(base), out_root=str(out_root),
+def _trainable(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, rt: Runtime):
+    # a bucket has no flock that every node sees: its shared artifacts are leased through Ray
+    locks = RayLocks() if store.remote else None
+    fn = tune.with_parameters(sweep_trial, base=dataclasses.asdict(base), store=store,
                               scale=dataclasses.asdict(scale), rt=dataclasses.asdict(rt), share=s.share,
-                              lock_timeout_s=s.lock_timeout_s)
+                              lock_timeout_s=s.lock_timeout_s, locks=locks)
     return tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits; workers hold the CPUs
 
 
 def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale: ScaleConfig = ScaleConfig(),
               rt: Runtime = Runtime(), resume: bool = False, log=print) -> Path:
-    """Run (or, with resume, continue) a sweep on the connected Ray cluster; returns the
-    directory of its results partition, <out>/results/sweep_id=<name>."""
-    out_root = Path(out_root).expanduser().resolve()
+    """Run (or, with resume, continue) a sweep on the connected Ray cluster; returns its
+    results partition, <out>/results/sweep_id=<name> (a directory, or its bucket URI).
+    `out_root`: a directory every node mounts, or a bucket (kdp.storage) every node reaches."""
+    store = open_storage(out_root)
+    store.preflight()
     base = dataclasses.replace(base, name=s.name)
-    tune_dir = out_root / s.name / TUNE_DIR
-    trainable = _trainable(s, base, out_root, scale, rt)
-    check_shared_storage(out_root)
+    tune_dir = store.root / s.name / TUNE_DIR
+    trainable = _trainable(s, base, store, scale, rt)
+    check_shared_storage(store)
+    where = str(store.uri_of(tune_dir))  # Tune writes its experiment state there itself
     if resume:
-        if not tune.Tuner.can_restore(str(tune_dir)):
-            raise NotFoundError(f"{tune_dir}: no sweep to resume there")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        if not tune.Tuner.can_restore(where):
+            raise NotFoundError(f"{where}: no sweep to resume there")
+        tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
     else:
-        if tune_dir.exists():
-            raise ConfigError(f"{tune_dir}: sweep {s.name!r} exists; pass --resume to continue it")
-        prepare_sweep(s, base, out_root)
+        if store.exists(tune_dir):
+            raise ConfigError(f"{where}: sweep {s.name!r} exists; pass --resume to continue it")
+        prepare_sweep(s, base, store)
         tuner = tune.Tuner(trainable, param_space=param_space(s),
                            tune_config=tune.TuneConfig(num_samples=s.num_samples,
                                                        max_concurrent_trials=concurrency(s, scale)),
-                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_root / s.name),
+                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
                                                      failure_config=tune.FailureConfig(max_failures=1)))
-    log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {out_root / 'results'}")
+    log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {store.uri_of(store.root / 'results')}")
     # off the main thread: Tune installs no Ctrl-C handler of its own (it would wait for a last
     # experiment checkpoint); kdp's stops at once and --resume restores Tune's periodic one
     grid = in_thread(tuner.fit)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
-    return out_root / "results" / f"sweep_id={s.name}"
+    return store.uri_of(store.root / "results" / f"sweep_id={s.name}")
