@@ -1,5 +1,8 @@
-"""jobs/sweep.py on a real local Ray head (2 CPUs): a sweep whose driver is SIGKILLed part-way
-and then resumed (a sweep's sharing, files and Tune records: tests/test_e2e_ray.py)."""
+"""jobs/sweep.py on a real local Ray head (2 CPUs) with its output root in a bucket of a real
+S3 server: a sweep whose driver is SIGKILLed part-way and then resumed from the bucket alone
+(Tune's experiment, finished trials' results and the shared artifacts are read back from it).
+A sweep's sharing, files and Tune records: tests/test_e2e_ray.py; a local sweep's resume:
+tests/test_interrupt.py."""
 from __future__ import annotations
 
 import os
@@ -8,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from conftest import free_ports, new_events, ray_head, wait_until
 from kdp.events import read_events
 from kdp.results import load
+from kdp.storage import BucketStorage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -31,64 +36,83 @@ def ports() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def head(ports):
-    with ray_head(*ports, ENV) as env:
+def head(ports, s3_server, tmp_path_factory):
+    """The head, its workers with the S3 server's endpoint and credentials (as a node has its
+    own) and a node-local scratch of their own."""
+    scratch = tmp_path_factory.mktemp("head_scratch")
+    with ray_head(*ports, {**ENV, **s3_server.env, "KDP_SCRATCH": str(scratch)}) as env:
         yield env
 
 
-def _cmd(ports: list[int], out: Path, *args: str) -> list[str]:
+def _cmd(ports: list[int], out: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--address", f"127.0.0.1:{ports[0]}",
             "--out", str(out), *args]
 
 
-def _events(path: Path) -> list[dict]:
+def _events(reader: BucketStorage, path: Path) -> list[dict]:
+    """The events under `path` as the bucket holds them now."""
+    reader.pull_tree(path / "events")
     return read_events(path)
 
 
-def _made(sweep_dir: Path) -> dict[str, int]:
+def _objects(reader: BucketStorage, path: Path) -> dict[str, tuple]:
+    """Objects under `path` in the bucket: key below the root -> (size, mtime)."""
+    base = reader.key(path)
+    return {f.path[len(reader.base) + 1:]: (f.size, f.mtime) for f in reader.fs.get_file_info(
+        pafs.FileSelector(base, recursive=True, allow_not_found=True)) if f.type == pafs.FileType.File}
+
+
+def _made(reader: BucketStorage, sweep_dir: Path) -> dict[str, int]:
     """How many times each shared stage was made (finished), from the sweep's own log."""
     counts: dict[str, int] = {}
-    for e in _events(sweep_dir / "shared"):
+    for e in _events(reader, sweep_dir / "shared"):
         if e["status"] == "finished":
             counts[e["stage"]] = counts.get(e["stage"], 0) + 1
     return counts
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(head, ports, tmp_path, cifar_subset_dir):
+def test_killed_sweep_resumes_from_the_bucket_without_rerunning_finished_trials(head, ports, s3_server, tmp_path,
+                                                                                cifar_subset_dir):
+    s3_server.admin().create_dir("killsweep")
+    out = "s3://killsweep/runs"
+    reader = BucketStorage(out, tmp_path / "reader")  # the test's own view of the bucket
     args = [*TINY, "--data-dir", str(cifar_subset_dir), "--name", "kill", "--variants", "at_only,kd_nt",
             "--eps", "4/255,8/255", "--max-concurrent", "1"]
-    results = tmp_path / "results" / "sweep_id=kill"
+    results = reader.root / "results" / "sweep_id=kill"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_cmd(ports, tmp_path, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
+    first = subprocess.Popen(_cmd(ports, out, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
 
     def a_trial_finished() -> bool:
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-        return bool(list(results.glob("*.parquet")))
+        return bool(_objects(reader, results))
 
     wait_until(a_trial_finished, 600, "no trial finished within 600 s", interval=0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray kills its trials' actors
     first.wait()
-    done = {p: p.stat().st_mtime_ns for p in results.glob("*.parquet")}
+    done = _objects(reader, results)
     assert 1 <= len(done) < 4
-    sweep_dir = tmp_path / "kill"
-    before = _events(sweep_dir / "shared") + _events(sweep_dir)  # the first run's log, as the resume finds it
+    sweep_dir = reader.root / "kill"
+    before = _events(reader, sweep_dir / "shared") + _events(reader, sweep_dir)  # the first run's log
 
-    proc = subprocess.run(_cmd(ports, tmp_path, "--resume", "--name", "kill", "--quiet"), env=head,
+    proc = subprocess.run(_cmd(ports, out, "--resume", "--name", "kill", "--quiet"), env=head,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    files = list(results.glob("*.parquet"))
-    assert len(files) == 4 and {p: p.stat().st_mtime_ns for p in done} == done
-    df = load(tmp_path / "results")
+    files = _objects(reader, results)
+    assert len(files) == 4 and {k: files[k] for k in done} == done  # the finished trials' files untouched
+    df = load(f"{out}/results")
     assert len(df) == 4 * ATTACKS and df.trial_id.nunique() == 4
-    finished = {p.stem.split("-")[1] for p in done}  # trial-<trial_id>-<uuid>.parquet
+    finished = {Path(k).stem.split("-")[1] for k in done}  # trial-<trial_id>-<uuid>.parquet
     assert len(finished) == len(done) and finished <= set(df.trial_id)
     # what the resumed run's processes logged (not a late line of a first-run trial Ray had yet to kill)
-    resumed = new_events(before, _events(sweep_dir / "shared") + _events(sweep_dir), new_writers=True)
+    resumed = new_events(before, _events(reader, sweep_dir / "shared") + _events(reader, sweep_dir),
+                         new_writers=True)
     assert {e["by"] for e in resumed if e["stage"] == "trial" and e["status"] in ("started", "skipped")} >= (
         set(df.trial_id) - finished), f"the resumed run did not take up the other trials: {resumed}"
     later = [e for e in resumed if e.get("by") in finished]
     assert all(e["status"] == "skipped" for e in later), f"finished trials did work again: {later}"
-    made = _made(sweep_dir)
+    made = _made(reader, sweep_dir)
     assert made["classifier"] == 1 and made["teacher_nt"] == 1
-    assert len(list((sweep_dir / "shared").glob("teacher_at-*/model.pt"))) == 2  # one per eps
+    at = {k.split("/")[2] for k in _objects(reader, sweep_dir / "shared") if k.endswith("/model.pt")
+          and k.split("/")[2].startswith("teacher_at-")}
+    assert len(at) == 2, at  # one per eps
