@@ -246,11 +246,12 @@ def test_concurrent_evaluations_craft_a_cache_entry_once(ckpts, tiny_data, tmp_p
     import threading
 
     ev = importlib.import_module("kdp.stages.evaluate")  # the package re-exports a function of that name
+    cache = importlib.import_module("kdp.stages.eval_cache")
 
     clf, _, _ = ckpts
     cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
     crafting, waiting, go, crafted = threading.Event(), threading.Event(), threading.Event(), []
-    real_batches, real_held = ev.attack_batches, ev.held
+    real_batches, real_held = ev.attack_batches, cache.held
 
     def slow_batches(*a, **k):
         for xb in real_batches(*a, **k):
@@ -263,7 +264,7 @@ def test_concurrent_evaluations_craft_a_cache_entry_once(ckpts, tiny_data, tmp_p
         return real_held(path, who, timeout_s, on_wait=lambda h: waiting.set())
 
     monkeypatch.setattr(ev, "attack_batches", slow_batches)
-    monkeypatch.setattr(ev, "held", held)
+    monkeypatch.setattr(cache, "held", held)
     rows = {}
 
     def run(name):

@@ -84,6 +84,7 @@ def test_every_artifact_is_in_the_bucket_and_no_credential_is(bucket_run, s3_ser
         assert {f"tiny/{stage}/{n}" for n in ("model.pt", "checkpoint.json", MANIFEST)} <= set(objects), stage
     assert {"tiny/config.json", "tiny/results.parquet"} <= set(objects)
     assert any(k.startswith("cache/aes/") and k.endswith(MANIFEST) for k in objects)
+    assert any(k.startswith("cache/eval_aes/") and k.endswith(MANIFEST) for k in objects)
     assert any(k.startswith("tiny/events/") and k.endswith(".jsonl") for k in objects)
     assert not any(".tmp-" in k or "preflight" in k for k in objects)
     fs = s3_server.admin()
@@ -127,6 +128,23 @@ def test_a_fresh_node_takes_every_stage_from_the_bucket(bucket_run, env, tmp_pat
     for stage in ("aes", "evaluate"):
         assert f"[{stage}] done already: {uri}/" in out, stage
     assert "started" not in out and "epoch" not in out
+
+
+def test_a_fresh_node_rescores_with_the_evaluation_aes_in_the_bucket(bucket_run, env, tmp_path, monkeypatch,
+                                                                     cifar_subset_dir):
+    """--rescore on a node with an empty scratch: the classifier's AEs come from the bucket's
+    evaluation AE cache (attack.cached), and the rows are the same, hit by hit."""
+    uri, _ = bucket_run
+    before = load(uri)
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
+    with torch_threads(1):
+        assert cli.main(_run_argv(cifar_subset_dir, uri, "--rescore")) == 0
+    after = load(uri)
+    crafted = after[after.attack != "clean"]
+    assert len(crafted) == 8 and crafted["attack.cached"].all()
+    cols = ["variant", "attack", "threat_model", "hits"]
+    assert after[cols].sort_values(cols).reset_index(drop=True).equals(
+        before[cols].sort_values(cols).reset_index(drop=True))
 
 
 def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path, cifar_subset_dir):

@@ -30,11 +30,12 @@ def jpeg_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
 
 
 def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
-               cache: Path | None, threat: str | None, attack: str | None, start: int, stop: int | None) -> list[dict]:
+               cache: Path | None, store, threat: str | None, attack: str | None, start: int,
+               stop: int | None) -> list[dict]:
     """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None)."""
     return evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
                     None if threat is None else (threat,), surrogate, log=print if rt.progress else (lambda *_: None),
-                    cache_dir=cache)
+                    cache_dir=cache, store=store)
 
 
 def evaluation_key(stage, inputs: dict, run) -> str:
@@ -66,7 +67,7 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
     surrogate = inputs.get("surrogate")
     items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
     cache = run.eval_cache if run.rt.eval_cache else None
-    args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, *w)
+    args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, run.store, *w)
             for w in items for group in _groups(w[0], purifiers)]
     run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
     shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"), run.store)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from kdp.checkpoint import atomic_dir
+from kdp.errors import StorageError
+from kdp.locks import held
 
 AES, META = "x_adv.npy", "meta.json"
 
@@ -75,3 +77,33 @@ def save_entry(entry: Path, x_adv: torch.Tensor, meta: dict) -> None:
     with atomic_dir(entry) as tmp:
         np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def fetched(entry: Path, store) -> Path:
+    """A cache entry, fetched from a bucket `store` first if it has it. A copy that fails its
+    check (two nodes published the entry at once) is a miss: the AEs are crafted again."""
+    if store is not None and store.remote:
+        try:
+            store.pull(entry)
+        except StorageError:
+            pass
+    return entry
+
+
+def saving(batches, entry: Path, meta: dict, info: dict, batched, store=None):
+    """Pass the batches through; once all were made, store them as a cache entry (published to
+    a bucket `store`). One maker per entry on a node: under the entry's lock, read what another
+    process made meanwhile instead."""
+    with held(entry.parent / f"{entry.name}.lock", f"crafting {meta['attack']} AEs"):
+        hit = load_entry(fetched(entry, store), meta["n"])
+        if hit is not None:
+            info["attack.cached"] = True
+            yield from batched(hit)
+            return
+        made = []
+        for xb in batches:
+            made.append(xb.cpu())
+            yield xb
+        save_entry(entry, torch.cat(made), meta)
+        if store is not None:
+            store.push(entry)

@@ -40,9 +40,8 @@ from kdp.checkpoint import load_checkpoint
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.interrupt import stop_hook
-from kdp.locks import held
 from kdp.models import EOT, Purified, freeze
-from kdp.stages.eval_cache import cache_key, load_entry, model_sha, save_entry
+from kdp.stages.eval_cache import cache_key, fetched, load_entry, model_sha, saving
 from kdp.train import resolve_device
 
 LINF_TOL = 1e-6  # float slack on the L-inf budget
@@ -157,8 +156,9 @@ def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: 
 class Context:
     """The images, labels and clean predictions one evaluation call works on."""
 
-    def __init__(self, cfg: EvalConfig, x, y, device, start: int, cache: Path | None = None):
+    def __init__(self, cfg: EvalConfig, x, y, device, start: int, cache: Path | None = None, store=None):
         self.cfg, self.x, self.y, self.device, self.start, self.cache = cfg, x, y, device, start, cache
+        self.store = store  # the output root's (kdp.storage): a bucket's cache entries are fetched and published
         self._clean: dict[int, torch.Tensor] = {}
         self._modes: dict[int, bool] = {}
 
@@ -189,11 +189,11 @@ class Context:
         if not cacheable or self.cache is None or k == 0:
             return batches, info
         key = cache_key(model, name, settings(attack), cfg.seed, cfg.batch_size, self.start, x, y)
-        hit = load_entry(self.cache / key, k)
+        hit = load_entry(fetched(self.cache / key, self.store), k)
         if hit is None:
             meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k,
                     "model_sha256": model_sha(model)}  # the model it was crafted on (kdp cache --unused)
-            return _saving(batches, self.cache / key, meta, info, self._batched), info
+            return saving(batches, self.cache / key, meta, info, self._batched, self.store), info
         return self._batched(hit), {**info, "attack.cached": True}
 
     def _batched(self, x: torch.Tensor):
@@ -206,22 +206,6 @@ class Context:
             preds = [_predict(classifier, xb) for xb in self.batches()]
             self._clean[id(classifier)] = torch.cat(preds) if preds else self.y.clone()
         return self._clean[id(classifier)]
-
-
-def _saving(batches, entry: Path, meta: dict, info: dict, batched):
-    """Pass the batches through; once all were made, store them as a cache entry. One maker
-    per entry: under the entry's lock, read what another process made meanwhile instead."""
-    with held(entry.parent / f"{entry.name}.lock", f"crafting {meta['attack']} AEs"):
-        hit = load_entry(entry, meta["n"])
-        if hit is not None:
-            info["attack.cached"] = True
-            yield from batched(hit)
-            return
-        made = []
-        for xb in batches:
-            made.append(xb.cpu())
-            yield xb
-        save_entry(entry, torch.cat(made), meta)
 
 
 def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Defense]):
@@ -307,12 +291,13 @@ def evaluate_models(ctx: Context, defenses: dict[str, Defense], attacks=None, th
 def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Path | None], data: Cifar,
              rt: Runtime = Runtime(), start: int = 0, stop: int | None = None,
              attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] | None = None,
-             surrogate_dir: Path | None = None, log=print, cache_dir: Path | None = None) -> list[dict]:
+             surrogate_dir: Path | None = None, log=print, cache_dir: Path | None = None, store=None) -> list[dict]:
     """Checked accuracy rows for every (variant, attack, threat model) on test images [start, stop).
 
     `attacks` / `threat_models` restrict the run (for sharding; default: all of cfg's);
     'clean' counts as a classifier-threat attack. Shards give the same AEs as one run if
-    `start` is a multiple of cfg.batch_size. `cache_dir`: the evaluation AE cache (None: none).
+    `start` is a multiple of cfg.batch_size. `cache_dir`: the evaluation AE cache (None: none),
+    in the output root's `store` (kdp.storage; a bucket's entries are fetched and published).
     """
     device = resolve_device(rt.device)
     threats = cfg.threat_models if threat_models is None else tuple(threat_models)
@@ -327,7 +312,7 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
               if m is not None}.values():
         m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next
     ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start,
-                  None if cache_dir is None else Path(cache_dir))
+                  None if cache_dir is None else Path(cache_dir), store)
     return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)
 
 
