@@ -3,6 +3,7 @@
     python jobs/sweep.py --preset smoke --data-dir ../shared/data/cifar10-subset --out runs \\
         --name ablation --beta 0.25,0.5 --eps 4/255,8/255
     python jobs/sweep.py --sweep jobs/sweep.yaml --preset reduced --use-gpu --out /shared/kdp
+    python jobs/sweep.py --sweep jobs/sweep.yaml --preset reduced --use-gpu --out s3://bucket/kdp
     python jobs/sweep.py --resume --name ablation --out runs      # continue an interrupted sweep
 
 Each trial trains one student (or none, for at_only) and evaluates it; the classifier, the

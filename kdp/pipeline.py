@@ -18,7 +18,7 @@ Layout under the output root:
     <run>/logs/<stage>.log      what each stage printed (Ray executor)
     <run>/results.parquet       one row per (variant, attack, threat model)
 The output root is a directory or a bucket (`s3://bucket/prefix`, kdp.storage: the same
-layout, mirrored in node-local scratch; in-process executor only so far).
+layout, mirrored in node-local scratch), with either executor.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
                  reuse: dict[str, Path] | None = None) -> Path | str:
     """Run (or resume) every stage of `cfg` under out_root/<name>; returns the results parquet.
     `reuse`: finished outputs of another run to take as they are (stage name -> directory).
-    `out_root` is a directory or a bucket URI (kdp.storage; in-process executor only so far).
+    `out_root` is a directory or a bucket URI (kdp.storage).
     Bad data, a bad --classifier, unusable storage or a conflicting run name fail before
     anything is written."""
     t_start = time.time()

@@ -99,23 +99,28 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     assert len(load(run / "results.parquet")) == LOSS_ROWS
 
 
-def test_sweep_on_an_autoscaling_cluster_runs_trials_at_once(tmp_path, cifar_subset_dir):
-    """Two trials on a cluster that starts with no worker nodes: the autoscaler adds nodes and
-    both trials are in flight at some moment."""
-    out = tmp_path / "out"
+def test_a_sweep_into_a_bucket_on_an_autoscaling_cluster_runs_trials_at_once(s3, tmp_path, cifar_subset_dir):
+    """Two trials on a cluster that starts with no worker nodes, the output root in a bucket:
+    the autoscaler adds nodes, both trials are in flight at some moment, and what both need
+    (classifier, training AEs, teachers) is made once, leased through Ray."""
+    uri = f"{s3}/out"
     sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--name", "grow",
              "--variants", "kd_nt", "--beta", "0.25,0.5"]
     with autoscaling_cluster(max_workers=3) as c:
-        proc = run_job(c, "sweep.py", *sweep, "--data-dir", str(cifar_subset_dir), "--out", str(out))
+        proc = run_job(c, "sweep.py", *sweep, "--data-dir", str(cifar_subset_dir), "--out", uri)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = [e for e in read_events(out / "grow") if e["stage"] == "trial"]
+    reader = BucketStorage(uri, tmp_path / "reader")  # a fresh node: the bucket alone
+    reader.pull_tree(reader.root / "grow")
+    trials = [e for e in read_events(reader.root / "grow") if e["stage"] == "trial"]
     n, most = 0, 0
     for e in trials:
         n += {"started": 1, "finished": -1}.get(e["status"], 0)
         most = max(most, n)
     assert sum(e["status"] == "finished" for e in trials) == 2
     assert most > 1, f"one trial at a time: {[(e['by'], e['status']) for e in trials]}"
-    df = load(out / "results")
+    made = [e["stage"] for e in read_events(reader.root / "grow" / "shared") if e["status"] == "finished"]
+    assert sorted(made) == ["aes", "classifier", "teacher_at", "teacher_nt"], made
+    df = load(f"{uri}/results")
     # each trial: its one variant against the classifier on clean, fgsm and pgd8, and as a full model on pgd8
     per_trial = {t: sorted(zip(g.threat_model, g.attack)) for t, g in df.groupby("trial_id")}
     expected = [("classifier", "clean"), ("classifier", "fgsm"), ("classifier", "pgd8"), ("full", "pgd8")]
