@@ -77,7 +77,7 @@ def test_killed_sweep_resumes_from_the_bucket_without_rerunning_finished_trials(
     out = "s3://killsweep/runs"
     reader = BucketStorage(out, tmp_path / "reader")  # the test's own view of the bucket
     args = [*TINY, "--data-dir", str(cifar_subset_dir), "--name", "kill", "--variants", "at_only,kd_nt",
-            "--eps", "4/255,8/255", "--max-concurrent", "1"]
+            "--max-concurrent", "1"]
     results = reader.root / "results" / "sweep_id=kill"
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(_cmd(ports, out, *args), env=head, stdout=log, stderr=subprocess.STDOUT,
@@ -91,7 +91,7 @@ def test_killed_sweep_resumes_from_the_bucket_without_rerunning_finished_trials(
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray kills its trials' actors
     first.wait()
     done = _objects(reader, results)
-    assert 1 <= len(done) < 4
+    assert len(done) == 1
     sweep_dir = reader.root / "kill"
     before = _events(reader, sweep_dir / "shared") + _events(reader, sweep_dir)  # the first run's log
 
@@ -99,9 +99,9 @@ def test_killed_sweep_resumes_from_the_bucket_without_rerunning_finished_trials(
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     files = _objects(reader, results)
-    assert len(files) == 4 and {k: files[k] for k in done} == done  # the finished trials' files untouched
+    assert len(files) == 2 and {k: files[k] for k in done} == done  # the finished trial's file untouched
     df = load(f"{out}/results")
-    assert len(df) == 4 * ATTACKS and df.trial_id.nunique() == 4
+    assert len(df) == 2 * ATTACKS and df.trial_id.nunique() == 2
     finished = {Path(k).stem.split("-")[1] for k in done}  # trial-<trial_id>-<uuid>.parquet
     assert len(finished) == len(done) and finished <= set(df.trial_id)
     # what the resumed run's processes logged (not a late line of a first-run trial Ray had yet to kill)
@@ -111,8 +111,4 @@ def test_killed_sweep_resumes_from_the_bucket_without_rerunning_finished_trials(
         set(df.trial_id) - finished), f"the resumed run did not take up the other trials: {resumed}"
     later = [e for e in resumed if e.get("by") in finished]
     assert all(e["status"] == "skipped" for e in later), f"finished trials did work again: {later}"
-    made = _made(reader, sweep_dir)
-    assert made["classifier"] == 1 and made["teacher_nt"] == 1
-    at = {k.split("/")[2] for k in _objects(reader, sweep_dir / "shared") if k.endswith("/model.pt")
-          and k.split("/")[2].startswith("teacher_at-")}
-    assert len(at) == 2, at  # one per eps
+    assert _made(reader, sweep_dir) == {"classifier": 1, "aes": 1, "teacher_at": 1, "teacher_nt": 1}
