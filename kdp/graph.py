@@ -148,10 +148,14 @@ class Run:
     eval_cache: Path | None = None
     """The evaluation AE cache (kdp.stages.eval_cache); None: AEs are crafted every time."""
     store: Any = None
-    """Where the output root lives (kdp.storage): artifacts are pulled before a stage and pushed after it."""
+    """Where the output root lives (kdp.storage): artifacts are pulled before a stage and pushed after it.
+    None: the run directory's filesystem (LocalStorage)."""
     t_start: float = field(default_factory=time.time)
     _events: EventTail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.store = self.store or LocalStorage(self.run_dir)
 
     def say(self, msg: str) -> None:
         """One console line, after the epoch lines logged before it (stages print from threads)."""
@@ -231,12 +235,13 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     """One stage, skipped when its output is finished, otherwise made by the executor. With an
     output root in a bucket, its output (and an unfinished stage's state) is pulled first and
     the output is published once made."""
-    out, store = run.place(stage, inputs), run.store or LocalStorage(run.run_dir)
+    out, store = run.place(stage, inputs), run.store
     if not store.pull(out) and stage.kind == "train":
         store.pull(state_path(out))  # another node's half-done attempt
 
-    def done() -> bool:  # asked again after a sweep's lock: another node may have published it meanwhile
-        return (not store.remote or store.pull(out) or True) and is_done(stage, out, inputs, run)
+    def done() -> bool:
+        store.pull(out)  # asked again after a sweep's lock: another node may have published it meanwhile
+        return is_done(stage, out, inputs, run)
 
     def make() -> Path:
         return ex.execute(stage, inputs, out, run)

@@ -36,7 +36,6 @@ from kdp.graph import Run, Stage, state_path
 from kdp.stages.drivers import DRIVER, TASKS
 from kdp.events import log_event
 from kdp.stages.evaluate import shards
-from kdp.storage import LocalStorage
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.train.v2._internal.constants)
@@ -183,7 +182,7 @@ class RayExecutor:
         its run in the bucket (each object one PUT: no half-written snapshot) and the checkpoint
         rank 0 published is fetched here."""
         loop_config = _loop_config(stage, inputs, out, run)
-        name, storage, store = _run_name(out), run.storage, _store(run)
+        name, storage, store = _run_name(out), run.storage, run.store
         broken = None if store.remote else snapshot_problem(storage / name)
         if broken is not None:
             aside = storage / f"{name}.broken-{int(time.time())}"
@@ -222,15 +221,11 @@ def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
             "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
             "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
             "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name),
-            "store": _store(run)}
-
-
-def _store(run: Run):
-    return run.store or LocalStorage(run.run_dir)
+            "store": run.store}
 
 
 def _began_as_train_run(out: Path, run: Run) -> bool:
-    return _store(run).exists(run.storage / _run_name(out))
+    return run.store.exists(run.storage / _run_name(out))
 
 
 def _run_name(out: Path) -> str:

@@ -79,8 +79,13 @@ def remote_call(fn, log_file: str | None, store, *args):
         return result
     finally:
         if remote and log_file:
-            store.push(Path(log_file))
-            store.push(events_file(Path(log_file).parent.parent))
+            publish_log(store, Path(log_file))
+
+
+def publish_log(store, log_file: Path) -> None:
+    """A stage's log (<run>/logs/<stage>.log) and this process's events, to the bucket."""
+    store.push(log_file)
+    store.push(events_file(log_file.parent.parent))
 
 
 class TrainStore:
@@ -143,19 +148,18 @@ def train_loop(c: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_assigned_cpus()
-    store = c.get("store")
-    if store is not None and store.remote:  # every rank reads the inputs on its own node
+    store = c["store"]
+    if store.remote:  # every rank reads the inputs on its own node
         store.pull_all([Path(p) for p in c["inputs"].values()])
     else:
         see_paths([c["run_dir"], *c["inputs"].values()])
     try:
         _train_worker(c, rank, world)
-        if rank == 0 and store is not None:
+        if rank == 0:
             store.push(Path(c["out"]))
     finally:
-        if store is not None and store.remote:
-            store.push(Path(c["log_file"]))
-            store.push(events_file(Path(c["run_dir"])))
+        if store.remote:
+            publish_log(store, Path(c["log_file"]))
 
 
 def _train_worker(c: dict, rank: int, world: int) -> None:
