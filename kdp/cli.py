@@ -127,11 +127,11 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Runtime's flags (--bf16, --channels-last) from its fields, and --quiet for progress=False."""
+    """Runtime's flags (--bf16, --channels-last, --compile) from its fields, and --quiet for progress=False."""
     from kdp.config import Runtime
     from kdp.flags import add_dataclass_args
 
-    add_dataclass_args(p, Runtime, only=("bf16", "channels_last", "rescore"))
+    add_dataclass_args(p, Runtime, only=("bf16", "channels_last", "compile", "rescore"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -228,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     from kdp.config import Runtime
     from kdp.flags import add_dataclass_args
 
-    add_dataclass_args(r, Runtime, only=("device",))  # the Ray job's devices are Ray's to assign
+    # the Ray job's devices are Ray's to assign; a time limit stops this one process
+    add_dataclass_args(r, Runtime, only=("device", "time_limit"))
     r.set_defaults(fn=_run)
     s = sub.add_parser("show", help="print a preset's full config as JSON")
     s.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)}")
@@ -272,7 +273,10 @@ def interrupted(prog: str, e: BaseException, args=None) -> int:
     """The one line an interrupted command ends with; its exit code (130 SIGINT, 143 SIGTERM)."""
     how = (f"add --resume (--name {args.name or '<sweep>'} --out {args.out}) to resume it"
            if args is not None and hasattr(args, "resume") and not args.resume else "the same command resumes")
-    print(f"\n{prog}: interrupted ({e or 'SIGINT'}); {how}: finished stages are kept, a stage in flight "
+    from kdp.interrupt import OutOfTime
+
+    word = "stopped" if isinstance(e, OutOfTime) else "interrupted"
+    print(f"\n{prog}: {word} ({e or 'SIGINT'}); {how}: finished stages are kept, a stage in flight "
           "continues from its last epoch", file=sys.stderr)
     return getattr(e, "code", 130)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from kdp.accel import COMPILE, SWITCH
 from kdp.attacks import ATTACKS, PAPER_SUITE, SUBSET_ATTACKS
 from kdp.errors import ConfigError
 from kdp.losses import ADV_SCORES, KD_SPACES
@@ -320,13 +321,19 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how stages run; not part of an experiment's identity."""
+    """Where and how stages run; not part of an experiment's identity (results record it in `accel`)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'."""
-    bf16: bool = False
-    """bf16 autocast for purifier/classifier training on CUDA."""
-    channels_last: bool = False
-    """channels_last memory format on CUDA."""
+    bf16: str = "auto"
+    """bf16 autocast in training steps, fp32 BatchNorm and losses (attacks stay fp32): auto (on CUDA), on, off."""
+    channels_last: str = "auto"
+    """NHWC models and image batches: auto (on CUDA), on, off."""
+    compile: str = "auto"
+    """torch.compile of training-step models, eager if it fails: auto ('default' on CUDA, off elsewhere),
+    off, default, reduce-overhead (CUDA graphs), max-autotune."""
+    time_limit: float | None = None
+    """Minutes this command may train and evaluate: it stops at the first epoch or evaluation shard
+    boundary where the next would not fit (exit 75), and the same command resumes. None: no limit."""
     progress: bool = True
     """Show progress bars."""
     eval_cache: bool = True
@@ -335,6 +342,12 @@ class Runtime:
     rescore: bool = False
     """Re-run the evaluation even if its config, inputs, test images and code are unchanged
     since the results were written (otherwise such a re-run keeps them)."""
+
+    def __post_init__(self):
+        _choice(self.bf16, SWITCH, "bf16 setting")
+        _choice(self.channels_last, SWITCH, "channels_last setting")
+        _choice(self.compile, COMPILE, "compile mode")
+        _positive(self, "time_limit")
 
 
 @dataclass(frozen=True)

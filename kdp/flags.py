@@ -41,7 +41,14 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | 
                 raise ValueError(f"{cls.__name__}.{f.name}: a flag for a field that defaults to True")
             p.add_argument(flag, action="store_true", help=text)
         else:
-            p.add_argument(flag, type=hints[f.name], default=default, help=f"{text} (default: {default})")
+            kind = _plain(hints[f.name])
+            p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+
+
+def _plain(hint):
+    """The type a flag parses: `float | None` -> float."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **fixed):

@@ -26,7 +26,7 @@ from kdp.config import PipelineConfig, Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
 from kdp.events import EventTail, events_file, log_event
-from kdp.interrupt import STOP
+from kdp.interrupt import STOP, before
 from kdp.locks import held
 from kdp.results import results_key
 from kdp.storage import LocalStorage
@@ -212,6 +212,7 @@ def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_di
 
 
 def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
+    before(f"stage {stage}")  # a time-limited command starts nothing once its time is up
     t0 = time.time()
     log_event(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
     log(f"[{stage}] {'resumed' if resumed else 'started'}")

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 STOP = threading.Event()
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -31,6 +32,40 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.code = EXIT_CODES.get(signum, 130)
+
+
+class OutOfTime(Interrupted):
+    """The command's time limit (Runtime.time_limit) came before the next epoch or evaluation
+    shard could end: stopped at that boundary, resumed by the same command. Exit code 75
+    (EX_TEMPFAIL: try again)."""
+
+    def __init__(self, what: str = ""):
+        BaseException.__init__(self, f"time limit reached{' before ' + what if what else ''}")
+        self.signum, self.code = None, 75
+
+
+_deadline: list[float] = []  # time.monotonic() by which the command must stop; empty: no limit
+
+
+@contextlib.contextmanager
+def time_limit(minutes: float | None):
+    """Within the block, `before(...)` stops work that would end after `minutes` from now (None: no
+    limit). Nested limits keep the earlier deadline."""
+    if minutes is None:
+        yield
+        return
+    end = time.monotonic() + 60 * minutes
+    _deadline.append(min([end, *_deadline]))
+    try:
+        yield
+    finally:
+        _deadline.pop()
+
+
+def before(what: str, needs_s: float = 0.0) -> None:
+    """Raise OutOfTime if `what`, expected to take `needs_s` seconds, would end past the deadline."""
+    if _deadline and time.monotonic() + needs_s > _deadline[-1]:
+        raise OutOfTime(what)
 
 
 def check() -> None:

@@ -31,6 +31,7 @@ from kdp.checkpoint import read_json, read_meta, write_json
 from kdp.config import PipelineConfig, Runtime
 from kdp.configio import replicate
 from kdp.data import load_cifar
+from kdp.interrupt import time_limit
 from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
 from kdp.checkpoint import StageConflict
 from kdp.storage import LocalStorage, open_storage
@@ -94,7 +95,8 @@ def run_pipeline(cfg: PipelineConfig, out_root: str | Path, rt: Runtime = Runtim
     run = Run(cfg, data, rt, run_dir, pipeline_place(out_root, run_dir, data), graph=pipeline_graph(cfg),
               given=given, log=log, t_start=t_start, storage=out_root / "ray", eval_cache=out_root / "cache" / "eval_aes",
               store=store)
-    return store.uri_of(run_graph(run, ex)["evaluate"])
+    with time_limit(rt.time_limit):
+        return store.uri_of(run_graph(run, ex)["evaluate"])
 
 
 def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | Path, rt: Runtime = Runtime(),
@@ -104,6 +106,11 @@ def run_replicates(cfg: PipelineConfig, seeds: tuple[int, ...], out_root: str | 
     surrogate of the first are reused by the others when their configs agree (scope
     'purifiers'), and the training AEs come from the shared cache. Returns the parquets."""
     runs = [replicate(cfg, s, scope) for s in seeds]  # every config is validated before any work
+    with time_limit(rt.time_limit):  # one limit for the whole command
+        return _replicates(runs, out_root, rt, classifier_dir, log, executor)
+
+
+def _replicates(runs, out_root, rt, classifier_dir, log, executor) -> list[Path]:
     paths, first = [], None
     for r in runs:
         reuse = {}

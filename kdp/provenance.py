@@ -42,11 +42,20 @@ def device_name(device: str = "auto") -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _accel(rt) -> str:
+    """The fast paths in force (kdp.accel), e.g. 'fp32' or 'bf16+channels_last+compile:default'."""
+    if rt is None or not hasattr(rt, "compile"):
+        return ""
+    from kdp.accel import Accel
+
+    return Accel.of(rt).describe()
+
+
 def provenance(rt=None) -> dict:
     """Flat dict of provenance fields, all strings, stamped now (UTC)."""
     out = {"git_sha": git_sha(), "python": platform.python_version(), "host": platform.node(),
            "device": device_name(getattr(rt, "device", "auto")),
-           "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "accel": _accel(rt)}
     for pkg in PACKAGES:
         out[f"{pkg}_version"] = _version(pkg) or ""
     return out

@@ -55,7 +55,7 @@ CHECK_FIELDS = [pa.field(n, t) for n, t in (
     ("check.attack_ok", pa.bool_()), ("check.linf_ok", pa.bool_()), ("checks_ok", pa.bool_()),
     ("check_failures", pa.string()))]
 PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
-    "git_sha", "python", "host", "device", "utc", *(f"{p}_version" for p in PACKAGES))]
+    "git_sha", "python", "host", "device", "utc", "accel", *(f"{p}_version" for p in PACKAGES))]
 # A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
 # the hive partition directory `sweep_id=<id>`, not a column of the files.
 SWEEP_FIELDS = [pa.field(n, t) for n, t in (

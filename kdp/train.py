@@ -3,7 +3,6 @@ a resumable epoch loop. The Ray layer runs the same `fit`, with a state store th
 Ray Train checkpoints instead of writing a local state file."""
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 import time
@@ -16,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from kdp.checkpoint import load_state, save_state
-from kdp.interrupt import check
+from kdp.interrupt import before, check
 from kdp.errors import CheckpointError, ConfigError
 
 
@@ -87,12 +86,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return out
 
 
-def autocast(device: torch.device, bf16: bool):
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable,
                 step: Callable[[torch.Tensor], dict], desc: str = "", progress: bool = False) -> dict:
     """One pass: for each index batch, `step(idx)` returns a loss dict; minimize its "loss".
@@ -155,6 +148,8 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
     bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs,
                disable=not (progress and sys.stderr.isatty()))
     for epoch in bar:
+        # a time-limited command stops here if this epoch, as long as the last one, would not fit
+        before(f"{desc} epoch {epoch + 1}", history[-1]["seconds"] if history else 0.0)
         if on_epoch is not None:
             on_epoch(epoch, None)
         t0 = time.perf_counter()

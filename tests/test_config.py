@@ -119,14 +119,14 @@ def test_override_values():
 @pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("1", True), ("false", False),
                                         ("FALSE", False), ("0", False)])
 def test_override_bool(text, value):
-    assert override(Runtime(), f"bf16={text}").bf16 is value
+    assert override(Runtime(), f"rescore={text}").rescore is value
     assert override(PipelineConfig(), f"classifier.nesterov={text}").classifier.nesterov is value
 
 
 def test_override_errors():
     cfg = PipelineConfig()
-    with pytest.raises(ValueError, match="bad value for bf16"):
-        override(Runtime(), "bf16=yes")
+    with pytest.raises(ValueError, match="bad value for rescore"):
+        override(Runtime(), "rescore=yes")
     with pytest.raises(ValueError) as e:
         override(cfg, "ae.epz=1")
     assert "'epz'" in str(e.value) and "eps" in str(e.value) and "alpha" in str(e.value)

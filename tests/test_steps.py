@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdp.accel import Accel
 from kdp.config import Runtime, StudentConfig, TeacherConfig
 from kdp.data import Cifar
 from kdp.losses import at_loss, kd_loss, nt_loss, reconstruction_loss, student_loss
@@ -17,6 +18,7 @@ from kdp.stages.purifier import PurifierData, student_step, teacher_step
 
 CPU = torch.device("cpu")
 RT = Runtime(device="cpu", progress=False)
+ACC = Accel.of(RT)  # the reference path
 N = 8
 IDX = torch.arange(N)
 CAE = dict(depth=2, width=4, batch_size=N)
@@ -72,7 +74,7 @@ def _finite(out: dict):
 
 def test_nt_step_is_the_reconstruction_mse_of_clean_images(data):
     model = Recorder(_cae())
-    out = teacher_step(TeacherConfig(kind="nt", **CAE), model, data, None, CPU, RT)(IDX)
+    out = teacher_step(TeacherConfig(kind="nt", **CAE), model, data, None, ACC)(IDX)
     assert set(out) == {"loss", "mse"}
     _finite(out)
     assert len(model.inputs) == 1 and torch.equal(model.inputs[0], data.x)  # NT sees x, not x'
@@ -85,7 +87,7 @@ def test_nt_step_is_the_reconstruction_mse_of_clean_images(data):
 
 def test_nt_step_needs_no_classifier_and_trains_the_purifier(data):
     model = _cae()
-    out = teacher_step(TeacherConfig(kind="nt", **CAE), model, data, None, CPU, RT)(IDX)
+    out = teacher_step(TeacherConfig(kind="nt", **CAE), model, data, None, ACC)(IDX)
     out["loss"].backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -93,7 +95,7 @@ def test_nt_step_needs_no_classifier_and_trains_the_purifier(data):
 
 def test_at_step_is_mse_plus_the_classifier_term_on_aes(data, classifier):
     model = Recorder(_cae())
-    out = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, CPU, RT)(IDX)
+    out = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, ACC)(IDX)
     assert set(out) == {"loss", "mse", "adv"}
     _finite(out)
     assert len(model.inputs) == 1 and torch.equal(model.inputs[0], data.x_adv)  # AT purifies x'
@@ -114,7 +116,7 @@ def test_at_step_is_mse_plus_the_classifier_term_on_aes(data, classifier):
 def test_at_step_trains_the_purifier_and_leaves_the_frozen_classifier_alone(data, classifier):
     model = _cae()
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
-    out = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, CPU, RT)(IDX)
+    out = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, ACC)(IDX)
     assert out["loss"].requires_grad
     out["loss"].backward()
     grads = [p.grad for p in model.parameters()]
@@ -126,8 +128,8 @@ def test_at_step_trains_the_purifier_and_leaves_the_frozen_classifier_alone(data
 
 def test_at_step_adv_score_logit_changes_the_classifier_term(data, classifier):
     model = _cae()
-    logprob = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, CPU, RT)(IDX)
-    logit = teacher_step(TeacherConfig(kind="at", adv_score="logit", **CAE), model, data, classifier, CPU, RT)(IDX)
+    logprob = teacher_step(TeacherConfig(kind="at", **CAE), model, data, classifier, ACC)(IDX)
+    logit = teacher_step(TeacherConfig(kind="at", adv_score="logit", **CAE), model, data, classifier, ACC)(IDX)
     torch.testing.assert_close(logit["mse"], logprob["mse"])  # the same purifier output
     assert not torch.allclose(logit["adv"], logprob["adv"])
     with torch.no_grad():
@@ -148,7 +150,7 @@ def _student(data, classifier, model=None, **kw):
     cfg = StudentConfig(**{**CAE, "teachers": ("at", "nt"), **kw})
     teachers = _teachers()
     model = _cae() if model is None else model
-    return student_step(cfg, model, data, teachers, classifier, CPU, RT)(IDX), model, teachers
+    return student_step(cfg, model, data, teachers, classifier, ACC)(IDX), model, teachers
 
 
 def test_student_step_returns_the_loss_and_its_terms(data, classifier):

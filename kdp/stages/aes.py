@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, settings_of
 from kdp.checkpoint import atomic_dir, load_checkpoint, read_json, read_meta
 from kdp.config import AEConfig, Runtime
@@ -54,7 +55,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
     if (entry / AES).is_file() and (entry / META).is_file():
         return entry
     device = resolve_device(rt.device)
-    classifier = freeze(load_checkpoint(classifier_dir, device)[0])
+    classifier = Accel.of(rt, device).for_attacks.module(freeze(load_checkpoint(classifier_dir, device)[0]))
     x, y = to_float(data.train_x), data.train_y
     t0 = time.perf_counter()
     x_adv = craft(cfg, classifier, x, y, device, progress=rt.progress)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdp.accel import Accel
 from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.config import JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
 from kdp.configio import flatten
@@ -108,19 +109,20 @@ def no_param_grads(module: nn.Module):
             p.requires_grad_(f)
 
 
-def nrp_step(cfg: NRPConfig, pair: NRPTraining, d: PurifierData, classifier):
+def nrp_step(cfg: NRPConfig, pair: NRPTraining, d: PurifierData, classifier, acc: Accel):
     """One batch: SSP, then the purifier's and the critic's losses summed; each term reaches
     only its own network's parameters, so one backward and one Adam step update both."""
     def step(idx):
-        x, _, _ = d.batch(idx)
-        x_adv = ssp(classifier.features, x, cfg.ssp_eps, cfg.ssp_steps)
-        out = pair.purifier(x_adv)
-        feat = F.mse_loss(classifier.features(out), classifier.features(x))
-        pixel = F.mse_loss(out, x)
-        real = pair.critic(x)
-        with no_param_grads(pair.critic):
-            g_adv = ragan_loss(pair.critic(out), real.detach())
-        d_loss = ragan_loss(real, pair.critic(out.detach()))
+        x, _, _ = d.batch(idx, acc)
+        with acc.autocast():
+            x_adv = ssp(classifier.features, x, cfg.ssp_eps, cfg.ssp_steps)
+            out = pair.purifier(x_adv).float()
+            feat = F.mse_loss(classifier.features(out).float(), classifier.features(x).float())
+            pixel = F.mse_loss(out, x)
+            real = pair.critic(x).float()
+            with no_param_grads(pair.critic):
+                g_adv = ragan_loss(pair.critic(out).float(), real.detach())
+            d_loss = ragan_loss(real, pair.critic(out.detach()).float())
         loss = cfg.w_feat * feat + cfg.w_pixel * pixel + cfg.w_adv * g_adv + d_loss
         return {"loss": loss, "feat": feat, "pixel": pixel, "g_adv": g_adv, "d_loss": d_loss}
     return step
@@ -131,16 +133,17 @@ def nrp_recipe(cfg: NRPConfig, inputs: dict, data: Cifar, device, rt: Runtime, r
     purifier and critic directly, so it trains on one worker (no DDP)."""
     if inputs.get("classifier") is None:
         raise ValueError("NRP needs classifier_dir: its feature extractor is the frozen classifier")
-    classifier = load_frozen(Path(inputs["classifier"]), device)
+    acc = Accel.of(rt, device)
+    classifier = acc.module(load_frozen(Path(inputs["classifier"]), device))
     seed_all(cfg.seed)
-    pair = NRPTraining(_build("nrp", cfg, device), Critic(cfg.critic_width).to(device))
+    pair = acc.module(NRPTraining(_build("nrp", cfg, device), Critic(cfg.critic_width).to(device)))
     opt = torch.optim.Adam(pair.parameters(), lr=cfg.lr)
     d = PurifierData(data, device)
 
     def finish(history):
         return pair.purifier, baseline_spec("nrp", cfg), {"final": history[-1] if history else {}, "history": history}
 
-    return Recipe(pair, opt, None, lambda m: nrp_step(cfg, pair, d, classifier), len(d), finish, ddp=False)
+    return Recipe(pair, opt, None, lambda m: nrp_step(cfg, pair, d, classifier, acc), len(d), finish, ddp=False)
 
 
 def train_nrp(cfg: NRPConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), classifier_dir: Path | None = None,
@@ -151,16 +154,17 @@ def train_nrp(cfg: NRPConfig, data: Cifar, out: Path, rt: Runtime = Runtime(), c
 
 # ---------------------------------------------------------------- SOAP
 
-def soap_step(cfg: SoapConfig, model, x_all, y_all, gen: torch.Generator):
+def soap_step(cfg: SoapConfig, model, x_all, y_all, gen: torch.Generator, acc: Accel):
     """One batch: augmented, noised images; cross-entropy + aux_weight * auxiliary loss,
     the reconstruction target being the clean (augmented) image."""
     def step(idx):
-        x = augment(to_float(x_all[idx.to(x_all.device)]), gen)
+        x = acc.images(augment(to_float(x_all[idx.to(x_all.device)]), gen))
         y = y_all[idx.to(y_all.device)]
         noisy = (x + cfg.noise_std * torch.randn(x.shape, generator=gen).to(x.device)).clamp(0, 1)
-        logits, aux = model.net.losses(noisy, target=x)
-        ce = F.cross_entropy(logits, y)
-        aux = aux.mean()
+        with acc.autocast():
+            logits, aux = model.net.losses(noisy, target=x)
+        ce = F.cross_entropy(logits.float(), y)
+        aux = aux.float().mean()
         return {"loss": ce + cfg.aux_weight * aux, "ce": ce, "aux": aux,
                 "acc": (logits.argmax(1) == y).float().mean()}
     return step
@@ -170,7 +174,8 @@ def soap_recipe(cfg: SoapConfig, inputs: dict, data: Cifar, device, rt: Runtime,
     """SOAP's own classifier with its auxiliary heads (no inputs). The step calls the trunk's
     `losses`, not forward, so it trains on one worker (no DDP)."""
     seed_all(cfg.seed)
-    model = _build("soap", cfg, device)
+    acc = Accel.of(rt, device)
+    model = acc.module(_build("soap", cfg, device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
@@ -180,7 +185,7 @@ def soap_recipe(cfg: SoapConfig, inputs: dict, data: Cifar, device, rt: Runtime,
         test_acc = (predict(model.net, data.test_x, device) == data.test_y).float().mean().item()
         return model, baseline_spec("soap", cfg), {"test_acc_unpurified": test_acc, "history": history}
 
-    return Recipe(model, opt, sched, lambda m: soap_step(cfg, model, x_all, y_all, gen), len(x_all), finish,
+    return Recipe(model, opt, sched, lambda m: soap_step(cfg, model, x_all, y_all, gen, acc), len(x_all), finish,
                   ddp=False, generators=(gen,))
 
 

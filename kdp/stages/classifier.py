@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdp.accel import Accel
 from kdp.config import ClassifierConfig, Runtime
 from kdp.data import Cifar, augment, to_float
 from kdp.models import build_model
 from kdp.stages.common import Recipe, fit_local
-from kdp.train import autocast, predict, seed_all
+from kdp.train import predict, seed_all
 
 
 def classifier_spec(cfg: ClassifierConfig) -> dict:
@@ -29,14 +30,12 @@ def build_classifier_training(cfg: ClassifierConfig, device: torch.device):
     return model, opt, sched
 
 
-def classifier_step(model, x_all, y_all, gen, rt: Runtime, device):
+def classifier_step(model, x_all, y_all, gen, acc: Accel):
     """Loss of one index batch: augmented images, cross-entropy."""
     def step(idx):
-        xb = augment(to_float(x_all[idx.to(x_all.device)]), gen)
-        if rt.channels_last and device.type == "cuda":
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = acc.images(augment(to_float(x_all[idx.to(x_all.device)]), gen))
         yb = y_all[idx.to(y_all.device)]
-        with autocast(device, rt.bf16):
+        with acc.autocast():
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         return {"loss": loss, "acc": (logits.argmax(1) == yb).float().mean()}
@@ -47,8 +46,8 @@ def classifier_recipe(cfg: ClassifierConfig, inputs: dict, data: Cifar, device: 
                       rt: Runtime, rank: int = 0) -> Recipe:
     """The classifier recipe; each data-parallel rank augments with its own generator."""
     model, opt, sched = build_classifier_training(cfg, device)
-    if rt.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    acc = Accel.of(rt, device)
+    model = acc.module(model)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
@@ -56,7 +55,7 @@ def classifier_recipe(cfg: ClassifierConfig, inputs: dict, data: Cifar, device: 
         test_acc = (predict(model, data.test_x, device) == data.test_y).float().mean().item()
         return model, classifier_spec(cfg), {"test_acc": test_acc, "n_test": len(data.test_y), "history": history}
 
-    return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, rt, device), len(x_all), finish,
+    return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, acc), len(x_all), finish,
                   generators=(gen,))
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from kdp.accel import Accel
 from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
@@ -33,15 +34,19 @@ class Recipe:
     finish: Callable[[list[dict]], tuple[nn.Module, dict, dict]]
     """history -> (module to save, its registry spec, checkpoint metrics)."""
     ddp: bool = True
-    """False when the step calls submodules directly (DDP would not sync them): one worker only."""
+    """False when the step calls submodules directly (DDP would not sync them, torch.compile would
+    not see them): one worker only, eager."""
     generators: tuple = ()
     """The recipe's own torch Generators (augmentation, noise): saved and restored with each epoch."""
 
 
 def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=None, state_path: Path | None = None,
                  rank: int = 0, world: int = 1, on_epoch=None) -> list[dict]:
-    """The resumable epoch loop of a recipe on this rank's share of each epoch's batches."""
-    step = recipe.make_step(model)
+    """The resumable epoch loop of a recipe on this rank's share of each epoch's batches. The
+    step calls `model` compiled when that is on (kdp.accel); a step that calls submodules
+    directly (not `ddp`) runs them as they are."""
+    acc = Accel.of(rt, next(recipe.model.parameters()).device)
+    step = recipe.make_step(acc.compiled(model) if recipe.ddp else model)
 
     def epoch_fn(epoch):
         batches = epoch_batches(recipe.n, cfg.batch_size, cfg.seed, epoch, rank, world)

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from kdp.checkpoint import read_meta
+from kdp.checkpoint import atomic_path, read_json, read_meta
 from kdp.config import Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
@@ -17,7 +17,8 @@ from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
 from kdp.stages.baselines import train_jpeg
 from kdp.stages.eval_cache import tensor_sha
-from kdp.stages.evaluate import evaluate, finalize, merge_rows
+from kdp.interrupt import before
+from kdp.stages.evaluate import evaluate, finalize, merge_rows, shards
 
 
 def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Path:
@@ -65,17 +66,56 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
     for s in (graph[n] for n in stage.needs if graph[n].variant in stage.evaluates):
         purifiers[s.variant], variants[s.variant] = inputs[s.name], s.config
     surrogate = inputs.get("surrogate")
-    items = ex.eval_items(cfg.eval, len(run.data.test_y), surrogate is not None)
+    n_test, limited = len(run.data.test_y), run.rt.time_limit is not None
+    # a time-limited run stops between shards: one per (threat model, attack), on every test image
+    items = (shards(cfg.eval, n_test, n_test, surrogate is not None) if limited
+             else ex.eval_items(cfg.eval, n_test, surrogate is not None))
     cache = run.eval_cache if run.rt.eval_cache else None
     args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, run.store, *w)
             for w in items for group in _groups(w[0], purifiers)]
-    run.say(f"[evaluate] {len(items)} shard(s) over {len(run.data.test_y)} test images")
-    shard_rows = ex.map(eval_shard, args, str(run.run_dir / "logs" / "evaluate.log"), run.store)
+    run.say(f"[evaluate] {len(items)} shard(s) over {n_test} test images")
+    log_file = str(run.run_dir / "logs" / "evaluate.log")
+    kept = ShardRows(run.run_dir / "state" / "evaluate", evaluation_key(stage, inputs, run)) if limited else None
+    shard_rows = (kept.map(ex, eval_shard, args, log_file, run.store) if kept
+                  else ex.map(eval_shard, args, log_file, run.store))
     rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
     extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
              "data.source": run.data.source, "data.train_size": len(run.data.train_y),
              "wall_seconds": time.time() - run.t_start, **provenance(run.rt), **run.extra}
-    return write_results(make_rows(cfg, variants, rows, extra), out, evaluation_key(stage, inputs, run))
+    written = write_results(make_rows(cfg, variants, rows, extra), out, evaluation_key(stage, inputs, run))
+    if kept is not None:
+        kept.clear()
+    return written
+
+
+class ShardRows:
+    """The rows of each finished evaluation shard, one JSON file each under `folder`, named by
+    the evaluation's key (what its rows follow from) and the shard's place in the list: a
+    stopped evaluation resumes with the shards it had not finished."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key[:16]
+
+    def _path(self, i: int, arg: tuple) -> Path:
+        threat, attack = arg[8], arg[9]
+        return self.folder / f"{self.key}-{i:03d}-{threat}-{attack}.json"
+
+    def map(self, ex, fn, args: list[tuple], log_file: str | None, store) -> list[list[dict]]:
+        """[fn(*a) for a in args] through the executor, one shard at a time, each kept as it ends."""
+        out = []
+        for i, a in enumerate(args):
+            path = self._path(i, a)
+            if not path.is_file():
+                before(f"evaluation shard {i + 1}/{len(args)} ({a[8]} {a[9]})")
+                rows = ex.map(fn, [a], log_file, store)[0]
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(rows, default=lambda v: v.item()))
+            out.append(read_json(path, "evaluation shard rows"))
+        return out
+
+    def clear(self) -> None:
+        for p in self.folder.glob(f"{self.key}-*.json"):
+            p.unlink()
 
 
 TASKS = {"aes": make_aes_task}

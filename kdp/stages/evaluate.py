@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, describe, linf_budget, settings
 from kdp.checkpoint import load_checkpoint
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
@@ -300,14 +301,16 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
     in the output root's `store` (kdp.storage; a bucket's entries are fetched and published).
     """
     device = resolve_device(rt.device)
+    acc = Accel.of(rt, device).for_attacks
     threats = cfg.threat_models if threat_models is None else tuple(threat_models)
-    classifier = freeze(load_checkpoint(classifier_dir, device)[0])
-    defenses = load_defenses(purifier_dirs, classifier, device)
+    classifier = acc.module(freeze(load_checkpoint(classifier_dir, device)[0]))
+    defenses = {v: Defense(acc.module(d.purifier), acc.module(d.classifier))
+                for v, d in load_defenses(purifier_dirs, classifier, device).items()}
     surrogate = None
     if "transfer" in threats and (attacks is None or set(attacks) & set(cfg.transfer_attacks)):
         if surrogate_dir is None:
             raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
-        surrogate = freeze(load_checkpoint(surrogate_dir, device)[0])
+        surrogate = acc.module(freeze(load_checkpoint(surrogate_dir, device)[0]))
     for m in {id(m): m for m in (classifier, surrogate, *(d.classifier for d in defenses.values()))
               if m is not None}.values():
         m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next

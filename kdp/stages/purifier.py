@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from kdp.accel import Accel
 from kdp.checkpoint import load_checkpoint
 from kdp.config import Runtime, StudentConfig, TeacherConfig
 from kdp.data import Cifar, to_float
@@ -18,7 +19,7 @@ from kdp.losses import at_loss, nt_loss, student_loss
 from kdp.models import build_model, freeze
 from kdp.stages.aes import load_training_aes
 from kdp.stages.common import Recipe, fit_local
-from kdp.train import autocast, seed_all
+from kdp.train import seed_all
 
 
 def purifier_spec(cfg: TeacherConfig | StudentConfig) -> dict:
@@ -26,18 +27,21 @@ def purifier_spec(cfg: TeacherConfig | StudentConfig) -> dict:
             "kwargs": {"depth": cfg.depth, "width": cfg.width, "head": cfg.head}}
 
 
-def build_purifier_training(cfg: TeacherConfig | StudentConfig, device: torch.device, channels_last=False):
+def build_purifier_training(cfg: TeacherConfig | StudentConfig, acc: Accel):
     """Fresh purifier and its Adam optimizer (constant lr, as in the paper)."""
     seed_all(cfg.seed)
     spec = purifier_spec(cfg)
-    model = build_model(spec["kind"], spec["name"], **spec["kwargs"]).to(device)
-    if channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = acc.module(build_model(spec["kind"], spec["name"], **spec["kwargs"]))
     return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
 def load_frozen(path: Path, device: torch.device) -> torch.nn.Module:
     return freeze(load_checkpoint(path, device)[0])
+
+
+def frozen_for_steps(path: Path, acc: Accel) -> torch.nn.Module:
+    """A frozen model that a training step's loss calls: in the step's memory format, compiled if that is on."""
+    return acc.compiled(acc.module(load_frozen(path, acc.device)))
 
 
 class PurifierData:
@@ -55,16 +59,18 @@ class PurifierData:
     def __len__(self):
         return len(self.x)
 
-    def batch(self, idx: torch.Tensor):
+    def batch(self, idx: torch.Tensor, acc: Accel | None = None):
+        """(clean images, labels, AEs or None) of an index batch, in acc's memory format."""
         idx = idx.to(self.x.device)
-        return self.x[idx], self.y[idx], None if self.x_adv is None else self.x_adv[idx]
+        fmt = acc.images if acc is not None else (lambda t: t)
+        return fmt(self.x[idx]), self.y[idx], None if self.x_adv is None else fmt(self.x_adv[idx])
 
 
-def teacher_step(cfg: TeacherConfig, model, d: PurifierData, classifier, device, rt: Runtime):
+def teacher_step(cfg: TeacherConfig, model, d: PurifierData, classifier, acc: Accel):
     """Loss of one batch: L_NT on clean images, or L_AT on AEs with the frozen classifier."""
     def step(idx):
-        x, y, x_adv = d.batch(idx)
-        with autocast(device, rt.bf16):
+        x, y, x_adv = d.batch(idx, acc)
+        with acc.autocast():
             if cfg.kind == "nt":
                 return nt_loss(model(x).float(), x)
             purified = model(x_adv)
@@ -75,12 +81,11 @@ def teacher_step(cfg: TeacherConfig, model, d: PurifierData, classifier, device,
     return step
 
 
-def student_step(cfg: StudentConfig, model, d: PurifierData, teachers: dict, classifier, device,
-                 rt: Runtime):
+def student_step(cfg: StudentConfig, model, d: PurifierData, teachers: dict, classifier, acc: Accel):
     """Loss of one batch: beta * L_s + gamma * L_kd; the AT teacher sees x', NT sees x."""
     def step(idx):
-        x, _, x_adv = d.batch(idx)
-        with autocast(device, rt.bf16):
+        x, _, x_adv = d.batch(idx, acc)
+        with acc.autocast():
             with torch.no_grad():
                 t_outs = [teachers[k](x_adv if k == "at" else x).float() for k in cfg.teachers]
                 t_logits = [classifier(t).float() for t in t_outs] if cfg.kd_space == "logits" else None
@@ -105,10 +110,11 @@ def teacher_recipe(cfg: TeacherConfig, inputs: dict, data: Cifar, device: torch.
         if inputs.get("classifier") is None or inputs.get("aes") is None:
             raise ValueError("the AT teacher needs classifier_dir and ae_dir")
         ae_dir = Path(inputs["aes"])
-    classifier = load_frozen(Path(inputs["classifier"]), device) if cfg.kind == "at" else None
+    acc = Accel.of(rt, device)
+    classifier = frozen_for_steps(Path(inputs["classifier"]), acc) if cfg.kind == "at" else None
     d = PurifierData(data, device, ae_dir)
-    model, opt = build_purifier_training(cfg, device, rt.channels_last)
-    return _purifier_recipe(cfg, model, opt, d, lambda m: teacher_step(cfg, m, d, classifier, device, rt), ae_dir)
+    model, opt = build_purifier_training(cfg, acc)
+    return _purifier_recipe(cfg, model, opt, d, lambda m: teacher_step(cfg, m, d, classifier, acc), ae_dir)
 
 
 def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.device, rt: Runtime,
@@ -117,12 +123,13 @@ def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.
     missing = [t for t in cfg.teachers if inputs.get(f"teacher_{t}") is None]
     if missing:
         raise ValueError(f"student {cfg.variant} needs teacher checkpoints for {missing}")
-    teachers = {k: load_frozen(Path(inputs[f"teacher_{k}"]), device) for k in cfg.teachers}
-    classifier = load_frozen(Path(inputs["classifier"]), device)
+    acc = Accel.of(rt, device)
+    teachers = {k: frozen_for_steps(Path(inputs[f"teacher_{k}"]), acc) for k in cfg.teachers}
+    classifier = frozen_for_steps(Path(inputs["classifier"]), acc)
     d = PurifierData(data, device, Path(inputs["aes"]))
-    model, opt = build_purifier_training(cfg, device, rt.channels_last)
+    model, opt = build_purifier_training(cfg, acc)
     return _purifier_recipe(cfg, model, opt, d,
-                            lambda m: student_step(cfg, m, d, teachers, classifier, device, rt), inputs["aes"])
+                            lambda m: student_step(cfg, m, d, teachers, classifier, acc), inputs["aes"])
 
 
 def train_teacher(cfg: TeacherConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
