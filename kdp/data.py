@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdp.datapack import SUFFIX, unpacked
 from kdp.locks import held
 from kdp.errors import DataError  # noqa: F401 (re-exported)
 
@@ -175,13 +176,18 @@ def _read_zip(path: Path, split: str) -> list[tuple[str, str, bytes]]:
 
 
 def load_image_folder(root: Path) -> Cifar:
-    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory or a .zip of one.
+    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory, a .zip of one or its
+    kdp.datapack pack (the same bytes).
 
     Classes are numbered in sorted folder order (as torchvision's ImageFolder does), and
     each split is put in a fixed shuffled order (seed 0 train, 1 test)."""
-    read = _read_zip if root.suffix == ".zip" else _read_tree
     try:
-        train, test = read(root, "train"), read(root, "test")
+        if root.suffix == SUFFIX:  # kdp.datapack: the same files' bytes, repacked
+            packed = unpacked(root)
+            train, test = packed["train"], packed["test"]
+        else:
+            read = _read_zip if root.suffix == ".zip" else _read_tree
+            train, test = read(root, "train"), read(root, "test")
     except zipfile.BadZipFile:
         raise DataError(f"{root}: not a valid zip file") from None
     if not train or not test:
@@ -218,10 +224,10 @@ def load_cifar(data_dir: str | Path | None, n_train: int | None = None, n_test: 
         root = Path(data_dir).expanduser()
         if not root.exists():
             raise DataError(f"{root}: data path does not exist")
-        batch_dir = None if root.suffix == ".zip" else _find_batch_dir(root)
+        batch_dir = None if root.suffix in (".zip", SUFFIX) else _find_batch_dir(root)
         if batch_dir is not None:
             data = load_batches(batch_dir)
-        elif root.suffix == ".zip" or (root / "train").is_dir():
+        elif root.suffix in (".zip", SUFFIX) or (root / "train").is_dir():
             data = load_image_folder(root)
         else:
             raise DataError(f"{root}: neither a {BATCH_DIR}/ layout nor train/ and test/ image folders")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import io
 import zipfile
 from pathlib import Path
 
@@ -394,3 +395,30 @@ def test_to_float():
     assert f.tolist() == [[0.0, pytest.approx(0.2), 1.0]]
     assert f[0, 2].item() == 1.0
     assert x.tolist() == [[0, 51, 255]]  # input untouched
+
+
+def test_a_pack_of_a_jpeg_zip_gives_the_zips_images_byte_for_byte(tmp_path):
+    from PIL import Image
+
+    from kdp.datapack import pack, split_jpeg
+
+    tree = tmp_path / "folder"
+    write_image_folder(tree)
+    zpath = tmp_path / "jpegs.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for i, p in enumerate(sorted(tree.rglob("*.png"))):
+            buf = io.BytesIO()  # JPEGs (one header shared by all), one PNG that is kept whole
+            Image.open(p).save(buf, format="PNG" if i == 3 else "JPEG", quality=90)
+            z.writestr(p.relative_to(tree).with_suffix(".jpg").as_posix(), buf.getvalue())
+    packed = pack(zpath, tmp_path / "data.kdpjpeg")
+    assert packed.stat().st_size < zpath.stat().st_size
+    a, b = load_cifar(zpath), load_cifar(packed)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.classes == b.classes and a.fingerprint() == b.fingerprint() and b.source == str(packed)
+    head, scan = split_jpeg(zipfile.ZipFile(zpath).read("train/apple/img0.jpg"))
+    assert head.startswith(b"\xff\xd8") and scan.endswith(b"\xff\xd9")
+    assert split_jpeg(b"\x89PNG rest") == (b"\x89PNG rest", b"")
+    (tmp_path / "junk.kdpjpeg").write_bytes(b"not an npz")
+    with pytest.raises(DataError, match="junk.kdpjpeg: not a .kdpjpeg pack"):
+        load_cifar(tmp_path / "junk.kdpjpeg")

@@ -28,3 +28,13 @@ def test_jpeg_zip_loads_all_60k_and_matches_the_exact_subset(cifar_jpeg_zip, cif
     assert exact.test_y[0].item() == CLASSES.index("cat") and psnr > 25, psnr
     # the loader's fixed shuffle mixes classes, so a prefix subset is not one class
     assert len(set(full.subset(100, 100).train_y.tolist())) == 10
+
+
+@pytest.mark.slow  # decodes 120k JPEGs: about 25 s on 2 cores
+def test_the_pack_of_the_jpeg_zip_is_the_same_data_set(cifar_jpeg_zip, tmp_path):
+    from kdp.datapack import pack
+
+    packed = pack(cifar_jpeg_zip, tmp_path / "cifar10.kdpjpeg")
+    assert packed.stat().st_size < 20 * 2**20  # of 59 MiB: what lets it travel to a GPU lease
+    a, b = load_cifar(cifar_jpeg_zip), load_cifar(packed)
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("train_x", "train_y", "test_x", "test_y"))
