@@ -1,0 +1,3 @@
+from kdp.cli import console
+
+console()

@@ -1,0 +1,71 @@
+"""benchmarks/lease.sh, the script a GPU lease runs, here on the CPU: two short leases, the
+second resuming from what the first packed, write the rows one unlimited run writes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdp.results import load
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = ["--set", "baselines=", "--set", "eval.threat_models=classifier", "--set", "eval.attacks=fgsm+pgd8",
+        "--set", "students=at+nt", "--set", "classifier.epochs=4"]
+
+
+def lease(tmp: Path, n: int, minutes: float, data: Path) -> tuple[int, Path]:
+    out = tmp / f"out{n}"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "KDP_LEASE": str(tmp / "lease"), "KDP_LEASE_RUNS": str(tmp / f"runs{n}"),
+           "KDP_LEASE_PRESET": "tiny", "KDP_LEASE_DATA": str(data), "KDP_LEASE_ARGS": " ".join(SETS),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    rc = subprocess.run(["bash", "benchmarks/lease.sh", "0", str(minutes)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600).returncode
+    return rc, out
+
+
+@pytest.mark.slow  # three tiny runs, about a minute on 2 cores
+def test_two_short_leases_write_the_rows_of_one_unlimited_run(tmp_path, cifar_subset_dir):
+    (tmp_path / "lease").mkdir()
+    # 3 s of a run of about 20: it stops where this machine's speed puts the limit (on the 2-core
+    # VM, inside the classifier); wherever that is, the second lease must end where one run ends
+    rc, out = lease(tmp_path, 1, 0.05, cifar_subset_dir)
+    log = (out / "lease.log").read_text()
+    assert rc == 75 and "kdp: stopped (time limit reached before " in log, log
+    back = sorted(p.name for p in out.iterdir())
+    assert len(back) <= 8 and all((out / f).stat().st_size <= 16 * 2**20 for f in back)
+    shutil.copytree(out, tmp_path / "lease" / "carry", ignore=shutil.ignore_patterns("lease.log"))
+    rc, out = lease(tmp_path, 2, 10, cifar_subset_dir)
+    assert rc == 0, (out / "lease.log").read_text()
+
+    straight = subprocess.run([sys.executable, "-m", "kdp", "run", "--preset", "tiny", "--data-dir",
+                               str(cifar_subset_dir), "--out", str(tmp_path / "straight"), "--quiet", *SETS],
+                              cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    cols, key = ["variant", "attack", "threat_model", "n", "correct", "hits", "linf_max"], ["variant", "attack"]
+    a = load(tmp_path / "runs2" / "tiny" / "results.parquet")[cols].sort_values(key).reset_index(drop=True)
+    b = load(tmp_path / "straight" / "tiny" / "results.parquet")[cols].sort_values(key).reset_index(drop=True)
+    assert a.equals(b)
+
+
+@pytest.mark.slow  # every stage's recipe at tiny size, twice: about 20 s on 2 cores
+def test_the_gpu_benchmark_runs_every_stage_and_projects_the_preset(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--device", "cpu", "--out", str(out),
+                        "--variants", "ref,fast-x2", "--per-variant", "0.05"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    rows = {(row["stage"], row["variant"]): row for row in report["rows"]}
+    for stage in ("classifier", "teacher_at", "teacher_nt", "student_kd_at_nt", "soap", "nrp"):
+        assert rows[(stage, "ref")]["img_s"] > 0 and rows[(stage, "ref")]["flops_per_img"] > 0
+        assert rows[(stage, "fast-x2")]["batch"] == 2 * rows[(stage, "ref")]["batch"]
+    assert {("attack pgd8", "fast"), ("attack pgd100", "ref")} <= set(rows) and "error" not in r.stdout
+    assert report["projection_s"]["total_training"] > 0 and report["peak_bf16_tflops"] is None
+    assert "projected paper-preset training seconds" in r.stdout
