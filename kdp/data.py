@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdp.datapack import SUFFIX, unpacked
+from kdp.datapack import SUFFIX, read_zip, unpacked
 from kdp.locks import held
 from kdp.errors import DataError  # noqa: F401 (re-exported)
 
@@ -163,18 +163,6 @@ def _read_tree(root: Path, split: str) -> list[tuple[str, str, bytes]]:
     return [(p.parent.name, p.name, p.read_bytes()) for p in files]
 
 
-def _read_zip(path: Path, split: str) -> list[tuple[str, str, bytes]]:
-    out = []
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            parts = name.split("/")
-            if split in parts and not name.endswith("/"):
-                i = parts.index(split)
-                if len(parts) == i + 3:  # <prefix>/<split>/<class>/<file>
-                    out.append((parts[i + 1], parts[i + 2], z.read(name)))
-    return out
-
-
 def load_image_folder(root: Path) -> Cifar:
     """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` from a directory, a .zip of one or its
     kdp.datapack pack (the same bytes).
@@ -186,7 +174,7 @@ def load_image_folder(root: Path) -> Cifar:
             packed = unpacked(root)
             train, test = packed["train"], packed["test"]
         else:
-            read = _read_zip if root.suffix == ".zip" else _read_tree
+            read = read_zip if root.suffix == ".zip" else _read_tree
             train, test = read(root, "train"), read(root, "test")
     except zipfile.BadZipFile:
         raise DataError(f"{root}: not a valid zip file") from None

@@ -11,7 +11,6 @@ it reads the zip. What for: a GPU lease's working tree is 64 MiB, the zip alone 
 from __future__ import annotations
 
 import argparse
-import io
 import zipfile
 from pathlib import Path
 
@@ -33,11 +32,22 @@ def split_jpeg(blob: bytes) -> tuple[bytes, bytes]:
     return blob[:end], blob[end:]
 
 
+def read_zip(path: Path, split: str) -> list[tuple[str, str, bytes]]:
+    """(class, file name, bytes) of every `<prefix>/<split>/<class>/<file>` in a zip."""
+    out = []
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            parts = name.split("/")
+            if split in parts and not name.endswith("/"):
+                i = parts.index(split)
+                if len(parts) == i + 3:  # <prefix>/<split>/<class>/<file>
+                    out.append((parts[i + 1], parts[i + 2], z.read(name)))
+    return out
+
+
 def _items(zip_path: Path):
     """(split, class, file name, bytes) of every image, ImageFolder's order within each split."""
-    from kdp.data import _read_zip
-
-    return [(split, c, n, b) for split in SPLITS for c, n, b in sorted(_read_zip(zip_path, split))]
+    return [(split, c, n, b) for split in SPLITS for c, n, b in sorted(read_zip(zip_path, split))]
 
 
 def pack(zip_path: str | Path, out: str | Path) -> Path:

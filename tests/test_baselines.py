@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kdp.accel import Accel
 from kdp.checkpoint import load_checkpoint
 from kdp.config import ClassifierConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
 from kdp.configio import flatten
@@ -83,7 +84,7 @@ def test_nrp_losses_reach_each_network_and_generator_loss_spares_the_critic(tiny
     for p in clf.parameters():
         p.requires_grad_(False)
     pair = NRPTraining(NRPPurifier(width=4, blocks=1), Critic(4))
-    step = nrp_step(TINY.nrp, pair, PurifierData(tiny_data, torch.device("cpu")), clf)
+    step = nrp_step(TINY.nrp, pair, PurifierData(tiny_data, torch.device("cpu")), clf, Accel(torch.device("cpu")))
     out = step(torch.arange(16))
     assert {"loss", "feat", "pixel", "g_adv", "d_loss"} <= set(out)
     (out["g_adv"]).backward(retain_graph=True)
