@@ -17,9 +17,7 @@ recipe). FLOPs per image are counted on the reference step (torch.utils.flop_cou
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import platform
 import sys
 import tempfile

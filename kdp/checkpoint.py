@@ -26,15 +26,28 @@ from kdp.errors import CheckpointError  # noqa: F401 (re-exported)
 WEIGHTS, META = "model.pt", "checkpoint.json"
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's or a directory's data to the disk: after a power loss a renamed file is
+    then whole, never the empty file a rename of unflushed data can leave."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to `path`; on success rename it over `path`."""
+    """Yield a temporary path next to `path`; on success flush it, rename it over `path`
+    and flush the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -67,6 +80,8 @@ def atomic_dir(path: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        for p in [*(p for p in tmp.rglob("*") if p.is_file()), tmp]:
+            fsync(p)
         old = None
         if existed and path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -76,6 +91,7 @@ def atomic_dir(path: str | Path):
         except OSError:
             if not path.exists():
                 raise
+        fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

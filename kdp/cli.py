@@ -16,10 +16,11 @@ def build_config(preset: str, data_dir: str | None = None, name: str | None = No
     from kdp.configio import override
     from kdp.presets import get_preset
 
-    from kdp.storage import is_uri
+    from kdp.storage import check_uri, is_uri
 
     cfg = get_preset(preset)
-    if data_dir is not None and is_uri(data_dir):  # checked when it is fetched, before any stage
+    if data_dir is not None and is_uri(data_dir):  # fetched (and checked) before any stage
+        check_uri(data_dir)  # credentials in it: refused before the config records it
         cfg = override(cfg, f"data.data_dir={data_dir}")
     elif data_dir is not None:
         if not Path(data_dir).expanduser().exists():

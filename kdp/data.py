@@ -202,7 +202,7 @@ def download_cifar(root: Path = DEFAULT_ROOT) -> Path:
 def load_cifar(data_dir: str | Path | None, n_train: int | None = None, n_test: int | None = None) -> Cifar:
     """Load CIFAR-10 from the python layout, an ImageFolder tree or zip, or (None) a download;
     any of the first three may be in a bucket (`s3://...`: fetched once per node, kdp.storage)."""
-    from kdp.storage import fetch_data, is_uri
+    from kdp.storage import is_uri
 
     if data_dir is not None and is_uri(data_dir):
         return dataclasses.replace(load_cifar(fetch_data(str(data_dir)), n_train, n_test), source=str(data_dir))
@@ -241,3 +241,55 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     out = padded[bidx, cidx, rows, cols]
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+# ---- a dataset in a bucket
+
+def fetch_data(uri: str) -> Path:
+    """A dataset in a bucket (a .zip object, or a prefix such as .../cifar-10-batches-py/),
+    downloaded once per node into $KDP_SCRATCH/data/<bucket>/<prefix> under a lock. Each
+    file's size and sha256 go into a local manifest written last; a later use checks the local
+    files against it (and against the bucket's sizes) before trusting them, else downloads
+    again. Returns the local path (the file, or the directory)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from kdp.bucket import BucketStorage
+    from kdp.bucket_io import MANIFEST, endpoint, inside, scratch
+    from kdp.checkpoint import atomic_path
+    from kdp.errors import NotFoundError
+
+    store = BucketStorage(uri, scratch() / "data")
+    info = store._call(store.fs.get_file_info, store.base)
+    if info.type == pafs.FileType.NotFound:
+        raise NotFoundError(f"--data-dir {uri}: no such object or prefix at {endpoint()}")
+    listing = [info] if info.type == pafs.FileType.File else [
+        f for f in store._call(store.fs.get_file_info, pafs.FileSelector(store.base, recursive=True))
+        if f.type == pafs.FileType.File]
+    names = {f.path[len(store.base):].lstrip("/") or Path(store.base).name: f for f in listing}
+    top = store.root.parent if info.type == pafs.FileType.File else store.root
+    manifest = top / (f".{store.root.name}{MANIFEST}" if info.type == pafs.FileType.File else MANIFEST)
+    top.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        inside(top, name, uri)
+    with held(top / f".{store.root.name}.fetch.lock", f"fetching {uri}"):
+        if not _fetched(top, manifest, names):
+            files = {}
+            for name, f in sorted(names.items()):  # [size, sha256 hashed as it streams, the object's time]
+                files[name] = [f.size, store._download(f.path, top / name), f.mtime_ns]
+            with atomic_path(manifest) as tmp:  # last: the local copy is complete
+                tmp.write_text(json.dumps({"uri": uri, "files": files}, sort_keys=True))
+    return store.root
+
+
+def _fetched(top: Path, manifest: Path, names: dict) -> bool:
+    """Does the local copy hold every listed file, of the bucket's size and time (an object
+    replaced by one of the same size is fetched again) and the sha256 recorded?"""
+    from kdp.bucket import read_local
+    from kdp.checkpoint import file_sha256
+
+    files = (read_local(manifest) or {}).get("files", {})
+    return bool(files) and set(files) == set(names) and all(
+        files[n][0] == f.size and files[n][2:] == [f.mtime_ns] and (top / n).is_file()
+        and (top / n).stat().st_size == f.size and file_sha256(top / n) == files[n][1] for n, f in names.items())

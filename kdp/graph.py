@@ -29,7 +29,7 @@ from kdp.events import EventTail, events_file, log_event
 from kdp.interrupt import STOP, before
 from kdp.locks import held
 from kdp.results import results_key
-from kdp.storage import LocalStorage
+from kdp.storage import LocalStorage, publish_quietly
 from kdp.stages.aes import AES, ae_cache_key
 from kdp.stages.baselines import nrp_recipe, soap_recipe
 from kdp.stages.classifier import classifier_recipe
@@ -257,9 +257,11 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
         store.push(out)  # made here; made on another node, it is fetched for what reads it here
         if not Path(made).exists():
             store.pull(made)
-        return made
-    finally:
-        store.push(events_file(run.run_dir))
+    except BaseException:  # the stage's error or the Ctrl-C stays the one raised
+        publish_quietly(store, events_file(run.run_dir), say)
+        raise
+    store.push(events_file(run.run_dir))
+    return made
 
 
 def run_graph(run: Run, ex) -> dict[str, Path]:

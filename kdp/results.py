@@ -146,8 +146,8 @@ def _parquet_files(path: str | Path):
         found = ([] if info.type == pafs.FileType.NotFound else [info] if info.type == pafs.FileType.File
                  else fs.get_file_info(pafs.FileSelector(base, recursive=True)))
     except OSError as e:
-        from kdp.storage import _why
-        raise StorageError(f"{path}: {_why(e)}") from None
+        from kdp.bucket_io import why
+        raise StorageError(f"{path}: {why(e)}") from None
     if info.type == pafs.FileType.NotFound:
         raise NotFoundError(f"{path}: no results here")
     files = sorted(f.path for f in found if f.path.endswith(".parquet") and f.type == pafs.FileType.File

@@ -6,14 +6,28 @@ node-local mirror of the output root (`KDP_SCRATCH`, default ~/.cache/kdp/mirror
 stage boundaries (`kdp.graph.run_stage`): an artifact is pulled before its stage is asked
 whether it is done, and pushed once it is made. The stages know nothing of buckets.
 
-Publishing, so that a reader never takes a half-written artifact for finished:
-- a directory (a checkpoint, an AE cache entry) is uploaded file by file and then its
-  manifest, `.kdp-manifest.json` (each file's size and sha256), last. A reader takes a
-  directory as present only once its manifest exists, checks every file it downloads against
-  it, and writes its local copy of the manifest last; a local copy whose manifest matches the
-  bucket's is not downloaded again (once per node);
+Publishing, so that a reader never takes a half-written or mixed artifact for finished:
+- a directory (a checkpoint, an AE cache entry) is published as an immutable version: its
+  files go under `<dir>/.kdp-v/<version>/` (the version is the hash of their names, sizes and
+  sha256s), then one PUT of the commit, `<dir>/.kdp-manifest.json`, names the version and lists
+  every file's size and sha256. Readers read only what a commit names and check every file
+  against it; two writers each publish a whole version and the later commit wins whole, never
+  a mix. Versions no commit names are deleted after a grace period (a writer may be uploading
+  one). A reader writes its local copy of the commit last; a local copy whose commit matches
+  the bucket's is not downloaded again (once per node);
 - a single file (a results parquet, a training state, an event file) is one PUT: an object
   appears whole or not at all.
+The bucket is the truth: a mirror copy of an artifact the bucket does not hold (any more) is
+dropped, a directory's local files that its commit does not list are removed, and `pull_tree`
+mirrors deletions. Every name read from the bucket (a commit's file names, a listing's keys)
+must resolve inside its directory, else it is refused. A URI with credentials in it
+(`s3://key:secret@bucket`) is refused without echoing them.
+
+Every store call is retried with backoff on errors that can pass (unreachable endpoint,
+timeouts, 5xx, throttling) for KDP_STORE_RETRY_S seconds (default 120: a store restart rides
+through); after that, one line naming the URI, and the same command resumes. Preflight does not
+retry: a wrong endpoint fails at once. A request that moves no byte for KDP_STORE_TIMEOUT_S
+seconds (default 30) fails and is retried, so no call hangs.
 
 Endpoint and credentials come from pyarrow's S3 filesystem, which reads the standard AWS
 variables and files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
@@ -21,18 +35,20 @@ variables and files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import uuid
 from pathlib import Path
 
-from kdp.checkpoint import atomic_path, file_sha256
-from kdp.errors import NotFoundError, StorageError
+from kdp.bucket import BucketStorage
+from kdp.bucket_io import MANIFEST, check_uri, inside  # noqa: F401 (re-exported)
+from kdp.errors import StorageError
 
-SCHEMES = ("s3",)
-MANIFEST = ".kdp-manifest.json"
-CHUNK = 8 << 20
+
+def publish_quietly(store, path: Path, log=print) -> None:
+    """push() where an error is already on its way (a `finally`, an except): a storage failure
+    is logged, never raised over the original error or a Ctrl-C."""
+    try:
+        store.push(path)
+    except StorageError as e:
+        log(f"[storage] could not publish {path} while stopping: {e}")
 
 
 def is_uri(where) -> bool:
@@ -84,192 +100,6 @@ class LocalStorage:
         return Path(path)
 
 
-class BucketStorage:
-    """An output root in a bucket, mirrored in node-local scratch (see the module docstring)."""
-    remote = True
-
-    def __init__(self, uri: str, scratch: str | Path | None = None):
-        import pyarrow.fs as pafs
-
-        scheme = uri.split("://", 1)[0]
-        if scheme not in SCHEMES:
-            raise StorageError(f"{uri}: unsupported storage scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
-        try:
-            self.fs, base = pafs.FileSystem.from_uri(uri)
-        except Exception as e:  # pyarrow's messages name the problem; keep their first line
-            raise StorageError(f"{uri}: {str(e).splitlines()[0]}") from None
-        self.uri, self.base = uri.rstrip("/"), base.rstrip("/")
-        self.bucket = self.base.split("/", 1)[0]
-        self.root = Path(scratch or _scratch()).expanduser().resolve() / self.base
-
-    def __getstate__(self):  # to Ray workers: the URI and the mirror, never the client or its keys
-        return {"uri": self.uri, "root": str(self.root)}
-
-    def __setstate__(self, state):
-        self.__init__(state["uri"])
-        self.root = Path(state["root"])  # the driver's mirror path: the same on every node
-
-    def key(self, path: Path) -> str:
-        """The object key of a path in the mirror."""
-        rel = Path(path).resolve().relative_to(self.root)
-        return f"{self.base}/{rel.as_posix()}" if str(rel) != "." else self.base
-
-    def uri_of(self, path: Path) -> str:
-        """The bucket URI of a path in the mirror."""
-        return f"{self.uri.split('://', 1)[0]}://{self.key(path)}"
-
-    def preflight(self) -> None:
-        """Fail in one line naming the URI, before any work: an unreachable endpoint, bad
-        credentials, a missing bucket or no right to write (a probe object, then deleted)."""
-        import pyarrow.fs as pafs
-
-        info = self._call(self.fs.get_file_info, self.bucket)
-        if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{self.uri}: no bucket {self.bucket!r} at {endpoint()}")
-        probe = f"{self.base}/.kdp-preflight-{uuid.uuid4().hex[:8]}"
-        self._call(self._put_bytes, probe, b"")
-        self._call(self.fs.delete_file, probe)
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except OSError as e:
-            raise StorageError(f"{self.uri}: {_why(e)}") from None
-
-    def exists(self, path: Path) -> bool:
-        import pyarrow.fs as pafs
-
-        return self._call(self.fs.get_file_info, self.key(path)).type != pafs.FileType.NotFound
-
-    # ---- pull: bucket -> mirror --------------------------------------------------------------
-
-    def pull(self, path: Path) -> bool:
-        """Bring the artifact at `path` from the bucket into the mirror if the bucket has it
-        finished (a file; a directory with its manifest). True if `path` is there afterwards."""
-        import pyarrow.fs as pafs
-
-        path = Path(path)
-        info = self._call(self.fs.get_file_info, self.key(path))
-        if info.type == pafs.FileType.File:  # small (configs, states, results): fetched each time
-            self._download(self.key(path), path)
-            return True
-        if info.type == pafs.FileType.Directory:
-            manifest = self._read_manifest(path)
-            if manifest is not None:
-                self._pull_dir(path, manifest)
-                return True
-        return path.exists()
-
-    def _read_manifest(self, path: Path) -> dict | None:
-        try:
-            with self.fs.open_input_stream(f"{self.key(path)}/{MANIFEST}") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StorageError(f"{self.uri}: {_why(e)}") from None
-
-    def _pull_dir(self, path: Path, manifest: dict) -> None:
-        local = path / MANIFEST
-        if local.is_file() and json.loads(local.read_text()) == manifest:
-            return  # this node has it already
-        for name, (size, sha) in manifest["files"].items():
-            dest = path / name
-            if dest.is_file() and dest.stat().st_size == size and file_sha256(dest) == sha:
-                continue
-            self._download(f"{self.key(path)}/{name}", dest, sha)
-        with atomic_path(local) as tmp:  # last: the local copy is complete
-            tmp.write_text(json.dumps(manifest, sort_keys=True))
-
-    def _download(self, key: str, dest: Path, sha: str | None = None) -> str:
-        """Copy one object to `dest` (by rename), refused unless its sha256 is `sha` if given;
-        returns the sha256, computed while it streams."""
-        h = hashlib.sha256()
-        with atomic_path(dest) as tmp:
-            try:
-                with self.fs.open_input_stream(key) as src, open(tmp, "wb") as out:
-                    while chunk := src.read(CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-            except OSError as e:
-                raise StorageError(f"{self.uri}: {_why(e)}") from None
-            if sha is not None and h.hexdigest() != sha:
-                raise StorageError(f"{self.uri}: {key} does not match the sha256 in its manifest "
-                                   "(changed or corrupt in the bucket)")
-        return h.hexdigest()
-
-    def pull_tree(self, path: Path) -> None:
-        """Fetch every file under the directory `path` that the mirror lacks or has at another
-        size (small files only: a sweep's results partition)."""
-        import pyarrow.fs as pafs
-
-        listing = self._call(self.fs.get_file_info, pafs.FileSelector(self.key(path), allow_not_found=True,
-                                                                      recursive=True))
-        for f in listing:
-            dest = Path(path) / f.path[len(self.key(path)):].lstrip("/")
-            if f.type == pafs.FileType.File and not (dest.is_file() and dest.stat().st_size == f.size):
-                self._download(f.path, dest)
-
-    def holds(self, path) -> bool:
-        """Is `path` a local path inside the mirror (an artifact of this output root)?"""
-        return isinstance(path, (str, Path)) and not is_uri(path) and Path(path).resolve().is_relative_to(self.root)
-
-    def pull_all(self, obj) -> None:
-        """Pull every artifact path in `obj` (a path, or a dict, list or tuple holding some):
-        what a task on another node reads."""
-        if isinstance(obj, dict):
-            for v in obj.values():
-                self.pull_all(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                self.pull_all(v)
-        elif isinstance(obj, Path) and self.holds(obj):
-            self.pull(obj)
-
-    def remove(self, path: Path) -> None:
-        """Delete the object of a single-file artifact (a marker), if there."""
-        try:
-            self.fs.delete_file(self.key(path))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise StorageError(f"{self.uri}: {_why(e)}") from None
-
-    # ---- push: mirror -> bucket --------------------------------------------------------------
-
-    def push(self, path: Path) -> None:
-        """Publish the artifact at `path`: a file in one PUT; a directory's files, then its
-        manifest last (nothing is uploaded again that the bucket's manifest already lists)."""
-        path = Path(path)
-        if path.is_file():
-            self._call(self._upload, path, self.key(path))
-        elif path.is_dir():
-            self._push_dir(path)
-
-    def _push_dir(self, path: Path) -> None:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and not p.name.startswith(".") and ".tmp-" not in p.name)
-        manifest = {"files": {p.relative_to(path).as_posix(): [p.stat().st_size, file_sha256(p)] for p in files}}
-        there = self._read_manifest(path) or {"files": {}}
-        if there == manifest:
-            return
-        for name, entry in manifest["files"].items():
-            if there["files"].get(name) != entry:
-                self._call(self._upload, path / name, f"{self.key(path)}/{name}")
-        self._call(self._put_bytes, f"{self.key(path)}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
-        with atomic_path(path / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, sort_keys=True))
-
-    def _upload(self, src: Path, key: str) -> None:
-        with open(src, "rb") as f, self.fs.open_output_stream(key) as out:
-            while chunk := f.read(CHUNK):
-                out.write(chunk)
-
-    def _put_bytes(self, key: str, data: bytes) -> None:
-        with self.fs.open_output_stream(key) as out:
-            out.write(data)
-
-
 def open_storage(where, scratch=None) -> LocalStorage | BucketStorage:
     """The storage of an output root: a bucket for a URI, else the local directory (a storage
     is returned as it is: a worker keeps the driver's mirror path)."""
@@ -278,62 +108,3 @@ def open_storage(where, scratch=None) -> LocalStorage | BucketStorage:
     return BucketStorage(str(where), scratch) if is_uri(where) else LocalStorage(where)
 
 
-def _scratch() -> Path:
-    """This node's scratch: KDP_SCRATCH, else ~/.cache/kdp/mirror."""
-    return Path(os.environ.get("KDP_SCRATCH") or Path.home() / ".cache" / "kdp" / "mirror")
-
-
-def endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
-
-
-def _why(e: OSError) -> str:
-    """One line from pyarrow's S3 error: unreachable endpoint, credentials refused, or as said."""
-    msg = str(e)
-    if "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Could not resolve" in msg:
-        return f"cannot reach the endpoint {endpoint()}"
-    if "ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg or "403" in msg:
-        return ("access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                "AWS_PROFILE or the instance role)")
-    return msg.splitlines()[0]
-
-
-def fetch_data(uri: str) -> Path:
-    """A dataset in a bucket (a .zip object, or a prefix such as .../cifar-10-batches-py/),
-    downloaded once per node into $KDP_SCRATCH/data/<bucket>/<prefix> under a lock. Each
-    file's size and sha256 go into a local manifest written last; a later use checks the local
-    files against it (and against the bucket's sizes) before trusting them, else downloads
-    again. Returns the local path (the file, or the directory)."""
-    import pyarrow.fs as pafs
-
-    from kdp.locks import held
-
-    store = BucketStorage(uri, _scratch() / "data")
-    info = store._call(store.fs.get_file_info, store.base)
-    if info.type == pafs.FileType.NotFound:
-        raise NotFoundError(f"--data-dir {uri}: no such object or prefix at {endpoint()}")
-    listing = [info] if info.type == pafs.FileType.File else [
-        f for f in store._call(store.fs.get_file_info, pafs.FileSelector(store.base, recursive=True))
-        if f.type == pafs.FileType.File]
-    names = {f.path[len(store.base):].lstrip("/") or Path(store.base).name: f for f in listing}
-    top = store.root.parent if info.type == pafs.FileType.File else store.root
-    manifest = top / (f".{store.root.name}{MANIFEST}" if info.type == pafs.FileType.File else MANIFEST)
-    top.mkdir(parents=True, exist_ok=True)
-    with held(top / f".{store.root.name}.fetch.lock", f"fetching {uri}"):
-        if not _fetched(top, manifest, names):
-            files = {}
-            for name, f in sorted(names.items()):
-                files[name] = [f.size, store._download(f.path, top / name)]  # hashed as it streams
-            with atomic_path(manifest) as tmp:  # last: the local copy is complete
-                tmp.write_text(json.dumps({"uri": uri, "files": files}, sort_keys=True))
-    return store.root
-
-
-def _fetched(top: Path, manifest: Path, names: dict) -> bool:
-    """Does the local copy hold every listed file, of the bucket's size and the sha256 recorded?"""
-    if not manifest.is_file():
-        return False
-    files = json.loads(manifest.read_text())["files"]
-    return set(files) == set(names) and all(
-        files[n][0] == f.size and (top / n).is_file() and (top / n).stat().st_size == f.size
-        and file_sha256(top / n) == files[n][1] for n, f in names.items())

@@ -61,7 +61,8 @@ def test_a_single_file_is_one_object_and_a_changed_one_is_fetched_again(s3, tmp_
 def test_a_file_changed_in_the_bucket_is_refused_by_its_sha256(s3, s3_server, tmp_path):
     a, b = BucketStorage(f"{s3}/r", tmp_path / "a"), BucketStorage(f"{s3}/r", tmp_path / "b")
     a.push(_checkpoint(a.root / "classifier"))
-    with s3_server.admin().open_output_stream(f"{s3[5:]}/r/classifier/model.pt") as out:
+    version = json.loads((a.root / "classifier" / MANIFEST).read_text())["version"]
+    with s3_server.admin().open_output_stream(f"{s3[5:]}/r/classifier/.kdp-v/{version}/model.pt") as out:
         out.write(b"tampered")
     with pytest.raises(StorageError, match="does not match the sha256 in its manifest"):
         b.pull(b.root / "classifier")
@@ -112,8 +113,9 @@ def test_a_writer_killed_mid_upload_leaves_nothing_a_reader_takes_for_finished(s
     reader = BucketStorage(f"{s3}/r", tmp_path / "reader")
     path = reader.root / ("classifier" if mode == "directory" else "results.parquet")
     assert not reader.pull(path) and not path.exists()
-    if mode == "directory":  # its first file is there, without the manifest that says finished
-        assert reader.exists(path / "checkpoint.json") or reader.exists(path / "model.pt")
+    if mode == "directory":  # its first file is there (in its version), without the commit that says finished
+        listing = reader.fs.get_file_info(pafs.FileSelector(reader.key(path), recursive=True))
+        assert any("/.kdp-v/" in f.path and f.type == pafs.FileType.File for f in listing)
         assert not reader.exists(path / MANIFEST)
 
 

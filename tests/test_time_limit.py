@@ -4,7 +4,6 @@ writes. Time is a fake clock that the test moves, never a sleep."""
 from __future__ import annotations
 
 import shutil
-import time
 import types
 
 import pytest

@@ -28,6 +28,7 @@ from kdp.distributed.nodes import see_paths
 from kdp.events import events_file
 from kdp.graph import RECIPES, publishing, state_path
 from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
+from kdp.storage import publish_quietly
 
 STATE = "state.pt"
 
@@ -76,16 +77,20 @@ def remote_call(fn, log_file: str | None, store, *args):
             result = fn(*args)
         if remote and store.holds(result):
             store.push(Path(result))
-        return result
-    finally:
+    except BaseException:
         if remote and log_file:
-            publish_log(store, Path(log_file))
+            publish_log(store, Path(log_file), quietly=True)
+        raise
+    if remote and log_file:
+        publish_log(store, Path(log_file))
+    return result
 
 
-def publish_log(store, log_file: Path) -> None:
-    """A stage's log (<run>/logs/<stage>.log) and this process's events, to the bucket."""
-    store.push(log_file)
-    store.push(events_file(log_file.parent.parent))
+def publish_log(store, log_file: Path, quietly: bool = False) -> None:
+    """A stage's log (<run>/logs/<stage>.log) and this process's events, to the bucket;
+    `quietly` while an error is on its way (a storage failure then is only logged)."""
+    for path in (log_file, events_file(log_file.parent.parent)):
+        publish_quietly(store, path) if quietly else store.push(path)
 
 
 class TrainStore:
@@ -157,9 +162,12 @@ def train_loop(c: dict) -> None:
         _train_worker(c, rank, world)
         if rank == 0:
             store.push(Path(c["out"]))
-    finally:
+    except BaseException:
         if store.remote:
-            publish_log(store, Path(c["log_file"]))
+            publish_log(store, Path(c["log_file"]), quietly=True)
+        raise
+    if store.remote:
+        publish_log(store, Path(c["log_file"]))
 
 
 def _train_worker(c: dict, rank: int, world: int) -> None:

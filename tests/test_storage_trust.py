@@ -1,0 +1,176 @@
+"""What a first cluster user would hit in a bucket output, against the real S3 server
+(tests/s3_server.py): two writers of one artifact, a mirror that outlives the bucket's copy,
+hostile names, credentials in a URI, a store that stalls, and errors that must stay one line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from kdp import bucket, cli
+from kdp.bucket_io import local_write, why
+from kdp.checkpoint import save_state
+from kdp.errors import StorageError
+from kdp.storage import MANIFEST, BucketStorage, publish_quietly
+
+
+def _dir(d: Path, content: bytes) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.pt").write_bytes(content * 100)
+    (d / "checkpoint.json").write_text(json.dumps({"made_from": content.decode()}))
+    return d
+
+
+def _put(server, key: str, data: bytes) -> None:
+    with server.admin().open_output_stream(key) as out:
+        out.write(data)
+
+
+def test_two_writers_interleaved_publish_whole_versions_and_the_later_commit_wins(s3, tmp_path):
+    a, b = BucketStorage(f"{s3}/r", tmp_path / "a"), BucketStorage(f"{s3}/r", tmp_path / "b")
+    da, db = _dir(a.root / "classifier", b"A"), _dir(b.root / "classifier", b"B")
+    real_put = a._put_bytes
+
+    def b_publishes_before_a_commits(key, data):  # the window of defect 1: A's files up, B whole, then A
+        if key.endswith(MANIFEST):
+            b.push(db)
+        real_put(key, data)
+
+    a._put_bytes = b_publishes_before_a_commits
+    a.push(da)
+    reader = BucketStorage(f"{s3}/r", tmp_path / "reader")
+    assert reader.pull(reader.root / "classifier")  # on today's main: a sha256 error, for good
+    got = reader.root / "classifier"
+    assert (got / "checkpoint.json").read_text() == (da / "checkpoint.json").read_text()
+    assert (got / "model.pt").read_bytes() == (da / "model.pt").read_bytes()  # A's, whole: never mixed
+    b.push(db)  # B publishes again: its version is committed whole (on main: "already there", nothing)
+    assert reader.pull(got) and (got / "checkpoint.json").read_text() == (db / "checkpoint.json").read_text()
+    assert a.collect(a.root / "classifier", keep=json.loads((got / MANIFEST).read_text())["version"],
+                     grace_s=0) == [json.loads((da / MANIFEST).read_text())["version"]]  # A's old version
+    assert reader.pull(got)
+
+
+def test_the_bucket_is_the_truth_over_a_nodes_mirror(s3, s3_server, tmp_path):
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    ckpt = _dir(node.root / "exp" / "classifier", b"A")
+    node.push(ckpt)
+    s3_server.admin().delete_dir(f"{s3[5:]}/r/exp/classifier")  # deleted to retrain it
+    assert not node.pull(ckpt) and not ckpt.exists()  # gone for the run, not uploaded again
+    state = node.root / "exp" / "state.json"
+    state.write_text("{}")  # a mirror file the bucket never had (another server's, an old run's)
+    assert not node.pull(state) and not state.exists()
+
+    part = node.root / "results" / "sweep_id=s"
+    for name in ("t1.parquet", "t2.parquet"):
+        _put(s3_server, f"{s3[5:]}/r/results/sweep_id=s/{name}", b"1234")
+    node.pull_tree(part)
+    assert sorted(p.name for p in part.iterdir() if not p.name.startswith(".")) == ["t1.parquet", "t2.parquet"]
+    s3_server.admin().delete_file(f"{s3[5:]}/r/results/sweep_id=s/t2.parquet")
+    _put(s3_server, f"{s3[5:]}/r/results/sweep_id=s/t1.parquet", b"5678")  # same size, new object
+    node.pull_tree(part)
+    assert not (part / "t2.parquet").exists() and (part / "t1.parquet").read_bytes() == b"5678"
+
+
+@pytest.mark.parametrize("name", ["../../escaped.txt", "/tmp/abs.txt", "sub/../../escaped.txt"])
+def test_a_name_from_the_bucket_that_leaves_the_mirror_is_refused(s3, s3_server, tmp_path, name):
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    manifest = {"files": {name: [4, "0" * 64]}, "version": "v1"}
+    _put(s3_server, f"{s3[5:]}/r/classifier/{MANIFEST}", json.dumps(manifest).encode())
+    with pytest.raises(StorageError, match="refused the name") as e:
+        node.pull(node.root / "classifier")
+    assert str(e.value).count("\n") == 0 and not (tmp_path / "escaped.txt").exists()
+    assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/abs.txt").exists()
+
+
+def test_a_corrupt_manifest_is_one_line_and_a_publish_repairs_it(s3, s3_server, tmp_path):
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    _put(s3_server, f"{s3[5:]}/r/classifier/{MANIFEST}", b"{not json")
+    with pytest.raises(StorageError, match=r"classifier/\.kdp-manifest\.json: corrupt manifest"):
+        node.pull(node.root / "classifier")
+    node.push(_dir(node.root / "classifier", b"A"))
+    assert BucketStorage(f"{s3}/r", tmp_path / "other").pull(tmp_path / "other" / s3[5:] / "r" / "classifier")
+
+
+def test_credentials_in_a_uri_are_refused_and_never_written(tmp_path, capsys, monkeypatch, cifar_subset_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
+    key, secret = "AKIAKDPTESTKEY", "kdpTestSecretValue"
+    runs = [["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", f"s3://{key}:{secret}@b/u"],
+            ["run", "--preset", "tiny", "--data-dir", f"s3://{key}:{secret}@b/data", "--out", str(tmp_path / "o")]]
+    for argv in runs:
+        assert cli.main(argv) == 2
+        out = capsys.readouterr()
+        assert "credentials in a URI are refused" in out.err and out.err.count("\n") == 1
+        assert key not in out.err + out.out and secret not in out.err + out.out
+    for p in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert key.encode() not in p.read_bytes() and secret.encode() not in p.read_bytes(), p
+
+
+def test_a_stalled_store_is_ridden_out_and_a_dead_one_fails_in_one_line(s3, s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")  # no byte for 1 s: a request fails (default 30)
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    f = node.root / "state.pt"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"epoch 3")
+    waiting, real_sleep = threading.Event(), bucket.time.sleep
+    monkeypatch.setattr(bucket.time, "sleep", lambda s: (waiting.set(), real_sleep(min(s, 0.5))))
+    os.killpg(s3_server.proc.pid, signal.SIGSTOP)  # the store stops answering (a restart, a partition)
+    try:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(done=node.push(f) or True))
+        t.start()
+        assert waiting.wait(120)  # kdp is retrying: the SDK's own attempts are spent
+        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+        t.join(120)
+        assert result.get("done") and node.exists(f)
+
+        node.retry_s = 1.0
+        os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+        with pytest.raises(StorageError, match=r"s3://.*/r: .*gave up after \d+ tries") as e:
+            node.push(f)
+        assert str(e.value).count("\n") == 0
+    finally:
+        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+
+
+def test_a_push_while_an_error_is_raised_is_logged_not_raised_over_it(s3, tmp_path, monkeypatch):
+    from conftest import free_ports
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens: pushes fail
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    node.retry_s = 0.0
+    f = node.root / "events" / "x.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text("{}\n")
+    lines = []
+    with pytest.raises(RuntimeError, match="the stage's own error"):
+        try:
+            raise RuntimeError("the stage's own error")
+        except BaseException:
+            publish_quietly(node, f, lines.append)
+            raise
+    assert len(lines) == 1 and lines[0].startswith(f"[storage] could not publish {f}")
+
+
+def test_errors_name_their_real_cause(tmp_path):
+    assert "access denied" not in why(OSError("When reading information for key 'runs/exp403/x': AWS Error "
+                                              "NO_SUCH_KEY (HTTP status code: 404)"))
+    assert "access denied" in why(OSError("AWS Error ACCESS_DENIED during HeadObject (HTTP status code: 403)"))
+    with pytest.raises(StorageError, match="/dev: cannot write this node's copy"):
+        with local_write(Path("/dev/full")) as out:  # a full local disk: the node's, not the bucket's
+            out.write(b"x" * 65536)
+
+
+def test_checkpoints_and_states_reach_the_disk_before_they_are_renamed(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    save_state(tmp_path / "state" / "teacher.pt", {"epoch": 3})
+    assert synced[0].startswith(str(tmp_path / "state" / ".teacher.pt.tmp-"))  # the data, before the rename
+    assert synced[1] == str(tmp_path / "state")  # then the directory entry
+    assert pafs  # the module under test talks to pyarrow: keep its import honest
