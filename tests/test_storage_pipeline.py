@@ -5,6 +5,7 @@ and storage errors in one line with nothing written. One reduced tiny run (one s
 baselines, the classifier threat model, two attacks) is shared by the tests that read it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,8 +74,11 @@ def test_a_bucket_output_gives_the_rows_of_a_local_run_and_writes_nothing_local(
 def test_every_artifact_is_in_the_bucket_and_no_credential_is(bucket_run, s3_server):
     uri, _ = bucket_run
     objects = _objects(s3_server, uri)
-    for stage in STAGES:
-        assert {f"tiny/{stage}/{n}" for n in ("model.pt", "checkpoint.json", MANIFEST)} <= set(objects), stage
+    for stage in STAGES:  # a commit, and the files of the version it names
+        assert f"tiny/{stage}/{MANIFEST}" in objects, stage
+        with s3_server.admin().open_input_stream(f"{uri[5:]}/tiny/{stage}/{MANIFEST}") as f:
+            version = json.loads(f.read())["version"]
+        assert {f"tiny/{stage}/.kdp-v/{version}/{n}" for n in ("model.pt", "checkpoint.json")} <= set(objects)
     assert {"tiny/config.json", "tiny/results.parquet"} <= set(objects)
     assert any(k.startswith("cache/aes/") and k.endswith(MANIFEST) for k in objects)
     assert any(k.startswith("cache/eval_aes/") and k.endswith(MANIFEST) for k in objects)

@@ -174,3 +174,38 @@ def test_checkpoints_and_states_reach_the_disk_before_they_are_renamed(tmp_path,
     assert synced[0].startswith(str(tmp_path / "state" / ".teacher.pt.tmp-"))  # the data, before the rename
     assert synced[1] == str(tmp_path / "state")  # then the directory entry
     assert pafs  # the module under test talks to pyarrow: keep its import honest
+
+
+@pytest.mark.slow  # two tiny runs at once, then two more: about 25 s on 2 cores
+def test_two_runs_of_one_name_at_once_then_a_third_skips_all_and_a_deleted_stage_is_made_again(
+        s3, s3_server, tmp_path, cifar_subset_dir):
+    import subprocess
+    import sys
+
+    from kdp.results import load
+
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "kdp", "run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out",
+            f"{s3}/runs", "--set", "baselines=", "--set", "eval.threat_models=classifier", "--set",
+            "eval.attacks=fgsm", "--set", "students=at+nt", "--set", "data.n_test=16"]
+
+    def node(name: str) -> dict:  # each process a node of its own: its own scratch, the shared bucket
+        return {**os.environ, "KDP_SCRATCH": str(tmp_path / name), "OMP_NUM_THREADS": "1"}
+
+    both = [subprocess.Popen(argv, cwd=repo, env=node(n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for n in ("a", "b")]
+    outs = [p.communicate(timeout=600)[0] for p in both]
+    assert [p.returncode for p in both] == [0, 0], outs
+    third = subprocess.run(argv, cwd=repo, env=node("c"), capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
+    stages = ("classifier", "aes", "teacher_at", "teacher_nt", "student_kd_at_nt", "evaluate")
+    assert all(f"[{s}] done already" in third.stdout for s in stages), third.stdout
+    assert len(load(f"{s3}/runs")) == 4 * 2  # (none, two teachers, a student) x (clean, fgsm)
+
+    s3_server.admin().delete_dir(f"{s3[5:]}/runs/tiny/teacher_nt")  # to train it again
+    fourth = subprocess.run(argv, cwd=repo, env=node("c"), capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0, fourth.stderr
+    # made again (from its training state, which the bucket still holds), not taken from node c's mirror
+    assert "[teacher_nt] resumed" in fourth.stdout and "[teacher_nt] finished" in fourth.stdout, fourth.stdout
+    assert "[teacher_nt] done already" not in fourth.stdout
+    assert "[teacher_at] done already" in fourth.stdout
