@@ -211,6 +211,25 @@ def sweep_command(args) -> None:
     print_results(run_sweep(sweep, base, args.out, scale, rt, resume=args.resume))
 
 
+def kdp_cause(e: BaseException):
+    """The KdpError that `e` wraps (a Ray task's, a Tune trial's: `.cause` or the exception
+    chain), or None: such an error is still bad input, said in one line."""
+    from kdp.errors import KdpError
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, KdpError) and type(e).__module__.startswith("kdp."):
+            return e
+        e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message without a remote traceback (Ray's RayTaskError-derived classes append it)."""
+    cause = getattr(e, "cause", None)
+    return str(cause if cause is not None else e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def run_errors():
     """The exceptions that mean bad input (`kdp.errors`): one line, exit code 2. Anything else
     keeps its traceback and exits 1."""
@@ -294,12 +313,19 @@ def run_command(prog: str, fn, *args) -> int:
                 fn(*args)
             except run_errors():
                 raise
+            except Exception as e:
+                kdp = kdp_cause(e)
+                if kdp is not None:  # bad input met in a Ray task or Tune trial: still one line
+                    raise kdp from None
+                if STOP.is_set():
+                    raise Interrupted() from e
+                raise
             except BaseException as e:  # once stopped, whatever escapes is the stop's doing
                 if STOP.is_set() and not isinstance(e, (Interrupted, KeyboardInterrupt)):
                     raise Interrupted() from e
                 raise
     except run_errors() as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         ray = sys.modules.get("ray")

@@ -35,6 +35,7 @@ variables and files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kdp.bucket import BucketStorage
@@ -73,7 +74,19 @@ class LocalStorage:
         self.root = Path(root).expanduser().resolve()
 
     def preflight(self) -> None:
-        """Nothing to check before the run (the directory is made by the run)."""
+        """The root can be made and written (a probe file, then removed): no permission, a
+        read-only or full disk, a file in the way: one line naming the root, before any work."""
+        probe = self.root / f".kdp-preflight-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot write the output root ({e.strerror or e})") from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def pull(self, path: Path) -> bool:
         return Path(path).exists()

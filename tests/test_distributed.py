@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import short_temp_dir
+from conftest import short_temp_dir, wait_until
 from kdp.checkpoint import load_checkpoint, read_meta
 from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
 from kdp.data import load_cifar
@@ -136,6 +136,40 @@ def test_a_lease_through_ray_is_renewed_while_held_and_lapses_when_its_holder_di
     seen = []
     with other.held(key, "trial c", timeout_s=10, on_wait=seen.append):
         assert seen and seen[0].startswith("a dead holder since ")
+
+
+def test_a_holder_whose_lease_was_taken_stops_before_publishing(local_ray, tmp_path):
+    """A renewal that finds another holder (this one was cut off for longer than a lease) marks
+    the lease lost: the block ends with LeaseLost, so run_stage never publishes; an error
+    raised in the block stays the one raised."""
+    import ray
+
+    from kdp.distributed.locks import LeaseLost, RayLocks
+
+    @ray.remote(num_cpus=0)
+    class TakenTable:  # the first acquire succeeds; every renewal finds trial z holding it
+        def __init__(self):
+            self.calls = 0
+
+        def acquire(self, key, token, who, lease_s):
+            self.calls += 1
+            return None if self.calls == 1 else {"token": "z", "who": "trial z", "since": 0.0, "until": 1e12}
+
+        def release(self, key, token):
+            pass
+
+        def count(self):
+            return self.calls
+
+    for error in (None, RuntimeError("the stage failed")):
+        table = TakenTable.remote()
+        locks = RayLocks(table, lease_s=0.4)
+        with pytest.raises(LeaseLost if error is None else RuntimeError) as e:
+            with locks.held(tmp_path / "classifier.lock", "trial a"):
+                wait_until(lambda: local_ray.get(table.count.remote()) >= 2, 30, "a renewal")
+                if error is not None:
+                    raise error
+        assert ("lease was lost (now held by trial z" in str(e.value)) == (error is None)
 
 
 def test_snapshot_problem_names_what_is_wrong(tmp_path):

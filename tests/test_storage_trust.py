@@ -209,3 +209,19 @@ def test_two_runs_of_one_name_at_once_then_a_third_skips_all_and_a_deleted_stage
     assert "[teacher_nt] resumed" in fourth.stdout and "[teacher_nt] finished" in fourth.stdout, fourth.stdout
     assert "[teacher_nt] done already" not in fourth.stdout
     assert "[teacher_at] done already" in fourth.stdout
+
+
+def test_environment_failures_are_one_line_also_from_inside_ray(tmp_path, capsys, cifar_subset_dir):
+    from ray.exceptions import RayTaskError
+
+    def remote_failure():  # what ray.get raises for a task that raised StorageError on a node
+        raise RayTaskError("eval_shard", "Traceback (most recent call last):\n  File remote\n",
+                           StorageError("s3://b/runs: cannot reach the endpoint http://x")).as_instanceof_cause()
+
+    assert cli.run_command("kdp", remote_failure) == 2
+    assert capsys.readouterr().err == "kdp: error: s3://b/runs: cannot reach the endpoint http://x\n"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    assert cli.main(["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(blocker / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{blocker / 'o'}: cannot write the output root (Not a directory)" in err

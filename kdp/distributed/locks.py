@@ -12,10 +12,10 @@ Failure cases:
   from the state the dead holder published each epoch;
 - a stale lock: the table lives in the driver's actor and dies with the sweep's driver, so no
   lock outlives a sweep; `--resume` starts with an empty table;
-- a holder alive but cut off from the table for longer than LEASE_S (a partition): a second
-  trial may make the same artifact. Both publish the same recipe; the manifest written last
-  decides which copy readers take, and a reader that fetches files of the other copy refuses
-  them by their sha256 (an error, never a mixed checkpoint).
+- a holder alive but cut off from the table for longer than LEASE_S (a partition), or whose
+  renewal finds another holder: it knows its lease is lost and raises `LeaseLost` when its
+  block ends, before it publishes; the new holder publishes its own. Had both published,
+  each would still be a whole version (kdp.storage), never a mixed checkpoint.
 Two sweeps (two drivers) on one bucket prefix do not share a table: give them different
 sweep names, or a shared filesystem.
 """
@@ -81,8 +81,8 @@ class RayLocks:
             if deadline is not None and time.monotonic() >= deadline:
                 raise LockTimeout(f"{path}: still locked after {timeout_s:g}s by {_phrase(h)}")
             time.sleep(POLL_S)
-        done = threading.Event()
-        renew = threading.Thread(target=self._renew, args=(key, token, who, done), daemon=True)
+        done, lost = threading.Event(), []
+        renew = threading.Thread(target=self._renew, args=(key, token, who, done, lost), daemon=True)
         renew.start()
         try:
             yield
@@ -90,7 +90,27 @@ class RayLocks:
             done.set()
             renew.join()
             self.table.release.remote(key, token)
+        if lost:  # only when the block ended well: an error on its way stays the one raised
+            raise LeaseLost(f"{path}: the lease was lost ({lost[0]}) while this process made it; not publishing "
+                            "it (the holder now makes and publishes its own)")
 
-    def _renew(self, key: str, token: str, who: str, done: threading.Event) -> None:
+    def _renew(self, key: str, token: str, who: str, done: threading.Event, lost: list) -> None:
+        """Renew every lease_s / 4; a renewal that finds another holder, or none that succeeds for
+        a whole lease (the table unreachable), means the lease is lost."""
+        last = time.monotonic()
         while not done.wait(self.lease_s / 4):
-            ray.get(self.table.acquire.remote(key, token, who, self.lease_s))
+            try:
+                h = ray.get(self.table.acquire.remote(key, token, who, self.lease_s), timeout=self.lease_s / 4)
+            except ray.exceptions.GetTimeoutError:
+                if time.monotonic() - last > self.lease_s:
+                    lost.append(f"no renewal for {self.lease_s:g}s")
+                    return
+                continue
+            if h is not None:
+                lost.append(f"now held by {_phrase(h)}")
+                return
+            last = time.monotonic()
+
+
+class LeaseLost(LockTimeout):
+    """A lease holder found, when its block ended, that another process holds the lease now."""
