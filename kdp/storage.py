@@ -77,6 +77,7 @@ class LocalStorage:
         """The root can be made and written (a probe file, then removed): no permission, a
         read-only or full disk, a file in the way: one line naming the root, before any work."""
         probe = self.root / f".kdp-preflight-{os.getpid()}"
+        made = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as f:
@@ -87,6 +88,9 @@ class LocalStorage:
             raise StorageError(f"{self.uri}: cannot write the output root ({e.strerror or e})") from None
         finally:
             probe.unlink(missing_ok=True)
+            for p in made:  # nothing is left behind before the run itself writes
+                if p.is_dir():
+                    p.rmdir()
 
     def pull(self, path: Path) -> bool:
         return Path(path).exists()

@@ -107,10 +107,12 @@ def _proc_table() -> dict[int, tuple[str, int, int, int, int]]:
     return table
 
 
-def head_processes(leader: int) -> dict[int, int]:
+def head_processes(leader: int, table: dict | None = None) -> dict[int, int]:
     """The live processes of the head whose `ray start --block` is `leader` (a session leader
-    started by us): {pid: starttime} of the members of its session and all their descendants."""
-    table = _proc_table()
+    started by us): {pid: starttime} of the members of its session and all their descendants,
+    in the process-table snapshot `table` (default: a new one). A caller that reads more of the
+    table passes the same snapshot: a process may start or exit between two."""
+    table = _proc_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (_, ppid, *_rest) in table.items():
         children.setdefault(ppid, []).append(pid)

@@ -92,7 +92,7 @@ def test_ray_head_stops_its_own_processes_and_leaves_a_foreign_cluster_running(f
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     table = _proc_table()
-    foreign_all = head_processes(foreign_head.pid)
+    foreign_all = head_processes(foreign_head.pid, table)  # one snapshot: a Ray worker may start meanwhile
     foreign_group = {p: t for p, t in foreign_all.items() if table[p][2] == foreign_head.pid}
     assert len(foreign_group) >= 4  # ray start, gcs_server, raylet, dashboard, ...
     address_before = ADDRESS_FILE.read_text() if ADDRESS_FILE.exists() else None
@@ -119,8 +119,8 @@ def test_ray_head_stops_its_own_processes_and_leaves_a_foreign_cluster_running(f
         _wait(lambda: any(_cmdline(p).startswith(b"ray::sleeper") for p in head_processes(leader)), 120,
               "the probe's Ray task")
         _wait(lambda: _naming(token), 30, "the probe's grandchild")
-        mine = head_processes(leader)
         table = _proc_table()
+        mine = head_processes(leader, table)  # the same snapshot (the race CI once lost: KeyError)
         assert set(_naming(token)) <= set(mine)
         assert not set(mine) & set(foreign_all)
         assert {table[p][2] for p in mine} - {leader}, "no worker in a process group of its own"

@@ -67,8 +67,9 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
         purifiers[s.variant], variants[s.variant] = inputs[s.name], s.config
     surrogate = inputs.get("surrogate")
     n_test, limited = len(run.data.test_y), run.rt.time_limit is not None
-    # a time-limited run stops between shards: one per (threat model, attack), on every test image
-    items = (shards(cfg.eval, n_test, n_test, surrogate is not None) if limited
+    # a time-limited run stops between shards: per (threat model, attack) and 8 batches of test
+    # images (batch-aligned, so the same AEs as one pass), so that each fits a short lease
+    items = (shards(cfg.eval, n_test, 8 * cfg.eval.batch_size, surrogate is not None) if limited
              else ex.eval_items(cfg.eval, n_test, surrogate is not None))
     cache = run.eval_cache if run.rt.eval_cache else None
     args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, run.store, *w)
@@ -97,8 +98,8 @@ class ShardRows:
         self.folder, self.key = Path(folder), key[:16]
 
     def _path(self, i: int, arg: tuple) -> Path:
-        threat, attack = arg[8], arg[9]
-        return self.folder / f"{self.key}-{i:03d}-{threat}-{attack}.json"
+        threat, attack, start = arg[8], arg[9], arg[10]
+        return self.folder / f"{self.key}-{i:03d}-{threat}-{attack}-{start}.json"
 
     def map(self, ex, fn, args: list[tuple], log_file: str | None, store) -> list[list[dict]]:
         """[fn(*a) for a in args] through the executor, one shard at a time, each kept as it ends."""
