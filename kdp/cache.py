@@ -144,6 +144,8 @@ def cache_command(args) -> None:
     verb = "would remove" if args.dry_run else "removed"
     for e in gone:
         print(f"{verb} {e.path} ({_mb(e.bytes)})")
+    for e in (e for e in doomed if e not in gone):
+        print(f"kept {e.path}: in use (a run reads or makes it)")
     print(f"{verb} {len(gone)} entries, {_mb(sum(e.bytes for e in gone))}")
 
 

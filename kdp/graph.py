@@ -13,21 +13,22 @@ in-process executor: one stage at a time; Ray: what the cluster fits), logs each
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from kdp.checkpoint import is_complete, read_meta
+from kdp.checkpoint import is_complete
 from kdp.config import PipelineConfig, Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
-from kdp.events import EventTail, events_file, log_event
-from kdp.interrupt import STOP, before
-from kdp.locks import held
+from kdp.events import EventTail, events_file
+from kdp.ensure import ensure
+from kdp.interrupt import STOP
+from kdp.locks import reading
 from kdp.results import results_key
 from kdp.storage import LocalStorage, publish_quietly
 from kdp.stages.aes import AES, ae_cache_key
@@ -151,6 +152,8 @@ class Run:
     """Where the output root lives (kdp.storage): artifacts are pulled before a stage and pushed after it.
     None: the run directory's filesystem (LocalStorage)."""
     t_start: float = field(default_factory=time.time)
+    readers: list = field(default_factory=list)
+    """Shared locks on the cache entries this run reads (kdp.locks.reading), released when it ends."""
     _events: EventTail | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -188,50 +191,6 @@ def is_done(stage: Stage, out: Path, inputs: dict, run: Run) -> bool:
     return DONE[stage.output](stage, out, inputs, run)
 
 
-def ensure(out: Path, done: Callable[[], bool], make: Callable[[], Path], log_dir: Path, stage: str, who: str | None,
-           log=print, lock: bool = True, skip: str = "reused", resumed: bool = False,
-           lock_timeout_s: float | None = None, locker=held) -> Path:
-    """Return `out`, making it with make() unless done(); log skipped/started/finished once.
-    With `lock`, concurrent callers serialize on an exclusive lock of `<out>.lock` (`locker`:
-    an flock, kdp.locks.held, or a sweep's lease through Ray): one makes, the rest wait (at
-    most lock_timeout_s, then fail naming the holder) and reuse it. A lock dies with its
-    process; artifacts appear by rename."""
-    by = {"by": who} if who else {}
-    if done():
-        log_event(log_dir, stage, skip, path=str(out), **by)
-        log(f"[{stage}] done already: {out}")
-        return out
-    if not lock:
-        return _make(out, make, log_dir, stage, by, log, resumed)
-    with locker(out.parent / f"{out.name}.lock", f"{who or ''} making {stage}".strip(), lock_timeout_s,
-              on_wait=lambda h: log(f"[{stage}] {h} is making it; waiting")):
-        if done():
-            log_event(log_dir, stage, skip, path=str(out), **by)
-            return out
-        return _make(out, make, log_dir, stage, by, log, resumed)
-
-
-def _make(out, make, log_dir, stage, by, log, resumed) -> Path:
-    before(f"stage {stage}")  # a time-limited command starts nothing once its time is up
-    t0 = time.time()
-    log_event(log_dir, stage, "resumed" if resumed else "started", path=str(out), **by)
-    log(f"[{stage}] {'resumed' if resumed else 'started'}")
-    try:
-        result = make()
-    except BaseException as e:
-        if STOP.is_set() or not isinstance(e, Exception):  # Ctrl-C, SIGTERM: its last epoch's state is kept
-            log_event(log_dir, stage, "interrupted", path=str(out), error=f"{type(e).__name__}: {e}", **by)
-        else:  # the run's log keeps what failed, traceback included; the caller re-raises
-            log_event(log_dir, stage, "failed", path=str(out), error=f"{type(e).__name__}: {e}",
-                      traceback=traceback.format_exc(), **by)
-        raise
-    seconds = time.time() - t0
-    log_event(log_dir, stage, "finished", path=str(out), seconds=seconds, start=t0, **by)
-    acc = (read_meta(out)["metrics"].get("test_acc") if (out / "checkpoint.json").is_file() else None)
-    log(f"[{stage}] finished in {seconds:.1f}s" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
-    return result if result is not None else out
-
-
 def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
     """One stage, skipped when its output is finished, otherwise made by the executor. With an
     output root in a bucket, its output (and an unfinished stage's state) is pulled first and
@@ -248,12 +207,21 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
         return ex.execute(stage, inputs, out, run)
 
     say = (lambda msg: run.say(msg.replace(str(store.root), store.uri))) if store.remote else run.say
-    try:
+
+    def produce() -> Path:
         if run.guard is not None:
-            made = run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
-        else:
-            made = ensure(out, done, make, run.run_dir, stage.name, None, say, lock=False, skip="skipped",
-                          resumed=ex.partial(stage, out, run))
+            return run.guard(out, done, make, stage.name, ex.partial(stage, out, run))
+        return ensure(out, done, make, run.run_dir, stage.name, None, say, lock=False, skip="skipped",
+                      resumed=ex.partial(stage, out, run))
+    try:
+        made = produce()
+        while stage.output == "aes":  # read until the run ends: `kdp cache` must not prune it meanwhile
+            fd = reading(out.parent / f"{out.name}.lock")
+            if is_done(stage, out, inputs, run):
+                run.readers.append(fd)
+                break
+            os.close(fd)  # a prune took it between its check and this lock: make it again
+            made = produce()
         store.push(out)  # made here; made on another node, it is fetched for what reads it here
         if not Path(made).exists():
             store.pull(made)
@@ -293,12 +261,19 @@ def run_graph(run: Run, ex) -> dict[str, Path]:
                     outputs[s.name] = Path(f.result())
     except BaseException:  # Interrupted, KeyboardInterrupt: stop what is in flight, do not wait for it
         _stop(ex, pool, running)
+        _release(run)
         raise
     pool.shutdown()
+    _release(run)
     run.tail()
     if error is not None:
         raise error
     return outputs
+
+
+def _release(run: Run) -> None:
+    while run.readers:
+        os.close(run.readers.pop())
 
 
 def _stop(ex, pool: ThreadPoolExecutor, running: dict) -> None:

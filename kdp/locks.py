@@ -67,3 +67,15 @@ def held(path: Path, who: str = "", timeout_s: float | None = None, on_wait=None
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def reading(path: Path) -> int:
+    """A shared lock on `path` (a cache entry's lock file), held while the returned descriptor
+    is open: `kdp cache` prunes an entry only under the exclusive lock, so it skips an entry
+    that a run still reads. Waits while a prune holds it (a rename and a delete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+

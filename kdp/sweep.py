@@ -39,7 +39,8 @@ from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
 from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.events import events_file, log_event
-from kdp.graph import Run, Stage, ae_entry, ensure, pipeline_graph, placer, run_graph
+from kdp.ensure import ensure
+from kdp.graph import Run, Stage, ae_entry, pipeline_graph, placer, run_graph
 from kdp.locks import held
 from kdp.losses import KD_SPACES
 from kdp.pipeline import record_config

@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
+import pytest
+
+from conftest import tiny_argv
 from kdp import cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _copy_root(tiny_run, tmp_path):
@@ -54,3 +60,36 @@ def test_cache_prunes_by_last_use(tiny_run, tmp_path, capsys):
     assert not entries[0].exists() and all(p.exists() for p in entries[1:])
     assert cli.main(["cache", str(root), "--older-than", "-1"]) == 2
     assert "--older-than must be >= 0 days, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a tiny run's evaluation again, stopped while pruning: about 20 s
+def test_pruning_everything_keeps_the_entry_a_running_run_reads(tiny_run, tmp_path, cifar_subset_dir, capsys):
+    """`kdp cache --older-than 0` while a run is past its training-AE stage: the run holds the
+    entry's shared lock (kdp.locks.reading) until it ends, so the prune keeps it and says so."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_run.parent, root)
+    (entry,) = [p for p in (root / "cache" / "aes").iterdir() if p.is_dir()]
+    run = subprocess.Popen([sys.executable, "-m", "kdp", *tiny_argv(cifar_subset_dir, root, "--rescore")],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in run.stdout:  # the event: the run has resolved its AEs and is evaluating
+            if line.startswith("[evaluate] started"):
+                break
+        run.send_signal(signal.SIGSTOP)
+        assert cli.main(["cache", str(root), "--older-than", "0"]) == 0
+        out = capsys.readouterr().out
+        assert f"kept {entry}: in use" in out and (entry / "x_adv.npy").is_file()
+        run.send_signal(signal.SIGCONT)
+        rest = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, rest
+    finally:
+        run.send_signal(signal.SIGCONT)
+        run.kill()
+        run.wait()
+    assert cli.main(["cache", str(root), "--older-than", "0"]) == 0  # the run is over: now it goes
+    assert not entry.exists() and f"removed {entry}" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """Locks through Ray, for a sweep whose output root is a bucket (kdp.storage).
 
 A sweep's shared artifacts (classifier, teachers, training AEs) are made by the first trial
-that needs them while the others wait (`kdp.graph.ensure`). On a shared filesystem an flock
+that needs them while the others wait (`kdp.ensure.ensure`). On a shared filesystem an flock
 does it (`kdp.locks.held`); object storage has none, and the mirror each node keeps is its
 own. So the sweep's driver owns one small actor, a table of leases, and every trial on every
 node asks it (`RayLocks.held`, the same signature as `kdp.locks.held`).
