@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdp.accel import Accel  # noqa: E402
-from kdp.attacks import build_attack  # noqa: E402
+from kdp.attacks import build_attack, describe  # noqa: E402
 from kdp.checkpoint import save_checkpoint  # noqa: E402
 from kdp.config import Runtime  # noqa: E402
 from kdp.configio import flatten  # noqa: E402
@@ -153,8 +153,11 @@ def measure_attack(name, model, x, y, device, variant, budget_s) -> dict:
     model = model.to(memory_format=fmt)
     attack = build_attack(name, model)
     row = time_steps(lambda: attack(x, y), len(x), device, budget_s, warmup=1)
-    if variant == "ref":
-        row["flops_per_img"] = flops_per_image(lambda: attack(x, y), len(x))
+    if variant == "ref":  # the counter cannot follow torch.autograd.grad: steps x (forward + input gradient)
+        with torch.no_grad():
+            forward = flops_per_image(lambda: model(x), len(x))
+        row["flops_per_img"] = forward and 2 * forward * describe(attack)["attack.steps"]
+        row["flops_note"] = "estimated: steps x 2 x forward FLOPs"
     return {"stage": f"attack {name}", "variant": variant, "batch": len(x), "accel": "fp32", **row}
 
 
