@@ -103,7 +103,8 @@ class BucketStorage:
 
     def pull(self, path: Path) -> bool:
         """Bring the artifact at `path` from the bucket into the mirror if the bucket has it
-        finished (a file; a directory with its manifest). True if `path` is there afterwards."""
+        finished (a file; a directory with its commit): True. Otherwise False, and a mirror
+        copy is removed: the bucket is the truth."""
         import pyarrow.fs as pafs
 
         path = Path(path)
