@@ -110,7 +110,7 @@ class BucketStorage:
         path = Path(path)
         info = self._call(self.fs.get_file_info, self.key(path))
         if info.type == pafs.FileType.File:  # small (configs, states, results): fetched each time
-            self._download(self.key(path), path)
+            self._download_file(path, info)
             return True
         if info.type == pafs.FileType.Directory:
             for attempt in range(2):
@@ -125,6 +125,17 @@ class BucketStorage:
                         raise StorageError(f"{self.uri_of(path)}: the files its commit names are gone") from None
         _drop(path)  # the bucket is the truth: what it does not hold, this node does not use
         return False
+
+    def _download_file(self, path: Path, info, tries: int = 5) -> None:
+        """A single-file artifact, read again while it is replaced under the read (its size is
+        taken when the read opens, so an object overwritten meanwhile can come back torn)."""
+        for _ in range(tries):
+            self._download(info.path, path)
+            again = self._call(self.fs.get_file_info, info.path)
+            if path.stat().st_size == info.size == again.size and again.mtime_ns == info.mtime_ns:
+                return
+            info = again
+        raise StorageError(f"{self.uri_of(path)}: the object kept changing while it was read ({tries} tries)")
 
     def _read_manifest(self, path: Path) -> dict | None:
         """The commit of a directory artifact, checked: its names, sizes and sha256s."""

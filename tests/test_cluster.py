@@ -169,13 +169,20 @@ def test_gpu_tasks_get_a_fresh_worker_each(tmp_path):
 
 
 def _bucket_state_epoch(fs, key: str, tmp: Path) -> int:
-    """Epochs done in the training state the bucket holds at `key` (0: none yet)."""
-    try:
-        with fs.open_input_stream(key) as src:
-            tmp.write_bytes(src.read())
-    except FileNotFoundError:
-        return 0
-    return state_epoch(tmp)
+    """Epochs done in the training state the bucket holds at `key` (0: none yet). The job
+    replaces that object every epoch, and a read that opens before a replacement and reads
+    after it comes back torn (its size is the old one's): read until the object stood still."""
+    for _ in range(5):
+        try:
+            before = fs.get_file_info(key)
+            with fs.open_input_stream(key) as src:
+                tmp.write_bytes(src.read())
+        except FileNotFoundError:
+            return 0
+        after = fs.get_file_info(key)
+        if (before.size, before.mtime_ns) == (after.size, after.mtime_ns) == (tmp.stat().st_size, after.mtime_ns):
+            return state_epoch(tmp)
+    return 0  # replaced on every read: look again at the next poll
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
