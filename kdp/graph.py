@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from kdp.ensure import ensure
 from kdp.interrupt import STOP
 from kdp.locks import reading
 from kdp.results import results_key
-from kdp.storage import LocalStorage, publish_quietly
+from kdp.storage import LocalStorage, publish_quietly, publishing_each
 from kdp.stages.aes import AES, ae_cache_key
 from kdp.stages.baselines import nrp_recipe, soap_recipe
 from kdp.stages.classifier import classifier_recipe
@@ -294,17 +295,21 @@ def state_path(out: Path) -> Path:
     return out.parent / "state" / f"{out.name}.pt"
 
 
+@contextmanager
 def publishing(on_epoch, store, state: Path):
     """on_epoch, then the epoch's training state published (a bucket output: so that a stage
-    killed here resumes on any node)."""
-    if store is None or not store.remote:
-        return on_epoch
+    killed here resumes on any node) from a thread of its own: training goes on while a push
+    waits on the store (kdp.storage.Publisher)."""
+    with publishing_each(store, state) as pub:
+        if pub is None:
+            yield on_epoch
+            return
 
-    def hook(epoch: int, metrics: dict | None) -> None:
-        on_epoch(epoch, metrics)
-        if metrics is not None:
-            store.push(state)
-    return hook
+        def hook(epoch: int, metrics: dict | None) -> None:
+            on_epoch(epoch, metrics)
+            if metrics is not None:
+                pub.request()
+        yield hook
 
 
 @runtime_checkable
@@ -348,9 +353,10 @@ class LocalExecutor:
 
     def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
         if stage.kind == "train":
-            return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out), stage.name,
-                             publishing(epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs),
-                                        run.store, state_path(out)))
+            with publishing(epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs), run.store,
+                            state_path(out)) as hook:
+                return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out),
+                                 stage.name, hook)
         if stage.kind == "task":
             return TASKS[stage.fn](stage.config, inputs, out, run.data, run.rt)
         return DRIVER[stage.fn](stage, inputs, out, run, self)

@@ -36,6 +36,8 @@ variables and files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from kdp.bucket import BucketStorage
@@ -50,6 +52,76 @@ def publish_quietly(store, path: Path, log=print) -> None:
         store.push(path)
     except StorageError as e:
         log(f"[storage] could not publish {path} while stopping: {e}")
+
+
+class Publisher:
+    """Publishes one path from a thread of its own while the caller goes on: a stage keeps
+    training while the push of its last epoch's state waits on a slow or paused store.
+    Requests coalesce (the newest wins: a state superseded before its upload began is not
+    uploaded). A failed push (the store's retry budget spent) is raised by the next request or
+    by close(), never lost; close() waits for the push in flight, which that budget bounds."""
+
+    def __init__(self, store, path: Path):
+        self.store, self.path = store, Path(path)
+        self._cv = threading.Condition()
+        self._wanted = self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"kdp-publish-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Publish the path as it is now (or later, if a push is in flight); returns at once."""
+        with self._cv:
+            self._raise()
+            self._wanted = True
+            self._cv.notify_all()
+
+    def close(self, quietly: bool = False, log=print) -> None:
+        """Wait for the requested pushes; their error is raised, or with `quietly` (an error is
+        already on its way) logged."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        error, self._error = self._error, None
+        if error is not None and not quietly:
+            raise error
+        if error is not None:
+            log(f"[storage] could not publish {self.path} while stopping: {error}")
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._wanted or self._closed):
+                    self._cv.wait()
+                if not self._wanted:
+                    return
+                self._wanted = False
+            try:
+                self.store.push(self.path)
+            except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+                with self._cv:
+                    self._error = self._error or e
+
+
+@contextmanager
+def publishing_each(store, path: Path):
+    """A Publisher of `path` for the block (None for a local store: nothing to publish); closed
+    at its end, quietly when the block raised (kdp.storage.publish_quietly's rule)."""
+    if store is None or not store.remote:
+        yield None
+        return
+    pub, ok = Publisher(store, path), False
+    try:
+        yield pub
+        ok = True
+    finally:
+        pub.close(quietly=not ok)
 
 
 def is_uri(where) -> bool:

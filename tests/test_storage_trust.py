@@ -16,7 +16,8 @@ from kdp import bucket, cli
 from kdp.bucket_io import local_write, why
 from kdp.checkpoint import save_state
 from kdp.errors import StorageError
-from kdp.storage import MANIFEST, BucketStorage, publish_quietly
+from kdp.graph import publishing
+from kdp.storage import MANIFEST, BucketStorage, publish_quietly, publishing_each
 
 
 def _dir(d: Path, content: bytes) -> Path:
@@ -134,6 +135,56 @@ def test_a_stalled_store_is_ridden_out_and_a_dead_one_fails_in_one_line(s3, s3_s
         with pytest.raises(StorageError, match=r"s3://.*/r: .*gave up after \d+ tries") as e:
             node.push(f)
         assert str(e.value).count("\n") == 0
+    finally:
+        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+
+
+def test_training_goes_on_while_a_state_push_waits_on_a_paused_store(s3, s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    state = node.root / "state" / "teacher.pt"
+    state.parent.mkdir(parents=True)
+    retrying, real_sleep = threading.Event(), bucket.time.sleep
+    monkeypatch.setattr(bucket.time, "sleep", lambda s: (retrying.set(), real_sleep(min(s, 0.5))))
+    epochs = []
+    os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+    try:
+        with publishing(lambda epoch, m: epochs.append(epoch), node, state) as hook:
+            def train():  # five epochs, each writing its state and asking for it to be published
+                for epoch in range(5):
+                    state.write_bytes(f"epoch {epoch}".encode())
+                    hook(epoch, {"loss": 1.0})
+            t = threading.Thread(target=train)
+            t.start()
+            t.join(60)
+            assert not t.is_alive() and epochs == [0, 1, 2, 3, 4]  # never blocked on the store
+            assert retrying.wait(60)  # while the first push is still retrying
+            os.killpg(s3_server.proc.pid, signal.SIGCONT)
+        node_b = BucketStorage(f"{s3}/r", tmp_path / "b")  # the newest state is in the bucket
+        assert node_b.pull(node_b.root / "state" / "teacher.pt")
+        assert (node_b.root / "state" / "teacher.pt").read_bytes() == b"epoch 4"
+    finally:
+        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+
+
+def test_a_failed_background_push_fails_the_stage_in_one_line(s3, s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")
+    node = BucketStorage(f"{s3}/r", tmp_path / "node")
+    node.retry_s = 0.5
+    state = node.root / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"epoch 0")
+    os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StorageError, match=r"gave up after \d+ tries") as e:
+            with publishing(lambda epoch, m: None, node, state) as hook:
+                hook(0, {"loss": 1.0})
+        assert str(e.value).count("\n") == 0
+        with pytest.raises(KeyboardInterrupt):  # an error on its way is never replaced by the push's
+            with publishing_each(node, state) as pub:
+                pub.request()
+                raise KeyboardInterrupt
+        assert "could not publish" in capsys.readouterr().out
     finally:
         os.killpg(s3_server.proc.pid, signal.SIGCONT)
 

@@ -143,8 +143,8 @@ def train_task(c: dict, data, store=None) -> Path:
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     cfg = _stage_config(c)
     rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
-    return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"],
-                     publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)))
+    with publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)) as hook:
+        return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"], hook)
 
 
 def train_loop(c: dict) -> None:
