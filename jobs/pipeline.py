@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 from kdp.checkpoint import read_meta  # noqa: E402
 from kdp.cli import (add_run_args, build_config, print_results, run_all, run_command, run_errors,  # noqa: E402
                      run_seeds, runtime)
-from kdp.distributed.config import add_scale_args, connect, scale_config  # noqa: E402
+from kdp.distributed.config import add_scale_args, connect, isolate, scale_config  # noqa: E402
+from kdp.distributed.netns import network_uses, this_command  # noqa: E402
 from kdp.distributed.executor import RayExecutor  # noqa: E402
 from kdp.storage import open_storage  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402
@@ -37,6 +38,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    args.rerun = this_command(argv)
     try:  # bad input fails in one line before Ray starts
         cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
         seeds = run_seeds(args)
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
 
 
 def run_on_ray(args, cfg, rt, seeds, executor, store) -> None:
+    isolate(args.address, executor.scale, network_uses(args.out, cfg.data.data_dir, args.classifier), args.rerun)
     connect(args.address, args.verbose)
     from kdp.distributed.nodes import check_shared_storage
 

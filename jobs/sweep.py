@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from kdp.cli import add_sweep_args, run_command, sweep_command  # noqa: E402
 from kdp.distributed.config import add_scale_args  # noqa: E402
+from kdp.distributed.netns import this_command  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402
 
 
@@ -32,7 +33,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     # bad input fails before Ray starts; a bad --resume before any trial runs; Ctrl-C stops it
-    return run_command("sweep", sweep_command, parse(argv))
+    args = parse(argv)
+    args.rerun = this_command(argv)
+    return run_command("sweep", sweep_command, args)
 
 
 if __name__ == "__main__":

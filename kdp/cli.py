@@ -201,10 +201,12 @@ def build_sweep(args):
 
 def sweep_command(args) -> None:
     """Build the sweep, connect to Ray, run it and print its table (kdp sweep, jobs/sweep.py)."""
-    from kdp.distributed.config import connect, scale_config
+    from kdp.distributed.config import connect, isolate, scale_config
+    from kdp.distributed.netns import network_uses
 
     sweep, base, rt = build_sweep(args)
     scale = scale_config(args)
+    isolate(args.address, scale, network_uses(args.out, base.data.data_dir), getattr(args, "rerun", None))
     connect(args.address, args.verbose)
     from kdp.distributed.sweep import run_sweep
 
@@ -337,7 +339,10 @@ def run_command(prog: str, fn, *args) -> int:
 
 
 def main(argv=None) -> int:
+    from kdp.distributed.netns import this_command
+
     args = parser().parse_args(argv)
+    args.rerun = this_command(argv)
     return run_command("kdp", args.fn, args)
 
 

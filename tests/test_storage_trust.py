@@ -276,3 +276,18 @@ def test_environment_failures_are_one_line_also_from_inside_ray(tmp_path, capsys
     assert cli.main(["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(blocker / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{blocker / 'o'}: cannot write the output root (Not a directory)" in err
+
+
+def test_tunes_own_store_errors_are_one_line_naming_the_uri(monkeypatch):
+    from ray import tune
+
+    from kdp.distributed.sweep import tune_storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the store went away after the preflight
+    with pytest.raises(StorageError) as e:
+        with tune_storage("s3://b/runs/sw/tune"):
+            tune.Tuner.can_restore("s3://b/runs/sw/tune")  # Tune's own pyarrow call: a raw OSError
+    assert str(e.value) == "s3://b/runs/sw/tune: Tune could not use the store: cannot reach the endpoint http://127.0.0.1:9"
+    with pytest.raises(OSError, match="disk full"):  # a local output's OSError is not the store's
+        with tune_storage("/tmp/runs/sw/tune"):
+            raise OSError("disk full")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kdp.config import _check, _positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
 from kdp.interrupt import reinstall
+from kdp.distributed.netns import NETWORKS, rerun_inside, wanted
 from kdp.errors import ConfigError, StorageError  # noqa: F401 (re-exported)
 
 
@@ -42,6 +43,12 @@ class ScaleConfig:
     """How a one-worker training stage runs: task (a Ray task in a reused worker process, resuming
     from its per-epoch state file) or train (a Ray Train run, as every data-parallel stage and a
     sweep trial's student are: 10-20 s more per stage on 2 cores, for Train's own run records)."""
+    network: str = "auto"
+    """The network of a local Ray (no --address): private (a network namespace of its own: no
+    port reachable from another machine, and no network for the run; kdp.distributed.netns),
+    host (the machine's: Ray's core servers listen on every interface, behind Ray's token
+    authentication) or auto (private when the run needs none: --out, --data-dir and --classifier
+    on local disk, no GPU; and the system allows it)."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
@@ -52,6 +59,8 @@ class ScaleConfig:
                f"got {self.backend!r}")
         _check(self.one_worker in ONE_WORKER, f"ScaleConfig.one_worker must be one of {', '.join(ONE_WORKER)}, "
                f"got {self.one_worker!r}")
+        _check(self.network in NETWORKS, f"ScaleConfig.network must be one of {', '.join(NETWORKS)}, "
+               f"got {self.network!r}")
         _check(self.backend != "nccl" or self.use_gpu, "ScaleConfig.backend nccl needs --use-gpu")
         _check(not (self.torch_backend == "nccl" and self.num_workers > 1 and self.gpus_per_worker < 1),
                f"ScaleConfig.gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: "
@@ -82,6 +91,16 @@ def scale_config(args: argparse.Namespace) -> ScaleConfig:
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # a laptop is never preempted: no watcher actor per stage
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def isolate(address: str | None, scale: ScaleConfig, network_uses: list, rerun: list[str] | None) -> None:
+    """Before a local Ray starts: re-run this command (`rerun`, its command line; None when
+    called from Python, which never re-executes) in a private network namespace if
+    `scale.network` asks for it (kdp.distributed.netns). Joining a cluster: nothing."""
+    if address or os.environ.get("RAY_ADDRESS") or rerun is None:
+        return
+    if wanted(scale.network, network_uses, scale.use_gpu):
+        rerun_inside(rerun)
 
 
 def connect(address: str | None, verbose: bool = False) -> None:

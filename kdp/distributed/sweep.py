@@ -16,6 +16,7 @@ unfinished trial's student resumes its Ray Train run (its name is deterministic)
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,9 +30,10 @@ from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
-from kdp.errors import ConfigError, NotFoundError
+from kdp.bucket_io import why
+from kdp.errors import ConfigError, NotFoundError, StorageError
 from kdp.interrupt import in_thread
-from kdp.storage import open_storage
+from kdp.storage import is_uri, open_storage
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
@@ -99,6 +101,35 @@ def _trainable(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, 
     return tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits; workers hold the CPUs
 
 
+def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trainable, resume: bool) -> tune.Tuner:
+    """A new sweep's Tuner (its experiment state in <out>/<sweep>/tune), or the one there."""
+    tune_dir = store.root / s.name / TUNE_DIR
+    where = str(store.uri_of(tune_dir))
+    if resume:
+        if not tune.Tuner.can_restore(where):
+            raise NotFoundError(f"{where}: no sweep to resume there")
+        return tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
+    if store.exists(tune_dir):
+        raise ConfigError(f"{where}: sweep {s.name!r} exists; pass --resume to continue it")
+    prepare_sweep(s, base, store)
+    return tune.Tuner(trainable, param_space=param_space(s),
+                      tune_config=tune.TuneConfig(num_samples=s.num_samples, max_concurrent_trials=concurrency(s, scale)),
+                      run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
+                                                failure_config=tune.FailureConfig(max_failures=1)))
+
+
+@contextmanager
+def tune_storage(where: str):
+    """Tune's own reads and writes of a bucket (its experiment state): the store's error
+    (pyarrow's OSError, raw) in one line naming the URI, as kdp's own store calls say it."""
+    try:
+        yield
+    except OSError as e:
+        if not is_uri(where) or isinstance(e, StorageError):
+            raise
+        raise StorageError(f"{where}: Tune could not use the store: {why(e)}") from None
+
+
 def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale: ScaleConfig = ScaleConfig(),
               rt: Runtime = Runtime(), resume: bool = False, log=print) -> Path:
     """Run (or, with resume, continue) a sweep on the connected Ray cluster; returns its
@@ -107,27 +138,14 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale:
     store = open_storage(out_root)
     store.preflight()
     base = dataclasses.replace(base, name=s.name)
-    tune_dir = store.root / s.name / TUNE_DIR
     trainable = _trainable(s, base, store, scale, rt)
     check_shared_storage(store)
-    where = str(store.uri_of(tune_dir))  # Tune writes its experiment state there itself
-    if resume:
-        if not tune.Tuner.can_restore(where):
-            raise NotFoundError(f"{where}: no sweep to resume there")
-        tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
-    else:
-        if store.exists(tune_dir):
-            raise ConfigError(f"{where}: sweep {s.name!r} exists; pass --resume to continue it")
-        prepare_sweep(s, base, store)
-        tuner = tune.Tuner(trainable, param_space=param_space(s),
-                           tune_config=tune.TuneConfig(num_samples=s.num_samples,
-                                                       max_concurrent_trials=concurrency(s, scale)),
-                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
-                                                     failure_config=tune.FailureConfig(max_failures=1)))
-    log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {store.uri_of(store.root / 'results')}")
-    # off the main thread: Tune installs no Ctrl-C handler of its own (it would wait for a last
-    # experiment checkpoint); kdp's stops at once and --resume restores Tune's periodic one
-    grid = in_thread(tuner.fit)
+    with tune_storage(str(store.uri_of(store.root / s.name / TUNE_DIR))):  # Tune's own I/O there
+        tuner = _tuner(s, base, store, scale, trainable, resume)
+        log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {store.uri_of(store.root / 'results')}")
+        # off the main thread: Tune installs no Ctrl-C handler of its own (it would wait for a last
+        # experiment checkpoint); kdp's stops at once and --resume restores Tune's periodic one
+        grid = in_thread(tuner.fit)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
     return store.uri_of(store.root / "results" / f"sweep_id={s.name}")
