@@ -31,7 +31,8 @@ def _epoch_span(run_dir: Path, stage: str, epochs: int) -> float:
 
 
 def bench(args) -> dict:
-    from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
+    from kdp.config import DataConfig, Runtime, TeacherConfig
+    from kdp.pipeline_config import PipelineConfig
     from kdp.data import load_cifar
     from kdp.distributed.config import ScaleConfig
     from kdp.graph import Run, Stage, run_graph

@@ -81,13 +81,15 @@ def _model_shas(root: Path) -> set[str]:
     """model_sha256 of every model AEs are crafted on, in the checkpoints under root."""
     import torch
 
+    from kdp.baselines import BASELINES
     from kdp.checkpoint import load_checkpoint
     from kdp.stages.eval_cache import model_sha
 
     shas = set()
     for meta in Path(root).glob("**/checkpoint.json"):
         spec = json.loads(meta.read_text()).get("spec", {})
-        if spec.get("kind") == "classifier" or spec.get("name") == "soap":
+        if spec.get("kind") == "classifier" or hasattr(BASELINES.get(spec.get("name")) and
+                                                       BASELINES[spec["name"]].purifier, "own_classifier"):
             model = load_checkpoint(meta.parent, torch.device("cpu"))[0]
             shas.add(model_sha(getattr(model, "own_classifier", None) or model))
     return shas

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdp.baselines import BASELINES
 from kdp.stats import bootstrap
 
 ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoattack", "aa-standard")
@@ -12,10 +13,11 @@ ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoat
 # `aa-standard` is AutoAttack at the original strengths (kdp.attacks).
 ATTACK_LABELS = {"clean": "Purified clean", "pgd8": "PGD8", "pgd16": "PGD16", "pgd100": "PGD-100", "fgsm": "FGSM",
                  "bim": "BIM", "cw": "CW", "autoattack": "AA (10-step)", "aa-standard": "AA (standard)"}
-VARIANT_ORDER = ("none", "jpeg", "nrp", "soap", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
+# the baselines (kdp.baselines, in registration order) after the undefended classifier
+VARIANT_ORDER = ("none", *BASELINES, "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
 # Table 1 rows: the paper's comparison first, then any other variant present.
-TABLE1_VARIANTS = ("none", "jpeg", "nrp", "soap", "at_teacher", "kd_at_nt")
-VARIANT_LABELS = {"none": "none (undefended)", "jpeg": "JPEG", "nrp": "NRP", "soap": "SOAP",
+TABLE1_VARIANTS = ("none", *(n for n, d in BASELINES.items() if d.in_table1), "at_teacher", "kd_at_nt")
+VARIANT_LABELS = {"none": "none (undefended)", **{n: d.label for n, d in BASELINES.items()},
                   "at_teacher": "AT teacher", "nt_teacher": "NT teacher", "kd_at": "student KD←AT",
                   "kd_nt": "student KD←NT", "kd_at_nt": "student KD←AT+NT"}
 SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}

@@ -9,11 +9,10 @@ from kdp.accel import COMPILE, SWITCH
 from kdp.attacks import ATTACKS, PAPER_SUITE, SUBSET_ATTACKS
 from kdp.errors import ConfigError
 from kdp.losses import ADV_SCORES, KD_SPACES
-from kdp.models import CLASSIFIERS, SOAP_AUX
+from kdp.models import CLASSIFIERS
 
 TEACHER_KINDS = ("at", "nt")
 THREAT_MODELS = ("classifier", "full", "transfer")
-BASELINES = ("jpeg", "nrp", "soap")  # trained by kdp.stages.baselines; 'none' is always evaluated
 HEADS = ("literal", "affine")
 AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/alpha/steps
 
@@ -182,93 +181,6 @@ class StudentConfig(PurifierTraining):
 
 
 @dataclass(frozen=True)
-class JpegConfig:
-    """Baseline: JPEG re-encoding (no training; a stage still writes its checkpoint)."""
-    quality: int = 75
-    """libjpeg quality in [1, 100] (75: Guo et al. 2018's middle setting)."""
-
-    def __post_init__(self):
-        _check(1 <= self.quality <= 100, f"JpegConfig.quality must be in [1, 100], got {self.quality}")
-
-
-@dataclass(frozen=True)
-class NRPConfig:
-    """Baseline: NRP (Naseer et al. 2020), trained on self-supervised perturbations (SSP)
-    that maximize the frozen classifier's feature distortion; see kdp.baselines."""
-    width: int = 64
-    """Channels of the residual generator."""
-    blocks: int = 6
-    """Residual blocks of the generator."""
-    critic_width: int = 32
-    """Channels of the critic's first conv."""
-    epochs: int = 30
-    """Adam epochs over the training set."""
-    batch_size: int = 128
-    """Images per step."""
-    lr: float = 1e-4
-    """Adam learning rate of generator and critic (ESRGAN / NRP: 1e-4)."""
-    ssp_eps: float = 16 / 255
-    """L-inf radius of SSP (NRP: 16/255)."""
-    ssp_steps: int = 5
-    """Signed-gradient SSP steps per batch, step size ssp_eps / 4, from a uniform random start."""
-    w_feat: float = 1.0
-    """Weight of the feature loss ||F(P(x')) - F(x)||^2."""
-    w_pixel: float = 1.0
-    """Weight of the pixel loss ||P(x') - x||^2."""
-    w_adv: float = 5e-3
-    """Weight of the relativistic critic loss (ESRGAN's 5e-3; NRP does not state it)."""
-    dynamic_std: float = 0.0
-    """NRP's dynamic inference: Gaussian noise std added before purifying (0: off, deterministic)."""
-    seed: int = 0
-    """Seed for init, shuffling and SSP starts."""
-
-    def __post_init__(self):
-        _positive(self, "width", "critic_width", "epochs", "batch_size", "lr", "ssp_steps")
-        _nonnegative(self, "blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std")
-
-
-@dataclass(frozen=True)
-class SoapConfig:
-    """Baseline: SOAP (Shi et al. 2021), its own classifier trained jointly with auxiliary
-    self-supervised heads, purified at test time by descent on the auxiliary loss."""
-    arch: str = "resnet56"
-    """Registry name of SOAP's own classifier trunk (SOAP used ResNet-18 / WRN-28-10; kdp
-    matches the defended classifier's architecture so the comparison is like for like)."""
-    width: int = 16
-    """Channels of the trunk's first stage."""
-    aux: str = "recon"
-    """Auxiliary task: 'recon' (denoising reconstruction) or 'recon+rotation'."""
-    aux_weight: float = 1.0
-    """Weight of the auxiliary loss beside the cross-entropy (SOAP's alpha; 1 in its code)."""
-    noise_std: float = 0.1
-    """Gaussian noise std on training inputs (SOAP's CIFAR code: 0.1); recon targets are clean."""
-    epochs: int = 200
-    """SGD epochs, cosine schedule (the classifier recipe)."""
-    batch_size: int = 256
-    """Images per step."""
-    lr: float = 0.1
-    """Peak SGD learning rate."""
-    weight_decay: float = 5e-4
-    """L2 weight decay (momentum 0.9, Nesterov)."""
-    eps: float = 8 / 255
-    """Test-time purification radius (SOAP searches 0..40/255 per image; kdp uses one)."""
-    steps: int = 5
-    """Test-time signed-gradient steps (SOAP: 5)."""
-    step_size: float = 4 / 255
-    """Test-time step size (SOAP: 4/255)."""
-    random_start: bool = False
-    """Start purification at a uniform random point of the ball (randomized: EOT under full)."""
-    seed: int = 1
-    """Seed for init, shuffling, augmentation and noise."""
-
-    def __post_init__(self):
-        _choice(self.arch, sorted(CLASSIFIERS), "classifier")
-        _choice(self.aux, SOAP_AUX, "SOAP auxiliary task")
-        _positive(self, "width", "epochs", "batch_size", "lr")
-        _nonnegative(self, "aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size")
-
-
-@dataclass(frozen=True)
 class EvalConfig:
     """Stage 3: every defense under three threat models, with sanity checks in each row."""
     attacks: tuple[str, ...] = PAPER_SUITE + ("aa-standard",)
@@ -350,50 +262,3 @@ class Runtime:
         _positive(self, "time_limit")
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The whole method: classifier -> AEs -> AT and NT teachers -> students -> evaluation."""
-    name: str = "kdp"
-    """Run name: a directory under the output root; re-running it resumes."""
-    preset: str = "custom"
-    """Preset this config came from."""
-    seed: int | None = None
-    """Replicate seed (set by `replicate`, i.e. --seeds): the seed of every purifier, baseline and
-    evaluation attack of this run; None: a single run with each stage's own seed."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Dataset."""
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    """Stage 0."""
-    ae: AEConfig = field(default_factory=AEConfig)
-    """Training AEs."""
-    at_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="at"))
-    """Stage 1, AT."""
-    nt_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="nt"))
-    """Stage 1, NT."""
-    students: tuple[StudentConfig, ...] = (StudentConfig(teachers=("at",)), StudentConfig(teachers=("nt",)),
-                                           StudentConfig())
-    """Stage 2: one student per entry (default: the paper's ablation)."""
-    surrogate: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(seed=1))
-    """The `transfer` threat model's surrogate: a classifier trained separately (another seed)."""
-    baselines: tuple[str, ...] = BASELINES
-    """Baseline purifiers trained and evaluated beside the students (any of jpeg, nrp, soap)."""
-    jpeg: JpegConfig = field(default_factory=JpegConfig)
-    """Baseline JPEG."""
-    nrp: NRPConfig = field(default_factory=NRPConfig)
-    """Baseline NRP."""
-    soap: SoapConfig = field(default_factory=SoapConfig)
-    """Baseline SOAP."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Stage 3."""
-
-    def __post_init__(self):
-        check_name(self.name, "run")
-        _check(self.at_teacher.kind == "at" and self.nt_teacher.kind == "nt",
-               "at_teacher must have kind 'at' and nt_teacher kind 'nt'")
-        object.__setattr__(self, "students", tuple(self.students))
-        names = [s.variant for s in self.students]
-        _check(len(set(names)) == len(names), f"two students share a teacher set: {names}")
-        object.__setattr__(self, "baselines", tuple(self.baselines))
-        for b in self.baselines:
-            _choice(b, BASELINES, "baseline")
-        _check(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")

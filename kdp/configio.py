@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from kdp.config import PipelineConfig, _check, _choice
+from kdp.config import _check, _choice
+from kdp.defenses import REGISTRY
 from kdp.errors import ConfigError
 
 
@@ -25,7 +26,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def replicate(cfg: PipelineConfig, seed: int, scope: str = "purifiers") -> PipelineConfig:
+def replicate(cfg, seed: int, scope: str = "purifiers"):
     """The run of `cfg` for replicate `seed`, named <name>-seed<seed>. Scope 'purifiers' seeds
     what depends on the seed (teachers, students, baselines, attack starts) and keeps the
     classifier, surrogate and training AEs, so replicates share them; 'all' reseeds the
@@ -33,8 +34,8 @@ def replicate(cfg: PipelineConfig, seed: int, scope: str = "purifiers") -> Pipel
     _choice(scope, SEED_SCOPES, "seed scope")
     r = dataclasses.replace
     new = dict(at_teacher=r(cfg.at_teacher, seed=seed), nt_teacher=r(cfg.nt_teacher, seed=seed),
-               students=tuple(r(s, seed=seed) for s in cfg.students), nrp=r(cfg.nrp, seed=seed),
-               soap=r(cfg.soap, seed=seed), eval=r(cfg.eval, seed=seed))
+               students=tuple(r(s, seed=seed) for s in cfg.students), eval=r(cfg.eval, seed=seed))
+    new.update({name: r(getattr(cfg, name), seed=seed) for name in REGISTRY if hasattr(getattr(cfg, name), "seed")})
     if scope == "all":
         new.update(classifier=r(cfg.classifier, seed=seed), ae=r(cfg.ae, seed=seed))
     return r(cfg, name=f"{cfg.name}-seed{seed}", seed=seed, **new)
@@ -97,7 +98,7 @@ def override(cfg, assignment: str, _full: str | None = None):
         valid = ", ".join(f.name for f in dataclasses.fields(cfg))
         raise ConfigError(f"unknown config key {head!r} in {type(cfg).__name__}; valid: {valid}")
     value = getattr(cfg, head)
-    if head == "students" and not rest and isinstance(cfg, PipelineConfig):
+    if head == "students" and not rest and isinstance(value, tuple):  # PipelineConfig's
         new = _students(value, text)
     elif rest and isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
         new = tuple(override(v, f"{rest}={text}", full) for v in value)

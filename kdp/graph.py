@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from kdp.baselines import BASELINES
 from kdp.checkpoint import is_complete
-from kdp.config import PipelineConfig, Runtime
+from kdp.config import Runtime
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.data import Cifar
 from kdp.events import EventTail, events_file
@@ -33,17 +35,16 @@ from kdp.locks import reading
 from kdp.results import results_key
 from kdp.storage import LocalStorage, publish_quietly, publishing_each
 from kdp.stages.aes import AES, ae_cache_key
-from kdp.stages.baselines import nrp_recipe, soap_recipe
 from kdp.stages.classifier import classifier_recipe
 from kdp.stages.common import epoch_line, epoch_logger, fit_local
 from kdp.stages.drivers import DRIVER, TASKS, evaluation_key
 from kdp.stages.purifier import student_recipe, teacher_recipe
 
 RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student": student_recipe,
-           "nrp": nrp_recipe, "soap": soap_recipe}
+           **{name: d.recipe for name, d in BASELINES.items() if d.recipe is not None}}
 KINDS = ("train", "task", "driver")
 OUTPUTS = ("checkpoint", "aes", "results")
-SIDE_PRIORITY = ("soap", "surrogate", "nrp", "jpeg")
+SURROGATE_COST = 2.0  # a side branch's cost (kdp.defenses.Defense.cost): the surrogate is a classifier
 STOP_GRACE_S = 5.0  # how long an interrupted run waits for its stages in flight to see STOP
 
 
@@ -78,6 +79,15 @@ class Stage:
             raise ValueError(f"unknown stage output {self.output!r}; valid: {', '.join(OUTPUTS)}")
 
 
+def baseline_stage(cfg: PipelineConfig, name: str) -> Stage:
+    """Baseline `name`'s stage, from its declaration (kdp.baselines): trained by its recipe, or
+    without one, its checkpoint written by the `untrained` driver."""
+    d = BASELINES[name]
+    if d.recipe is None:
+        return Stage(f"baseline_{name}", "driver", "untrained", getattr(cfg, name), (), name)
+    return Stage(f"baseline_{name}", "train", name, getattr(cfg, name), d.needs, name, parallel=d.parallel)
+
+
 def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None) -> list[Stage]:
     """The stages of `cfg` in priority order (the critical path first). `evaluated` limits the
     variants evaluated (default: none, both teachers, every student and baseline)."""
@@ -86,16 +96,14 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
     students = [Stage(f"student_{s.variant}", "train", "student", s,
                       ("classifier", "aes", *(f"teacher_{t}" for t in s.teachers)), s.variant, shared=False)
                 for s in cfg.students]
-    baselines = {"jpeg": Stage("baseline_jpeg", "driver", "jpeg", cfg.jpeg, (), "jpeg"),
-                 "nrp": Stage("baseline_nrp", "train", "nrp", cfg.nrp, ("classifier",), "nrp", parallel=False),
-                 "soap": Stage("baseline_soap", "train", "soap", cfg.soap, (), "soap", parallel=False)}
     graph = [Stage("classifier", "train", "classifier", cfg.classifier),
              Stage("aes", "task", "aes", cfg.ae, ("classifier",), output="aes"), *teachers, *students]
-    # side branches after the critical path, longest first (SOAP trains a classifier with
+    # side branches after the critical path, costliest first (SOAP trains a classifier with
     # auxiliary heads, the surrogate a classifier), so that none of them is left for the end
-    side = {**baselines, "surrogate": Stage("surrogate", "train", "classifier", cfg.surrogate)}
-    wanted_side = [*cfg.baselines, *(("surrogate",) if "transfer" in cfg.eval.threat_models else ())]
-    graph += [side[k] for k in SIDE_PRIORITY if k in wanted_side]
+    side = [(BASELINES[b].cost, baseline_stage(cfg, b)) for b in cfg.baselines]
+    if "transfer" in cfg.eval.threat_models:
+        side.append((SURROGATE_COST, Stage("surrogate", "train", "classifier", cfg.surrogate)))
+    graph += [stage for _, stage in sorted(side, key=lambda cs: -cs[0])]
     order = ["none", "at_teacher", "nt_teacher", *(s.variant for s in students), *cfg.baselines]
     wanted = tuple(v for v in order if evaluated is None or v in evaluated)
     makers = sorted((s for s in graph if s.variant in wanted), key=lambda s: order.index(s.variant))

@@ -1,6 +1,6 @@
-"""Models: CIFAR ResNets (He et al. 2016), the paper's convolutional autoencoder purifier,
-and the baseline purifiers of an honest Table 1 (none, JPEG, NRP, SOAP; see kdp.baselines
-for how they are trained and the choices their papers leave open).
+"""Models: CIFAR ResNets (He et al. 2016) and the paper's convolutional autoencoder purifier.
+The baseline purifiers of an honest Table 1 are declared with their configs and training in
+kdp.baselines, one module each.
 
 Every model takes images in [0, 1]. Classifiers normalize inside `forward`; purifiers
 return images in [0, 1]. Models are built from registries of factories by name, so a
@@ -8,6 +8,7 @@ checkpoint's JSON ({"name", "kwargs"}) is enough to rebuild one.
 """
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from typing import Callable
 
@@ -142,163 +143,6 @@ def straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + (y - x).detach()
 
 
-class JpegPurifier(nn.Module):
-    """JPEG re-encoding at `quality` (Dziugaite et al. 2016; Guo et al. 2018), via torchvision's
-    libjpeg on CPU; images are quantized to uint8 first. Not differentiable: gradients pass by
-    BPDA (identity). Deterministic."""
-    backward = "bpda"
-
-    def __init__(self, quality: int = 75):
-        super().__init__()
-        if not 1 <= quality <= 100:
-            raise ConfigError(f"JPEG quality must be in [1, 100], got {quality}")
-        self.quality = quality
-
-    def forward(self, x):
-        from torchvision.io import decode_jpeg, encode_jpeg
-
-        u8 = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        out = torch.stack(decode_jpeg(encode_jpeg(list(u8), quality=self.quality)))
-        return straight_through(x, out.to(x.device, x.dtype) / 255)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return F.relu(x + self.body(x))
-
-
-class NRPPurifier(nn.Module):
-    """NRP's purifier (Naseer et al. 2020) at CIFAR scale: a residual generator (conv, `blocks`
-    residual blocks, conv) predicting a correction r; the output is clamp(x + r, 0, 1).
-
-    NRP's released generators are ImageNet-sized (an RRDB net of 23 blocks, 14M parameters,
-    or a 1.2M-parameter ResNet); kdp's is the ResNet kind, shrunk. `dynamic_std` > 0 is NRP's
-    "dynamic inference": Gaussian noise added before purifying, which makes the defense
-    randomized (the full threat model then attacks it with EOT).
-    """
-
-    def __init__(self, width: int = 64, blocks: int = 6, dynamic_std: float = 0.0):
-        super().__init__()
-        if width < 1 or blocks < 0 or dynamic_std < 0:
-            raise ConfigError(f"NRPPurifier needs width >= 1, blocks >= 0, dynamic_std >= 0; "
-                             f"got {width}, {blocks}, {dynamic_std}")
-        self.dynamic_std = dynamic_std
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.ReLU(), *[ResBlock(width) for _ in range(blocks)],
-                                  nn.Conv2d(width, 3, 3, 1, 1))
-
-    @property
-    def randomized(self) -> bool:
-        return self.dynamic_std > 0
-
-    def forward(self, x):
-        if self.dynamic_std > 0:
-            x = (x + self.dynamic_std * torch.randn_like(x)).clamp(0, 1)
-        return (x + self.body(x)).clamp(0, 1)
-
-
-class Critic(nn.Module):
-    """NRP's critic (discriminator) at CIFAR scale: three strided conv blocks, one logit per image."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2),
-            nn.Conv2d(4 * w, 1, 4, 1, 0))
-
-    def forward(self, x):
-        return self.net(x).flatten()
-
-
-class SoapNet(nn.Module):
-    """SOAP's classifier (Shi et al. 2021): a CIFAR ResNet with auxiliary self-supervised heads
-    on its last feature map: a decoder reconstructing the (denoised) input, and optionally a
-    linear rotation classifier (0/90/180/270 degrees). forward() returns class logits."""
-
-    def __init__(self, arch: str = "resnet20", width: int = 16, aux: str = "recon"):
-        super().__init__()
-        if aux not in SOAP_AUX:
-            raise ConfigError(f"unknown SOAP auxiliary task {aux!r}; valid: {', '.join(SOAP_AUX)}")
-        self.aux = aux
-        self.net = lookup(CLASSIFIERS, arch, "classifier")(width=width)
-        c, w = 4 * width, width
-        self.decoder = nn.Sequential(  # 8x8 -> 32x32
-            nn.ConvTranspose2d(c, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 3, 3, 1, 1), nn.Sigmoid())
-        self.rotation = nn.Linear(c, 4) if "rotation" in aux else None
-
-    def forward(self, x):
-        return self.net(x)
-
-    def losses(self, x, target=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class logits of x, per-image auxiliary loss): reconstruction MSE of `target`
-        (default x) from x's features, plus, with rotation, the rotation cross-entropy
-        averaged over the four rotations of x."""
-        f = self.net.features(x)
-        target = x if target is None else target
-        aux = ((self.decoder(f) - target) ** 2).flatten(1).mean(1)
-        if self.rotation is not None:
-            rots = torch.cat([torch.rot90(x, k, (2, 3)) for k in range(4)])
-            feats = torch.flatten(F.adaptive_avg_pool2d(self.net.features(rots), 1), 1)
-            labels = torch.arange(4, device=x.device).repeat_interleave(len(x))
-            aux = aux + F.cross_entropy(self.rotation(feats), labels, reduction="none").view(4, -1).mean(0)
-        return self.net.head(f), aux
-
-    def aux_loss(self, x, target=None) -> torch.Tensor:
-        return self.losses(x, target)[1]
-
-
-class SoapPurifier(nn.Module):
-    """SOAP's test-time purification: `steps` signed gradient-descent steps of size `step_size`
-    on the auxiliary loss with respect to the input, projected into the L-inf ball of radius
-    `eps` around it and into [0, 1]. It brings its own classifier (`own_classifier`).
-
-    Gradients pass by BPDA (identity): the signed steps have zero derivative almost
-    everywhere, so unrolling them would give the identity (masked by the projections) too.
-    `random_start` draws the start uniformly in the ball, which makes the defense randomized.
-    SOAP selects per image the best of 11 radii (0..40/255); kdp uses one radius.
-    """
-    backward = "bpda"
-
-    def __init__(self, arch: str = "resnet20", width: int = 16, aux: str = "recon", eps: float = 8 / 255,
-                 steps: int = 5, step_size: float = 4 / 255, random_start: bool = False):
-        super().__init__()
-        if eps < 0 or steps < 0 or step_size < 0:
-            raise ConfigError(f"SOAP purification needs eps, steps, step_size >= 0; got {eps}, {steps}, {step_size}")
-        self.net = SoapNet(arch, width, aux)
-        self.eps, self.steps, self.step_size, self.random_start = eps, steps, step_size, random_start
-
-    @property
-    def own_classifier(self) -> nn.Module:
-        return self.net
-
-    @property
-    def randomized(self) -> bool:
-        return self.random_start and self.eps > 0
-
-    def purify(self, x):
-        x = x.detach()
-        delta = (torch.rand_like(x) * 2 - 1) * self.eps if self.random_start else torch.zeros_like(x)
-        for _ in range(self.steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                loss = self.net.aux_loss((x + delta).clamp(0, 1), None).sum()
-                (g,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() - self.step_size * g.sign()).clamp(-self.eps, self.eps)
-        return (x + delta).clamp(0, 1)
-
-    def forward(self, x):
-        return straight_through(x, self.purify(x))
-
-
 class EOT(nn.Module):
     """Expectation over Transformation (Athalye et al. 2018): the mean of `samples` forward
     passes' logits, so an attack's gradient is an average over the defense's randomness."""
@@ -314,7 +158,6 @@ class EOT(nn.Module):
         return torch.stack([self.model(x) for _ in range(self.samples)]).mean(0)
 
 
-SOAP_AUX = ("recon", "recon+rotation")
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": partial(CifarResNet, depth=8),  # not in He et al.; for tests and smoke runs
     "resnet20": partial(CifarResNet, depth=20),
@@ -322,8 +165,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": partial(CifarResNet, depth=44),
     "resnet56": partial(CifarResNet, depth=56),
 }
-PURIFIERS: dict[str, Callable[..., nn.Module]] = {
-    "cae": ConvAutoencoder, "none": nn.Identity, "jpeg": JpegPurifier, "nrp": NRPPurifier, "soap": SoapPurifier}
+PURIFIERS: dict[str, Callable[..., nn.Module]] = {"cae": ConvAutoencoder, "none": nn.Identity}
 REGISTRIES = {"classifier": CLASSIFIERS, "purifier": PURIFIERS}
 
 
@@ -335,7 +177,12 @@ def lookup(registry: dict, name: str, what: str):
 
 
 def build_model(kind: str, name: str, **kwargs) -> nn.Module:
-    """Build a model from its registry kind ('classifier' or 'purifier'), name and kwargs."""
+    """Build a model from its registry kind ('classifier' or 'purifier'), name and kwargs; a
+    baseline purifier comes from its declaration in kdp.baselines."""
+    if kind == "purifier" and name not in PURIFIERS:
+        # imported by name, not above: the baselines' modules import this one
+        baselines = importlib.import_module("kdp.baselines").BASELINES
+        return lookup({**PURIFIERS, **{n: d.purifier for n, d in baselines.items()}}, name, kind)(**kwargs)
     return lookup(lookup(REGISTRIES, kind, "model kind"), name, kind)(**kwargs)
 
 

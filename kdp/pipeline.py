@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from kdp.checkpoint import read_json, read_meta, write_json
-from kdp.config import PipelineConfig, Runtime
+from kdp.config import Runtime
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import replicate
 from kdp.data import load_cifar
 from kdp.interrupt import time_limit

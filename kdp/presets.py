@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, NRPConfig, PipelineConfig, SoapConfig,
-                        StudentConfig, TeacherConfig)
+from kdp.baselines.nrp import NRPConfig
+from kdp.baselines.soap import SoapConfig
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
 from kdp.models import lookup
+from kdp.pipeline_config import PipelineConfig
 
 ABLATION = (("at",), ("nt",), ("at", "nt"))  # paper Table 2: KD <- AT, KD <- NT, KD <- AT + NT
 

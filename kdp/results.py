@@ -17,7 +17,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kdp.checkpoint import atomic_path
-from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, TeacherConfig
+from kdp.baselines import BASELINES
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.provenance import PACKAGES
 from kdp.errors import DataError, NotFoundError, StorageError
@@ -34,12 +36,11 @@ def _fields(cls, prefix: str) -> list[pa.Field]:
     return out
 
 
-PURIFIER_FIELDS = [pa.field("purifier.kind", pa.string()), pa.field("purifier.teachers", pa.string()),
-                   pa.field("purifier.beta", pa.float64()), pa.field("purifier.gamma", pa.float64()),
-                   pa.field("purifier.kd_space", pa.string()), pa.field("purifier.adv_score", pa.string())] + [
-    pa.field(f"purifier.{k}", t) for k, t in (("depth", pa.int64()), ("width", pa.int64()), ("head", pa.string()),
-                                              ("epochs", pa.int64()), ("batch_size", pa.int64()),
-                                              ("lr", pa.float64()), ("seed", pa.int64()))]
+# A teacher's or student's row: its kind, then every field of either config (a new knob has its
+# column without a word here), each once
+PURIFIER_FIELDS = [pa.field("purifier.kind", pa.string())] + list({
+    f.name: f for f in _fields(StudentConfig, "purifier.") + _fields(TeacherConfig, "purifier.")
+    if f.name != "purifier.kind"}.values())
 METRIC_FIELDS = [pa.field(n, t) for n, t in (
     ("variant", pa.string()), ("attack", pa.string()), ("threat_model", pa.string()), ("n", pa.int64()),
     ("correct", pa.int64()), ("agree", pa.int64()), ("accuracy", pa.float64()), ("agreement", pa.float64()),
@@ -66,23 +67,23 @@ SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
     + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
-    + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())] + _fields(JpegConfig, "jpeg.")
-    + _fields(NRPConfig, "nrp.") + _fields(SoapConfig, "soap.")
+    + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())]
+    + [f for name, d in BASELINES.items() for f in _fields(d.config, f"{name}.")]
     + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
 KEY_META = b"kdp.results_key"  # parquet metadata: what the rows were computed from
 # Threat-model names of files written before kdp 0.5 (same protocols, renamed).
 OLD_THREAT_NAMES = {"blind": "classifier", "end_to_end": "full"}
-BASELINE_KINDS = {JpegConfig: "jpeg", NRPConfig: "nrp", SoapConfig: "soap"}
 
 
 def purifier_columns(cfg) -> dict:
     """The `purifier.*` columns of a variant: None (no defense), a teacher, a student or a
-    baseline (its full config is also in the jpeg.* / nrp.* / soap.* columns)."""
+    baseline (its full config is also in its <name>.* columns)."""
     if cfg is None:
         return {"purifier.kind": "none"}
     cols = {f"purifier.{k}": v for k, v in flatten(cfg).items()
             if f"purifier.{k}" in SCHEMA.names and k != "kind"}
-    kind = BASELINE_KINDS.get(type(cfg)) or (cfg.kind if isinstance(cfg, TeacherConfig) else "student")
+    kinds = {d.config: name for name, d in BASELINES.items()}
+    kind = kinds.get(type(cfg)) or (cfg.kind if isinstance(cfg, TeacherConfig) else "student")
     cols["purifier.kind"] = kind
     return cols
 

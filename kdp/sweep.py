@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import PipelineConfig, Runtime, StudentConfig, _check, _choice, check_name
+from kdp.config import Runtime, StudentConfig, _check, _choice, check_name
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
 from kdp.errors import ConfigError, DataError, NotFoundError

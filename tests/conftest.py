@@ -305,11 +305,14 @@ def new_events(before: list[dict], after: list[dict], new_writers: bool = False)
 
 
 def in_flight(events) -> list[int]:
-    """How many CPU-bound stages (all but the driver-side JPEG and evaluation) were in flight
-    after each started / finished event, in the event log's own order."""
+    """How many CPU-bound stages (all but the driver-side ones: the untrained baselines' checkpoints
+    and the evaluation) were in flight after each started / finished event, in the event log's order."""
+    from kdp.baselines import BASELINES
+
+    drivers = {"evaluate", *(f"baseline_{n}" for n, d in BASELINES.items() if d.recipe is None)}
     n, counts = 0, []
     for e in events:
-        if e["stage"] in ("baseline_jpeg", "evaluate") or e["status"] not in ("started", "resumed", "finished"):
+        if e["stage"] in drivers or e["status"] not in ("started", "resumed", "finished"):
             continue
         n += 1 if e["status"] != "finished" else -1
         counts.append(n)

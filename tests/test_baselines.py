@@ -1,16 +1,28 @@
-"""Baseline purifiers (none, JPEG, NRP, SOAP): each builds, trains a step through its stage,
-and purifies into [0, 1]; their pieces (SSP, SOAP's descent, BPDA, EOT) do what they claim."""
+"""The baseline purifiers (kdp.baselines), every registered one picked up by the parametrized
+tests: each is made through its stage (its recipe, or its checkpoint written as is), reloads,
+purifies into [0, 1] and declares how an attack gets its gradient; their pieces (SSP, SOAP's
+descent, BPDA, EOT, bit-depth levels) do what they claim."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
 
 from kdp.accel import Accel
+from kdp.baselines import BASELINES
+from kdp.baselines.bitdepth import BitDepth
+from kdp.baselines.jpeg import JpegConfig, JpegPurifier
+from kdp.baselines.nrp import Critic, NRPConfig, NRPPurifier, NRPTraining, nrp_step, ragan_loss, ssp
+from kdp.baselines.soap import SoapConfig, SoapPurifier
 from kdp.checkpoint import load_checkpoint
-from kdp.config import ClassifierConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, Runtime, SoapConfig
+from kdp.config import ClassifierConfig, EvalConfig, Runtime
 from kdp.configio import flatten
-from kdp.models import EOT, CifarResNet, Critic, JpegPurifier, NRPPurifier, SoapPurifier, build_model
-from kdp.stages.baselines import NRPTraining, nrp_step, ragan_loss, ssp, train_baseline
+from kdp.graph import baseline_stage
+from kdp.models import EOT, CifarResNet, build_model
+from kdp.pipeline_config import PipelineConfig
 from kdp.stages.classifier import train_classifier
+from kdp.stages.common import fit_local
+from kdp.stages.drivers import untrained_driver
 from kdp.stages.evaluate import Defense, attack_target
 from kdp.stages.purifier import PurifierData
 
@@ -26,28 +38,52 @@ def tiny_classifier(tmp_path_factory, tiny_data):
     return train_classifier(cfg, tiny_data, tmp_path_factory.mktemp("clf") / "clf", RT)
 
 
-@pytest.mark.parametrize("name", ["jpeg", "nrp", "soap"])
-def test_baseline_trains_through_its_stage_and_purifies_into_unit_range(name, tmp_path, tiny_data, tiny_classifier):
-    out = train_baseline(name, TINY, tiny_data, tmp_path / name, RT, tiny_classifier)
+def make(name: str, data, out, classifier):
+    """Baseline `name` made as the pipeline makes it (kdp.graph.baseline_stage)."""
+    stage, defense = baseline_stage(TINY, name), BASELINES[name]
+    if defense.recipe is None:
+        return untrained_driver(stage, {}, out, SimpleNamespace(rt=RT), None)
+    return fit_local(defense.recipe, stage.config, {k: classifier for k in defense.needs}, data, out, RT)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_every_baseline_is_made_through_its_stage_reloads_and_purifies_into_unit_range(
+        name, tmp_path, tiny_data, tiny_classifier):
+    out = make(name, tiny_data, tmp_path / name, tiny_classifier)
     model, meta = load_checkpoint(out, "cpu")
     assert meta["spec"]["name"] == name and meta["config"] == flatten(getattr(TINY, name))
-    x = tiny_data.test_x[:8].float() / 255
-    with torch.no_grad():
-        y = model.eval()(x)
-    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
-    if name != "jpeg":  # trained: the weights moved away from the seeded initialization
+    assert name in TINY.baselines and name in flatten(TINY)["baselines"].split("+")  # on by default
+    x = (tiny_data.test_x[:8].float() / 255).requires_grad_(True)
+    y = model.eval()(x)
+    assert y.shape == x.shape and float(y.detach().min()) >= 0 and float(y.detach().max()) <= 1
+    y.sum().backward()  # an attack gets a gradient: exact, or BPDA's identity where declared
+    if getattr(model, "backward", "exact") == "bpda":
+        assert torch.equal(x.grad, torch.ones_like(x))
+    else:
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    if BASELINES[name].recipe is not None:  # trained: the weights moved away from the seeded initialization
         torch.manual_seed(getattr(TINY, name).seed)
         fresh = build_model("purifier", name, **meta["spec"]["kwargs"])
         moved = [not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values())
                  if a.is_floating_point()]
         assert any(moved)
         assert len(meta["metrics"]["history"]) == 1
+    assert make(name, tiny_data, tmp_path / name, tiny_classifier) == out  # done: kept, not made again
+
+
+def test_bit_depth_keeps_2_to_the_bits_levels():
+    x = torch.rand(2, 3, 32, 32)
+    for bits in (1, 4, 5, 8):
+        y = BitDepth(bits)(x)
+        assert len(torch.unique(y)) <= 2 ** bits and float((y - x).abs().max()) <= 0.5 / (2 ** bits - 1) + 1e-6
+    with pytest.raises(ValueError, match="bit depth must be in \\[1, 8\\], got 9"):
+        BitDepth(9)
 
 
 def test_none_is_identity_and_unknown_baseline_lists_valid_ones(tiny_data):
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(build_model("purifier", "none")(x), x)
-    with pytest.raises(ValueError, match="cae, jpeg, none, nrp, soap"):
+    with pytest.raises(ValueError, match=", ".join(sorted({"cae", "none", *BASELINES}))):
         build_model("purifier", "nrpx")
     with pytest.raises(ValueError, match="'jpgg'"):
         PipelineConfig(baselines=("jpgg",))

@@ -6,7 +6,11 @@ import dataclasses
 import pytest
 
 from kdp.attacks import PAPER_SUITE
-from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, JpegConfig, NRPConfig, PipelineConfig, SoapConfig, Runtime, StudentConfig, TeacherConfig
+from kdp.baselines.jpeg import JpegConfig
+from kdp.baselines.nrp import NRPConfig
+from kdp.baselines.soap import SoapConfig
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, Runtime, StudentConfig, TeacherConfig
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten, override, parse_seeds, replicate
 from kdp.presets import PRESETS, get_preset
 

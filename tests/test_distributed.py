@@ -11,7 +11,8 @@ import torch
 
 from conftest import short_temp_dir, wait_until
 from kdp.checkpoint import load_checkpoint, read_meta
-from kdp.config import DataConfig, PipelineConfig, Runtime, TeacherConfig
+from kdp.config import DataConfig, Runtime, TeacherConfig
+from kdp.pipeline_config import PipelineConfig
 from kdp.data import load_cifar
 from kdp.events import read_events
 from kdp.graph import LocalExecutor, Run, Stage, run_graph

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from kdp.checkpoint import save_checkpoint
 from kdp.config import EvalConfig, Runtime
-from kdp.models import CifarResNet, ConvAutoencoder, JpegPurifier, freeze
+from kdp.baselines.jpeg import JpegPurifier
+from kdp.models import CifarResNet, ConvAutoencoder, freeze
 from kdp.stages.evaluate import Context, Defense, evaluate, evaluate_models, finalize, merge_rows, shards
 
 RT = Runtime(device="cpu", progress=False)

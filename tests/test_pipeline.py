@@ -13,14 +13,15 @@ import torch
 from conftest import tiny_argv, torch_threads
 from kdp import cli
 from kdp.attacks import PAPER_SUITE
+from kdp.baselines import BASELINES
 from kdp.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from kdp.events import read_events
 from kdp.presets import get_preset
 from kdp.results import SCHEMA, load, results_key, table1
 
-VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap"}
+VARIANTS = {"none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", *BASELINES}  # every registered baseline
 STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd_nt", "student_kd_at_nt",
-          "baseline_jpeg", "baseline_nrp", "baseline_soap", "surrogate"]
+          *(f"baseline_{b}" for b in BASELINES), "surrogate"]
 TINY = get_preset("tiny")
 SUITES = {"classifier": ("clean",) + PAPER_SUITE + ("aa-standard",), "full": TINY.eval.adaptive_attacks,
           "transfer": TINY.eval.transfer_attacks}

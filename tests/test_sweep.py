@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 import kdp.locks as locks
-from kdp.config import (AEConfig, ClassifierConfig, EvalConfig, PipelineConfig, Runtime, StudentConfig,
-                        TeacherConfig)
+from kdp.config import AEConfig, ClassifierConfig, EvalConfig, Runtime, StudentConfig, TeacherConfig
+from kdp.pipeline_config import PipelineConfig
 from kdp.events import read_events
 from kdp.graph import LocalExecutor
 from kdp.results import SCHEMA, load

@@ -217,8 +217,7 @@ def snapshot_problem(run_path: Path) -> str | None:
 
 def _loop_config(stage: Stage, inputs: dict, out: Path, run: Run) -> dict:
     """What a training stage's worker needs, as plain values (Train's train_loop_config)."""
-    return {"stage": stage.name, "recipe": stage.fn, "config_class": type(stage.config).__name__,
-            "cfg": flatten(stage.config), "data": flatten(run.cfg.data),
+    return {"stage": stage.name, "recipe": stage.fn, "config": stage.config, "data": flatten(run.cfg.data),
             "runtime": dataclasses.asdict(run.rt), "run_dir": str(run.run_dir),
             "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out), "log_file": _log_file(run, stage.name),
             "store": run.store}

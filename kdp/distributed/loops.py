@@ -20,7 +20,6 @@ import ray.train.torch
 import torch
 
 from kdp.checkpoint import load_state, save_state
-import kdp.config
 from kdp.config import DataConfig, Runtime
 from kdp.configio import unflatten
 from kdp.data import load_cifar
@@ -118,8 +117,8 @@ class TrainStore:
 
 
 def _stage_config(c: dict):
-    """The stage's frozen config, rebuilt from its flat form and its class's name in kdp.config."""
-    return unflatten(getattr(kdp.config, c["config_class"]), c["cfg"])
+    """The stage's frozen config (pickled whole: its class travels by reference, wherever it is declared)."""
+    return c["config"]
 
 
 def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1):
@@ -148,7 +147,7 @@ def train_task(c: dict, data, store=None) -> Path:
 
 
 def train_loop(c: dict) -> None:
-    """train_loop_per_worker of every training stage; `c` holds the flattened stage config,
+    """train_loop_per_worker of every training stage; `c` holds the stage config,
     the data config, the input and output paths and the recipe's name."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from ray import tune
 
-from kdp.config import PipelineConfig, Runtime
+from kdp.config import Runtime
+from kdp.pipeline_config import PipelineConfig
 from kdp.configio import from_dict
 from kdp.data import load_cifar
 from kdp.distributed.config import ScaleConfig

@@ -1,5 +1,5 @@
 """What the graph's task and driver stages do (kdp.graph names them in TASKS and DRIVER):
-the training AEs (a task), JPEG's checkpoint and the evaluation (drivers, run by the caller;
+the training AEs (a task), an untrained baseline's checkpoint and the evaluation (drivers, run by the caller;
 the evaluation fans its shards out through the executor and writes the results parquet)."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import json
 import time
 from pathlib import Path
 
-from kdp.checkpoint import atomic_path, read_json, read_meta
+from kdp.baselines import BASELINES
+from kdp.checkpoint import atomic_path, is_complete, read_json, read_meta, save_checkpoint
 from kdp.config import Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
-from kdp.stages.baselines import train_jpeg
 from kdp.stages.eval_cache import tensor_sha
 from kdp.interrupt import before
 from kdp.stages.evaluate import evaluate, finalize, merge_rows, shards
@@ -26,8 +26,14 @@ def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Pat
     return make_training_aes(cfg, Path(inputs["classifier"]), data, Path(out).parent, rt)
 
 
-def jpeg_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
-    return train_jpeg(stage.config, run.data, out, run.rt)
+def untrained_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
+    """A baseline with nothing to learn (no recipe): its checkpoint, the module with its spec and
+    config, written as is so that it loads like every other purifier."""
+    defense, cfg = BASELINES[stage.variant], stage.config
+    if is_complete(out, flatten(cfg)):
+        return out
+    module = defense.purifier(**defense.kwargs(cfg))
+    return save_checkpoint(out, module, defense.spec(cfg), flatten(cfg), {"trained": False}, provenance(run.rt))
 
 
 def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
@@ -120,4 +126,4 @@ class ShardRows:
 
 
 TASKS = {"aes": make_aes_task}
-DRIVER = {"jpeg": jpeg_driver, "evaluate": evaluate_driver}
+DRIVER = {"untrained": untrained_driver, "evaluate": evaluate_driver}

@@ -1,0 +1,61 @@
+"""The whole experiment's config: the stage configs (kdp.config), the students, and one field per
+registered baseline (kdp.baselines), named as the baseline, holding its config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+
+from kdp.baselines import BASELINES
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, _check,
+                        _choice, check_name)
+
+DEFAULT_BASELINES = tuple(name for name, d in BASELINES.items() if d.default)
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    """The whole method: classifier -> AEs -> AT and NT teachers -> students -> evaluation."""
+    name: str = "kdp"
+    """Run name: a directory under the output root; re-running it resumes."""
+    preset: str = "custom"
+    """Preset this config came from."""
+    seed: int | None = None
+    """Replicate seed (set by `replicate`, i.e. --seeds): the seed of every purifier, baseline and
+    evaluation attack of this run; None: a single run with each stage's own seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """Stage 0."""
+    ae: AEConfig = field(default_factory=AEConfig)
+    """Training AEs."""
+    at_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="at"))
+    """Stage 1, AT."""
+    nt_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(kind="nt"))
+    """Stage 1, NT."""
+    students: tuple[StudentConfig, ...] = (StudentConfig(teachers=("at",)), StudentConfig(teachers=("nt",)),
+                                           StudentConfig())
+    """Stage 2: one student per entry (default: the paper's ablation)."""
+    surrogate: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(seed=1))
+    """The `transfer` threat model's surrogate: a classifier trained separately (another seed)."""
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    """Baseline purifiers trained and evaluated beside the students (any registered in
+    kdp.baselines); each also has its config field, named as it, added below."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Stage 3."""
+
+    def __post_init__(self):
+        check_name(self.name, "run")
+        _check(self.at_teacher.kind == "at" and self.nt_teacher.kind == "nt",
+               "at_teacher must have kind 'at' and nt_teacher kind 'nt'")
+        object.__setattr__(self, "students", tuple(self.students))
+        names = [s.variant for s in self.students]
+        _check(len(set(names)) == len(names), f"two students share a teacher set: {names}")
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        for b in self.baselines:
+            _choice(b, tuple(BASELINES), "baseline")
+        _check(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
+
+
+# the fields every baseline adds, `<name>: <its config>` (defaults), after `eval`
+PipelineConfig = make_dataclass(
+    "PipelineConfig", [(name, d.config, field(default_factory=d.config)) for name, d in BASELINES.items()],
+    bases=(_Pipeline,), frozen=True, namespace={"__doc__": _Pipeline.__doc__, "__module__": __name__})
