@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdp.attacks import attack_batches, build_attack, describe  # noqa: E402
-from kdp.checkpoint import load_checkpoint, read_json  # noqa: E402
+from kdp.checkpoint import load_frozen, read_json  # noqa: E402
 from kdp.data import load_cifar, to_float  # noqa: E402
-from kdp.models import Purified, freeze  # noqa: E402
+from kdp.models import Purified  # noqa: E402
 from kdp.provenance import device_name  # noqa: E402
 from kdp.train import resolve_device  # noqa: E402
 
@@ -60,8 +60,8 @@ def main() -> None:
     cfg = read_json(run / "config.json", "config.json")
     data = load_cifar(cfg["data"]["data_dir"], n_train=0, n_test=args.n)
     x, y = to_float(data.test_x), data.test_y
-    classifier = freeze(load_checkpoint(run / "classifier", device)[0])
-    student = freeze(load_checkpoint(run / f"student_{args.variant}", device)[0])
+    classifier = load_frozen(run / "classifier", device)
+    student = load_frozen(run / f"student_{args.variant}", device)
     models = {"undefended": classifier, f"purified ({args.variant}, full)": Purified(student, classifier)}
     with torch.no_grad():
         clean = {k: round(100 * float((m(x.to(device)).argmax(1).cpu() == y).float().mean()), 2)

@@ -36,7 +36,8 @@ def bench(args) -> dict:
     from kdp.data import load_cifar
     from kdp.distributed.config import ScaleConfig
     from kdp.graph import Run, Stage, run_graph
-    from kdp.stages import train_teacher
+    from kdp.stages.common import fit_local
+    from kdp.stages.purifier import teacher_recipe
 
     cfg = TeacherConfig(kind="nt", depth=args.depth, width=args.width, epochs=args.epochs)
     data_cfg = DataConfig(data_dir=args.data_dir)
@@ -45,7 +46,7 @@ def bench(args) -> dict:
     root = Path(tempfile.mkdtemp(prefix="kdp-bench-"))
     torch.set_num_threads(cpus)
     t0 = time.perf_counter()
-    train_teacher(cfg, data, root / "plain", Runtime(device="cpu", progress=False))
+    fit_local(teacher_recipe, cfg, {}, data, root / "plain", Runtime(device="cpu", progress=False))
     plain = json.loads((root / "plain" / "checkpoint.json").read_text())["metrics"]["history"]
     plain_epoch = sum(h["seconds"] for h in plain) / len(plain)
     plain_wall = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdp.attacks import LINF_EPS  # noqa: E402
+from kdp.attacks import ATTACKS  # noqa: E402
 from kdp.results import load  # noqa: E402
 
 VARIANTS = ("none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap")
@@ -30,7 +30,7 @@ def checks(df) -> list[tuple[str, bool]]:
     out += [(f"undefended {a} < half of clean", acc[("none", a, "classifier")] < clean / 2)
             for a in ("pgd8", "bim", "autoattack")]
     out += [(f"{a} within L-inf {eps:.4f}", bool((df[df.attack == a].linf_max <= eps + 1e-6).all()))
-            for a, eps in LINF_EPS.items() if eps is not None and a in set(df.attack)]
+            for a, eps in ((a, ATTACKS[a].linf_eps) for a in ATTACKS) if eps is not None and a in set(df.attack)]
     full = df[df.threat_model == "full"].set_index(["variant", "attack"])["attack.grad"]
     for v in VARIANTS:
         out.append((f"{v}: full pgd8 <= classifier pgd8", acc[(v, "pgd8", "full")] <= acc[(v, "pgd8", "classifier")]))

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from kdp.attacks import attack_batches, build_attack
-from kdp.checkpoint import is_complete, load_checkpoint, read_json, read_meta, write_json
+from kdp.checkpoint import is_complete, load_frozen, read_json, read_meta, write_json
 from kdp.data import Cifar, load_cifar, to_float
-from kdp.models import freeze
 from kdp.pipeline import run_input
 from kdp.train import resolve_device
 from kdp.errors import ConfigError, DataError, NotFoundError
@@ -116,7 +115,7 @@ def _run_data(run_cfg: dict, data: Cifar | None, n: int | None) -> tuple[torch.T
 
 
 def _load(d: Path, device) -> torch.nn.Module:
-    return freeze(load_checkpoint(d, device)[0])
+    return load_frozen(d, device)
 
 
 @torch.no_grad()

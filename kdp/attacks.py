@@ -1,6 +1,7 @@
 """The attack suite, built on torchattacks (not re-implemented).
 
-Each entry of ATTACKS is a factory `(model, **overrides) -> torchattacks.Attack`. The model
+Each attack is one `Attack` record in ATTACKS (its factory `(model, **overrides) ->
+torchattacks.Attack`, L-inf budget, seeding, subset and label; docs/extending.md). The model
 is the one attacked: the classifier alone for the paper's (preprocessor-blind) protocol,
 or `Purified(purifier, classifier)` for an end-to-end (adaptive) attack. Images are in
 [0, 1] and normalization lives inside the classifier, so no `set_normalization_used`.
@@ -21,6 +22,7 @@ all of them (the evaluation AE cache's key).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -45,45 +47,58 @@ def aa_standard(model: nn.Module, eps: float = EPS, seed: int = 0, n_classes: in
         torchattacks.Square(model, n_queries=n_queries, resc_schedule=False, **common)])
 
 
-ATTACKS: dict[str, Callable[..., torchattacks.attack.Attack]] = {
-    "pgd8": partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=20, random_start=True),
-    "pgd16": partial(torchattacks.PGD, eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
-    "pgd100": partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=100, random_start=True),
-    "fgsm": partial(torchattacks.FGSM, eps=EPS),
-    "bim": partial(torchattacks.BIM, eps=EPS, alpha=2 / 255, steps=20),
-    "cw": partial(torchattacks.CW, c=1.0, kappa=0.0, steps=40, lr=0.01),
-    "autoattack": partial(torchattacks.AutoAttack, norm="Linf", eps=EPS, version="standard",
-                          n_classes=10, seed=0),
-    "aa-standard": aa_standard,
-}
-# L-inf budget of each attack (None: CW is L2 and unbounded in L-inf).
-LINF_EPS = {"pgd8": EPS, "pgd16": 16 / 255, "pgd100": EPS, "fgsm": EPS, "bim": EPS, "cw": None,
-            "autoattack": EPS, "aa-standard": EPS}
-PAPER_SUITE = ("pgd8", "pgd16", "fgsm", "bim", "cw", "autoattack")
-# Attacks run only on the first EvalConfig.aa_subset test images (their cost is per image).
-SUBSET_ATTACKS = ("aa-standard",)
-# Attacks with a seed of their own (the others draw from torch's generator).
-SEEDED = ("autoattack", "aa-standard")
+@dataclass(frozen=True)
+class Attack:
+    """One attack of the suite, declared once (in ATTACKS below)."""
+    name: str
+    """Its name in configs (`eval.attacks`, ...) and the `attack` column."""
+    label: str
+    """Its name in tables and plots."""
+    factory: Callable[..., torchattacks.attack.Attack]
+    """(model, **overrides) -> a torchattacks attack on `model`, at kdp's settings."""
+    linf_eps: float | None
+    """The L-inf radius it promises to respect (a row's `check.linf_ok`); None: not L-inf (CW)."""
+    seeded: bool = False
+    """Takes the evaluation's seed itself (the others draw from torch's generator, seeded per batch)."""
+    subset: bool = False
+    """Costly per image: runs on the first EvalConfig.aa_subset test images only."""
+    paper: bool = False
+    """In the paper's Table 1 suite (PAPER_SUITE)."""
+
+
+ATTACKS: dict[str, Attack] = {a.name: a for a in (
+    Attack("pgd8", "PGD8", partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=20, random_start=True), EPS,
+           paper=True),
+    Attack("pgd16", "PGD16", partial(torchattacks.PGD, eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
+           16 / 255, paper=True),
+    Attack("pgd100", "PGD-100", partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=100, random_start=True), EPS),
+    Attack("fgsm", "FGSM", partial(torchattacks.FGSM, eps=EPS), EPS, paper=True),
+    Attack("bim", "BIM", partial(torchattacks.BIM, eps=EPS, alpha=2 / 255, steps=20), EPS, paper=True),
+    Attack("cw", "CW", partial(torchattacks.CW, c=1.0, kappa=0.0, steps=40, lr=0.01), None, paper=True),
+    Attack("autoattack", "AA (10-step)", partial(torchattacks.AutoAttack, norm="Linf", eps=EPS, version="standard",
+                                                 n_classes=10, seed=0), EPS, seeded=True, paper=True),
+    Attack("aa-standard", "AA (standard)", aa_standard, EPS, seeded=True, subset=True),
+)}
+PAPER_SUITE = tuple(n for n, a in ATTACKS.items() if a.paper)  # EvalConfig's default, with aa-standard
 # Attributes that name or report but do not change what an attack crafts.
 NOT_SETTINGS = ("model_name", "verbose", "supported_mode")
 
 
 def build_attack(name: str, model: nn.Module, seed: int | None = None, **overrides) -> torchattacks.attack.Attack:
     """Build attack `name` against `model` (which must already sit on its device); `seed`
-    reaches the attacks that have one (SEEDED)."""
+    reaches the attacks that have one (`Attack.seeded`)."""
     for key in ("eps", "alpha"):
         if key in overrides and overrides[key] < 0:
             raise ConfigError(f"attack {name}: {key} must be >= 0, got {overrides[key]}")
-    factory = lookup(ATTACKS, name, "attack")
-    if seed is not None and name in SEEDED:
+    attack = lookup(ATTACKS, name, "attack")
+    if seed is not None and attack.seeded:
         overrides["seed"] = seed
-    return factory(model, **overrides)
+    return attack.factory(model, **overrides)
 
 
 def linf_budget(name: str, **overrides) -> float | None:
     """The L-inf radius that attack `name` promises to respect (None if it is not L-inf)."""
-    lookup(ATTACKS, name, "attack")
-    return overrides.get("eps", LINF_EPS[name])
+    return overrides.get("eps", lookup(ATTACKS, name, "attack").linf_eps)
 
 
 def _pieces(attack) -> list:

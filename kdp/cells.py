@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdp.attacks import ATTACKS
 from kdp.baselines import BASELINES
 from kdp.stats import bootstrap
 
-ATTACK_ORDER = ("clean", "pgd8", "pgd16", "pgd100", "fgsm", "bim", "cw", "autoattack", "aa-standard")
-# `autoattack` is torchattacks' AutoAttack at its 10-step default (the paper's likely setting);
-# `aa-standard` is AutoAttack at the original strengths (kdp.attacks).
-ATTACK_LABELS = {"clean": "Purified clean", "pgd8": "PGD8", "pgd16": "PGD16", "pgd100": "PGD-100", "fgsm": "FGSM",
-                 "bim": "BIM", "cw": "CW", "autoattack": "AA (10-step)", "aa-standard": "AA (standard)"}
+# clean first, then the attacks in their declaration order (kdp.attacks.ATTACKS: `autoattack` is
+# torchattacks' 10-step AutoAttack, the paper's likely setting; `aa-standard` the original strengths)
+ATTACK_ORDER = ("clean", *ATTACKS)
+ATTACK_LABELS = {"clean": "Purified clean", **{n: a.label for n, a in ATTACKS.items()}}
 # the baselines (kdp.baselines, in registration order) after the undefended classifier
 VARIANT_ORDER = ("none", *BASELINES, "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
 # Table 1 rows: the paper's comparison first, then any other variant present.

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kdp.models import build_model
+from kdp.models import build_model, freeze
 from kdp.errors import CheckpointError  # noqa: F401 (re-exported)
 
 WEIGHTS, META = "model.pt", "checkpoint.json"
@@ -147,6 +147,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     except Exception as e:
         raise CheckpointError(f"{path / WEIGHTS}: cannot load weights ({type(e).__name__}: {e})") from None
     return model.to(device), meta
+
+
+def load_frozen(path, device="cpu") -> nn.Module:
+    """A checkpoint's model in eval mode with no parameter gradients (a classifier, a teacher)."""
+    return freeze(load_checkpoint(path, device)[0])
 
 
 class StageConflict(CheckpointError):

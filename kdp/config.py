@@ -3,16 +3,33 @@ columns and, in the Ray layer, the `train_loop_config`. Fields are validated on 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 
 from kdp.accel import COMPILE, SWITCH
-from kdp.attacks import ATTACKS, PAPER_SUITE, SUBSET_ATTACKS
+from kdp.attacks import ATTACKS, PAPER_SUITE
 from kdp.errors import ConfigError
 from kdp.losses import ADV_SCORES, KD_SPACES
 from kdp.models import CLASSIFIERS
 
 TEACHER_KINDS = ("at", "nt")
-THREAT_MODELS = ("classifier", "full", "transfer")
+
+
+class ThreatModel(str, Enum):
+    """What the attacker sees (the `threat_model` column; RobustBench-style). Its attacks are an
+    EvalConfig field each (`EvalConfig.suite`)."""
+    CLASSIFIER = "classifier"
+    """Crafted on the classifier alone, then purified: the paper's (preprocessor-blind) protocol."""
+    FULL = "full"
+    """Crafted end to end through purifier∘classifier (BPDA, EOT where needed): adaptive."""
+    TRANSFER = "transfer"
+    """Crafted on a separately trained surrogate classifier, then purified and classified."""
+
+
+THREAT_MODELS = tuple(t.value for t in ThreatModel)
+# the EvalConfig field holding each threat model's attacks: the suite map, said once
+SUITES = {ThreatModel.CLASSIFIER: "attacks", ThreatModel.FULL: "adaptive_attacks",
+          ThreatModel.TRANSFER: "transfer_attacks"}
 HEADS = ("literal", "affine")
 AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/alpha/steps
 
@@ -199,8 +216,8 @@ class EvalConfig:
     """Sanity check: an attack must fool at least this fraction of the images its own
     (undefended) source model classified correctly, else the attack is flagged as broken."""
     aa_subset: int | None = 200
-    """Test images (the first ones) that the per-image-expensive attacks (kdp.attacks.SUBSET_ATTACKS:
-    aa-standard) run on, under every threat model; None: all. Rows record their own `n`."""
+    """Test images (the first ones) that the per-image-expensive attacks (`Attack.subset` in
+    kdp.attacks: aa-standard) run on, under every threat model; None: all. Rows record their own `n`."""
     batch_size: int = 256
     """Images per attack batch."""
     seed: int = 0
@@ -220,12 +237,18 @@ class EvalConfig:
 
     def subset(self, attack: str, n_test: int) -> int:
         """How many of the first test images `attack` runs on."""
-        return min(n_test, self.aa_subset) if attack in SUBSET_ATTACKS and self.aa_subset else n_test
+        costly = attack in ATTACKS and ATTACKS[attack].subset
+        return min(n_test, self.aa_subset) if costly and self.aa_subset else n_test
+
+    def suite(self, threat: str, clean: bool = False) -> tuple[str, ...]:
+        """The attacks of threat model `threat` (with `clean`: the classifier threat model's
+        unattacked pass first, which counts as one of its attacks)."""
+        attacks = getattr(self, SUITES[ThreatModel(threat)])
+        return ("clean", *attacks) if clean and threat == ThreatModel.CLASSIFIER else attacks
 
     def check_test_size(self, n_test: int) -> None:
         """A one-line error when aa_subset asks for more images than the test set has."""
-        suites = {"classifier": self.attacks, "full": self.adaptive_attacks, "transfer": self.transfer_attacks}
-        used = {a for t in self.threat_models for a in suites[t]} & set(SUBSET_ATTACKS)
+        used = {a for t in self.threat_models for a in self.suite(t) if ATTACKS[a].subset}
         _check(not used or self.aa_subset is None or self.aa_subset <= n_test,
                f"eval.aa_subset={self.aa_subset} is larger than the test set ({n_test} images); "
                f"set eval.aa_subset to at most {n_test}")

@@ -99,12 +99,11 @@ def figure5_images(purifier, classifier, x: torch.Tensor, y: torch.Tensor, attac
 def figure5(purifier_dir, classifier_dir, data, path: str | Path, attack: str = "pgd8", n: int = FIGURE_N,
             seed: int = 0, device="cpu") -> Path:
     """Figure-5-style grid: originals, their AEs, and the purified AEs, with predicted labels."""
-    from kdp.checkpoint import load_checkpoint
+    from kdp.checkpoint import load_frozen
     from kdp.data import to_float
-    from kdp.models import freeze
 
-    classifier = freeze(load_checkpoint(classifier_dir, device)[0])
-    purifier = freeze(load_checkpoint(purifier_dir, device)[0])
+    classifier = load_frozen(classifier_dir, device)
+    purifier = load_frozen(purifier_dir, device)
     x, y = to_float(data.test_x[:n]), data.test_y[:n]
     if len(x) == 0:
         raise DataError(f"figure5: the data ({data.source}) has no test images")

@@ -13,11 +13,11 @@ import torch
 from kdp.analyze import (add_analyze_args, analyze, analyze_command, analyze_run, blend_markdown, find_blends,
                          fit_blend)
 from kdp.attacks import attack_batches, build_attack
-from kdp.checkpoint import load_checkpoint, save_checkpoint, write_json
+from kdp.checkpoint import load_frozen, save_checkpoint, write_json
 from kdp.config import StudentConfig
 from kdp.configio import flatten
 from kdp.data import to_float
-from kdp.models import build_model, freeze
+from kdp.models import build_model
 
 # the affine head: an untrained literal-head CAE can output all zeros (ReLU then tanh)
 CAE = {"kind": "purifier", "name": "cae", "kwargs": {"depth": 2, "width": 4, "head": "affine"}}
@@ -106,7 +106,7 @@ def test_analyze_run_records(blend_run, tiny_data):
 def test_analyze_run_matches_a_direct_fit(blend_run, tiny_data):
     """Same AEs as the eval (classifier, eval seed and batch size), AT fed x', NT fed x."""
     _, run = blend_run
-    load = lambda name: freeze(load_checkpoint(run / name)[0])  # noqa: E731
+    load = lambda name: load_frozen(run / name)  # noqa: E731
     clf, t_at, t_nt, s = (load(d) for d in ("classifier", "teacher_at", "teacher_nt", "student_kd_at_nt"))
     x, y = to_float(tiny_data.test_x[:N_TEST]), tiny_data.test_y[:N_TEST]
     xa = torch.cat(list(attack_batches(build_attack("pgd8", clf), x, y, EVAL_BS, 3)))

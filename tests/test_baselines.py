@@ -18,12 +18,12 @@ from kdp.checkpoint import load_checkpoint
 from kdp.config import ClassifierConfig, EvalConfig, Runtime
 from kdp.configio import flatten
 from kdp.graph import baseline_stage
-from kdp.models import EOT, CifarResNet, build_model
+from kdp.models import EOT, CifarResNet, Purified, build_model
 from kdp.pipeline_config import PipelineConfig
-from kdp.stages.classifier import train_classifier
+from kdp.stages.classifier import classifier_recipe
 from kdp.stages.common import fit_local
 from kdp.stages.drivers import untrained_driver
-from kdp.stages.evaluate import Defense, attack_target
+from kdp.stages.evaluate import attack_target
 from kdp.stages.purifier import PurifierData
 
 RT = Runtime(device="cpu", progress=False)
@@ -35,7 +35,7 @@ TINY = PipelineConfig(nrp=NRPConfig(width=4, blocks=1, critic_width=4, epochs=1,
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, tiny_data):
     cfg = ClassifierConfig(arch="resnet8", width=4, epochs=1, batch_size=64)
-    return train_classifier(cfg, tiny_data, tmp_path_factory.mktemp("clf") / "clf", RT)
+    return fit_local(classifier_recipe, cfg, {}, tiny_data, tmp_path_factory.mktemp("clf") / "clf", RT)
 
 
 def make(name: str, data, out, classifier):
@@ -158,11 +158,11 @@ def test_soap_rotation_head_adds_a_loss():
 def test_randomized_defenses_are_attacked_with_eot_and_bpda_is_declared():
     clf = CifarResNet(depth=8, width=4).eval()
     cfg = EvalConfig(eot_samples=5)
-    model, grad, eot = attack_target(Defense(NRPPurifier(4, 1, dynamic_std=0.05).eval(), clf), cfg)
+    model, grad, eot = attack_target(Purified(NRPPurifier(4, 1, dynamic_std=0.05).eval(), clf), cfg)
     assert isinstance(model, EOT) and eot == 5 and grad == "exact"
-    model, grad, eot = attack_target(Defense(NRPPurifier(4, 1).eval(), clf), cfg)
+    model, grad, eot = attack_target(Purified(NRPPurifier(4, 1).eval(), clf), cfg)
     assert not isinstance(model, EOT) and eot == 1
-    assert attack_target(Defense(JpegPurifier(), clf), cfg)[1:] == ("bpda", 1)
+    assert attack_target(Purified(JpegPurifier(), clf), cfg)[1:] == ("bpda", 1)
     noisy = NRPPurifier(4, 1, dynamic_std=0.1).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch.nn as nn
 from kdp.checkpoint import save_checkpoint
 from kdp.config import EvalConfig, Runtime
 from kdp.baselines.jpeg import JpegPurifier
-from kdp.models import CifarResNet, ConvAutoencoder, freeze
-from kdp.stages.evaluate import Context, Defense, evaluate, evaluate_models, finalize, merge_rows, shards
+from kdp.models import CifarResNet, ConvAutoencoder, Purified, freeze
+from kdp.stages.evaluate import Context, evaluate, evaluate_models, finalize, merge_rows, shards
 
 RT = Runtime(device="cpu", progress=False)
 QUIET = lambda *_: None  # noqa: E731
@@ -90,10 +90,12 @@ def test_sharded_evaluation_equals_one_run(ckpts, tiny_data):
 
 
 def test_subset_attacks_run_on_the_first_images_only(ckpts, tiny_data, monkeypatch):
-    """An attack in SUBSET_ATTACKS covers test images [0, aa_subset), whole or sharded."""
-    import kdp.config
+    """An attack declared `subset` covers test images [0, aa_subset), whole or sharded."""
+    import dataclasses
 
-    monkeypatch.setattr(kdp.config, "SUBSET_ATTACKS", ("fgsm",))
+    import kdp.attacks
+
+    monkeypatch.setitem(kdp.attacks.ATTACKS, "fgsm", dataclasses.replace(kdp.attacks.ATTACKS["fgsm"], subset=True))
     clf, sur, variants = ckpts
     cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
                      aa_subset=20, batch_size=16)
@@ -172,8 +174,8 @@ def test_checks_fire_on_a_gradient_masking_purifier_and_a_train_mode_model(tiny_
     torch.manual_seed(0)
     clf = freeze(CifarResNet(depth=8, width=4))
     left_in_train = ConvAutoencoder(depth=2, width=4).train()  # forgot .eval(): BN uses batch statistics
-    defenses = {"masked": Defense(GradientMasker(), clf), "train_mode": Defense(left_in_train, clf),
-                "none": Defense(nn.Identity(), clf)}
+    defenses = {"masked": Purified(GradientMasker(), clf), "train_mode": Purified(left_in_train, clf),
+                "none": Purified(nn.Identity(), clf)}
     cfg = EvalConfig(attacks=("fgsm",), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
                      batch_size=16)
     lines = []
@@ -193,7 +195,7 @@ def test_attack_check_fires_when_the_source_model_cannot_be_attacked(tiny_data):
     torch.manual_seed(0)
     clf = freeze(nn.Sequential(GradientMasker(), CifarResNet(depth=8, width=4)))
     cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
-    rows = finalize(evaluate_models(_context(tiny_data, cfg), {"none": Defense(nn.Identity(), clf)}, None,
+    rows = finalize(evaluate_models(_context(tiny_data, cfg), {"none": Purified(nn.Identity(), clf)}, None,
                                     cfg.threat_models, None, QUIET), cfg, QUIET)
     (fgsm,) = [r for r in rows if r["attack"] == "fgsm"]
     assert fgsm["check.src_correct"] > 0 and fgsm["check.attack_success"] == 0.0
@@ -214,7 +216,7 @@ def test_soap_like_defense_is_attacked_on_its_own_classifier(tiny_data):
     assert d.classifier is own and as_defense(nn.Identity(), shared).classifier is shared
     cfg = EvalConfig(attacks=("fgsm",), threat_models=("classifier",), batch_size=16)
     ctx = _context(tiny_data, cfg)
-    rows = evaluate_models(ctx, {"soap": d, "none": Defense(nn.Identity(), own)}, None, cfg.threat_models, None, QUIET)
+    rows = evaluate_models(ctx, {"soap": d, "none": Purified(nn.Identity(), own)}, None, cfg.threat_models, None, QUIET)
     fg = {r["variant"]: r for r in rows if r["attack"] == "fgsm"}
     assert fg["soap"]["correct"] == fg["none"]["correct"]  # same AEs (crafted on `own`), same classifier
 
@@ -222,6 +224,7 @@ def test_soap_like_defense_is_attacked_on_its_own_classifier(tiny_data):
 def test_an_edited_attack_setting_misses_the_eval_cache(ckpts, tiny_data, tmp_path, monkeypatch):
     """The key reads every setting from the built attack: the same name with another ε in the
     registry crafts new AEs instead of serving the old ones."""
+    import dataclasses
     from functools import partial
 
     import torchattacks
@@ -233,8 +236,8 @@ def test_an_edited_attack_setting_misses_the_eval_cache(ckpts, tiny_data, tmp_pa
     run = lambda: evaluate(cfg, clf, {"none": None}, tiny_data, RT, 0, 16, log=QUIET,  # noqa: E731
                            cache_dir=tmp_path / "cache")
     assert not any(r["attack.cached"] for r in run()) and all(r["attack.cached"] for r in run() if r["attack"] != "clean")
-    monkeypatch.setitem(kdp.attacks.ATTACKS, "pgd8", partial(torchattacks.PGD, eps=4 / 255, alpha=2 / 255, steps=20,
-                                                             random_start=True))
+    pgd4 = partial(torchattacks.PGD, eps=4 / 255, alpha=2 / 255, steps=20, random_start=True)
+    monkeypatch.setitem(kdp.attacks.ATTACKS, "pgd8", dataclasses.replace(kdp.attacks.ATTACKS["pgd8"], factory=pgd4))
     edited = [r for r in run() if r["attack"] == "pgd8"]
     assert not edited[0]["attack.cached"] and "eps=0.0156863" in edited[0]["attack.settings"]
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2

@@ -219,11 +219,10 @@ def tiny_models(tmp_path_factory):
 
 
 def test_figure5_images_within_budget(tiny_models, tiny_data):
-    from kdp.checkpoint import load_checkpoint
+    from kdp.checkpoint import load_frozen
     from kdp.data import to_float
-    from kdp.models import freeze
 
-    pur, clf = (freeze(load_checkpoint(p)[0]) for p in tiny_models)
+    pur, clf = (load_frozen(p) for p in tiny_models)
     x, y = to_float(tiny_data.test_x[:4]), tiny_data.test_y[:4]
     x0, x_adv, x_pur = plots.figure5_images(pur, clf, x, y, "pgd8")
     assert x_adv.shape == x_pur.shape == x.shape and torch.equal(x0, x)

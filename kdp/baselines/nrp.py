@@ -24,7 +24,8 @@ from kdp.data import Cifar
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
 from kdp.stages.common import Recipe
-from kdp.stages.purifier import PurifierData, load_frozen
+from kdp.checkpoint import load_frozen
+from kdp.stages.purifier import PurifierData
 from kdp.train import seed_all
 
 

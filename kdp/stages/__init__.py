@@ -1,8 +1,4 @@
-"""The method's stages. Each is a plain function from a config and its inputs to a
-checkpoint directory (or, for evaluation, result rows); none imports Ray."""
-from kdp.stages.aes import load_training_aes, make_training_aes
-from kdp.stages.classifier import train_classifier
-from kdp.stages.evaluate import evaluate
-from kdp.stages.purifier import train_teacher
-
-__all__ = ["train_classifier", "make_training_aes", "load_training_aes", "train_teacher", "evaluate"]
+"""The method's stages: each training stage a recipe (`kdp.stages.common.Recipe`: the model,
+optimizer, step and finish) that both executors run with `fit_local` or Ray Train; the
+training AEs (aes.py) and the evaluation (evaluate.py); the graph's task and driver stages
+(drivers.py). None imports Ray."""

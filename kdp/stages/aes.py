@@ -18,10 +18,9 @@ import torch
 
 from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, settings_of
-from kdp.checkpoint import atomic_dir, load_checkpoint, read_json, read_meta
+from kdp.checkpoint import atomic_dir, load_frozen, read_json, read_meta
 from kdp.config import AEConfig, Runtime
 from kdp.data import Cifar, to_float
-from kdp.models import freeze
 from kdp.provenance import provenance
 from kdp.train import resolve_device
 from kdp.errors import CheckpointError
@@ -55,7 +54,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
     if (entry / AES).is_file() and (entry / META).is_file():
         return entry
     device = resolve_device(rt.device)
-    classifier = Accel.of(rt, device).for_attacks.module(freeze(load_checkpoint(classifier_dir, device)[0]))
+    classifier = Accel.of(rt, device).for_attacks.module(load_frozen(classifier_dir, device))
     x, y = to_float(data.train_x), data.train_y
     t0 = time.perf_counter()
     x_adv = craft(cfg, classifier, x, y, device, progress=rt.progress)

@@ -2,7 +2,6 @@
 it is frozen for every later stage."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from kdp.accel import Accel
 from kdp.config import ClassifierConfig, Runtime
 from kdp.data import Cifar, augment, to_float
 from kdp.models import build_model
-from kdp.stages.common import Recipe, fit_local
+from kdp.stages.common import Recipe
 from kdp.train import predict, seed_all
 
 
@@ -57,9 +56,3 @@ def classifier_recipe(cfg: ClassifierConfig, inputs: dict, data: Cifar, device: 
 
     return Recipe(model, opt, sched, lambda m: classifier_step(m, x_all, y_all, gen, acc), len(x_all), finish,
                   generators=(gen,))
-
-
-def train_classifier(cfg: ClassifierConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
-                     state_path: Path | None = None, on_epoch=None) -> Path:
-    """Train (or resume, or skip if already done) the classifier; returns its checkpoint dir."""
-    return fit_local(classifier_recipe, cfg, {}, data, out, rt, state_path, "classifier", on_epoch)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, describe, linf_budget, settings
-from kdp.checkpoint import load_checkpoint
+from kdp.checkpoint import load_checkpoint, load_frozen
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.interrupt import stop_hook
@@ -48,24 +48,15 @@ from kdp.train import resolve_device
 LINF_TOL = 1e-6  # float slack on the L-inf budget
 
 
-@dataclass
-class Defense:
-    """What a variant classifies with: its purifier and the classifier behind it."""
-    purifier: nn.Module
-    classifier: nn.Module
-
-    def __call__(self, x):
-        return self.classifier(self.purifier(x))
-
-
-def as_defense(purifier: nn.Module, classifier: nn.Module) -> Defense:
-    """A purifier with its own classifier (SOAP) uses it; every other one the shared classifier."""
+def as_defense(purifier: nn.Module, classifier: nn.Module) -> Purified:
+    """What a variant classifies with: its purifier and the classifier behind it. A purifier with
+    its own classifier (SOAP) uses it; every other one the shared classifier."""
     own = getattr(purifier, "own_classifier", None)
-    return Defense(purifier, classifier if own is None else own)
+    return Purified(purifier, classifier if own is None else own)
 
 
-def load_defenses(purifier_dirs: dict[str, Path | None], classifier: nn.Module, device) -> dict[str, Defense]:
-    """variant name -> Defense with a frozen purifier (nn.Identity for a None path: no defense)."""
+def load_defenses(purifier_dirs: dict[str, Path | None], classifier: nn.Module, device) -> dict[str, Purified]:
+    """variant name -> Purified with a frozen purifier (nn.Identity for a None path: no defense)."""
     return {name: as_defense(freeze(nn.Identity() if p is None else load_checkpoint(p, device)[0]), classifier)
             for name, p in purifier_dirs.items()}
 
@@ -89,9 +80,9 @@ def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return 0.0 if g is None else float(g.abs().sum())
 
 
-def attack_target(defense: Defense, cfg: EvalConfig) -> tuple[nn.Module, str, int]:
+def attack_target(defense: Purified, cfg: EvalConfig) -> tuple[nn.Module, str, int]:
     """(model the full attack differentiates, gradient kind, EOT samples) of a defense."""
-    model = Purified(defense.purifier, defense.classifier)
+    model = defense
     eot = cfg.eot_samples if getattr(defense.purifier, "randomized", False) else 1
     grad = getattr(defense.purifier, "backward", "exact")
     return (EOT(model, eot) if eot > 1 else model), grad, eot
@@ -209,7 +200,7 @@ class Context:
         return self._clean[id(classifier)]
 
 
-def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Defense]):
+def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None, group: dict[str, Purified]):
     """AEs of attack `name` crafted once on `source` (clean images for 'clean'), scored through
     every defense in `group`; the source model's own success is counted for the checks."""
     tallies = {v: Tally() for v in group}
@@ -232,7 +223,7 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
                  info) for v, d in group.items()]
 
 
-def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
+def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
     """One attack run end to end through the defense, scored on the same defense."""
     eval_mode = ctx.was_eval(d.purifier, d.classifier)
     model, grad, eot = attack_target(d, ctx.cfg)
@@ -254,7 +245,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Defense) -> dict:
                 **{"check.grad_norm": grad_norm, "attack.grad": grad, "attack.eot": eot})
 
 
-def _by_classifier(defenses: dict[str, Defense]) -> list[tuple[nn.Module, dict[str, Defense]]]:
+def _by_classifier(defenses: dict[str, Purified]) -> list[tuple[nn.Module, dict[str, Purified]]]:
     groups: dict[int, tuple[nn.Module, dict]] = {}
     for v, d in defenses.items():
         groups.setdefault(id(d.classifier), (d.classifier, {}))[1][v] = d
@@ -265,23 +256,23 @@ def _summary(rows: list[dict]) -> str:
     return " ".join(f"{r['variant']}={r['accuracy']:.3f}" for r in rows)
 
 
-def evaluate_models(ctx: Context, defenses: dict[str, Defense], attacks=None, threat_models=THREAT_MODELS,
+def evaluate_models(ctx: Context, defenses: dict[str, Purified], attacks=None, threat_models=THREAT_MODELS,
                     surrogate: nn.Module | None = None, log=print) -> list[dict]:
     """Raw rows (before `finalize`) for every defense, threat model and attack on ctx's images."""
     cfg, rows = ctx.cfg, []
     ctx.record_modes(*[m for d in defenses.values() for m in (d.purifier, d.classifier)],
                      *([surrogate] if surrogate is not None else []))
     wanted = lambda a: attacks is None or a in attacks  # noqa: E731
-    for name in filter(wanted, ("clean",) + cfg.attacks if "classifier" in threat_models else ()):
+    for name in filter(wanted, cfg.suite("classifier", clean=True) if "classifier" in threat_models else ()):
         for clf, group in _by_classifier(defenses):
             rows += score_crafted(ctx, name, "classifier", clf, group)
         log(f"[eval] classifier {name:<10} " + _summary([r for r in rows if r["attack"] == name]))
-    for name in filter(wanted, cfg.adaptive_attacks if "full" in threat_models else ()):
+    for name in filter(wanted, cfg.suite("full") if "full" in threat_models else ()):
         for v, d in defenses.items():
             rows.append(score_full(ctx, name, v, d))
         log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == "full"
                                                          and r["attack"] == name]))
-    for name in filter(wanted, cfg.transfer_attacks if "transfer" in threat_models else ()):
+    for name in filter(wanted, cfg.suite("transfer") if "transfer" in threat_models else ()):
         if surrogate is None:
             raise ValueError("the transfer threat model needs a surrogate classifier (surrogate_dir)")
         rows += score_crafted(ctx, name, "transfer", surrogate, defenses)
@@ -303,14 +294,14 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
     device = resolve_device(rt.device)
     acc = Accel.of(rt, device).for_attacks
     threats = cfg.threat_models if threat_models is None else tuple(threat_models)
-    classifier = acc.module(freeze(load_checkpoint(classifier_dir, device)[0]))
-    defenses = {v: Defense(acc.module(d.purifier), acc.module(d.classifier))
+    classifier = acc.module(load_frozen(classifier_dir, device))
+    defenses = {v: Purified(acc.module(d.purifier), acc.module(d.classifier))
                 for v, d in load_defenses(purifier_dirs, classifier, device).items()}
     surrogate = None
-    if "transfer" in threats and (attacks is None or set(attacks) & set(cfg.transfer_attacks)):
+    if "transfer" in threats and (attacks is None or set(attacks) & set(cfg.suite("transfer"))):
         if surrogate_dir is None:
             raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
-        surrogate = acc.module(freeze(load_checkpoint(surrogate_dir, device)[0]))
+        surrogate = acc.module(load_frozen(surrogate_dir, device))
     for m in {id(m): m for m in (classifier, surrogate, *(d.classifier for d in defenses.values()))
               if m is not None}.values():
         m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next
@@ -342,9 +333,7 @@ def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True
     """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
     is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
     size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
-    per_threat = {"classifier": ("clean",) + cfg.attacks, "full": cfg.adaptive_attacks,
-                  "transfer": cfg.transfer_attacks if surrogate else ()}
-    items = [(t, a) for t in cfg.threat_models for a in per_threat[t]]
+    items = [(t, a) for t in cfg.threat_models if surrogate or t != "transfer" for a in cfg.suite(t, clean=True)]
     return [(t, a, s, min(s + size, cfg.subset(a, n_test))) for t, a in items
             for s in range(0, cfg.subset(a, n_test), size)]
 

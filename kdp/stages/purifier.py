@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from kdp.accel import Accel
-from kdp.checkpoint import load_checkpoint
+from kdp.checkpoint import load_frozen
 from kdp.config import Runtime, StudentConfig, TeacherConfig
 from kdp.data import Cifar, to_float
 from kdp.losses import at_loss, nt_loss, student_loss
-from kdp.models import build_model, freeze
+from kdp.models import build_model
 from kdp.stages.aes import load_training_aes
-from kdp.stages.common import Recipe, fit_local
+from kdp.stages.common import Recipe
 from kdp.train import seed_all
 
 
@@ -33,10 +33,6 @@ def build_purifier_training(cfg: TeacherConfig | StudentConfig, acc: Accel):
     spec = purifier_spec(cfg)
     model = acc.module(build_model(spec["kind"], spec["name"], **spec["kwargs"]))
     return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-
-def load_frozen(path: Path, device: torch.device) -> torch.nn.Module:
-    return freeze(load_checkpoint(path, device)[0])
 
 
 def frozen_for_steps(path: Path, acc: Accel) -> torch.nn.Module:
@@ -130,11 +126,3 @@ def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.
     model, opt = build_purifier_training(cfg, acc)
     return _purifier_recipe(cfg, model, opt, d,
                             lambda m: student_step(cfg, m, d, teachers, classifier, acc), inputs["aes"])
-
-
-def train_teacher(cfg: TeacherConfig, data: Cifar, out: Path, rt: Runtime = Runtime(),
-                  classifier_dir: Path | None = None, ae_dir: Path | None = None,
-                  state_path: Path | None = None, on_epoch=None) -> Path:
-    """Train (or resume, or skip) an AT or NT teacher; AT needs the classifier and AEs."""
-    return fit_local(teacher_recipe, cfg, {"classifier": classifier_dir, "aes": ae_dir}, data, out, rt,
-                      state_path, f"teacher {cfg.kind}", on_epoch)
