@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdp.cli import build_config  # noqa: E402
+from kdp.presets import build_config  # noqa: E402
 from kdp.config import Runtime  # noqa: E402
 from kdp.distributed.config import ScaleConfig, connect  # noqa: E402
 from kdp.sweep import sweep_from_dict  # noqa: E402

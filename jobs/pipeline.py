@@ -19,13 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from kdp.checkpoint import read_meta  # noqa: E402
-from kdp.cli import (add_run_args, build_config, print_results, run_all, run_command, run_errors,  # noqa: E402
-                     run_seeds, runtime)
+from kdp.commands import add_run_args, run_command, run_seeds, runtime  # noqa: E402
 from kdp.distributed.config import add_scale_args, connect, isolate, scale_config  # noqa: E402
 from kdp.distributed.netns import network_uses, this_command  # noqa: E402
-from kdp.distributed.executor import RayExecutor  # noqa: E402
-from kdp.storage import open_storage  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402
+from kdp.pipeline import run  # noqa: E402
+from kdp.presets import build_config  # noqa: E402
+from kdp.results import print_tables  # noqa: E402
+from kdp.storage import open_storage  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -39,27 +40,24 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     args.rerun = this_command(argv)
-    try:  # bad input fails in one line before Ray starts
-        cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
-        seeds = run_seeds(args)
-        if args.classifier:
-            read_meta(Path(args.classifier))
-        executor = RayExecutor(scale)
-        store = open_storage(args.out)  # a directory every node mounts, or a bucket every node reaches
-        store.preflight()
-    except run_errors() as e:
-        print(f"pipeline: error: {e}", file=sys.stderr)
-        return 2
-    return run_command("pipeline", run_on_ray, args, cfg, rt, seeds, executor, store)
+    return run_command("pipeline", run_on_ray, args)
 
 
-def run_on_ray(args, cfg, rt, seeds, executor, store) -> None:
-    isolate(args.address, executor.scale, network_uses(args.out, cfg.data.data_dir, args.classifier), args.rerun)
+def run_on_ray(args) -> None:
+    """Bad input fails in one line before Ray starts; then the pipeline on Ray (kdp.pipeline.run)."""
+    cfg, scale, rt = build_config(args.preset, args.data_dir, args.name, args.set), scale_config(args), runtime(args)
+    seeds = run_seeds(args)
+    if args.classifier:
+        read_meta(Path(args.classifier))
+    store = open_storage(args.out)  # a directory every node mounts, or a bucket every node reaches
+    store.preflight()  # once: the run takes this store as it is
+    isolate(args.address, scale, network_uses(args.out, cfg.data.data_dir, args.classifier), args.rerun)
     connect(args.address, args.verbose)
+    from kdp.distributed.executor import RayExecutor
     from kdp.distributed.nodes import check_shared_storage
 
     check_shared_storage(store)
-    print_results(run_all(cfg, seeds, args, rt, executor))
+    print_tables(run(cfg, store, rt, seeds, args.seed_scope, args.classifier, RayExecutor(scale)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from kdp.cli import add_sweep_args, run_command, sweep_command  # noqa: E402
+from kdp.commands import add_sweep_args, run_command, sweep_command  # noqa: E402
 from kdp.distributed.config import add_scale_args  # noqa: E402
 from kdp.distributed.netns import this_command  # noqa: E402
 from kdp.interrupt import exit_with  # noqa: E402

@@ -40,6 +40,7 @@ class BucketStorage:
         self.uri, self.base = uri.rstrip("/"), base.rstrip("/")
         self.bucket = self.base.split("/", 1)[0]
         self.root = Path(scratch or node_scratch()).expanduser().resolve() / self.base
+        self.checked = False  # preflight passed: this object does not check again
 
     def __getstate__(self):  # to Ray workers: the URI and the mirror, never the client or its keys
         return {"uri": self.uri, "root": str(self.root)}
@@ -59,9 +60,12 @@ class BucketStorage:
 
     def preflight(self) -> None:
         """Fail in one line naming the URI, before any work: an unreachable endpoint, bad
-        credentials, a missing bucket or no right to write (a probe object, then deleted)."""
+        credentials, a missing bucket or no right to write (a probe object, then deleted).
+        Once passed, not again for this object."""
         import pyarrow.fs as pafs
 
+        if self.checked:
+            return
         once = dict(retry_s=0.0)  # nothing is done yet: a wrong endpoint fails at once
         info = self._call(self.fs.get_file_info, self.bucket, **once)
         if info.type == pafs.FileType.NotFound:
@@ -69,6 +73,7 @@ class BucketStorage:
         probe = f"{self.base}/.kdp-preflight-{uuid.uuid4().hex[:8]}"
         self._call(self._put_bytes, probe, b"", **once)
         self._call(self.fs.delete_file, probe, **once)
+        self.checked = True
 
     def _call(self, fn, *args, retry_s: float | None = None):
         """fn(*args), retried with backoff while its error may pass, for retry_s seconds

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack", help="unpack what SRC holds under ROOT")
     u.add_argument("src"), u.add_argument("root")
     args = p.parse_args(argv)
-    from kdp.cli import run_command
+    from kdp.commands import run_command
 
     return run_command("kdp.carry", _command, args)
 

@@ -34,30 +34,36 @@ HEADS = ("literal", "affine")
 AE_ATTACKS = ("pgd8", "pgd16", "bim")  # iterative L-inf attacks that take eps/alpha/steps
 
 
-def _check(ok: bool, msg: str) -> None:
+# the checks every config's __post_init__ uses: a one-line ConfigError naming the bad value
+
+def require(ok: bool, msg: str) -> None:
+    """`msg` as a ConfigError unless `ok`."""
     if not ok:
         raise ConfigError(msg)
 
 
-def _positive(obj, *names: str) -> None:
+def positive(obj, *names: str) -> None:
+    """Each named field of `obj` is > 0 (or None)."""
     for n in names:
         v = getattr(obj, n)
-        _check(v is None or v > 0, f"{type(obj).__name__}.{n} must be > 0, got {v}")
+        require(v is None or v > 0, f"{type(obj).__name__}.{n} must be > 0, got {v}")
 
 
-def _nonnegative(obj, *names: str) -> None:
+def nonnegative(obj, *names: str) -> None:
+    """Each named field of `obj` is >= 0."""
     for n in names:
         v = getattr(obj, n)
-        _check(v >= 0, f"{type(obj).__name__}.{n} must be >= 0, got {v}")
+        require(v >= 0, f"{type(obj).__name__}.{n} must be >= 0, got {v}")
 
 
 def check_name(name: str, what: str) -> None:
     """A run or sweep name: one directory under the output root."""
-    _check(bool(name) and "/" not in name and not name.startswith("."), f"invalid {what} name {name!r}")
+    require(bool(name) and "/" not in name and not name.startswith("."), f"invalid {what} name {name!r}")
 
 
-def _choice(value, valid, what: str) -> None:
-    _check(value in valid, f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+def one_of(value, valid, what: str) -> None:
+    """`value` is one of `valid`; the error lists them."""
+    require(value in valid, f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class DataConfig:
     """Use only the first n_test test images (None: all)."""
 
     def __post_init__(self):
-        _positive(self, "n_train", "n_test")
+        positive(self, "n_train", "n_test")
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,10 @@ class ClassifierConfig:
     """Seed for init, shuffling and augmentation."""
 
     def __post_init__(self):
-        _choice(self.arch, sorted(CLASSIFIERS), "classifier")
-        _positive(self, "width", "epochs", "batch_size", "lr")
-        _check(0 <= self.momentum < 1, f"ClassifierConfig.momentum must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, f"ClassifierConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        one_of(self.arch, sorted(CLASSIFIERS), "classifier")
+        positive(self, "width", "epochs", "batch_size", "lr")
+        require(0 <= self.momentum < 1, f"ClassifierConfig.momentum must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"ClassifierConfig.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,10 @@ class AEConfig:
     """Images per attack batch (part of the cache key: the random start is drawn per batch)."""
 
     def __post_init__(self):
-        _choice(self.attack, AE_ATTACKS, "training attack")
-        _check(self.eps >= 0, f"AEConfig.eps must be >= 0, got {self.eps}")
-        _check(self.alpha >= 0, f"AEConfig.alpha must be >= 0, got {self.alpha}")
-        _positive(self, "steps", "batch_size")
+        one_of(self.attack, AE_ATTACKS, "training attack")
+        require(self.eps >= 0, f"AEConfig.eps must be >= 0, got {self.eps}")
+        require(self.alpha >= 0, f"AEConfig.alpha must be >= 0, got {self.alpha}")
+        positive(self, "steps", "batch_size")
 
     def key_fields(self) -> dict:
         """What the AEs depend on: every field. batch_size too, since attack_batches seeds the
@@ -149,8 +155,8 @@ class PurifierTraining:
     """Seed for init and shuffling."""
 
     def __post_init__(self):
-        _choice(self.head, HEADS, "purifier head")
-        _positive(self, "depth", "width", "epochs", "batch_size", "lr")
+        one_of(self.head, HEADS, "purifier head")
+        positive(self, "depth", "width", "epochs", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,8 @@ class TeacherConfig(PurifierTraining):
 
     def __post_init__(self):
         super().__post_init__()
-        _choice(self.kind, TEACHER_KINDS, "teacher kind")
-        _choice(self.adv_score, ADV_SCORES, "adv score")
+        one_of(self.kind, TEACHER_KINDS, "teacher kind")
+        one_of(self.adv_score, ADV_SCORES, "adv score")
 
 
 @dataclass(frozen=True)
@@ -184,12 +190,12 @@ class StudentConfig(PurifierTraining):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "teachers", tuple(self.teachers))
-        _check(len(self.teachers) > 0 and len(set(self.teachers)) == len(self.teachers),
+        require(len(self.teachers) > 0 and len(set(self.teachers)) == len(self.teachers),
                f"StudentConfig.teachers must be a non-empty set of at/nt, got {self.teachers}")
         for t in self.teachers:
-            _choice(t, TEACHER_KINDS, "teacher")
-        _choice(self.kd_space, KD_SPACES, "kd space")
-        _check(self.beta >= 0 and self.gamma >= 0, f"beta and gamma must be >= 0, got {self.beta}, {self.gamma}")
+            one_of(t, TEACHER_KINDS, "teacher")
+        one_of(self.kd_space, KD_SPACES, "kd space")
+        require(self.beta >= 0 and self.gamma >= 0, f"beta and gamma must be >= 0, got {self.beta}, {self.gamma}")
 
     @property
     def variant(self) -> str:
@@ -224,15 +230,15 @@ class EvalConfig:
     """Seed of random starts; each batch is seeded by its position."""
 
     def __post_init__(self):
-        _positive(self, "aa_subset")
+        positive(self, "aa_subset")
         for n in ("attacks", "adaptive_attacks", "transfer_attacks", "threat_models"):
             object.__setattr__(self, n, tuple(getattr(self, n)))
         for a in self.attacks + self.adaptive_attacks + self.transfer_attacks:
-            _choice(a, sorted(ATTACKS), "attack")
+            one_of(a, sorted(ATTACKS), "attack")
         for t in self.threat_models:
-            _choice(t, THREAT_MODELS, "threat model")
-        _positive(self, "batch_size", "eot_samples")
-        _check(0 <= self.min_attack_success <= 1,
+            one_of(t, THREAT_MODELS, "threat model")
+        positive(self, "batch_size", "eot_samples")
+        require(0 <= self.min_attack_success <= 1,
                f"EvalConfig.min_attack_success must be in [0, 1], got {self.min_attack_success}")
 
     def subset(self, attack: str, n_test: int) -> int:
@@ -249,7 +255,7 @@ class EvalConfig:
     def check_test_size(self, n_test: int) -> None:
         """A one-line error when aa_subset asks for more images than the test set has."""
         used = {a for t in self.threat_models for a in self.suite(t) if ATTACKS[a].subset}
-        _check(not used or self.aa_subset is None or self.aa_subset <= n_test,
+        require(not used or self.aa_subset is None or self.aa_subset <= n_test,
                f"eval.aa_subset={self.aa_subset} is larger than the test set ({n_test} images); "
                f"set eval.aa_subset to at most {n_test}")
 
@@ -279,9 +285,9 @@ class Runtime:
     since the results were written (otherwise such a re-run keeps them)."""
 
     def __post_init__(self):
-        _choice(self.bf16, SWITCH, "bf16 setting")
-        _choice(self.channels_last, SWITCH, "channels_last setting")
-        _choice(self.compile, COMPILE, "compile mode")
-        _positive(self, "time_limit")
+        one_of(self.bf16, SWITCH, "bf16 setting")
+        one_of(self.channels_last, SWITCH, "channels_last setting")
+        one_of(self.compile, COMPILE, "compile mode")
+        positive(self, "time_limit")
 
 

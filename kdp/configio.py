@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from kdp.config import _check, _choice
+from kdp.config import require, one_of
 from kdp.defenses import REGISTRY
 from kdp.errors import ConfigError
 
@@ -17,12 +17,12 @@ SEED_SCOPES = ("purifiers", "all")
 def parse_seeds(text: str) -> tuple[int, ...]:
     """'0,1,2' -> (0, 1, 2); a one-line error for an empty list, a non-integer or a repeat."""
     parts = [p.strip() for p in str(text).split(",")]
-    _check(any(parts), f"--seeds {text!r}: give at least one integer seed, e.g. 0,1,2")
+    require(any(parts), f"--seeds {text!r}: give at least one integer seed, e.g. 0,1,2")
     try:
         seeds = tuple(int(p) for p in parts)
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: seeds must be integers, e.g. 0,1,2") from None
-    _check(len(set(seeds)) == len(seeds) and min(seeds) >= 0, f"--seeds {text!r}: seeds must be distinct and >= 0")
+    require(len(set(seeds)) == len(seeds) and min(seeds) >= 0, f"--seeds {text!r}: seeds must be distinct and >= 0")
     return seeds
 
 
@@ -31,7 +31,7 @@ def replicate(cfg, seed: int, scope: str = "purifiers"):
     what depends on the seed (teachers, students, baselines, attack starts) and keeps the
     classifier, surrogate and training AEs, so replicates share them; 'all' reseeds the
     classifier and training AEs too (the surrogate keeps its own seed)."""
-    _choice(scope, SEED_SCOPES, "seed scope")
+    one_of(scope, SEED_SCOPES, "seed scope")
     r = dataclasses.replace
     new = dict(at_teacher=r(cfg.at_teacher, seed=seed), nt_teacher=r(cfg.nt_teacher, seed=seed),
                students=tuple(r(s, seed=seed) for s in cfg.students), eval=r(cfg.eval, seed=seed))
@@ -55,7 +55,7 @@ def flatten(cfg, prefix: str = "") -> dict:
     return out
 
 
-def _coerce(text: str, hint):
+def coerce(text: str, hint):
     """Parse a CLI override value for a field of type `hint`."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
@@ -81,7 +81,7 @@ def _students(students: tuple, text: str) -> tuple:
     if not text.strip():
         return ()
     sets = [tuple(t for t in part.strip().split("+") if t) for part in text.split(",")]
-    _check(students and all(sets), f"bad value for students: {text!r}; give teacher sets, e.g. at,nt,at+nt")
+    require(students and all(sets), f"bad value for students: {text!r}; give teacher sets, e.g. at,nt,at+nt")
     return tuple(dataclasses.replace(students[0], teachers=t) for t in sets)
 
 
@@ -106,7 +106,7 @@ def override(cfg, assignment: str, _full: str | None = None):
         new = override(value, f"{rest}={text}", full)
     else:
         try:
-            new = _coerce(text, hints[head])
+            new = coerce(text, hints[head])
         except ValueError as e:
             raise ConfigError(f"bad value for {full}: {e}") from None
     return dataclasses.replace(cfg, **{head: new})
@@ -134,7 +134,7 @@ def from_dict(cls, d: dict):
     hints, kwargs = typing.get_type_hints(cls), {}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
-    _check(not unknown, f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    require(not unknown, f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
     for name, v in d.items():
         hint = hints[name]
         args = typing.get_args(hint)

@@ -1,5 +1,5 @@
 """What kdp reports as bad input. A `KdpError` is named in one line with exit code 2 by `kdp`
-and the jobs (`kdp.cli.run_errors`); anything else is a bug or a failure of the machine and
+and the jobs (`kdp.commands.run_errors`); anything else is a bug or a failure of the machine and
 keeps its traceback, on the console and in the run's event log, with exit code 1.
 
 Each type also derives from the builtin a caller would catch (ValueError, FileNotFoundError,

@@ -124,3 +124,13 @@ def _replicates(runs, out_root, rt, classifier_dir, log, executor) -> list[Path]
         paths.append(run_pipeline(r, out_root, rt, classifier_dir, log, executor, reuse))
         first = first or r
     return paths
+
+
+def run(cfg: PipelineConfig, out: str | Path, rt: Runtime = Runtime(), seeds: tuple[int, ...] | None = None,
+        seed_scope: str = "purifiers", classifier: str | Path | None = None, executor=None, log=print) -> list:
+    """The pipeline as a library call, on plain values: run (or resume) `cfg` under `out` (a
+    directory or a bucket URI), or with `seeds` one run per seed; in this process, or with
+    `executor` (kdp.distributed.executor.RayExecutor) on Ray. Returns the results' paths."""
+    if seeds is None:
+        return [run_pipeline(cfg, out, rt, classifier, log, executor)]
+    return run_replicates(cfg, seeds, out, rt, classifier, seed_scope, log, executor)

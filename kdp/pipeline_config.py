@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 
 from kdp.baselines import BASELINES
-from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, _check,
-                        _choice, check_name)
+from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, require,
+                        one_of, check_name)
 
 DEFAULT_BASELINES = tuple(name for name, d in BASELINES.items() if d.default)
 
@@ -44,15 +44,15 @@ class _Pipeline:
 
     def __post_init__(self):
         check_name(self.name, "run")
-        _check(self.at_teacher.kind == "at" and self.nt_teacher.kind == "nt",
+        require(self.at_teacher.kind == "at" and self.nt_teacher.kind == "nt",
                "at_teacher must have kind 'at' and nt_teacher kind 'nt'")
         object.__setattr__(self, "students", tuple(self.students))
         names = [s.variant for s in self.students]
-        _check(len(set(names)) == len(names), f"two students share a teacher set: {names}")
+        require(len(set(names)) == len(names), f"two students share a teacher set: {names}")
         object.__setattr__(self, "baselines", tuple(self.baselines))
         for b in self.baselines:
-            _choice(b, tuple(BASELINES), "baseline")
-        _check(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
+            one_of(b, tuple(BASELINES), "baseline")
+        require(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
 
 
 # the fields every baseline adds, `<name>: <its config>` (defaults), after `eval`

@@ -3,10 +3,12 @@ reduced so that they fit a CPU or a short GPU lease (their costs are in the READ
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from kdp.baselines.nrp import NRPConfig
 from kdp.baselines.soap import SoapConfig
+from kdp.errors import NotFoundError
 from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
 from kdp.models import lookup
 from kdp.pipeline_config import PipelineConfig
@@ -23,10 +25,10 @@ def paper() -> PipelineConfig:
 
 def smoke() -> PipelineConfig:
     """Small models and few epochs on the shared 5085-image subset: the whole pipeline, the
-    baselines and the attack suite under three threat models (200 test images) in about
-    10 minutes on 2 CPU cores. Its `full` suite is cheaper than the default: PGD-20 (not
-    PGD-100), and aa-standard on the first 50 images (not 200), which alone took 12 of
-    the 17 minutes of evaluation at the default suite on the 2-core VM."""
+    baselines and the attack suite under three threat models (200 test images), on CPU cores
+    (its measured time: README, Presets). Its `full` suite is cheaper than the default: PGD-20
+    (not PGD-100), and aa-standard on the first 50 images (not 200), which alone took most of
+    the evaluation at the default suite (docs/results.md)."""
     cae = dict(depth=4, width=16, batch_size=128)
     clf = dict(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05)
     return PipelineConfig(
@@ -43,10 +45,10 @@ def smoke() -> PipelineConfig:
 
 def demo() -> PipelineConfig:
     """`make run`'s config: the smoke preset's stages, baselines, attacks and threat models, sized
-    for a 5-minute Ray job on 2 CPU cores: 2048 training and 100 test images, 10 classifier
+    for a Ray job of minutes on 2 CPU cores (measured: README): 2048 training and 100 test images, 10 classifier
     epochs, a 4-epoch surrogate, 6-epoch SOAP, 2-epoch NRP, aa-standard on 10 images. Unlike
     smoke, the `full` threat model runs adaptive PGD only, not aa-standard: SOAP's test-time
-    optimization inside Square's 5000 queries took 350 s of one 8-image demo evaluation alone.
+    optimization inside Square's 5000 queries dominated a demo evaluation (docs/running.md).
     The smoke preset (and every smoke number in docs/) is unchanged."""
     s = smoke()
     return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=100),
@@ -57,7 +59,7 @@ def demo() -> PipelineConfig:
 
 def reduced() -> PipelineConfig:
     """The real 5085/1017 CIFAR-10 subset at the paper's model sizes, with fewer epochs:
-    the recorded H100 run in docs/results.md (about 6 minutes there)."""
+    the recorded H100 run in docs/results.md (its time is there)."""
     return PipelineConfig(
         name="reduced", preset="reduced",
         classifier=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
@@ -93,3 +95,26 @@ PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "reduced": r
 
 def get_preset(name: str) -> PipelineConfig:
     return lookup(PRESETS, name, "preset")()
+
+
+def build_config(preset: str, data_dir: str | None = None, name: str | None = None, sets=()):
+    """Preset + data dir + run name + 'key=value' overrides -> a validated PipelineConfig."""
+    from kdp.configio import override
+    from kdp.storage import check_uri, is_uri
+
+    cfg = get_preset(preset)
+    if data_dir is not None and is_uri(data_dir):  # fetched (and checked) before any stage
+        check_uri(data_dir)  # credentials in it: refused before the config records it
+        cfg = override(cfg, f"data.data_dir={data_dir}")
+    elif data_dir is not None:
+        if not Path(data_dir).expanduser().exists():
+            raise NotFoundError(f"--data-dir {data_dir}: no such file or directory")
+        # absolute: Ray workers and resumed runs do not share this process's cwd
+        cfg = override(cfg, f"data.data_dir={Path(data_dir).expanduser().resolve()}")
+    if name is not None:
+        cfg = override(cfg, f"name={name}")
+    for s in sets:
+        cfg = override(cfg, s)
+    if cfg.data.n_test is not None:  # after every override: they may set n_test and aa_subset in any order
+        cfg.eval.check_test_size(cfg.data.n_test)
+    return cfg

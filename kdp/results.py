@@ -195,3 +195,38 @@ def table1(df, threat_model: str = "classifier"):
     agg = sub.groupby(["run", "attack", "variant"], sort=False)[["correct", "n"]].sum()
     acc = (100 * agg["correct"] / agg["n"]).rename("accuracy").reset_index()
     return acc.pivot_table(index=["run", "attack"], columns="variant", values="accuracy", sort=False)
+
+
+def print_tables(paths) -> None:
+    """Where the rows are; one accuracy table per threat model, each attack with its image
+    count; and the command that writes the full report."""
+    import os
+
+    import pandas as pd
+
+    from kdp.config import THREAT_MODELS
+    from kdp.storage import is_uri
+
+    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+    print("results: " + ", ".join(paths))
+    df = pd.concat([load(p) for p in paths], ignore_index=True)
+    for threat in (t for t in THREAT_MODELS if t in set(df.threat_model)):
+        print(f"\n{threat} threat model: accuracy % (n = test images per attack)\n"
+              + threat_table(df, threat).round(2).to_string())
+    parents = [p.rsplit("/", 1)[0] if is_uri(p) else str(Path(p).resolve().parent) for p in paths]
+    root = parents[0] if len(set(parents)) == 1 else (os.path.commonpath(parents) if not is_uri(paths[0])
+                                                      else parents[0].rsplit("/", 1)[0])
+    print(f"\nfull report (intervals, Table 2, plots): kdp report {root} --out {root}/report")
+
+
+def threat_table(df, threat: str):
+    """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several),
+    attacks and variants under the report's labels (kdp.cells)."""
+    from kdp.cells import ATTACK_LABELS, VARIANT_LABELS
+
+    t = table1(df, threat)
+    n = df[df.threat_model == threat].groupby(["run", "attack"])["n"].max()
+    several = df["run"].nunique() > 1
+    t.index = [f"{run + ' ' if several else ''}{ATTACK_LABELS.get(a, a)} (n={n[(run, a)]})" for run, a in t.index]
+    t.columns = [VARIANT_LABELS.get(v, v) for v in t.columns]
+    return t

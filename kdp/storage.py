@@ -144,10 +144,14 @@ class LocalStorage:
     def __init__(self, root):
         self.uri = str(root)
         self.root = Path(root).expanduser().resolve()
+        self.checked = False  # preflight passed: this object does not check again
 
     def preflight(self) -> None:
         """The root can be made and written (a probe file, then removed): no permission, a
-        read-only or full disk, a file in the way: one line naming the root, before any work."""
+        read-only or full disk, a file in the way: one line naming the root, before any work.
+        Once passed, not again for this object."""
+        if self.checked:
+            return
         probe = self.root / f".kdp-preflight-{os.getpid()}"
         made = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
@@ -163,6 +167,7 @@ class LocalStorage:
             for p in made:  # nothing is left behind before the run itself writes
                 if p.is_dir():
                     p.rmdir()
+        self.checked = True
 
     def pull(self, path: Path) -> bool:
         return Path(path).exists()

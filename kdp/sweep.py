@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import Runtime, StudentConfig, _check, _choice, check_name
+from kdp.config import Runtime, StudentConfig, require, one_of, check_name
 from kdp.pipeline_config import PipelineConfig
-from kdp.configio import _coerce, flatten, from_dict, parse_seeds, replicate
+from kdp.configio import coerce, flatten, from_dict, parse_seeds, replicate
 from kdp.data import Cifar
 from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.events import events_file, log_event
@@ -65,9 +65,9 @@ class Range:
     """Upper bound (> low)."""
 
     def __post_init__(self):
-        _choice(self.dist, DISTRIBUTIONS, "distribution")
-        _check(0 <= self.low < self.high, f"range needs 0 <= low < high, got {self.low}, {self.high}")
-        _check(self.dist != "loguniform" or self.low > 0, "loguniform needs low > 0")
+        one_of(self.dist, DISTRIBUTIONS, "distribution")
+        require(0 <= self.low < self.high, f"range needs 0 <= low < high, got {self.low}, {self.high}")
+        require(self.dist != "loguniform" or self.low > 0, "loguniform needs low > 0")
 
 
 @dataclass(frozen=True)
@@ -101,29 +101,29 @@ class SweepConfig:
         check_name(self.name, "sweep")
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "kd_space", tuple(self.kd_space))
-        _check(len(self.variants) > 0, "a sweep needs at least one variant")
+        require(len(self.variants) > 0, "a sweep needs at least one variant")
         for v in self.variants:
-            _choice(v, tuple(VARIANTS), "sweep variant")
+            one_of(v, tuple(VARIANTS), "sweep variant")
         for s in self.kd_space:
-            _choice(s, KD_SPACES, "kd space")
+            one_of(s, KD_SPACES, "kd space")
         object.__setattr__(self, "seeds", parse_seeds(",".join(str(s) for s in self.seeds)))
         for dim in DIMENSIONS:
             self._check_dim(dim)
-        _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
-        _check(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
-        _check(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
+        require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        require(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
+        require(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
 
     def _check_dim(self, dim: str) -> None:
         v = getattr(self, dim)
         if isinstance(v, Range):
-            _check(dim != "eps" or v.high <= 1, f"eps range must lie in (0, 1], got {v}")
+            require(dim != "eps" or v.high <= 1, f"eps range must lie in (0, 1], got {v}")
             return
         v = tuple(float(x) for x in v)
         object.__setattr__(self, dim, v)
-        _check(len(v) > 0, f"sweep {dim} needs at least one value")
+        require(len(v) > 0, f"sweep {dim} needs at least one value")
         for x in v:
             ok = 0 < x <= 1 if dim == "eps" else x >= 0
-            _check(ok, f"sweep {dim} value {x} out of range ({'(0, 1]' if dim == 'eps' else '>= 0'})")
+            require(ok, f"sweep {dim} value {x} out of range ({'(0, 1]' if dim == 'eps' else '>= 0'})")
 
     def grid_size(self) -> int:
         n = len(self.variants) * len(self.kd_space) * len(self.seeds) * self.num_samples
@@ -137,13 +137,13 @@ def parse_dim(dim: str, value) -> tuple[float, ...] | Range:
     """A dimension from YAML or the CLI: a list, 'a,b,c', 'uniform:lo:hi' or {uniform: [lo, hi]}.
     Numbers may be fractions like 8/255."""
     if isinstance(value, dict):
-        _check(len(value) == 1, f"sweep {dim}: a range is one of {DISTRIBUTIONS}: [low, high], got {value}")
+        require(len(value) == 1, f"sweep {dim}: a range is one of {DISTRIBUTIONS}: [low, high], got {value}")
         (dist, bounds), = value.items()
-        _check(isinstance(bounds, (list, tuple)) and len(bounds) == 2, f"sweep {dim}: {dist} needs [low, high]")
+        require(isinstance(bounds, (list, tuple)) and len(bounds) == 2, f"sweep {dim}: {dist} needs [low, high]")
         return Range(dist, *(_number(dim, b) for b in bounds))
     if isinstance(value, str) and value.split(":")[0] in DISTRIBUTIONS:
         parts = value.split(":")
-        _check(len(parts) == 3, f"sweep {dim}: expected dist:low:high, got {value!r}")
+        require(len(parts) == 3, f"sweep {dim}: expected dist:low:high, got {value!r}")
         return Range(parts[0], _number(dim, parts[1]), _number(dim, parts[2]))
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     return tuple(_number(dim, x) for x in items)
@@ -151,7 +151,7 @@ def parse_dim(dim: str, value) -> tuple[float, ...] | Range:
 
 def _number(dim: str, x) -> float:
     try:
-        return _coerce(str(x).strip(), float)
+        return coerce(str(x).strip(), float)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"sweep {dim}: not a number: {x!r}") from None
 
@@ -161,7 +161,7 @@ def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
     valid = [f.name for f in dataclasses.fields(SweepConfig)]
     merged = {**(d or {}), **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(merged) - set(valid))
-    _check(not unknown, f"unknown sweep key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    require(not unknown, f"unknown sweep key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     for dim in DIMENSIONS:
         if dim in merged and not isinstance(merged[dim], Range):
             merged[dim] = parse_dim(dim, merged[dim])
@@ -184,7 +184,7 @@ def load_sweep_file(path: str | Path, **overrides) -> SweepConfig:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    _check(d is None or isinstance(d, dict), f"{path}: expected a mapping of sweep keys")
+    require(d is None or isinstance(d, dict), f"{path}: expected a mapping of sweep keys")
     return sweep_from_dict(d, **overrides)
 
 

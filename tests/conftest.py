@@ -304,12 +304,18 @@ def new_events(before: list[dict], after: list[dict], new_writers: bool = False)
     return out
 
 
-def in_flight(events) -> list[int]:
-    """How many CPU-bound stages (all but the driver-side ones: the untrained baselines' checkpoints
-    and the evaluation) were in flight after each started / finished event, in the event log's order."""
+def driver_stages() -> set[str]:
+    """The stages that run in the driver and hold no CPU: the untrained baselines' checkpoints
+    and the evaluation's fan-out."""
     from kdp.baselines import BASELINES
 
-    drivers = {"evaluate", *(f"baseline_{n}" for n, d in BASELINES.items() if d.recipe is None)}
+    return {"evaluate", *(f"baseline_{n}" for n, d in BASELINES.items() if d.recipe is None)}
+
+
+def in_flight(events) -> list[int]:
+    """How many CPU-bound stages (all but `driver_stages`) were in flight after each started /
+    finished event, in the event log's order."""
+    drivers = driver_stages()
     n, counts = 0, []
     for e in events:
         if e["stage"] in drivers or e["status"] not in ("started", "resumed", "finished"):

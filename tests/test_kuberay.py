@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from kdp.cli import build_config
+from kdp.presets import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 RAYJOB = REPO / "kuberay" / "rayjob.yaml"

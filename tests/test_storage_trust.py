@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from kdp import bucket, cli
+from kdp import bucket, cli, commands
 from kdp.bucket_io import local_write, why
 from kdp.checkpoint import save_state
 from kdp.errors import StorageError
@@ -269,7 +269,7 @@ def test_environment_failures_are_one_line_also_from_inside_ray(tmp_path, capsys
         raise RayTaskError("eval_shard", "Traceback (most recent call last):\n  File remote\n",
                            StorageError("s3://b/runs: cannot reach the endpoint http://x")).as_instanceof_cause()
 
-    assert cli.run_command("kdp", remote_failure) == 2
+    assert commands.run_command("kdp", remote_failure) == 2
     assert capsys.readouterr().err == "kdp: error: s3://b/runs: cannot reach the endpoint http://x\n"
     blocker = tmp_path / "a-file"
     blocker.write_text("in the way")

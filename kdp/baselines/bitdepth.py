@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from kdp.config import _check
+from kdp.config import require
 from kdp.defenses import Defense, register
 from kdp.models import straight_through
 
@@ -25,7 +25,7 @@ class BitDepthConfig:
     """Bits per colour channel, in [1, 8] (Xu et al. 2018: 5 for CIFAR-10; 8 is the identity on uint8 images)."""
 
     def __post_init__(self):
-        _check(1 <= self.bits <= 8, f"BitDepthConfig.bits must be in [1, 8], got {self.bits}")
+        require(1 <= self.bits <= 8, f"BitDepthConfig.bits must be in [1, 8], got {self.bits}")
 
 
 class BitDepth(nn.Module):
@@ -34,7 +34,7 @@ class BitDepth(nn.Module):
 
     def __init__(self, bits: int = 5):
         super().__init__()
-        _check(1 <= bits <= 8, f"bit depth must be in [1, 8], got {bits}")
+        require(1 <= bits <= 8, f"bit depth must be in [1, 8], got {bits}")
         self.bits = bits
 
     def forward(self, x):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kdp.config import _check
+from kdp.config import require
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
 from kdp.models import straight_through
@@ -21,7 +21,7 @@ class JpegConfig:
     """libjpeg quality in [1, 100] (75: Guo et al. 2018's middle setting)."""
 
     def __post_init__(self):
-        _check(1 <= self.quality <= 100, f"JpegConfig.quality must be in [1, 100], got {self.quality}")
+        require(1 <= self.quality <= 100, f"JpegConfig.quality must be in [1, 100], got {self.quality}")
 
 
 class JpegPurifier(nn.Module):

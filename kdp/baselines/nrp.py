@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdp.accel import Accel
-from kdp.config import Runtime, _nonnegative, _positive
+from kdp.config import Runtime, nonnegative, positive
 from kdp.data import Cifar
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
@@ -61,8 +61,8 @@ class NRPConfig:
     """Seed for init, shuffling and SSP starts."""
 
     def __post_init__(self):
-        _positive(self, "width", "critic_width", "epochs", "batch_size", "lr", "ssp_steps")
-        _nonnegative(self, "blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std")
+        positive(self, "width", "critic_width", "epochs", "batch_size", "lr", "ssp_steps")
+        nonnegative(self, "blocks", "ssp_eps", "w_feat", "w_pixel", "w_adv", "dynamic_std")
 
 
 class ResBlock(nn.Module):

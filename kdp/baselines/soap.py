@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdp.accel import Accel
-from kdp.config import Runtime, _choice, _nonnegative, _positive
+from kdp.config import Runtime, one_of, nonnegative, positive
 from kdp.data import Cifar, augment, to_float
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
@@ -61,10 +61,10 @@ class SoapConfig:
     """Seed for init, shuffling, augmentation and noise."""
 
     def __post_init__(self):
-        _choice(self.arch, sorted(CLASSIFIERS), "classifier")
-        _choice(self.aux, SOAP_AUX, "SOAP auxiliary task")
-        _positive(self, "width", "epochs", "batch_size", "lr")
-        _nonnegative(self, "aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size")
+        one_of(self.arch, sorted(CLASSIFIERS), "classifier")
+        one_of(self.aux, SOAP_AUX, "SOAP auxiliary task")
+        positive(self, "width", "epochs", "batch_size", "lr")
+        nonnegative(self, "aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size")
 
 
 class SoapNet(nn.Module):

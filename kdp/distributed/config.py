@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from kdp.config import _check, _positive
+from kdp.config import require, positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
 from kdp.interrupt import reinstall
 from kdp.distributed.netns import NETWORKS, rerun_inside, wanted
@@ -42,7 +42,8 @@ class ScaleConfig:
     one_worker: str = "task"
     """How a one-worker training stage runs: task (a Ray task in a reused worker process, resuming
     from its per-epoch state file) or train (a Ray Train run, as every data-parallel stage and a
-    sweep trial's student are: 10-20 s more per stage on 2 cores, for Train's own run records)."""
+    sweep trial's student are: a Train run's start-up per stage (docs/runs/ray_overhead-cpu2.json),
+    for Train's own run records)."""
     network: str = "auto"
     """The network of a local Ray (no --address): private (a network namespace of its own: no
     port reachable from another machine, and no network for the run; kdp.distributed.netns),
@@ -51,18 +52,18 @@ class ScaleConfig:
     on local disk, no GPU; and the system allows it)."""
 
     def __post_init__(self):
-        _positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
-        _check(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
-        _check(not self.use_gpu or self.gpus_per_worker > 0,
+        positive(self, "num_workers", "cpus_per_worker", "keep_checkpoints", "eval_shard_size")
+        require(self.max_failures >= -1, f"ScaleConfig.max_failures must be >= -1, got {self.max_failures}")
+        require(not self.use_gpu or self.gpus_per_worker > 0,
                f"ScaleConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
-        _check(self.backend in BACKENDS, f"ScaleConfig.backend must be one of {', '.join(BACKENDS)}, "
+        require(self.backend in BACKENDS, f"ScaleConfig.backend must be one of {', '.join(BACKENDS)}, "
                f"got {self.backend!r}")
-        _check(self.one_worker in ONE_WORKER, f"ScaleConfig.one_worker must be one of {', '.join(ONE_WORKER)}, "
+        require(self.one_worker in ONE_WORKER, f"ScaleConfig.one_worker must be one of {', '.join(ONE_WORKER)}, "
                f"got {self.one_worker!r}")
-        _check(self.network in NETWORKS, f"ScaleConfig.network must be one of {', '.join(NETWORKS)}, "
+        require(self.network in NETWORKS, f"ScaleConfig.network must be one of {', '.join(NETWORKS)}, "
                f"got {self.network!r}")
-        _check(self.backend != "nccl" or self.use_gpu, "ScaleConfig.backend nccl needs --use-gpu")
-        _check(not (self.torch_backend == "nccl" and self.num_workers > 1 and self.gpus_per_worker < 1),
+        require(self.backend != "nccl" or self.use_gpu, "ScaleConfig.backend nccl needs --use-gpu")
+        require(not (self.torch_backend == "nccl" and self.num_workers > 1 and self.gpus_per_worker < 1),
                f"ScaleConfig.gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: "
                "NCCL refuses two ranks on one GPU (use whole GPUs, one worker, or --backend gloo)")
 

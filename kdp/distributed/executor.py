@@ -1,8 +1,9 @@
 """The Ray executor of `kdp.graph`: data-parallel training stages are Ray Train runs
 (`TorchTrainer`), and so is a sweep trial's student (its epochs go to Tune); a one-worker
 training stage is a Ray task by default (`ScaleConfig.one_worker`), since a Train run's start-up
-(a controller and a worker process, 10-20 s on 2 cores) buys nothing there. The training AEs
-and the evaluation shards are Ray tasks; JPEG and the evaluation's fan-out run in the driver.
+(a controller and a worker process; docs/runs/ray_overhead-cpu2.json) buys nothing there. The
+training AEs and the evaluation shards are Ray tasks; an untrained baseline's checkpoint and the
+evaluation's fan-out run in the driver.
 `run_graph` starts a stage when its inputs exist and `has_room` says the cluster fits it beside what this run already has in flight, so a 2-core machine never runs
 more CPU-bound work than it has cores, while a cluster runs the independent stages (both
 teachers, the surrogate, the baselines, the students) at the same time.
@@ -44,7 +45,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.t
 class KdpTrainer(TorchTrainer):
     """A TorchTrainer whose placement-group cleaner answers a stop within ~3 s. Ray's default
     waits up to 12 s for the cleaner's State API poll (10 s timeout) at the end of every run,
-    measured as ~10 s of each stage's fixed cost on 2 cores. Private API: Ray is pinned (2.60)."""
+    a large part of each stage's fixed cost on 2 cores. Private API: Ray is pinned (2.60)."""
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
