@@ -15,6 +15,7 @@ from kdp.config import DataConfig, Runtime, TeacherConfig
 from kdp.pipeline_config import PipelineConfig
 from kdp.data import load_cifar
 from kdp.events import read_events
+from kdp.errors import StorageError
 from kdp.graph import LocalExecutor, Run, Stage, run_graph
 
 # marked one by one: the tests on the embedded local Ray (local_ray) are slow and start Ray; the
@@ -137,6 +138,16 @@ def test_a_lease_through_ray_is_renewed_while_held_and_lapses_when_its_holder_di
     seen = []
     with other.held(key, "trial c", timeout_s=10, on_wait=seen.append):
         assert seen and seen[0].startswith("a dead holder since ")
+
+
+@pytest.mark.ray
+def test_the_shared_storage_check_passes_here_and_a_node_that_does_not_answer_is_one_line(local_ray, tmp_path):
+    from kdp.distributed.nodes import MARKER_DIR, check_shared_storage
+
+    assert check_shared_storage(tmp_path) == 1
+    with pytest.raises(StorageError, match=r"^node \S+ \(\w{12}\) did not answer the storage check within 1e-09 s"):
+        check_shared_storage(tmp_path, timeout_s=1e-9)  # no task answers that fast
+    assert not list((tmp_path / MARKER_DIR).glob("*"))  # the markers are removed either way
 
 
 def test_a_holder_whose_lease_was_taken_stops_before_publishing(local_ray, tmp_path):

@@ -80,14 +80,22 @@ def check_shared_storage(root, timeout_s: float = 120.0) -> int:
         refs = [read.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(marker), token, store) for n in nodes]
         where = f"reach {store.uri}" if store.remote else f"mount the same storage at {store.root}"
-        for n, why in zip(nodes, ray.get(refs, timeout=timeout_s)):
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if late:  # one line naming the node, not Ray's GetTimeoutError
+            n = nodes[refs.index(late[0])]
+            raise StorageError(f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) did not answer the storage "
+                               f"check within {timeout_s:g} s (starting, overloaded or unreachable: see `ray status`)")
+        for n, why in zip(nodes, ray.get(refs)):
             if why is not None:
                 raise StorageError(f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) cannot read {marker} "
                                    f"({why}): every node must {where}")
         return len(nodes)
     finally:
         marker.unlink(missing_ok=True)
-        store.remove(marker)
+        try:
+            store.remove(marker)
+        except StorageError as e:  # never raised over the check's own error
+            print(f"[storage] could not remove {marker}: {e}")
 
 
 def see_paths(paths) -> None:
