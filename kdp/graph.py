@@ -34,7 +34,8 @@ from kdp.interrupt import STOP
 from kdp.locks import reading
 from kdp.results import results_key
 from kdp.storage import LocalStorage, publish_quietly, publishing_each
-from kdp.stages.aes import AES, ae_cache_key
+from kdp.stages.aes import ae_cache_key
+from kdp.stages.eval_cache import complete
 from kdp.stages.classifier import classifier_recipe
 from kdp.stages.common import epoch_line, epoch_logger, fit_local
 from kdp.stages.drivers import DRIVER, TASKS, evaluation_key
@@ -189,7 +190,7 @@ class Run:
 
 DONE = {  # is a stage's output there and made from what it follows from? One test per kind of output
     "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config)),
-    "aes": lambda stage, out, inputs, run: (out / AES).is_file(),
+    "aes": lambda stage, out, inputs, run: complete(out),
     # results are kept while nothing they follow from changed (--rescore: never)
     "results": lambda stage, out, inputs, run: (not run.rt.rescore
                                                 and results_key(out) == evaluation_key(stage, inputs, run)),

@@ -14,7 +14,7 @@ from kdp.config import Runtime
 from kdp.graph import Run, Stage, run_graph
 from kdp.interrupt import STOP
 from kdp.pipeline_config import PipelineConfig
-from kdp.stages.aes import AES
+from kdp.stages.eval_cache import AES, META
 
 
 class FakeExecutor:
@@ -52,6 +52,7 @@ class FakeExecutor:
                 raise RuntimeError(f"{stage.name} failed")
             out.mkdir(parents=True, exist_ok=True)
             (out / AES).write_text(stage.name)
+            (out / META).write_text("{}")
             return out
         finally:
             with self.lock:

@@ -24,9 +24,8 @@ from kdp.data import Cifar, to_float
 from kdp.provenance import provenance
 from kdp.train import resolve_device
 from kdp.errors import CheckpointError
-from kdp.stages.eval_cache import touch
+from kdp.stages.eval_cache import AES, META, complete, touch
 
-AES, META = "x_adv.npy", "meta.json"
 
 
 def ae_cache_key(cfg: AEConfig, classifier_dir: Path, data: Cifar) -> str:
@@ -51,7 +50,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
                       rt: Runtime = Runtime()) -> Path:
     """Return the cache entry of these AEs, crafting it first if it is missing."""
     entry = Path(cache_root) / ae_cache_key(cfg, Path(classifier_dir), data)
-    if (entry / AES).is_file() and (entry / META).is_file():
+    if complete(entry):
         return entry
     device = resolve_device(rt.device)
     classifier = Accel.of(rt, device).for_attacks.module(load_frozen(classifier_dir, device))
@@ -68,7 +67,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
             "classifier_acc_on_aes": adv_acc, "linf_max": float((x_adv - x).abs().max()) if len(y) else 0.0,
             "provenance": provenance(rt)}
     # another maker may have finished while we crafted: keep its entry (readers may hold it)
-    if (entry / AES).is_file() and (entry / META).is_file():
+    if complete(entry):
         return entry
     with atomic_dir(entry) as tmp:
         np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)

@@ -25,7 +25,12 @@ from kdp.checkpoint import atomic_dir
 from kdp.errors import StorageError
 from kdp.locks import held
 
-AES, META = "x_adv.npy", "meta.json"
+AES, META = "x_adv.npy", "meta.json"  # a cache entry, training or evaluation AEs: both files
+
+
+def complete(entry: Path) -> bool:
+    """Is `entry` a finished AE cache entry (of either cache)? Both its files: it appears whole."""
+    return (entry / AES).is_file() and (entry / META).is_file()
 
 
 def tensor_sha(*tensors: torch.Tensor) -> str:
@@ -53,7 +58,7 @@ def cache_key(model: nn.Module, attack: str, settings: list[dict], seed: int, ba
 
 def load_entry(entry: Path, n: int) -> torch.Tensor | None:
     """The cached AEs of `entry`, or None when it is missing or not what was asked for."""
-    if not ((entry / AES).is_file() and (entry / META).is_file()):
+    if not complete(entry):
         return None
     try:
         arr = np.load(entry / AES, allow_pickle=False)
