@@ -21,6 +21,7 @@ def _copy_root(tiny_run, tmp_path):
     return root
 
 
+@pytest.mark.slow  # a run of its own to list and prune (kdp cache's logic: fast tests below)
 def test_cache_lists_prunes_unused_and_old_entries(tiny_run, tmp_path, capsys):
     root = _copy_root(tiny_run, tmp_path)
     aes, evals = root / "cache" / "aes", root / "cache" / "eval_aes"

@@ -70,6 +70,7 @@ def test_the_ray_job_gives_the_same_rows_as_one_process(tiny_run, tmp_path, cifa
     assert (tmp_path / "tiny" / "logs" / "teacher_at.log").stat().st_size > 0
 
 
+@pytest.mark.slow  # Tune end to end; the sweep's own logic is in test_sweep.py (make test)
 def test_a_two_trial_sweep_into_a_bucket_shares_its_inputs_loads_everywhere_and_reports(s3, tmp_path,
                                                                                        cifar_subset_dir):
     """Two Tune trials (the AT teacher alone, and a student distilled from both teachers) with

@@ -144,6 +144,7 @@ def test_a_fresh_node_rescores_with_the_evaluation_aes_in_the_bucket(bucket_run,
         before[cols].sort_values(cols).reset_index(drop=True))
 
 
+@pytest.mark.slow  # a fault test: a whole stage killed and resumed
 def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path, cifar_subset_dir):
     """SIGKILL (the node dies) after the classifier's 2nd epoch; the same command on a node
     with its own empty scratch resumes the classifier from the state in the bucket."""
@@ -168,6 +169,7 @@ def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path
     assert "[classifier] resumed" in (tmp_path / "b.log").read_text()
 
 
+@pytest.mark.slow  # Ray = one process is make test's (test_e2e_ray), a bucket = a directory too
 @pytest.mark.ray
 def test_the_ray_job_with_a_bucket_output_gives_the_rows_of_one_process(bucket_run, s3, tmp_path, cifar_subset_dir):
     """jobs/pipeline.py on its own local Ray, into another bucket, from its own scratch: its
