@@ -159,15 +159,16 @@ def interrupted(prog: str, e: BaseException, args=None) -> int:
 
     word = "stopped" if isinstance(e, OutOfTime) else "interrupted"
     print(f"\n{prog}: {word} ({e or 'SIGINT'}); {how}: finished stages are kept, a stage in flight "
-          "continues from its last epoch", file=sys.stderr)
+          "continues from its last epoch", file=sys.stderr, flush=True)
     return getattr(e, "code", 130)
 
 
 def run_command(prog: str, fn, *args) -> int:
     """fn(*args) as a command: 0; 2 and one line for bad input; on Ctrl-C (130) or SIGTERM (143)
-    the stages in flight are stopped, a Ray this process joined is shut down, and one line says
-    how to resume. `kdp`, jobs/pipeline.py and jobs/sweep.py all end through here."""
-    from kdp.interrupt import STOP, Interrupted, reap_at_exit, stoppable
+    the stages in flight are stopped, one line says how to resume, and a Ray this process joined
+    is shut down (unless a library thread still calls into it: then this process's exit ends its
+    work on a cluster, and a reaper a local Ray's processes). `kdp`, jobs/pipeline.py and jobs/sweep.py all end through here."""
+    from kdp.interrupt import STOP, Interrupted, reap_at_exit, stoppable, working
 
     try:
         with stoppable():
@@ -190,9 +191,11 @@ def run_command(prog: str, fn, *args) -> int:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
+        code = interrupted(prog, e, args[0] if args else None)  # said first: nothing below may lose it
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
-            reap_at_exit()  # if the shutdown is cut short, nothing this command started stays
-            ray.shutdown()  # a local Ray this command started goes with it; a cluster ends its work
-        return interrupted(prog, e, args[0] if args else None)
+            reap_at_exit()  # whatever happens next, nothing this command started outlives it
+            if not working():  # else a library thread (Tune's loop) would call into a shut-down
+                ray.shutdown()  # core worker, which then ends the process (exit 1, not `code`)
+        return code
     return 0

@@ -21,6 +21,7 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _received: list[int] = []
 _active: list[bool] = []
 _reapers: list = []
+_workers: list = []  # in_thread's threads: a library loop (Tune's) that may still call into Ray
 
 
 class Interrupted(BaseException):
@@ -125,12 +126,20 @@ def in_thread(fn, *args):
             box["error"] = e
 
     t = threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True)
+    _workers.append(t)
     t.start()
     while t.is_alive():
         t.join(0.2)
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def working() -> bool:
+    """Is a thread started by `in_thread` still running (after an interruption: a library loop
+    that has not seen the stop and may still call into Ray)?"""
+    _workers[:] = [t for t in _workers if t.is_alive()]
+    return bool(_workers)
 
 
 def exit_with(code: int) -> None:
