@@ -126,8 +126,8 @@ def _resumed_where_it_stopped(run: Path, ends_before: list[dict], logged_stop: b
     assert later and 0 not in later and min(later) >= k + 1, (k, later)
 
 
-@pytest.mark.slow  # the scheduler's stop is unit-tested with fake stages (test_graph.py)
-@pytest.mark.parametrize("entry", ["kdp run", pytest.param("jobs/pipeline.py", marks=[pytest.mark.ray])])
+@pytest.mark.parametrize("entry", ["kdp run", pytest.param("jobs/pipeline.py", marks=[pytest.mark.slow,
+                                                                                      pytest.mark.ray])])
 def test_ctrl_c_then_sigterm_stop_mid_stage_and_the_same_command_resumes(entry, tmp_path, cifar_subset_dir):
     """Ctrl-C in the classifier's 3rd of 100 epochs: exit 130 within seconds, one resume line,
     no process of the command left (its local Ray included). The same command resumes the
