@@ -4,6 +4,7 @@ same scheduler are tested end to end in test_pipeline.py and, on Ray, test_e2e_r
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 from pathlib import Path
 
@@ -118,7 +119,12 @@ def test_a_stage_waiting_on_an_input_no_stage_makes_is_an_error(tmp_path):
 def test_ctrl_c_cancels_the_stages_in_flight_without_waiting_for_them(tmp_path, monkeypatch):
     monkeypatch.setattr(graph, "STOP_GRACE_S", 5.0)
     ex = FakeExecutor(block={"a"})
-    with pytest.raises(KeyboardInterrupt):
-        run_graph(make_run(tmp_path, DIAMOND), ex)
+    # Python's own Ctrl-C handler, whatever this process started with (a background job ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_graph(make_run(tmp_path, DIAMOND), ex)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert ex.cancelled.is_set() and names(ex) == ["a"]  # the executor was told; nothing new started
     assert not STOP.is_set()  # a bare KeyboardInterrupt (no signal handler) stops this run only

@@ -169,6 +169,36 @@ def test_a_node_killed_mid_stage_resumes_from_the_bucket_on_another(s3, tmp_path
     assert "[classifier] resumed" in (tmp_path / "b.log").read_text()
 
 
+@pytest.mark.slow  # a whole run with the store paused under one of its stages
+def test_a_store_paused_mid_stage_is_ridden_out_while_training_goes_on(s3, s3_server, tmp_path, cifar_subset_dir):
+    """The store SIGSTOPped once the classifier has ended an epoch: two more epochs end while
+    the push of its state waits (the push runs beside training); SIGCONT; the run finishes
+    with every row, as if nothing had happened."""
+    cmd = [sys.executable, "-m", "kdp.cli", *_run_argv(cifar_subset_dir, f"{s3}/runs"),
+           "--set", "classifier.epochs=40"]
+    events = tmp_path / "scratch" / s3[5:] / "runs" / "tiny"
+    ends = lambda: [e for e in read_events(events) if e["stage"] == "classifier" and e["status"] == "epoch_end"]  # noqa: E731
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "KDP_STORE_TIMEOUT_S": "2"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: len(ends()) >= 1, 300, f"no classifier epoch: {log.read_text()[-2000:]}", interval=0.05)
+        os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+        try:
+            paused_at = len(ends())
+            wait_until(lambda: len(ends()) >= paused_at + 2, 120,
+                       f"training waited on the paused store: {log.read_text()[-2000:]}", interval=0.05)
+        finally:
+            os.killpg(s3_server.proc.pid, signal.SIGCONT)
+        assert proc.wait(600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rows = load(f"{s3}/runs/tiny/results.parquet")
+    assert set(rows.variant) == {"none", "at_teacher", "nt_teacher", "kd_at_nt"} and (rows.n > 0).all()
+
+
 @pytest.mark.slow  # Ray = one process is make test's (test_e2e_ray), a bucket = a directory too
 @pytest.mark.ray
 def test_the_ray_job_with_a_bucket_output_gives_the_rows_of_one_process(bucket_run, s3, tmp_path, cifar_subset_dir):
