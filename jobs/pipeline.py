@@ -53,7 +53,7 @@ def run_on_ray(args) -> None:
     store.preflight()  # once: the run takes this store as it is
     isolate(args.address, scale, network_uses(args.out, cfg.data.data_dir, args.classifier), args.rerun)
     connect(args.address, args.verbose)
-    from kdp.distributed.executor import RayExecutor
+    from kdp.distributed.executor import RayExecutor  # here: Ray is imported once, after any re-run above
     from kdp.distributed.nodes import check_shared_storage
 
     check_shared_storage(store)

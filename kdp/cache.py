@@ -88,8 +88,8 @@ def _model_shas(root: Path) -> set[str]:
     shas = set()
     for meta in Path(root).glob("**/checkpoint.json"):
         spec = json.loads(meta.read_text()).get("spec", {})
-        if spec.get("kind") == "classifier" or hasattr(BASELINES.get(spec.get("name")) and
-                                                       BASELINES[spec["name"]].purifier, "own_classifier"):
+        baseline = BASELINES.get(spec.get("name"))  # one with its own classifier (SOAP): AEs are crafted on it
+        if spec.get("kind") == "classifier" or (baseline is not None and hasattr(baseline.purifier, "own_classifier")):
             model = load_checkpoint(meta.parent, torch.device("cpu"))[0]
             shas.add(model_sha(getattr(model, "own_classifier", None) or model))
     return shas
