@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True)
     p.add_argument("--address", help="Ray address (default: start a local Ray)")
-    p.add_argument("--variants", default="at_only,kd_at,kd_nt,kd_at_nt")
+    p.add_argument("--variants", default="at_teacher,kd_at,kd_nt,kd_at_nt")
     p.add_argument("--beta", default="0.25,0.5")
     p.add_argument("--out", help="output root (default: a temp dir)")
     p.add_argument("--json", help="also write the JSON here")

@@ -6,7 +6,7 @@
     python jobs/sweep.py --sweep jobs/sweep.yaml --preset reduced --use-gpu --out s3://bucket/kdp
     python jobs/sweep.py --resume --name ablation --out runs      # continue an interrupted sweep
 
-Each trial trains one student (or none, for at_only) and evaluates it; the classifier, the
+Each trial trains one student (or none, for at_teacher) and evaluates it; the classifier, the
 NT teacher, and the AT teacher and training AEs per eps are made once and shared. Results:
 one parquet file per trial under <out>/results/sweep_id=<name>/; load them with
 kdp.results.load(<out>/results). Without --address or RAY_ADDRESS a local Ray is started.

@@ -20,9 +20,7 @@ TABLE1_VARIANTS = ("none", *(n for n, d in BASELINES.items() if d.in_table1), "a
 VARIANT_LABELS = {"none": "none (undefended)", **{n: d.label for n, d in BASELINES.items()},
                   "at_teacher": "AT teacher", "nt_teacher": "NT teacher", "kd_at": "student KD←AT",
                   "kd_nt": "student KD←NT", "kd_at_nt": "student KD←AT+NT"}
-SWEEP_LABELS = {"at_only": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}
-# A pipeline run's variant -> the Table 2 row it stands for (used when there are no sweep rows).
-VARIANT_TO_SWEEP = {"at_teacher": "at_only", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
+SWEEP_LABELS = {"at_teacher": "AT, no KD", "kd_at": "KD ← AT", "kd_nt": "KD ← NT", "kd_at_nt": "KD ← AT+NT"}
 TOL = 1e-6
 
 

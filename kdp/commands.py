@@ -68,7 +68,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="sweep id (default: the YAML's name, else 'sweep')")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name under --out (Tune restore)")
     add_config_args(p)
-    p.add_argument("--variants", help="comma list of at_only, kd_at, kd_nt, kd_at_nt (default: all four)")
+    p.add_argument("--variants", help="comma list of at_teacher, kd_at, kd_nt, kd_at_nt (default: all four)")
     p.add_argument("--beta", help="grid '0.25,0.5' or range 'uniform:0.1:1' (default: 0.5)")
     p.add_argument("--gamma", help="grid or range, like --beta (default: 0.5)")
     p.add_argument("--eps", help="training eps grid, e.g. '4/255,8/255,16/255' (default: 8/255)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
-                       VARIANT_ORDER, VARIANT_TO_SWEEP, at_setting, cells, is_sweep, ordered, table1_rows)
+                       VARIANT_ORDER, at_setting, cells, is_sweep, ordered, table1_rows)
 from kdp.checkpoint import atomic_path
 from kdp.errors import ConfigError
 from kdp.storage import is_uri, open_storage
@@ -35,7 +35,7 @@ PAPER_TABLE1 = {
 }
 # Cited paper figures (Koo et al. 2023, Table 2): the distillation ablation.
 PAPER_TABLE2 = {
-    "at_only": {"pgd8": 34.16, "pgd16": 28.01, "fgsm": 38.07, "bim": 33.29, "cw": 56.54, "autoattack": 43.20},
+    "at_teacher": {"pgd8": 34.16, "pgd16": 28.01, "fgsm": 38.07, "bim": 33.29, "cw": 56.54, "autoattack": 43.20},
     "kd_at": {"pgd8": 35.46, "pgd16": 28.70, "fgsm": 38.42, "bim": 34.92, "cw": 56.32, "autoattack": 42.77},
     "kd_nt": {"pgd8": 35.77, "pgd16": 29.47, "fgsm": 36.93, "bim": 34.88, "cw": 57.90, "autoattack": 40.50},
     "kd_at_nt": {"pgd8": 40.20, "pgd16": 33.57, "fgsm": 40.12, "bim": 38.37, "cw": 56.87, "autoattack": 46.91},
@@ -169,16 +169,17 @@ def table1_markdown(df: pd.DataFrame) -> str:
 
 
 def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tuple[pd.DataFrame, str]:
-    """Classifier-threat-model rows at (β, γ, ε) with a `table2_variant` column, and their source."""
+    """Classifier-threat-model rows at (β, γ, ε) of Table 2's variants, and their source (a
+    sweep trial's `variant` is its `sweep.variant`)."""
     df = df[df["threat_model"] == "classifier"]
     sweep = is_sweep(df)
     if sweep.any():
         rows = at_setting(df[sweep], beta, gamma, eps)
-        return rows.assign(table2_variant=rows["sweep.variant"]), "sweep trials"
+        return rows, "sweep trials"
     # No sweep: a pipeline run's own variants, filtered on its configured β, γ and AE ε.
-    rows = df[df["variant"].isin(list(VARIANT_TO_SWEEP))]
+    rows = df[df["variant"].isin(list(SWEEP_LABELS))]
     rows = at_setting(rows, beta, gamma, eps, cols=("purifier.beta", "purifier.gamma", "ae.eps"))
-    return rows.assign(table2_variant=rows["variant"].map(VARIANT_TO_SWEEP)), "pipeline runs"
+    return rows, "pipeline runs"
 
 
 def _replicate_key(rows: pd.DataFrame) -> pd.Series:
@@ -191,11 +192,11 @@ def _replicate_key(rows: pd.DataFrame) -> pd.Series:
 
 def _versus_at(rows: pd.DataFrame, v: str, a: str) -> str:
     """'▲'/'▼' when variant v differs from AT-only on attack a beyond noise (paired bootstrap), else ''."""
-    if v == "at_only":
+    if v == "at_teacher":
         return ""
     key = rows.assign(_rep=_replicate_key(rows))
-    mine = key[(key["table2_variant"] == v) & (key["attack"] == a)].groupby("_rep")["hits"].first()
-    ref = key[(key["table2_variant"] == "at_only") & (key["attack"] == a)].groupby("_rep")["hits"].first()
+    mine = key[(key["variant"] == v) & (key["attack"] == a)].groupby("_rep")["hits"].first()
+    ref = key[(key["variant"] == "at_teacher") & (key["attack"] == a)].groupby("_rep")["hits"].first()
     common = sorted(set(mine.index) & set(ref.index))
     test = paired([mine[k] for k in common], [ref[k] for k in common]) if common else None
     return "" if not test or not test["differs"] else (" ▲" if test["diff"] > 0 else " ▼")
@@ -208,11 +209,11 @@ def table2_markdown(df: pd.DataFrame, beta: float = 0.5, gamma: float = 0.5, eps
     setting = f"β={beta:g}, γ={gamma:g}, ε={eps * 255:g}/255"
     if rows.empty:
         return f"_Table 2: no classifier-threat-model rows at {setting}._"
-    stats = cells(rows, ["table2_variant", "attack"])
+    stats = cells(rows, ["variant", "attack"])
     attacks = [a for a in ordered(rows["attack"].dropna(), ATTACK_ORDER) if a != "clean"]
     has_hits = "hits" in rows and rows["hits"].notna().any()
     body = []
-    for v in ordered(rows["table2_variant"].dropna(), tuple(SWEEP_LABELS)):
+    for v in ordered(rows["variant"].dropna(), tuple(SWEEP_LABELS)):
         paper = PAPER_TABLE2.get(v, {})
         body.append([SWEEP_LABELS.get(v, v)] + [
             f"{_fmt_cell(stats.get((v, a)))}{_versus_at(rows, v, a) if has_hits else ''} ({_fmt(paper.get(a))})"

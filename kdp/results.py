@@ -71,8 +71,8 @@ SCHEMA = pa.schema(
     + [f for name, d in BASELINES.items() for f in _fields(d.config, f"{name}.")]
     + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
 KEY_META = b"kdp.results_key"  # parquet metadata: what the rows were computed from
-# Threat-model names of files written before kdp 0.5 (same protocols, renamed).
-OLD_THREAT_NAMES = {"blind": "classifier", "end_to_end": "full"}
+# Names in files written by older kdp versions (the same things, renamed), by column.
+OLD_NAMES = {"threat_model": {"blind": "classifier", "end_to_end": "full"}, "sweep.variant": {"at_only": "at_teacher"}}
 
 
 def purifier_columns(cfg) -> dict:
@@ -177,16 +177,17 @@ def load(path: str | Path, as_table: bool = False):
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
             raise DataError(f"{path}: cannot read results ({str(e).splitlines()[0]})") from None
         parts.append(t.append_column("sweep_id", pa.array([sweep] * len(t), pa.string())))
-    table = _rename_threats(pa.concat_tables(parts))
+    table = _rename_old(pa.concat_tables(parts))
     return table if as_table else table.to_pandas()
 
 
-def _rename_threats(table: pa.Table) -> pa.Table:
-    names = table.column("threat_model").to_pylist()
-    if not any(n in OLD_THREAT_NAMES for n in names):
-        return table
-    new = pa.array([OLD_THREAT_NAMES.get(n, n) for n in names], pa.string())
-    return table.set_column(table.schema.get_field_index("threat_model"), "threat_model", new)
+def _rename_old(table: pa.Table) -> pa.Table:
+    for col, old in OLD_NAMES.items():
+        names = table.column(col).to_pylist()
+        if any(n in old for n in names):
+            new = pa.array([old.get(n, n) for n in names], pa.string())
+            table = table.set_column(table.schema.get_field_index(col), col, new)
+    return table
 
 
 def table1(df, threat_model: str = "classifier"):

@@ -49,7 +49,7 @@ from kdp.results import unique_name
 from kdp.storage import open_storage
 
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
-VARIANTS = {"at_only": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
+VARIANTS = {"at_teacher": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
 DISTRIBUTIONS = ("uniform", "loguniform")
 DIMENSIONS = ("beta", "gamma", "eps")
 
@@ -76,7 +76,7 @@ class SweepConfig:
     name: str = "sweep"
     """Sweep id: the directory under the output root and the results partition."""
     variants: tuple[str, ...] = tuple(VARIANTS)
-    """Teacher variants: at_only (AT purifier, no KD), kd_at, kd_nt, kd_at_nt."""
+    """Teacher variants: at_teacher (the AT teacher as the purifier, no KD), kd_at, kd_nt, kd_at_nt."""
     beta: tuple[float, ...] | Range = (0.5,)
     """Weight of the reconstruction loss: a grid of values or a Range."""
     gamma: tuple[float, ...] | Range = (0.5,)

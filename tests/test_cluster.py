@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -41,29 +42,21 @@ def _span(events: list[dict], stage: str) -> tuple[float, float]:
 
 def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     """GPU stages and tasks on a GPU resource without CUDA (CPU device, gloo), on the worker
-    nodes only. Re-run under another name with the first run's classifier and only the
-    teachers, scored on clean images and FGSM: its training AEs come from the cache, so both
-    teachers start at once, on different nodes (1 GPU each)."""
+    nodes only, two at a time (a hand-started cluster does not grow): the classifier and the
+    NT teacher, which needs no input, start at once on different nodes (1 GPU each)."""
     out = tmp_path / "out"
-    common = [*TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu", "--backend", "gloo"]
     with sim_cluster(workers=2, gpus=1) as c:
-        first = run_job(c, "pipeline.py", *common, "--name", "smoke")
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        again = run_job(c, "pipeline.py", *common, "--name", "again", "--classifier", str(out / "smoke" / "classifier"),
-                        "--set", "students=", "--set", "eval.attacks=fgsm", "--set", "eval.threat_models=classifier")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        job = run_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu",
+                      "--backend", "gloo", "--name", "smoke")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert len(load(out / "smoke" / "results.parquet")) == N_ROWS
-    assert len(load(out / "again" / "results.parquet")) == 2 * 3  # (clean, fgsm) x (none, AT, NT)
-    for name in ("smoke", "again"):
-        assert {e["node_ip"] for e in read_events(out / name) if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
-    events = read_events(out / "again")
-    assert ("aes", "skipped") in {(e["stage"], e["status"]) for e in events}
-    # a hand-started cluster does not grow: two 1-GPU nodes run two stages at a time, no more
-    assert max(in_flight(read_events(out / "smoke"))) == max(in_flight(events)) == 2
-    at, nt = _span(events, "teacher_at"), _span(events, "teacher_nt")
-    assert at[0] < nt[1] and nt[0] < at[1], f"the teachers did not overlap: AT {at}, NT {nt}"
-    at_nodes, nt_nodes = _train_nodes(events, "teacher_at"), _train_nodes(events, "teacher_nt")
-    assert len(at_nodes) == 1 and len(nt_nodes) == 1 and at_nodes != nt_nodes, (at_nodes, nt_nodes)
+    events = read_events(out / "smoke")
+    assert {e["node_ip"] for e in events if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
+    assert max(in_flight(events)) == 2
+    clf, nt = _span(events, "classifier"), _span(events, "teacher_nt")
+    assert clf[0] < nt[1] and nt[0] < clf[1], f"the classifier and the NT teacher did not overlap: {clf}, {nt}"
+    clf_nodes, nt_nodes = _train_nodes(events, "classifier"), _train_nodes(events, "teacher_nt")
+    assert len(clf_nodes) == 1 and len(nt_nodes) == 1 and clf_nodes != nt_nodes, (clf_nodes, nt_nodes)
 
 
 @pytest.mark.long  # 157 s; node loss of a one-worker task (the default) is in CI: the bucket test below
@@ -99,34 +92,110 @@ def test_node_loss_resumes_the_stage_on_another_node(tmp_path, cifar_subset_dir)
     assert len(load(run / "results.parquet")) == LOSS_ROWS
 
 
-def test_a_sweep_into_a_bucket_on_an_autoscaling_cluster_runs_trials_at_once(s3, tmp_path, cifar_subset_dir):
-    """Two trials on a cluster that starts with no worker nodes, the output root in a bucket:
-    the autoscaler adds nodes, both trials are in flight at some moment, and what both need
-    (classifier, training AEs, teachers) is made once, leased through Ray."""
-    uri = f"{s3}/out"
-    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--name", "grow",
-             "--variants", "kd_nt", "--beta", "0.25,0.5", "--set", "eval.threat_models=classifier",
-             "--set", "eval.attacks=fgsm"]
-    with autoscaling_cluster(max_workers=3) as c:
-        proc = run_job(c, "sweep.py", *sweep, "--data-dir", str(cifar_subset_dir), "--out", uri)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reader = BucketStorage(uri, tmp_path / "reader")  # a fresh node: the bucket alone
-    reader.pull_tree(reader.root / "grow")
-    trials = [e for e in read_events(reader.root / "grow") if e["stage"] == "trial"]
+def _objects(fs, base: str) -> dict[str, tuple]:
+    """Objects under `base` in the bucket: key -> (size, mtime)."""
+    return {f.path: (f.size, f.mtime) for f in fs.get_file_info(pafs.FileSelector(base, recursive=True,
+                                                                                   allow_not_found=True))
+            if f.type == pafs.FileType.File}
+
+
+def _sweep_events(reader: BucketStorage, sweep: Path) -> list[dict]:
+    """The sweep's events (its trials' starts and ends) and its shared artifacts', as the
+    bucket holds them now."""
+    for d in (sweep, sweep / "shared"):
+        reader.pull_tree(d / "events")
+    return read_events(sweep) + read_events(sweep / "shared")
+
+
+def _in_flight_trials(events: list[dict]) -> int:
+    """The most trials started and not yet finished at any point of the log."""
     n, most = 0, 0
-    for e in trials:
-        n += {"started": 1, "finished": -1}.get(e["status"], 0)
-        most = max(most, n)
-    assert sum(e["status"] == "finished" for e in trials) == 2
-    assert most > 1, f"one trial at a time: {[(e['by'], e['status']) for e in trials]}"
-    made = [e["stage"] for e in read_events(reader.root / "grow" / "shared") if e["status"] == "finished"]
+    for e in events:
+        if e["stage"] == "trial":
+            n += {"started": 1, "finished": -1}.get(e["status"], 0)
+            most = max(most, n)
+    return most
+
+
+def test_a_bucket_sweep_on_an_autoscaling_cluster_runs_trials_at_once_and_resumes_its_killed_driver(
+        s3, s3_server, tmp_path, cifar_subset_dir):
+    """Two trials, the AT teacher alone and a student distilled from both teachers, on a cluster
+    that starts with no worker nodes, the output root in a bucket: the autoscaler adds nodes and
+    both trials are in flight at once. Once one trial's results file is in the bucket, the
+    driver is SIGKILLed; `--resume` reads the experiment back from the bucket and finishes the
+    other trial without redoing the finished one. What both need (classifier, training AEs,
+    teachers) was made once, leased through Ray. A fresh mirror then finds it all in the
+    bucket: one parquet file per trial with fixed types (pandas, polars, duckdb), Tune's records,
+    the student's Train run; and a report."""
+    uri, fs = f"{s3}/out", s3_server.admin()
+    results = f"{uri[5:]}/results/sweep_id=grow"
+    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "students.epochs=3",
+             "--name", "grow", "--variants", "at_teacher,kd_at_nt", "--beta", "0.25",
+             "--set", "eval.threat_models=classifier", "--set", "eval.attacks=fgsm"]
+    reader = BucketStorage(uri, tmp_path / "reader")  # the test's own view of the bucket
+    with autoscaling_cluster(max_workers=3) as c:
+        first = start_job(c, "sweep.py", *sweep, "--data-dir", str(cifar_subset_dir), "--out", uri,
+                          log=tmp_path / "first.log")
+
+        def a_trial_finished() -> bool:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            return bool(_objects(fs, results))
+
+        try:
+            wait_until(a_trial_finished, 600, "no trial finished within 600 s", interval=0.2)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray kills its trials' actors
+            first.wait()
+        done = _objects(fs, results)
+        before = _sweep_events(reader, reader.root / "grow")
+        proc = run_job(c, "sweep.py", "--resume", "--name", "grow", "--out", uri, "--quiet")
+    assert len(done) == 1, done
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"results: {uri}/results/sweep_id=grow" in proc.stdout
+    files = _objects(fs, results)
+    assert len(files) == 2 and {k: files[k] for k in done} == done  # the finished trial's file untouched
+
+    after = _sweep_events(reader, reader.root / "grow")
+    assert _in_flight_trials(before) == 2, f"one trial at a time: {before}"
+    finished = {Path(k).stem.split("-")[1] for k in done}  # trial-<trial_id>-<uuid>.parquet
+    resumed = new_events(before, after, new_writers=True)  # not a late line of a first-run process
+    assert all(e["status"] == "skipped" for e in resumed if e.get("by") in finished), resumed
+    made = [e["stage"] for e in after if e["status"] == "finished" and e["stage"] not in ("trial", "sweep")]
     assert sorted(made) == ["aes", "classifier", "teacher_at", "teacher_nt"], made
+    _everything_is_in_the_bucket(uri, tmp_path)
+
+
+def _everything_is_in_the_bucket(uri: str, tmp_path: Path) -> None:
+    """The two-trial sweep "grow" as a fresh mirror of the bucket sees it, and a report of it."""
+    import duckdb
+    import polars as pl
+
+    from kdp import cli
+
     df = load(f"{uri}/results")
-    # each trial: its one variant against the classifier on clean images and fgsm
-    per_trial = {t: sorted(zip(g.threat_model, g.attack)) for t, g in df.groupby("trial_id")}
-    expected = [("classifier", "clean"), ("classifier", "fgsm")]
-    assert len(per_trial) == 2 and all(rows == expected for rows in per_trial.values()), per_trial
-    assert set(df.sweep_id) == {"grow"}
+    assert df.trial_id.nunique() == 2 and set(df.sweep_id) == {"grow"}
+    assert sorted(df.groupby("trial_id")["sweep.variant"].first()) == ["at_teacher", "kd_at_nt"]
+    assert sorted(zip(df.threat_model, df.attack)) == [("classifier", "clean"), ("classifier", "fgsm")] * 2
+    kd = df[df["sweep.variant"] == "kd_at_nt"]
+    assert (kd["purifier.beta"] == kd["sweep.beta"]).all() and set(kd.variant) == {"kd_at_nt"}
+    assert set(df[df["sweep.variant"] == "at_teacher"].variant) == {"at_teacher"}
+    for col, dtype in {"accuracy": "float64", "n": "int64", "sweep.beta": "float64", "sweep.eps": "float64"}.items():
+        assert str(df[col].dtype) == dtype, col
+    rows = load(f"{uri}/results", as_table=True)
+    assert pl.from_arrow(rows).height == len(df)
+    assert duckdb.sql("select count(distinct trial_id) from rows").fetchall() == [(2,)]
+
+    reader = BucketStorage(uri, tmp_path / "fresh")
+    reader.pull_tree(reader.root)
+    root = reader.root / "grow"
+    assert len(list(root.glob("trials/*/student/.kdp-manifest.json"))) == 1  # the AT teacher alone trains none
+    assert list(root.glob("ray/*student*/checkpoint_manager_snapshot.json"))  # Train's run
+    tune = [json.loads(p.read_text().splitlines()[-1]) for p in root.glob("tune/*/result.json")]
+    assert len(tune) == 2 and all("acc/fgsm" in r for r in tune), tune
+    assert len(list(root.glob("tune/*/events.out.tfevents*"))) >= 2
+    assert cli.main(["report", f"{uri}/results", "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Table 1" in report and "## Table 2 (ablation)" in report and "## Sanity checks" in report
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm)")

@@ -1,10 +1,8 @@
-"""The tiny preset through the Ray entry points, each on the embedded local Ray it starts:
-jobs/pipeline.py gives the same rows as the in-process run (`tiny_run`), and jobs/sweep.py
-runs a 2-trial Tune sweep into a bucket (a real S3 server) that shares its inputs, whose
-results `load` reads with pandas, polars and duckdb and `kdp report` turns into a report. Each job runs as its own process group, ended if it hangs."""
+"""The tiny preset through the Ray job on the embedded local Ray it starts: jobs/pipeline.py
+gives the same rows as the in-process run (`tiny_run`). The job runs as its own process
+group, ended if it hangs. (A Tune sweep end to end, into a bucket: tests/test_cluster.py.)"""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import driver_stages, in_flight, short_temp_dir
-from kdp import cli
 from kdp.events import read_events
 from kdp.results import load
-from kdp.storage import BucketStorage
 
 pytestmark = pytest.mark.ray
 
@@ -68,51 +64,3 @@ def test_the_ray_job_gives_the_same_rows_as_one_process(tiny_run, tmp_path, cifa
     assert not any("Reporting training result" in line or "core_worker.cc" in line for line in console)
     assert len(console) < 150, f"{len(console)} console lines"
     assert (tmp_path / "tiny" / "logs" / "teacher_at.log").stat().st_size > 0
-
-
-@pytest.mark.slow  # Tune end to end; the sweep's own logic is in test_sweep.py (make test)
-def test_a_two_trial_sweep_into_a_bucket_shares_its_inputs_loads_everywhere_and_reports(s3, tmp_path,
-                                                                                       cifar_subset_dir):
-    """Two Tune trials (the AT teacher alone, and a student distilled from both teachers) with
-    the output root in a bucket of a real S3 server: the classifier, training AEs and teachers
-    are made once and shared (leased through Ray); the student is a Ray Train run whose run
-    lives in the bucket; one parquet file per trial, with fixed types, read from the bucket by
-    pandas, polars and duckdb; Tune's own records there too; a report. Everything is read back
-    through a fresh mirror: the bucket holds it all. (Local sweeps: test_sweep_ray, test_cluster.)"""
-    out = f"{s3}/runs"
-    proc = run_job("sweep.py", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", out,
-                   "--name", "two", "--variants", "at_only,kd_at_nt", "--beta", "0.25", "--quiet")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"results: {out}/results/sweep_id=two" in proc.stdout and not (REPO / "s3:").exists()
-    df = load(f"{out}/results")
-    assert df.trial_id.nunique() == 2 and set(df.sweep_id) == {"two"}
-    assert sorted(df.groupby("trial_id")["sweep.variant"].first()) == ["at_only", "kd_at_nt"]
-    kd = df[df["sweep.variant"] == "kd_at_nt"]
-    assert (kd["purifier.beta"] == kd["sweep.beta"]).all() and set(kd.variant) == {"kd_at_nt"}
-    assert set(df[df["sweep.variant"] == "at_only"].variant) == {"at_teacher"}
-    for col, dtype in {"accuracy": "float64", "n": "int64", "sweep.beta": "float64", "sweep.eps": "float64"}.items():
-        assert str(df[col].dtype) == dtype, col
-
-    reader = BucketStorage(out, tmp_path / "reader")  # a fresh mirror: what the bucket holds
-    reader.pull_tree(reader.root)
-    root = reader.root
-    assert len(list((root / "results" / "sweep_id=two").glob("*.parquet"))) == 2
-    made = {}
-    for e in read_events(root / "two" / "shared"):
-        made[e["stage"]] = made.get(e["stage"], 0) + (e["status"] == "finished")
-    assert made == {"classifier": 1, "aes": 1, "teacher_nt": 1, "teacher_at": 1}
-    assert len(list((root / "two" / "trials").glob("*/student/.kdp-manifest.json"))) == 1  # at_only trains none
-    assert list((root / "two" / "ray").glob("*student*/checkpoint_manager_snapshot.json"))  # Train's run
-    tune = [json.loads(p.read_text().splitlines()[-1]) for p in (root / "two" / "tune").glob("*/result.json")]
-    assert len(tune) == 2 and all("acc/pgd8" in r for r in tune)
-    assert len(list((root / "two" / "tune").glob("*/events.out.tfevents*"))) == 2
-
-    import duckdb
-    import polars as pl
-
-    rows = load(f"{out}/results", as_table=True)
-    assert pl.from_arrow(rows).height == len(df)
-    assert duckdb.sql("select count(distinct trial_id) from rows").fetchall() == [(2,)]
-    assert cli.main(["report", f"{out}/results", "--out", str(tmp_path / "report")]) == 0
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "## Table 1" in report and "## Table 2 (ablation)" in report and "## Sanity checks" in report

@@ -1,6 +1,7 @@
-"""Ctrl-C and SIGTERM stop `kdp run` and `jobs/pipeline.py` within seconds, mid-stage, with
-exit codes 130 / 143 and one line on how to resume; the same command then resumes the
-interrupted stage from its last epoch. Each signal is sent once an epoch event shows the stage
+"""Ctrl-C and SIGTERM stop `kdp run` and the sweeps (jobs/sweep.py, `kdp sweep`, on the local
+Ray they start) within seconds, mid-stage, with exit codes 130 / 143 and one line on how to
+resume; the same command then resumes the interrupted stage from its last epoch. (The Ray job
+jobs/pipeline.py stopped by `ray job stop` and resubmitted: tests/test_jobs.py.) Each signal is sent once an epoch event shows the stage
 training (never after a sleep), to the process group, as a terminal sends it."""
 from __future__ import annotations
 
@@ -126,14 +127,12 @@ def _resumed_where_it_stopped(run: Path, ends_before: list[dict], logged_stop: b
     assert later and 0 not in later and min(later) >= k + 1, (k, later)
 
 
-@pytest.mark.parametrize("entry", ["kdp run", pytest.param("jobs/pipeline.py", marks=[pytest.mark.slow,
-                                                                                      pytest.mark.ray])])
-def test_ctrl_c_then_sigterm_stop_mid_stage_and_the_same_command_resumes(entry, tmp_path, cifar_subset_dir):
+def test_ctrl_c_then_sigterm_stop_mid_stage_and_the_same_command_resumes(tmp_path, cifar_subset_dir):
     """Ctrl-C in the classifier's 3rd of 100 epochs: exit 130 within seconds, one resume line,
-    no process of the command left (its local Ray included). The same command resumes the
-    classifier from its last epoch; SIGTERM then stops it the same way with exit 143."""
-    base = [sys.executable, *(["-m", "kdp.cli", "run"] if entry == "kdp run" else ["jobs/pipeline.py"])]
-    cmd = [*base, *LONG, "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path / "out")]
+    no process of the command left. The same command resumes the classifier from its last
+    epoch; SIGTERM then stops it the same way with exit 143."""
+    cmd = [sys.executable, "-m", "kdp.cli", "run", *LONG, "--data-dir", str(cifar_subset_dir),
+           "--out", str(tmp_path / "out")]
     run = tmp_path / "out" / "tiny"
     rc, seconds, ends = _stop_mid_stage(cmd, run, tmp_path / "first.log", signal.SIGINT, after=2)
     out = (tmp_path / "first.log").read_text()
@@ -145,30 +144,26 @@ def test_ctrl_c_then_sigterm_stop_mid_stage_and_the_same_command_resumes(entry, 
     assert rc == 143 and seconds2 < 15, (rc, seconds2, again[-3000:])
     assert "interrupted (SIGTERM)" in again
     _resumed_where_it_stopped(run, ends)
-    print(f"{entry}: SIGINT -> exit in {seconds:.1f} s, SIGTERM -> exit in {seconds2:.1f} s")
+    print(f"kdp run: SIGINT -> exit in {seconds:.1f} s, SIGTERM -> exit in {seconds2:.1f} s")
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("entry", ["jobs/sweep.py", "kdp sweep"])
-def test_a_sweep_stops_on_ctrl_c_and_sigterm_and_resumes(entry, tmp_path, cifar_subset_dir):
-    """The same for a one-trial sweep: Ctrl-C while its shared classifier trains ends the
-    sweep (Tune's own handler, which would wait for a last experiment checkpoint, is off);
-    `--resume` continues the classifier from its last epoch; SIGTERM stops that too. (`kdp
-    sweep` ends through the same `run_command` as jobs/sweep.py: there, Ctrl-C only.)"""
-    base = [sys.executable, *(["jobs/sweep.py"] if entry == "jobs/sweep.py" else ["-m", "kdp.cli", "sweep"])]
+def test_a_sweep_stops_on_ctrl_c_and_sigterm_and_resumes(tmp_path, cifar_subset_dir):
+    """A one-trial sweep: Ctrl-C of jobs/sweep.py while its shared classifier trains ends the
+    sweep and its local Ray (Tune's own handler, which would wait for a last experiment
+    checkpoint, is off); `kdp sweep --resume` (the same `run_command`) continues the classifier
+    from its last epoch, and SIGTERM stops that too. (A killed sweep resumed from a bucket:
+    tests/test_cluster.py.)"""
     out, name = tmp_path / "out", "stop"
-    cmd = [*base, *LONG, "--variants", "kd_nt", "--beta", "0.5", "--name", name, "--data-dir", str(cifar_subset_dir),
-           "--out", str(out)]
+    cmd = [sys.executable, "jobs/sweep.py", *LONG, "--variants", "kd_nt", "--beta", "0.5", "--name", name,
+           "--data-dir", str(cifar_subset_dir), "--out", str(out)]
     rc, seconds, ends = _stop_mid_stage(cmd, out / name, tmp_path / "first.log", signal.SIGINT, after=2)
     first = (tmp_path / "first.log").read_text()
     assert rc == 130 and seconds < 15, (rc, seconds, first[-3000:])
     assert f"interrupted (SIGINT); add --resume (--name {name} --out {out}) to resume it" in first
-    if entry == "kdp sweep":
-        print(f"{entry}: SIGINT -> exit in {seconds:.1f} s")
-        return
-    resume = [*base, "--resume", "--name", name, "--out", str(out)]
+    resume = [sys.executable, "-m", "kdp.cli", "sweep", "--resume", "--name", name, "--out", str(out)]
     rc, seconds2, _ = _stop_mid_stage(resume, out / name, tmp_path / "again.log", signal.SIGTERM, after=1)
     assert rc == 143 and seconds2 < 15, (rc, seconds2, (tmp_path / "again.log").read_text()[-3000:])
     _resumed_where_it_stopped(out / name, ends, logged_stop=False)
-    print(f"{entry}: SIGINT -> exit in {seconds:.1f} s, SIGTERM -> exit in {seconds2:.1f} s")
+    print(f"sweep: SIGINT -> exit in {seconds:.1f} s, SIGTERM -> exit in {seconds2:.1f} s")

@@ -1,5 +1,5 @@
-"""jobs/pipeline.py on a real local Ray head: `ray job submit`, the Python JobSubmissionClient,
-a worker killed mid-epoch, and a killed driver re-submitted under the same run name.
+"""jobs/pipeline.py on a real local Ray head: the Python JobSubmissionClient and a worker killed
+mid-epoch; `ray job stop`, then `ray job submit` of the same run name.
 
 The head is started with `ray start --head` bound to 127.0.0.1 on free ports, with 2 CPUs,
 and stopped in teardown by signalling only the processes that fixture started."""
@@ -99,22 +99,6 @@ def _wait_for(run_dir: Path, pred, timeout: float = 300) -> dict:
     return found[0]
 
 
-def test_ray_job_submit_runs_the_job(head, client, address, tmp_path, cifar_subset_dir):
-    """`ray job submit` with a working dir: the job runs on the head and writes every row (the
-    same job's scheduling, rows and console on an embedded Ray: tests/test_e2e_ray.py)."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "kdp-cli-submit",
-           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
-           "--", *_entrypoint(tmp_path, "submit", *TINY, data=cifar_subset_dir).split()]
-    proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert client.get_job_status("kdp-cli-submit").value == "SUCCEEDED"
-    df = load(tmp_path / "submit" / "results.parquet")
-    assert df.groupby("threat_model").size().to_dict() == {"classifier": VARIANTS * 3, "full": VARIANTS}
-    assert (df.hits.str.len() == df.n).all() and (df.n == 32).all()  # shards' per-image hits joined in order
-    assert f"results: {tmp_path / 'submit' / 'results.parquet'}" in proc.stdout.splitlines()
-    assert (tmp_path / "submit" / "logs" / "teacher_at.log").stat().st_size > 0
-
-
 def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, cifar_subset_dir):
     """SIGKILL the AT teacher's worker (a one-worker stage: a Ray task) in its 2nd epoch; Ray
     retries the task, which resumes from epoch 1's state file. (A Train run's worker group
@@ -142,9 +126,12 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
     assert len(df) == VARIANTS * 3 + VARIANTS  # (clean, fgsm, pgd8) x the variants + full pgd8 x each
 
 
-def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar_subset_dir):
-    """Stop the driver while the teachers train, re-submit the same run name: the classifier and
-    the AEs are reused, and the job completes."""
+def test_a_stopped_job_resubmitted_with_ray_job_submit_skips_finished_stages(head, client, address, tmp_path,
+                                                                             cifar_subset_dir):
+    """Stop the driver (`ray job stop`: SIGTERM) while the teachers train, re-submit the same
+    run name with `ray job submit` and a working dir: the classifier and the AEs are reused,
+    and the job writes every row. (The same job's scheduling, rows and console on an embedded
+    Ray: tests/test_e2e_ray.py.)"""
     run = tmp_path / "resub"
     entry = _entrypoint(tmp_path, "resub", *TINY, "--set", "at_teacher.epochs=3", "--set", "nt_teacher.epochs=3",
                         data=cifar_subset_dir)
@@ -161,12 +148,20 @@ def test_killed_driver_resubmitted_skips_finished_stages(client, tmp_path, cifar
     clf_mtime = (run / "classifier" / "model.pt").stat().st_mtime_ns
     aes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")}
     before = _events(run)
-    second = client.submit_job(entrypoint=entry, runtime_env=_runtime_env(), submission_id="kdp-resub-2")
-    assert _wait(client, second) == "SUCCEEDED", _logs(client, second, tmp_path)
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "kdp-resub-2",
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": ENV}),
+           "--", *entry.split()]
+    proc = subprocess.run(cmd, env=head, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert client.get_job_status("kdp-resub-2").value == "SUCCEEDED"
+    assert f"results: {run / 'results.parquet'}" in proc.stdout.splitlines()
     assert (run / "classifier" / "model.pt").stat().st_mtime_ns == clf_mtime
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "aes").glob("*/x_adv.npy")} == aes
     later = new_events(before, _events(run))  # what the log got after the first job stopped
     status = {(e["stage"], e["status"]) for e in later}
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
-    assert len(load(run / "results.parquet")) == VARIANTS * 3 + VARIANTS
+    df = load(run / "results.parquet")
+    assert df.groupby("threat_model").size().to_dict() == {"classifier": VARIANTS * 3, "full": VARIANTS}
+    assert (df.hits.str.len() == df.n).all() and (df.n == 32).all()  # shards' per-image hits joined in order
+    assert (run / "logs" / "teacher_at.log").stat().st_size > 0

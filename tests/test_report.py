@@ -15,7 +15,7 @@ from kdp.models import build_model
 from kdp.results import SCHEMA
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SWEEP_VARIANTS = {"at_only": "at_teacher", "kd_at": "kd_at", "kd_nt": "kd_nt", "kd_at_nt": "kd_at_nt"}
+SWEEP_VARIANTS = ("at_teacher", "kd_at", "kd_nt", "kd_at_nt")  # a trial's variant is its sweep.variant
 
 
 def _row(variant, attack, correct, n=100, threat="classifier", run="r1", **extra):
@@ -57,10 +57,10 @@ def checked_rows():
 def sweep_rows():
     """4 sweep variants x β in {0.5, 0.3} x ε = 8/255; correct encodes (variant, β)."""
     rows = []
-    for i, (sv, variant) in enumerate(SWEEP_VARIANTS.items()):
+    for i, variant in enumerate(SWEEP_VARIANTS):
         for beta, base in ((0.5, 10), (0.3, 60)):
             for attack in ("clean", "pgd8", "fgsm"):
-                extra = {"trial_id": f"{sv}-{beta}", "sweep.variant": sv, "sweep.beta": beta,
+                extra = {"trial_id": f"{variant}-{beta}", "sweep.variant": variant, "sweep.beta": beta,
                          "sweep.gamma": 0.5, "sweep.eps": 8 / 255 + 1e-9, "sweep.kd_space": "pixels"}
                 rows.append(_row(variant, attack, base + i + (attack == "fgsm"), run="sweep", **extra))
     return rows
@@ -333,3 +333,15 @@ def test_table2_marks_differences_beyond_noise():
 def test_rows_without_hits_get_no_interval():
     md = report.table1_markdown(_frame(pipeline_rows()))
     assert all(" ± " not in line for t in _tables(md) for line in t)
+
+
+def test_names_of_older_files_load_as_todays(tmp_path):
+    """Files written before a rename (threat models `blind`, `end_to_end`; the sweep variant
+    `at_only`) load with today's names, so old results still make one table."""
+    from kdp.results import load, write_results
+
+    rows = [_row("at_teacher", "pgd8", 10, threat="blind", **{"sweep.variant": "at_only", "trial_id": "t"}),
+            _row("none", "pgd8", 5, threat="end_to_end")]
+    df = load(write_results(rows, tmp_path / "old.parquet"))
+    assert sorted(df.threat_model) == ["classifier", "full"]
+    assert df["sweep.variant"].dropna().tolist() == ["at_teacher"]

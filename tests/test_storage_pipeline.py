@@ -199,22 +199,6 @@ def test_a_store_paused_mid_stage_is_ridden_out_while_training_goes_on(s3, s3_se
     assert set(rows.variant) == {"none", "at_teacher", "nt_teacher", "kd_at_nt"} and (rows.n > 0).all()
 
 
-@pytest.mark.slow  # Ray = one process is make test's (test_e2e_ray), a bucket = a directory too
-@pytest.mark.ray
-def test_the_ray_job_with_a_bucket_output_gives_the_rows_of_one_process(bucket_run, s3, tmp_path, cifar_subset_dir):
-    """jobs/pipeline.py on its own local Ray, into another bucket, from its own scratch: its
-    stages are Ray tasks that fetch their inputs and publish their outputs; the rows are the
-    in-process run's, hit by hit. (Ray Train runs into a bucket, a sweep trial's student:
-    tests/test_e2e_ray.py and tests/test_sweep_ray.py.)"""
-    cmd = [sys.executable, "jobs/pipeline.py", *_run_argv(cifar_subset_dir, f"{s3}/runs")[1:]]
-    job = subprocess.run(cmd, cwd=REPO, env={**os.environ, "KDP_SCRATCH": str(tmp_path / "job")},
-                         capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    cols = ["variant", "attack", "threat_model", "hits"]
-    got = load(f"{s3}/runs")[cols].sort_values(cols).reset_index(drop=True)
-    assert got.equals(load(bucket_run[0])[cols].sort_values(cols).reset_index(drop=True))
-
-
 @pytest.mark.parametrize("case", ["missing bucket", "wrong credentials", "unreachable endpoint"])
 def test_bad_storage_fails_in_one_line_before_any_work(case, s3, s3_server, monkeypatch, tmp_path, capsys,
                                                       cifar_subset_dir):

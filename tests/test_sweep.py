@@ -52,7 +52,7 @@ def test_dimensions_parse_grids_fractions_and_ranges():
 
 def test_shipped_sweep_yaml_parses_and_flags_override_it(tmp_path):
     s = load_sweep_file(REPO / "jobs" / "sweep.yaml")
-    assert s.variants == ("at_only", "kd_at", "kd_nt", "kd_at_nt") and s.eps[1] == pytest.approx(8 / 255)
+    assert s.variants == ("at_teacher", "kd_at", "kd_nt", "kd_at_nt") and s.eps[1] == pytest.approx(8 / 255)
     assert s.grid_size() == 4 * 3 * 1 * 3
     s2 = load_sweep_file(REPO / "jobs" / "sweep.yaml", beta="0.5", name="other")
     assert s2.beta == (0.5,) and s2.name == "other" and s2.grid_size() == 12
@@ -67,7 +67,7 @@ def test_shipped_sweep_yaml_parses_and_flags_override_it(tmp_path):
 def test_trial_config_sets_eps_alpha_and_the_student():
     base = PipelineConfig(name="sw", ae=AEConfig(eps=8 / 255, alpha=2 / 255),
                           students=(StudentConfig(epochs=7, width=16),))
-    at_only = trial_config(base, {"variant": "at_only", "beta": 0.1, "gamma": 0.2, "eps": 4 / 255,
+    at_only = trial_config(base, {"variant": "at_teacher", "beta": 0.1, "gamma": 0.2, "eps": 4 / 255,
                                   "kd_space": "pixels"}, "t0")
     assert at_only.students == () and at_only.ae.eps == pytest.approx(4 / 255)
     assert at_only.ae.alpha == pytest.approx(1 / 255) and at_only.name == "sw-t0"
@@ -164,7 +164,7 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
     p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
     quiet = dict(rt=CPU, log=lambda *_: None)
     files = [run_trial(base, {**p, "variant": "kd_nt"}, tmp_path, "t0", be, tiny_data, **quiet),
-             run_trial(base, {**p, "variant": "at_only"}, tmp_path, "t1", be, tiny_data, **quiet),
+             run_trial(base, {**p, "variant": "at_teacher"}, tmp_path, "t1", be, tiny_data, **quiet),
              run_trial(base, {**p, "variant": "kd_at", "eps": 4 / 255}, tmp_path, "t2", be, tiny_data, **quiet)]
     shared = _events(tmp_path / "sw" / "shared")
     made = {}
@@ -189,7 +189,7 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
 
 def test_naive_trials_train_their_own_inputs(tmp_path, tiny_data):
     base, be = _tiny_base("naive"), LocalExecutor()
-    p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels", "variant": "at_only"}
+    p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels", "variant": "at_teacher"}
     for t in ("a", "b"):
         run_trial(base, p, tmp_path, t, be, tiny_data, CPU, share=False, log=lambda *_: None)
     assert len(list((tmp_path / "naive" / "trials").glob("*/own/classifier-*/model.pt"))) == 2
@@ -204,7 +204,7 @@ def test_load_reads_many_sweeps_with_fixed_types(tmp_path, tiny_data):
 
     be = LocalExecutor()
     p = {"beta": 0.5, "gamma": 0.5, "eps": 8 / 255, "kd_space": "pixels"}
-    for sweep, variant in (("s1", "at_only"), ("s2", "kd_nt")):
+    for sweep, variant in (("s1", "at_teacher"), ("s2", "kd_nt")):
         run_trial(_tiny_base(sweep), {**p, "variant": variant}, tmp_path, "t0", be, tiny_data, CPU, log=lambda *_: None)
     root = tmp_path / "results"
     df = load(root)
