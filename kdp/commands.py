@@ -9,6 +9,7 @@ import sys
 
 from kdp.errors import ConfigError
 from kdp.presets import PRESETS, build_config
+from kdp.sweep_space import KNOBS
 
 
 def run_seeds(args):
@@ -68,12 +69,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="sweep id (default: the YAML's name, else 'sweep')")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name under --out (Tune restore)")
     add_config_args(p)
-    p.add_argument("--variants", help="comma list of at_teacher, kd_at, kd_nt, kd_at_nt (default: all four)")
-    p.add_argument("--beta", help="grid '0.25,0.5' or range 'uniform:0.1:1' (default: 0.5)")
-    p.add_argument("--gamma", help="grid or range, like --beta (default: 0.5)")
-    p.add_argument("--eps", help="training eps grid, e.g. '4/255,8/255,16/255' (default: 8/255)")
-    p.add_argument("--kd-space", help="comma list of pixels, logits (default: pixels)")
-    p.add_argument("--seeds", help="replicate seeds, a grid dimension, e.g. '0,1,2' (default: 0)")
+    for k in KNOBS:
+        p.add_argument(k.flag(), dest=k.field, metavar="VALUES", help=_knob_help(k))
     p.add_argument("--num-samples", type=int, help="repeats of the grid (default: 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-share", action="store_true", help="every trial trains its own classifier and "
@@ -81,7 +78,20 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p)
 
 
-_SPACE_FLAGS = ("variants", "beta", "gamma", "eps", "kd_space", "seeds", "num_samples", "max_concurrent")
+def _knob_help(k) -> str:
+    """A knob's doc, its values' form and its default, from its declaration (kdp.sweep_space)."""
+    form = (f"comma list of {', '.join(k.choices)}" if k.choices else
+            "a comma list, or a range 'uniform:LOW:HIGH' / 'loguniform:LOW:HIGH'" if k.ranged else "a comma list")
+    default = ",".join(_number(x) if isinstance(x, float) else str(x) for x in k.default)
+    return f"{k.doc.rstrip('.')}; {form} (default: {default})".replace("%", "%%")
+
+
+def _number(x: float) -> str:
+    """8/255 for eps-like values, else the shortest form."""
+    return f"{round(x * 255)}/255" if 0 < x < 1 and abs(x * 255 - round(x * 255)) < 1e-9 else f"{x:g}"
+
+
+_SPACE_FLAGS = (*(k.field for k in KNOBS), "num_samples", "max_concurrent")
 
 
 def build_sweep(args):

@@ -23,6 +23,7 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.provenance import PACKAGES
 from kdp.errors import DataError, NotFoundError, StorageError
+from kdp.sweep_space import KNOBS
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -59,10 +60,8 @@ PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
     "git_sha", "python", "host", "device", "utc", "accel", *(f"{p}_version" for p in PACKAGES))]
 # A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
 # the hive partition directory `sweep_id=<id>`, not a column of the files.
-SWEEP_FIELDS = [pa.field(n, t) for n, t in (
-    ("trial_id", pa.string()), ("sweep.variant", pa.string()), ("sweep.beta", pa.float64()),
-    ("sweep.gamma", pa.float64()), ("sweep.eps", pa.float64()), ("sweep.kd_space", pa.string()),
-    ("sweep.seed", pa.int64()))]
+SWEEP_FIELDS = [pa.field("trial_id", pa.string())] + [
+    pa.field(f"sweep.{k.param}", _ARROW[k.type]) for k in KNOBS]
 SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
     + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")

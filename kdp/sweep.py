@@ -1,7 +1,8 @@
 """Sweeps over the method's knobs (the paper's Table 2 ablation and its choice of beta, gamma).
 
 A sweep is a base PipelineConfig plus a search space (`SweepConfig`). Each trial is one
-point: a teacher variant, beta, gamma, the training eps and the KD softmax space. A trial
+point: a value of each knob of kdp.sweep_space (teacher variant, beta, gamma, the training eps,
+the KD softmax space, the replicate seed). A trial
 only trains its student and evaluates it; everything it depends on is shared:
 
     <out>/<sweep>/sweep.json                      the SweepConfig and the base PipelineConfig
@@ -30,64 +31,30 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import Runtime, StudentConfig, require, one_of, check_name
+from kdp.config import Runtime, require, check_name
 from kdp.pipeline_config import PipelineConfig
-from kdp.configio import coerce, flatten, from_dict, parse_seeds, replicate
+from kdp.configio import flatten, from_dict
 from kdp.data import Cifar
-from kdp.errors import ConfigError, DataError, NotFoundError
+from kdp.errors import DataError, NotFoundError
 from kdp.events import events_file, log_event
 from kdp.ensure import ensure
 from kdp.graph import Run, Stage, ae_entry, pipeline_graph, placer, run_graph
 from kdp.locks import held
-from kdp.losses import KD_SPACES
 from kdp.pipeline import record_config
 from kdp.results import unique_name
 from kdp.storage import open_storage
-
-# sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
-VARIANTS = {"at_teacher": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
-DISTRIBUTIONS = ("uniform", "loguniform")
-DIMENSIONS = ("beta", "gamma", "eps")
-
+from kdp.sweep_space import KNOBS, Range
 
 @dataclass(frozen=True)
-class Range:
-    """A sampled dimension: `dist` between low and high (each trial sample draws anew)."""
-    dist: str
-    """'uniform' or 'loguniform'."""
-    low: float
-    """Lower bound."""
-    high: float
-    """Upper bound (> low)."""
-
-    def __post_init__(self):
-        one_of(self.dist, DISTRIBUTIONS, "distribution")
-        require(0 <= self.low < self.high, f"range needs 0 <= low < high, got {self.low}, {self.high}")
-        require(self.dist != "loguniform" or self.low > 0, "loguniform needs low > 0")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """The search space of one sweep; grids multiply, `num_samples` repeats the grid."""
+class _Sweep:
+    """The search space of one sweep: a grid over its knobs (kdp.sweep_space.KNOBS, one field
+    each, added below), repeated `num_samples` times."""
     name: str = "sweep"
     """Sweep id: the directory under the output root and the results partition."""
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    """Teacher variants: at_teacher (the AT teacher as the purifier, no KD), kd_at, kd_nt, kd_at_nt."""
-    beta: tuple[float, ...] | Range = (0.5,)
-    """Weight of the reconstruction loss: a grid of values or a Range."""
-    gamma: tuple[float, ...] | Range = (0.5,)
-    """Weight of the distillation loss: a grid of values or a Range."""
-    eps: tuple[float, ...] | Range = (8 / 255,)
-    """Training eps of the AT teacher's and the students' AEs (alpha scales with it)."""
-    kd_space: tuple[str, ...] = ("pixels",)
-    """KD softmax space(s): pixels and/or logits."""
-    seeds: tuple[int, ...] = (0,)
-    """Replicate seeds, a grid dimension: each reseeds the trial's teachers, student and attack
-    starts (kdp.configio.replicate); the classifier and training AEs stay shared."""
     num_samples: int = 1
     """Repeats of the grid (each draws fresh values for Range dimensions)."""
     max_concurrent: int = 0
@@ -99,61 +66,24 @@ class SweepConfig:
 
     def __post_init__(self):
         check_name(self.name, "sweep")
-        object.__setattr__(self, "variants", tuple(self.variants))
-        object.__setattr__(self, "kd_space", tuple(self.kd_space))
-        require(len(self.variants) > 0, "a sweep needs at least one variant")
-        for v in self.variants:
-            one_of(v, tuple(VARIANTS), "sweep variant")
-        for s in self.kd_space:
-            one_of(s, KD_SPACES, "kd space")
-        object.__setattr__(self, "seeds", parse_seeds(",".join(str(s) for s in self.seeds)))
-        for dim in DIMENSIONS:
-            self._check_dim(dim)
+        for k in KNOBS:
+            object.__setattr__(self, k.field, k.parse(getattr(self, k.field)))
         require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         require(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
         require(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
 
-    def _check_dim(self, dim: str) -> None:
-        v = getattr(self, dim)
-        if isinstance(v, Range):
-            require(dim != "eps" or v.high <= 1, f"eps range must lie in (0, 1], got {v}")
-            return
-        v = tuple(float(x) for x in v)
-        object.__setattr__(self, dim, v)
-        require(len(v) > 0, f"sweep {dim} needs at least one value")
-        for x in v:
-            ok = 0 < x <= 1 if dim == "eps" else x >= 0
-            require(ok, f"sweep {dim} value {x} out of range ({'(0, 1]' if dim == 'eps' else '>= 0'})")
-
     def grid_size(self) -> int:
-        n = len(self.variants) * len(self.kd_space) * len(self.seeds) * self.num_samples
-        for dim in DIMENSIONS:
-            v = getattr(self, dim)
+        n = self.num_samples
+        for k in KNOBS:
+            v = getattr(self, k.field)
             n *= 1 if isinstance(v, Range) else len(v)
         return n
 
 
-def parse_dim(dim: str, value) -> tuple[float, ...] | Range:
-    """A dimension from YAML or the CLI: a list, 'a,b,c', 'uniform:lo:hi' or {uniform: [lo, hi]}.
-    Numbers may be fractions like 8/255."""
-    if isinstance(value, dict):
-        require(len(value) == 1, f"sweep {dim}: a range is one of {DISTRIBUTIONS}: [low, high], got {value}")
-        (dist, bounds), = value.items()
-        require(isinstance(bounds, (list, tuple)) and len(bounds) == 2, f"sweep {dim}: {dist} needs [low, high]")
-        return Range(dist, *(_number(dim, b) for b in bounds))
-    if isinstance(value, str) and value.split(":")[0] in DISTRIBUTIONS:
-        parts = value.split(":")
-        require(len(parts) == 3, f"sweep {dim}: expected dist:low:high, got {value!r}")
-        return Range(parts[0], _number(dim, parts[1]), _number(dim, parts[2]))
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-    return tuple(_number(dim, x) for x in items)
-
-
-def _number(dim: str, x) -> float:
-    try:
-        return coerce(str(x).strip(), float)
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"sweep {dim}: not a number: {x!r}") from None
+# one field per knob, `<field>: a tuple of values (or a Range)`, its default the knob's grid
+SweepConfig = make_dataclass(
+    "SweepConfig", [(k.field, tuple | Range, field(default=k.default, metadata={"doc": k.doc})) for k in KNOBS],
+    bases=(_Sweep,), frozen=True, namespace={"__doc__": _Sweep.__doc__, "__module__": __name__})
 
 
 def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
@@ -162,14 +92,6 @@ def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
     merged = {**(d or {}), **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(merged) - set(valid))
     require(not unknown, f"unknown sweep key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    for dim in DIMENSIONS:
-        if dim in merged and not isinstance(merged[dim], Range):
-            merged[dim] = parse_dim(dim, merged[dim])
-    for key in ("variants", "kd_space"):
-        if isinstance(merged.get(key), str):
-            merged[key] = tuple(s.strip() for s in merged[key].split(",") if s.strip())
-    if isinstance(merged.get("seeds"), str):  # '0,1,2' from a flag; lists are checked by SweepConfig
-        merged["seeds"] = parse_seeds(merged["seeds"])
     return SweepConfig(**merged)
 
 
@@ -189,36 +111,26 @@ def load_sweep_file(path: str | Path, **overrides) -> SweepConfig:
 
 
 def sweep_to_dict(s: SweepConfig) -> dict:
-    d = dataclasses.asdict(s)
-    for dim in DIMENSIONS:
-        v = getattr(s, dim)
-        d[dim] = {v.dist: [v.low, v.high]} if isinstance(v, Range) else list(v)
-    return d
+    return {**dataclasses.asdict(s), **{k.field: k.to_json(getattr(s, k.field)) for k in KNOBS}}
 
 
 # ---- one trial ---------------------------------------------------------------------------
 
 def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineConfig:
-    """The PipelineConfig of one trial: AE eps (alpha scaled with it) and at most one student.
-    A trial evaluates its own purifier only: no baselines, and no `transfer` threat model
-    (a sweep trains no surrogate; `kdp run` gives the whole Table 1)."""
-    base = dataclasses.replace(replicate(base, int(params.get("seed", 0))), name=base.name)
-    eps = float(params["eps"])
-    ae = dataclasses.replace(base.ae, eps=eps, alpha=base.ae.alpha * eps / base.ae.eps if base.ae.eps else eps / 4)
-    teachers = VARIANTS[params["variant"]]
-    template = base.students[0] if base.students else StudentConfig()
-    students = () if teachers is None else (dataclasses.replace(
-        template, teachers=teachers, beta=float(params["beta"]), gamma=float(params["gamma"]),
-        kd_space=params["kd_space"]),)
+    """The PipelineConfig of one trial: each knob's value applied (a missing one takes its
+    default's first value). A trial evaluates its own purifier only: no baselines, and no
+    `transfer` threat model (a sweep trains no surrogate; `kdp run` gives the whole Table 1)."""
+    cfg = base
+    for k in KNOBS:
+        cfg = k.apply(cfg, k.type(params.get(k.param, k.default[0])))
     threats = tuple(t for t in base.eval.threat_models if t != "transfer")
-    return dataclasses.replace(base, name=f"{base.name}-{trial_id}", ae=ae, students=students, baselines=(),
-                               eval=dataclasses.replace(base.eval, threat_models=threats))
+    return dataclasses.replace(cfg, name=f"{base.name}-{trial_id}", baselines=(),
+                               eval=dataclasses.replace(cfg.eval, threat_models=threats))
 
 
 def trial_columns(params: dict, trial_id: str) -> dict:
-    return {"trial_id": trial_id, "sweep.variant": params["variant"], "sweep.beta": float(params["beta"]),
-            "sweep.gamma": float(params["gamma"]), "sweep.eps": float(params["eps"]),
-            "sweep.kd_space": params["kd_space"], "sweep.seed": int(params.get("seed", 0))}
+    """The trial's results columns: its id and `sweep.<param>` of every knob."""
+    return {"trial_id": trial_id, **{f"sweep.{k.param}": k.type(params.get(k.param, k.default[0])) for k in KNOBS}}
 
 
 def _key(*parts) -> str:
@@ -282,6 +194,7 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
         return done[0]
     t0 = time.time()
     log_event(sweep_dir, "trial", "started", by=trial_id, params=params)
+    store.push(events_file(sweep_dir))  # a bucket's log shows the trials in flight, not only the finished
     cfg = trial_config(base, params, trial_id)
     variant = cfg.students[0].variant if cfg.students else "at_teacher"
     root, trial_dir = shared_root(sweep_dir, trial_id, share), sweep_dir / "trials" / trial_id

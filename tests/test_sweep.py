@@ -14,8 +14,9 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.events import read_events
 from kdp.graph import LocalExecutor
 from kdp.results import SCHEMA, load
-from kdp.sweep import (Range, ensure, load_sweep_file, parse_dim, run_trial, sweep_from_dict, trial_columns,
+from kdp.sweep import (SweepConfig, ensure, load_sweep_file, run_trial, sweep_from_dict, trial_columns,
                        trial_config)
+from kdp.sweep_space import BY_FIELD, KNOBS, Range
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = Runtime(device="cpu", progress=False)
@@ -41,6 +42,10 @@ def test_bad_search_space_names_the_value(d, needle):
     assert needle in str(e.value)
 
 
+def parse_dim(field: str, value):
+    return BY_FIELD[field].parse(value)
+
+
 def test_dimensions_parse_grids_fractions_and_ranges():
     assert parse_dim("eps", "4/255,8/255") == (4 / 255, 8 / 255)
     assert parse_dim("beta", [0.25, "1/2"]) == (0.25, 0.5)
@@ -62,6 +67,43 @@ def test_shipped_sweep_yaml_parses_and_flags_override_it(tmp_path):
         load_sweep_file(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_sweep_file(tmp_path / "nope.yaml")
+
+
+def _other_value(k):
+    """A valid value of knob k other than its default's first."""
+    if k.choices:
+        return next(c for c in k.choices if c != k.default[0] and c != "at_teacher")
+    return k.default[0] + 1 if k.type is int else k.default[0] / 2
+
+
+@pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.param)
+def test_every_knob_is_a_field_a_flag_a_trial_setting_and_a_column(knob):
+    """Each declared knob (kdp.sweep_space.KNOBS) reaches every place from its one record: the
+    SweepConfig field and sweep.json, the `kdp sweep` flag, Tune's search space, the trial's
+    config, and its typed `sweep.<param>` results column."""
+    import argparse
+
+    from kdp.commands import add_sweep_args
+    from kdp.distributed.sweep import param_space
+    from kdp.sweep import sweep_to_dict
+
+    v = _other_value(knob)
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    args = p.parse_args([knob.flag(), str(v), "--out", "unused"])
+    sweep = sweep_from_dict({}, **{knob.field: getattr(args, knob.field)})
+    assert getattr(sweep, knob.field) == (v,) and sweep.grid_size() == sweep_from_dict({}).grid_size() // len(
+        knob.default)
+    assert sweep_from_dict(sweep_to_dict(sweep)) == sweep
+    assert set(param_space(sweep)) == {k.param for k in KNOBS}
+    params = {k.param: k.default[0] for k in KNOBS} | {"variant": "kd_at_nt"}
+    base = PipelineConfig(name="sw", students=(StudentConfig(),))
+    assert trial_config(base, {**params, knob.param: v}, "t") != trial_config(base, params, "t")
+    if knob.apply.__qualname__.startswith("student_knob"):
+        assert getattr(trial_config(base, {**params, knob.param: v}, "t").students[0], knob.param) == v
+    col = f"sweep.{knob.param}"
+    assert trial_columns({**params, knob.param: v}, "t")[col] == v
+    assert pa.array([v]).type == SCHEMA.field(col).type and isinstance(sweep, SweepConfig)
 
 
 def test_trial_config_sets_eps_alpha_and_the_student():
@@ -88,6 +130,8 @@ def test_seeds_are_a_grid_dimension_that_reseeds_the_trial():
     assert cfg.name == "sw-t2" and cfg.seed == 2 and cfg.students[0].seed == 2 and cfg.eval.seed == 2
     assert cfg.at_teacher.seed == 2 and cfg.classifier == base.classifier and cfg.ae == base.ae
     assert trial_columns(p, "t2")["sweep.seed"] == 2
+    # a base with no student: the trial's student (from StudentConfig's defaults) is reseeded too
+    assert trial_config(PipelineConfig(name="sw", students=()), p, "t3").students[0].seed == 2
 
 
 def test_ensure_makes_once_under_concurrency_and_survives_a_crashed_maker(tmp_path, monkeypatch):

@@ -30,7 +30,8 @@ from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
-from kdp.sweep import Range, SweepConfig, prepare_sweep, run_trial
+from kdp.sweep import SweepConfig, prepare_sweep, run_trial
+from kdp.sweep_space import KNOBS, Range
 from kdp.bucket_io import why
 from kdp.errors import ConfigError, NotFoundError, StorageError
 from kdp.interrupt import in_thread
@@ -73,8 +74,7 @@ def param_space(s: SweepConfig) -> dict:
     """Tune's search space: grids for value lists, samplers for Ranges."""
     def dim(v):
         return SAMPLERS[v.dist](v.low, v.high) if isinstance(v, Range) else tune.grid_search(list(v))
-    return {"variant": tune.grid_search(list(s.variants)), "beta": dim(s.beta), "gamma": dim(s.gamma),
-            "eps": dim(s.eps), "kd_space": tune.grid_search(list(s.kd_space)), "seed": tune.grid_search(list(s.seeds))}
+    return {k.param: dim(getattr(s, k.field)) for k in KNOBS}
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
