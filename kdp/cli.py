@@ -7,18 +7,8 @@ import argparse
 import dataclasses
 import json
 
-from kdp.commands import add_run_args, add_sweep_args, run_command, run_seeds, runtime, sweep_command
+from kdp.commands import add_pipeline_args, add_sweep_args, pipeline_command, run_command, sweep_command
 from kdp.presets import PRESETS, build_config
-
-
-def _run(args) -> None:
-    from kdp.pipeline import run
-    from kdp.results import print_tables
-    from kdp.train import resolve_device
-
-    cfg, seeds = build_config(args.preset, args.data_dir, args.name, args.set), run_seeds(args)
-    resolve_device(args.device)
-    print_tables(run(cfg, args.out, runtime(args), seeds, args.seed_scope, args.classifier))
 
 
 def _show(args) -> None:
@@ -37,15 +27,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdp", description="Distillation-based adversarial purification "
                                 "(Koo, Chae, Lee 2023): train a classifier, AT/NT teachers and students, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run (or resume) the whole pipeline in this process",
-                       description="Run every stage; re-running the same --name resumes.")
-    add_run_args(r)
-    from kdp.config import Runtime
-    from kdp.flags import add_dataclass_args
-
-    # the Ray job's devices are Ray's to assign; a time limit stops this one process
-    add_dataclass_args(r, Runtime, only=("device", "time_limit"))
-    r.set_defaults(fn=_run)
+    r = sub.add_parser("run", help="run (or resume) the whole pipeline, in this process or on Ray",
+                       description="Run every stage; re-running the same --name resumes. --executor ray "
+                       "is the Ray job (jobs/pipeline.py).")
+    add_pipeline_args(r, "local")
+    r.set_defaults(fn=pipeline_command)
     s = sub.add_parser("show", help="print a preset's full config as JSON")
     s.add_argument("--preset", default="smoke", help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kdp.errors import ConfigError
 from kdp.presets import PRESETS, build_config
@@ -35,6 +36,82 @@ def add_run_args(r: argparse.ArgumentParser) -> None:
                    help="what --seeds reseeds: purifiers (teachers, students, baselines, attack starts; "
                    "default) or all (the classifier and training AEs too)")
     add_runtime_args(r)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, executor: str) -> None:
+    """The flags of `kdp run` (--executor local by default) and of jobs/pipeline.py (the same
+    command, --executor ray by default)."""
+    from kdp.config import Runtime
+    from kdp.distributed.config import add_scale_args
+    from kdp.flags import add_dataclass_args
+
+    add_run_args(p)
+    p.add_argument("--executor", choices=EXECUTORS, default=executor, help="local: every stage in this "
+                   "process; ray: stages as Ray tasks and Train runs, on the cluster at --address or a "
+                   "fresh local Ray (default: %(default)s)")
+    local = p.add_argument_group("in this process (--executor local)")
+    add_dataclass_args(local, Runtime, only=("device", "time_limit"))
+    add_scale_args(p.add_argument_group("on Ray (--executor ray)"))
+
+
+def pipeline_command(args) -> None:
+    """kdp run, jobs/pipeline.py: bad input refused in one line before any work (and before Ray
+    starts), the output root checked once; then kdp.pipeline.run in this process or on Ray."""
+    from kdp.checkpoint import read_meta
+    from kdp.pipeline import run
+    from kdp.results import print_tables
+    from kdp.storage import open_storage
+
+    cfg, rt, seeds = build_config(args.preset, args.data_dir, args.name, args.set), runtime(args), run_seeds(args)
+    scale = _scale(args)
+    if args.classifier:
+        read_meta(Path(args.classifier))
+    store = open_storage(args.out)  # for Ray: a directory every node mounts, or a bucket every node reaches
+    store.preflight()
+    print_tables(run(cfg, store, rt, seeds, args.seed_scope, args.classifier, _executor(args, scale, cfg, store)))
+
+
+def _scale(args):
+    """The Ray executor's ScaleConfig (None for --executor local); the other executor's flags
+    are refused, naming them."""
+    from kdp.config import Runtime
+    from kdp.distributed.config import ScaleConfig, scale_config
+
+    scale = scale_config(args)
+    if args.executor == "ray":
+        given = [f for f, v in (("--device", args.device != Runtime.device), ("--time-limit", args.time_limit)) if v]
+        why = "on Ray, --use-gpu asks for GPUs; a time limit stops one process"
+    else:
+        given = [f"--{f.replace('_', '-')}" for f in ScaleConfig.__dataclass_fields__
+                 if getattr(scale, f) != getattr(ScaleConfig(), f)] + ["--address"] * bool(args.address)
+        why = "they size and place the stages on Ray"
+    if given:
+        other = "local" if args.executor == "ray" else "ray"
+        raise ConfigError(f"{', '.join(given)}: only with --executor {other} ({why})")
+    return scale if args.executor == "ray" else None
+
+
+def _executor(args, scale, cfg, store):
+    """None (this process, on --device) or a RayExecutor, after joining or starting Ray."""
+    if scale is None:
+        from kdp.train import resolve_device
+
+        resolve_device(args.device)
+        return None
+    from kdp.distributed.config import connect, isolate
+    from kdp.distributed.netns import network_uses
+
+    uses = network_uses(args.out, cfg.data.data_dir, args.classifier)
+    isolate(args.address, scale, uses, getattr(args, "rerun", None))
+    connect(args.address, args.verbose)
+    from kdp.distributed.executor import RayExecutor  # here: Ray is imported once, after any re-run above
+    from kdp.distributed.nodes import check_shared_storage
+
+    check_shared_storage(store)
+    return RayExecutor(scale)
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

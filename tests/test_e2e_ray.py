@@ -1,5 +1,6 @@
-"""The tiny preset through the Ray job on the embedded local Ray it starts: jobs/pipeline.py
-gives the same rows as the in-process run (`tiny_run`). The job runs as its own process
+"""The tiny preset on the Ray executor, on the embedded local Ray it starts: `kdp run
+--executor ray` (the Ray job jobs/pipeline.py is the same command: tests/test_jobs.py submits
+it) gives the same rows as the in-process run (`tiny_run`). The command runs as its own process
 group, ended if it hangs. (A Tune sweep end to end, into a bucket: tests/test_cluster.py.)"""
 from __future__ import annotations
 
@@ -21,20 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = ["variant", "attack", "threat_model"]
 
 
-def run_job(script: str, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    """`python jobs/<script> args` in a session of its own; on timeout its whole process group
+def run_on_ray(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    """`kdp run --executor ray args` in a session of its own; on timeout its whole process group
     (the driver and the local Ray it started) is killed, so nothing is left behind."""
     with short_temp_dir() as ray_tmp:  # the local Ray's session files go here, removed after
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / script), *args], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "kdp", "run", "--executor", "ray", *args], cwd=REPO, env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            pytest.fail(f"{script} still running after {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
+            pytest.fail(f"kdp run still running after {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -43,7 +44,7 @@ def test_the_ray_job_gives_the_same_rows_as_one_process(tiny_run, tmp_path, cifa
     over tasks: the same rows, image by image, as the in-process run of the same config.
     Independent stages run at the same time, never more than the 2 CPUs hold; the console has
     one line per stage event and epoch, and each stage's own output is in its log."""
-    proc = run_job("pipeline.py", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
+    proc = run_on_ray("--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path),
                    "--eval-shard-size", "16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ray_rows = load(tmp_path / "tiny" / "results.parquet").sort_values(KEY).reset_index(drop=True)

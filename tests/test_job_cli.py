@@ -37,7 +37,6 @@ def no_ray(jobs, monkeypatch):
         raise AssertionError("bad input reached Ray's connect")
 
     monkeypatch.setattr(dist, "connect", tripwire)
-    monkeypatch.setattr(jobs["pipeline"], "connect", tripwire)  # bound when jobs/pipeline.py was imported
     yield
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a Ray instance was started"
 
@@ -112,15 +111,20 @@ BAD_RUN = [(("--preset", "giant"), "'giant'"), (("--data-dir", "/no/such/cifar")
            (("--classifier", "/no/such/classifier"), "/no/such/classifier")]
 
 
-@pytest.mark.parametrize("entry", ["kdp run", "jobs/pipeline.py"])
-@pytest.mark.parametrize("args, needle", BAD_RUN)
+ENTRIES = ("kdp run", "kdp run --executor ray", "jobs/pipeline.py")
+# each executor refuses the other's flags
+OTHERS = [("kdp run", ("--use-gpu",), "--use-gpu: only with --executor ray"),
+          ("kdp run", ("--address", "127.0.0.1:1"), "--address: only with --executor ray"),
+          ("kdp run --executor ray", ("--device", "cpu"), "--device: only with --executor local"),
+          ("jobs/pipeline.py", ("--time-limit", "60"), "--time-limit: only with --executor local")]
+
+
+@pytest.mark.parametrize("entry, args, needle", [(e, a, n) for e in ENTRIES for a, n in BAD_RUN] + OTHERS)
 def test_bad_input_is_refused_the_same_way_by_both_executors(entry, args, needle, tmp_path, cifar_subset_dir, jobs,
                                                              no_ray, capsys):
-    """The in-process and the Ray executor refuse bad input in one line, before any work."""
-    if entry == "kdp run":
-        main, prefix = cli.main, ["run"]
-    else:
-        main, prefix = jobs["pipeline"].main, []
+    """The in-process and the Ray executor refuse bad input in one line, before any work; and
+    each refuses the other's flags."""
+    main, prefix = (jobs["pipeline"].main, []) if entry == "jobs/pipeline.py" else (cli.main, entry.split()[1:])
     data = [] if "--data-dir" in args else ["--data-dir", str(cifar_subset_dir)]
     code, err = _main(main, [*prefix, *args, *data, "--out", str(tmp_path)], capsys)
     assert code == 2, err[-2000:]
