@@ -15,7 +15,7 @@ import pytest
 from conftest import _job_server_up, _naming, _port_open, _proc_table, alive, free_ports, head_processes, ray_head, \
     short_temp_dir, start_head, stop_head
 
-pytestmark = [pytest.mark.ray]  # in `make test` (not slow): 32 s with setup and teardown, measured on 2 cores
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a property of the test harness: CI runs it (make test-all)
 
 ENV = {"RAY_AUTH_MODE": "disabled", "KDP_TEST_RAY_HEAD": "on"}
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # what a bare ray.init() on this machine joins
