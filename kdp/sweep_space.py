@@ -91,7 +91,9 @@ class Knob:
 
     def _interval(self) -> str:
         low, high, closed = self.bounds
-        return f">= {low:g}" if high == float("inf") else f"{'[' if closed else '('}{low:g}, {high:g}]"
+        if high == float("inf"):
+            return f"{'>=' if closed else '>'} {low:g}"
+        return f"{'[' if closed else '('}{low:g}, {high:g}]"
 
     def _range(self, value) -> Range:
         if isinstance(value, str):

@@ -268,3 +268,17 @@ def test_load_reads_many_sweeps_with_fixed_types(tmp_path, tiny_data):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no .parquet files"):
         load(tmp_path / "empty")
+
+
+def test_a_new_student_knob_is_one_declaration():
+    """What docs/extending.md's `student_knob` line gives, for a student field not swept today
+    (the learning rate): its values parsed and checked, and the trial's student set by it."""
+    from kdp.sweep_space import student_knob
+
+    lr = student_knob("lr", float, (0.01,), "Adam's learning rate.", ranged=True, bounds=(0.0, 1.0, False))
+    assert lr.flag() == "--lr" and lr.parse("1e-3,1/100") == (0.001, 0.01)
+    assert lr.parse("loguniform:1e-4:1e-2") == Range("loguniform", 1e-4, 1e-2)
+    with pytest.raises(ValueError, match=r"sweep lr value 0.0 out of range \(\(0, 1\]\)"):
+        lr.parse("0")
+    base = trial_config(PipelineConfig(name="sw"), {"variant": "kd_at"}, "t")
+    assert lr.apply(base, 0.002).students[0].lr == 0.002 and lr.apply(base, 0.002).students[0].teachers == ("at",)
