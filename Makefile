@@ -38,7 +38,9 @@ install: $(STAMP)
 
 # The `env` prefix ignores a pip configuration that points find-links at a local CPU-only
 # torch wheel, which PyPI's torchvision cannot be imported next to (README: Install).
+# --no-compile: Python compiles what it imports, when it first does; pip would compile every
+# file of every package (a third of the install: docs/runs/test-tiers-cpu2.json).
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VENV)/bin/pip install -c requirements.lock -e '.[dev]'
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VENV)/bin/pip install --no-compile -c requirements.lock -e '.[dev]'
 	touch $@

@@ -59,6 +59,22 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+# the tiny run reduced to what an executor or a storage changes: no baselines, one student, the
+# classifier threat model, two attacks; its rows are the tiny run's rows of the same variants
+REDUCED = ["--set", "baselines=", "--set", "eval.threat_models=classifier", "--set", "students=at+nt",
+           "--set", "eval.attacks=pgd8+fgsm"]
+REDUCED_ROWS = 4 * 3  # (none, 2 teachers, a student) x (clean, pgd8, fgsm)
+
+
+def same_rows(rows, tiny_run: Path) -> bool:
+    """Whether every row (variant, attack, threat model) is the tiny run's, image by image."""
+    from kdp.results import load
+
+    cols = ["variant", "attack", "threat_model", "n", "first", "hits"]
+    both = rows[cols].merge(load(tiny_run / "results.parquet")[cols], on=cols[:3], suffixes=("", "_local"))
+    return len(both) == len(rows) and all((both[c] == both[f"{c}_local"]).all() for c in cols[3:])
+
+
 def tiny_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """`kdp run` of the tiny preset (argv after `kdp`)."""
     return ["run", "--preset", "tiny", "--data-dir", str(data_dir), "--out", str(out), "--quiet", *extra]

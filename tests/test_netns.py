@@ -58,6 +58,7 @@ def _listening_pids() -> set[int]:
     return {int(p) for p in re.findall(r"pid=(\d+)", out)}
 
 
+@pytest.mark.slow  # a real Ray in its own namespace, 10 s: CI (make test's budget has the install in it)
 @pytest.mark.ray
 @pytest.mark.skipif(not available(), reason="this system forbids unprivileged network namespaces")
 def test_a_local_ray_listens_on_loopback_only_with_token_authentication(tmp_path, cifar_subset_dir):

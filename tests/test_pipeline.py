@@ -94,6 +94,7 @@ def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, ci
         (s, "skipped") for s in [*STAGES, "aes", "evaluate"])
 
 
+@pytest.mark.slow  # two evaluations of the tiny run, 13 s: CI
 def test_rescore_and_a_changed_input_evaluate_again(tiny_run, tmp_path, cifar_subset_dir):
     """--rescore re-scores (the same rows: same models, seeded attacks); new weights in an
     input change the key, so a plain re-run re-scores too."""

@@ -112,6 +112,7 @@ def test_credentials_in_a_uri_are_refused_and_never_written(tmp_path, capsys, mo
         assert key.encode() not in p.read_bytes() and secret.encode() not in p.read_bytes(), p
 
 
+@pytest.mark.slow  # a store's outage timed out for real, 6-9 s: CI
 def test_a_stalled_store_is_ridden_out_and_a_dead_one_fails_in_one_line(s3, s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")  # no byte for 1 s: a request fails (default 30)
     node = BucketStorage(f"{s3}/r", tmp_path / "node")
@@ -139,6 +140,7 @@ def test_a_stalled_store_is_ridden_out_and_a_dead_one_fails_in_one_line(s3, s3_s
         os.killpg(s3_server.proc.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow  # a store's outage timed out for real, 6-9 s: CI
 def test_training_goes_on_while_a_state_push_waits_on_a_paused_store(s3, s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")
     node = BucketStorage(f"{s3}/r", tmp_path / "node")
@@ -167,6 +169,7 @@ def test_training_goes_on_while_a_state_push_waits_on_a_paused_store(s3, s3_serv
         os.killpg(s3_server.proc.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow  # a store's outage timed out for real, 6-9 s: CI
 def test_a_failed_background_push_fails_the_stage_in_one_line(s3, s3_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KDP_STORE_TIMEOUT_S", "1")
     node = BucketStorage(f"{s3}/r", tmp_path / "node")
@@ -278,6 +281,7 @@ def test_environment_failures_are_one_line_also_from_inside_ray(tmp_path, capsys
     assert err.count("\n") == 1 and f"{blocker / 'o'}: cannot write the output root (Not a directory)" in err
 
 
+@pytest.mark.slow  # a store's outage timed out for real, 6-9 s: CI
 def test_tunes_own_store_errors_are_one_line_naming_the_uri(monkeypatch):
     from ray import tune
 

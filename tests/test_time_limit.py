@@ -63,6 +63,7 @@ def test_a_limited_fit_stops_before_an_epoch_that_would_not_fit_and_resumes(cloc
             interrupt.before("stage x")
 
 
+@pytest.mark.slow  # the tiny run's evaluation again, 7 s: CI
 def test_a_limited_evaluation_resumes_at_its_next_shard_with_the_same_rows(tiny_run, tmp_path, monkeypatch,
                                                                              cifar_subset_dir, clock, capsys):
     out = tmp_path / "root"
