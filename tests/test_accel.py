@@ -104,6 +104,7 @@ def test_bf16_training_ends_where_the_reference_ends():
     assert ref < 0.5 * start and abs(fast - ref) < 0.05 * ref, (start, losses)
 
 
+@pytest.mark.slow  # torch.compile on the CPU, 4-11 s a model: CI
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compile_is_the_same_function(name):
     compare(name, Accel(CPU, compile="default"), 1e-4, 1e-4)
