@@ -6,11 +6,15 @@
 #
 #   OUT=/where/files/go/back bash benchmarks/lease.sh BENCH_SECONDS RUN_MINUTES
 #
-# BENCH_SECONDS 0 skips the benchmark. What comes back under $OUT (at most 6 files): lease.log,
-# gpu.json, the run's carry (carry.json and <run>.tgz.NNN, 15.5 MiB each).
+# BENCH_SECONDS 0 skips the benchmark, RUN_MINUTES 0 the run. With .gpu/ray.tar.xz (`lease.py
+# prepare --ray`), the trimmed Ray runs between them: benchmarks/ray_gpu.py (a Train run's NCCL
+# all-reduce), then jobs/pipeline.py --use-gpu on a reduced tiny run, into ray.log.
+# What comes back under $OUT (at most 7 files): lease.log, gpu.json, ray.log, the run's carry
+# (carry.json and <run>.tgz.NNN, 15.5 MiB each).
 # For tests: KDP_LEASE (default .gpu), KDP_LEASE_RUNS (runs), KDP_LEASE_PRESET (paper),
 # KDP_LEASE_DATA (the data pack in KDP_LEASE),
-# KDP_LEASE_ARGS (more `kdp run` arguments), KDP_LEASE_BENCH_ARGS (more benchmarks/gpu.py ones).
+# KDP_LEASE_ARGS (more `kdp run` arguments), KDP_LEASE_BENCH_ARGS (more benchmarks/gpu.py ones),
+# KDP_LEASE_RAY_ARGS (jobs/pipeline.py's placement, default --use-gpu --one-worker train).
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 BENCH_S=${1:-200}
@@ -40,6 +44,28 @@ if [ "$BENCH_S" != 0 ]; then
   say "benchmark exit $?"
 fi
 
+RAY_TAR=$(ls "$LEASE"/ray.tar* 2>/dev/null | head -1)
+if [ -n "$RAY_TAR" ]; then  # issue 25 step 6: Ray, its Train and NCCL, on the GPU
+  say "Ray: benchmarks/ray_gpu.py, then jobs/pipeline.py ${KDP_LEASE_RAY_ARGS---use-gpu --one-worker train} (tiny, reduced) into ray.log"
+  RAY_SITE=$(mktemp -d) && python3 -m tarfile -e "$RAY_TAR" "$RAY_SITE" || say "Ray unpack failed"
+  (
+    export PYTHONPATH=$RAY_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_USAGE_STATS_ENABLED=0 NCCL_DEBUG=VERSION
+    timeout 90 python3 benchmarks/ray_gpu.py
+    echo "ray_gpu.py exit $?"
+    # shellcheck disable=SC2086
+    timeout 180 python3 jobs/pipeline.py --preset tiny ${KDP_LEASE_RAY_ARGS---use-gpu --one-worker train} \
+      --network host --data-dir "$DATA" --out "$RUNS-ray" --set baselines= --set eval.threat_models=classifier \
+      --set students=at+nt --set eval.attacks=pgd8+fgsm
+    echo "jobs/pipeline.py exit $?"
+  ) >>"$OUT/ray.log" 2>&1
+  say "$(grep -E '^\{|exit [0-9]+$' "$OUT/ray.log" | tr '\n' ' ')"
+  rm -rf "$RAY_SITE"
+fi
+
+if [ "$RUN_MIN" = 0 ]; then
+  tail -n 25 "$LOG"
+  exit 0
+fi
 if [ -f "$LEASE/carry/carry.json" ]; then
   python3 -m kdp.carry unpack "$LEASE/carry" "$RUNS" >>"$LOG" 2>&1 || { say "unpack failed"; exit 4; }
 fi

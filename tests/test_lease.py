@@ -1,16 +1,21 @@
 """benchmarks/lease.sh, the script a GPU lease runs, here on the CPU: two short leases, the
-second resuming from what the first packed, write the rows one unlimited run writes."""
+second resuming from what the first packed, write the rows one unlimited run writes; its Ray
+step runs a trimmed Ray; the GPU benchmark's smoke."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from conftest import REDUCED_ROWS, short_temp_dir
 from kdp.results import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +74,44 @@ def test_the_gpu_benchmark_runs_every_stage_and_projects_the_preset(tmp_path):
     assert {("attack pgd8", "fast"), ("attack pgd100", "ref")} <= set(rows) and "error" not in r.stdout
     assert report["projection_s"]["total_training"] > 0 and report["peak_bf16_tflops"] is None
     assert "projected paper-preset training seconds" in r.stdout
+
+
+@pytest.mark.slow  # Ray copied and trimmed, a Train run, a reduced tiny Ray job: about a minute on 2 cores
+@pytest.mark.ray
+def test_the_lease_runs_the_trimmed_ray_a_train_collective_and_the_ray_job(tmp_path, cifar_subset_dir):
+    """lease.sh's Ray step (issue 25, step 6) with this machine's Ray trimmed as `lease.py
+    prepare --ray` trims the GPU image's: that Ray is the one that runs, a Train run's
+    all-reduce (gloo here, NCCL on the GPU) sums, and the Ray job writes its rows."""
+    import ray
+
+    spec = importlib.util.spec_from_file_location("lease", REPO / "benchmarks" / "lease.py")
+    lease_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lease_py)
+    site = tmp_path / "site"
+    shutil.copytree(Path(ray.__file__).parent, site / "ray", symlinks=True)
+    assert lease_py.trim_ray(site) < 200 and not (site / "ray" / "jars").exists()
+    (tmp_path / "lease").mkdir()
+    with tarfile.open(tmp_path / "lease" / "ray.tar", "w") as tar:  # prepare's is xz: the same, smaller
+        tar.add(site, arcname=".")
+    shutil.rmtree(site)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with short_temp_dir() as ray_tmp:
+        env = {**os.environ, "OUT": str(out), "KDP_LEASE": str(tmp_path / "lease"), "KDP_LEASE_RUNS": str(tmp_path / "runs"),
+               "KDP_LEASE_DATA": str(cifar_subset_dir), "KDP_LEASE_RAY_ARGS": "", "RAY_TMPDIR": str(ray_tmp),
+               "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen(["bash", "benchmarks/lease.sh", "0", "0"], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    log = (out / "ray.log").read_text()
+    assert proc.returncode == 0 and "ray_gpu.py exit 0" in log and "jobs/pipeline.py exit 0" in log, log[-4000:]
+    report = json.loads(next(line for line in log.splitlines() if line.startswith("{")))
+    assert report["backend"] == "gloo" and report["sum"] == 1.0 and report["world"] == 1
+    assert not report["ray_file"].startswith(str(Path(ray.__file__).parent)), report  # the trimmed copy ran
+    assert len(load(tmp_path / "runs-ray" / "tiny" / "results.parquet")) == REDUCED_ROWS
