@@ -34,7 +34,7 @@ def loop(config: dict) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--storage", help="Ray Train's storage path (default: a temporary folder)")
+    p.add_argument("--storage", help="Ray Train's storage path (default: a temporary folder, removed afterwards)")
     a = p.parse_args(argv)
     import ray
     import torch
@@ -45,10 +45,10 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     ray.init(include_dashboard=False, log_to_driver=True)
     try:
-        storage = a.storage or tempfile.mkdtemp(prefix="kdp-ray-gpu-")
-        result = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda),
-                              torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-                              run_config=RunConfig(name="ray_gpu", storage_path=storage)).fit()
+        with tempfile.TemporaryDirectory(prefix="kdp-ray-gpu-") as tmp:  # Train's run files go with it
+            result = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda),
+                                  torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+                                  run_config=RunConfig(name="ray_gpu", storage_path=a.storage or tmp)).fit()
         print(json.dumps({**result.metrics, "ray": ray.__version__, "ray_file": ray.__file__,
                           "seconds": round(time.time() - t0, 1)}))
     finally:
