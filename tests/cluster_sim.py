@@ -41,6 +41,14 @@ def _env() -> dict:
             "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
 
 
+def _log_tail(temp: Path, name: str, chars: int = 2000) -> str:
+    """The end of a Ray log of the node whose --temp-dir is `temp`, for an error message: why a
+    node did not start is in its raylet's log or the head's GCS log, not in `ray start`'s."""
+    path = temp / "session_latest" / "logs" / name
+    text = path.read_text(errors="replace")[-chars:] if path.is_file() else "(none)"
+    return f"\n--- {path}:\n{text}"
+
+
 def can_unshare() -> bool:
     """Unprivileged user and mount namespaces are available (for the storage-blind node)."""
     if shutil.which("unshare") is None:
@@ -92,7 +100,8 @@ class SimCluster:
         deadline = time.monotonic() + timeout
         while b"Ray runtime started" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker node {ip} did not start:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"worker node {ip} did not start:\n{log.read_text()[-3000:]}"
+                                   f"{_log_tail(temp, 'raylet.out')}{_log_tail(self.temp / 'head', 'gcs_server.out')}")
             time.sleep(0.2)
         return ip
 
