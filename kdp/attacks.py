@@ -23,22 +23,37 @@ all of them (the evaluation AE cache's key).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torchattacks
 
 from kdp.models import lookup
 from kdp.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torchattacks
+
 EPS = 8 / 255
+
+
+def ta(cls: str, **settings: Any) -> Callable[..., torchattacks.attack.Attack]:
+    """A factory of `torchattacks.<cls>` at `settings` (a call's overrides win). torchattacks
+    is imported at the first call: its import (and scipy's) costs each process about a second,
+    and most of a run's processes never attack."""
+    def make(model: nn.Module, **overrides: Any) -> torchattacks.attack.Attack:
+        import torchattacks
+
+        return getattr(torchattacks, cls)(model, **{**settings, **overrides})
+    make.__name__ = make.__qualname__ = f"ta_{cls}"
+    return make
 
 
 def aa_standard(model: nn.Module, eps: float = EPS, seed: int = 0, n_classes: int = 10,
                 steps: int = 100, n_queries: int = 5000) -> torchattacks.MultiAttack:
     """AutoAttack 'standard' (L-inf) at the original strengths (see the module docstring)."""
+    import torchattacks
+
     common = dict(norm="Linf", eps=eps, seed=seed, n_restarts=1)
     return torchattacks.MultiAttack([
         torchattacks.APGD(model, steps=steps, loss="ce", **common),
@@ -67,16 +82,15 @@ class Attack:
 
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
-    Attack("pgd8", "PGD8", partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=20, random_start=True), EPS,
-           paper=True),
-    Attack("pgd16", "PGD16", partial(torchattacks.PGD, eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
+    Attack("pgd8", "PGD8", ta("PGD", eps=EPS, alpha=2 / 255, steps=20, random_start=True), EPS, paper=True),
+    Attack("pgd16", "PGD16", ta("PGD", eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
            16 / 255, paper=True),
-    Attack("pgd100", "PGD-100", partial(torchattacks.PGD, eps=EPS, alpha=2 / 255, steps=100, random_start=True), EPS),
-    Attack("fgsm", "FGSM", partial(torchattacks.FGSM, eps=EPS), EPS, paper=True),
-    Attack("bim", "BIM", partial(torchattacks.BIM, eps=EPS, alpha=2 / 255, steps=20), EPS, paper=True),
-    Attack("cw", "CW", partial(torchattacks.CW, c=1.0, kappa=0.0, steps=40, lr=0.01), None, paper=True),
-    Attack("autoattack", "AA (10-step)", partial(torchattacks.AutoAttack, norm="Linf", eps=EPS, version="standard",
-                                                 n_classes=10, seed=0), EPS, seeded=True, paper=True),
+    Attack("pgd100", "PGD-100", ta("PGD", eps=EPS, alpha=2 / 255, steps=100, random_start=True), EPS),
+    Attack("fgsm", "FGSM", ta("FGSM", eps=EPS), EPS, paper=True),
+    Attack("bim", "BIM", ta("BIM", eps=EPS, alpha=2 / 255, steps=20), EPS, paper=True),
+    Attack("cw", "CW", ta("CW", c=1.0, kappa=0.0, steps=40, lr=0.01), None, paper=True),
+    Attack("autoattack", "AA (10-step)", ta("AutoAttack", norm="Linf", eps=EPS, version="standard", n_classes=10,
+                                            seed=0), EPS, seeded=True, paper=True),
     Attack("aa-standard", "AA (standard)", aa_standard, EPS, seeded=True, subset=True),
 )}
 PAPER_SUITE = tuple(n for n, a in ATTACKS.items() if a.paper)  # EvalConfig's default, with aa-standard
@@ -115,6 +129,8 @@ def _settings_of(a) -> dict:
 def settings(attack) -> list[dict]:
     """Every setting of every piece of a built attack, read from its objects, with the
     torch and torchattacks versions (what its AEs follow from, besides model, seed and images)."""
+    import torchattacks
+
     versions = {"torch": torch.__version__, "torchattacks": torchattacks.__version__}
     return [{"class": type(a).__name__, **_settings_of(a)} for a in _pieces(attack)] + [versions]
 

@@ -20,14 +20,16 @@ from kdp.storage import BucketStorage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 
-# the smoke preset on 1024 training images, 32 test images, one student, two attacks, no baselines
-TINY = ["--preset", "smoke", "--set", "students=at+nt", "--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
-        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=32",
+# the tiny preset (1024 training images, 32 test images, 8-wide models), one student, two attacks, no baselines
+TINY = ["--preset", "tiny", "--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
         "--eval-shard-size", "16"]
 N_ROWS = 4 * 3 + 4  # (clean, fgsm, pgd8) x 4 variants (none, AT, NT, KD <- AT+NT) + full-model pgd8 x 4
+# a smoke-sized (16-wide, 4+4-block) purifier: epochs of seconds, long enough to lose a node in one
+WIDE = {k: ["--set", f"{k}.depth=4", "--set", f"{k}.width=16", "--set", f"{k}.batch_size=128"]
+        for k in ("at_teacher", "students")}
 # the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher)
-LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier"]
+LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *WIDE["at_teacher"]]
 LOSS_ROWS = 3 * 3  # (clean, fgsm, pgd8) x (none, AT, NT)
 
 
@@ -129,7 +131,7 @@ def test_a_bucket_sweep_on_an_autoscaling_cluster_runs_trials_at_once_and_resume
     the student's Train run; and a report."""
     uri, fs = f"{s3}/out", s3_server.admin()
     results = f"{uri[5:]}/results/sweep_id=grow"
-    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "students.epochs=3",
+    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "students.epochs=3", *WIDE["students"],
              "--name", "grow", "--variants", "at_teacher,kd_at_nt", "--beta", "0.25",
              "--set", "eval.threat_models=classifier", "--set", "eval.attacks=fgsm"]
     reader = BucketStorage(uri, tmp_path / "reader")  # the test's own view of the bucket

@@ -117,10 +117,10 @@ def test_subset_attacks_run_on_the_first_images_only(ckpts, tiny_data, monkeypat
 def test_aa_standard_rows_record_settings_and_subset(ckpts, tiny_data):
     clf, _, variants = ckpts
     cfg = EvalConfig(attacks=("aa-standard",), adaptive_attacks=("aa-standard",), threat_models=("classifier", "full"),
-                     aa_subset=8, batch_size=8)
+                     aa_subset=4, batch_size=8)
     rows = evaluate(cfg, clf, {"none": None, "cae": variants["cae"]}, tiny_data, RT, 0, 16, log=QUIET)
     aa = [r for r in rows if r["attack"] == "aa-standard"]
-    assert len(aa) == 4 and all(r["n"] == 8 and r["attack.steps"] == 100 and r["attack.restarts"] == 1 for r in aa)
+    assert len(aa) == 4 and all(r["n"] == 4 and r["attack.steps"] == 100 and r["attack.restarts"] == 1 for r in aa)
     assert all("Square 5000 queries" in r["attack.settings"] for r in aa)
     assert all(r["check.linf_ok"] for r in aa)
     clean = next(r for r in rows if r["attack"] == "clean" and r["variant"] == "none")

@@ -147,13 +147,13 @@ def test_a_stale_ray_address_file_is_ignored_without_address(tmp_path, cifar_sub
     (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled")
-    args = ["--data-dir", str(cifar_subset_dir), "--out", str(tmp_path), "--set", "data.n_train=128",
+    args = ["--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path), "--set", "data.n_train=128",
             "--set", "data.n_test=20", "--set", "classifier.epochs=1", "--set", "eval.attacks=fgsm",
             "--set", "eval.threat_models=classifier", "--set", "baselines=", "--set", "students=",
             "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "eval.batch_size=20", "--quiet"]
     out = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=420, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "results:" in out.stdout and (tmp_path / "smoke" / "results.parquet").is_file()
+    assert "results:" in out.stdout and (tmp_path / "tiny" / "results.parquet").is_file()
 
 
 def test_gloo_makes_fractional_gpus_with_several_workers_allowed():

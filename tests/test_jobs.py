@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
-# a small run: 1024 training images, 1-4 epochs per stage, one student, two attacks
-TINY = ["--set", "students=at+nt", "--set", "data.n_train=1024", "--set", "data.n_test=32", "--set", "classifier.epochs=2",
-        "--set", "students.epochs=1", "--set", "eval.attacks=fgsm+pgd8", "--set", "eval.batch_size=32",
+# a small run: the tiny preset (1024 training images, 8-wide models), one student, two attacks, and an
+# AT teacher of smoke size (16-wide, 4+4 blocks) whose epochs of seconds leave time to stop it mid-stage
+TINY = ["--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
+        "--set", "at_teacher.depth=4", "--set", "at_teacher.width=16", "--set", "at_teacher.batch_size=128",
         "--eval-shard-size", "16", "--quiet"]
 VARIANTS = 4  # none, the two teachers, KD <- AT+NT
 
@@ -56,7 +57,7 @@ def client(head, address):
     return JobSubmissionClient(address)
 
 
-def _entrypoint(out: Path, name: str, *extra: str, data: Path, preset: str = "smoke") -> str:
+def _entrypoint(out: Path, name: str, *extra: str, data: Path, preset: str = "tiny") -> str:
     args = [sys.executable, "jobs/pipeline.py", "--preset", preset, "--data-dir", str(data),
             "--out", str(out), "--name", name, *extra]
     return " ".join(args)
