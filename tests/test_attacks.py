@@ -12,7 +12,7 @@ from kdp.models import CifarResNet, freeze
 from kdp.train import epoch_batches, predict, train_epoch
 
 N_ATTACK = 32
-N_AUTOATTACK = 8
+N_AUTOATTACK = 4
 
 
 @pytest.fixture(scope="module")

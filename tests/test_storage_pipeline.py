@@ -169,7 +169,7 @@ def test_a_store_paused_mid_stage_is_ridden_out_while_training_goes_on(s3, s3_se
     the push of its state waits (the push runs beside training); SIGCONT; the run finishes
     with every row, as if nothing had happened."""
     cmd = [sys.executable, "-m", "kdp.cli", *_run_argv(cifar_subset_dir, f"{s3}/runs"),
-           "--set", "classifier.epochs=40"]
+           "--set", "classifier.epochs=8"]  # under a second each: room to pause the store after the 1st and see 2 more end
     events = tmp_path / "scratch" / s3[5:] / "runs" / "tiny"
     ends = lambda: [e for e in read_events(events) if e["stage"] == "classifier" and e["status"] == "epoch_end"]  # noqa: E731
     log = tmp_path / "run.log"
