@@ -22,14 +22,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 
 # the tiny preset (1024 training images, 32 test images, 8-wide models), one student, two attacks, no baselines
 TINY = ["--preset", "tiny", "--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
-        "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
-        "--eval-shard-size", "16"]
+        "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8"]
 N_ROWS = 4 * 3 + 4  # (clean, fgsm, pgd8) x 4 variants (none, AT, NT, KD <- AT+NT) + full-model pgd8 x 4
 # a smoke-sized (16-wide, 4+4-block) purifier: epochs of seconds, long enough to lose a node in one
 WIDE = {k: ["--set", f"{k}.depth=4", "--set", f"{k}.width=16", "--set", f"{k}.batch_size=128"]
         for k in ("at_teacher", "students")}
-# the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher)
-LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *WIDE["at_teacher"]]
+# the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher),
+# the evaluation in 16-image shards over the nodes that are left
+LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *WIDE["at_teacher"], "--eval-shard-size", "16"]
 LOSS_ROWS = 3 * 3  # (clean, fgsm, pgd8) x (none, AT, NT)
 
 

@@ -12,9 +12,14 @@ def test_subset_matches_its_published_hashes(cifar_subset_dir):
     assert hashlib.sha256(batch.read_bytes()).hexdigest().startswith("7ee4b692f4da")
 
 
-@pytest.mark.slow  # decodes 60k JPEGs: 9.7 s on 2 cores
-def test_jpeg_zip_loads_all_60k_and_matches_the_exact_subset(cifar_jpeg_zip, cifar_subset_dir):
-    full = load_cifar(cifar_jpeg_zip)
+@pytest.fixture(scope="module")
+def full(cifar_jpeg_zip):
+    """All 60k images of the JPEG zip, decoded once for this module's tests (about 10 s on 2 cores)."""
+    return load_cifar(cifar_jpeg_zip)
+
+
+@pytest.mark.slow  # decodes 60k JPEGs (the module's `full`)
+def test_jpeg_zip_loads_all_60k_and_matches_the_exact_subset(full, cifar_subset_dir):
     exact = load_cifar(cifar_subset_dir)
     assert full.train_x.shape == (50000, 3, 32, 32) and full.test_x.shape == (10000, 3, 32, 32)
     assert full.classes == CLASSES == exact.classes
@@ -30,11 +35,11 @@ def test_jpeg_zip_loads_all_60k_and_matches_the_exact_subset(cifar_jpeg_zip, cif
     assert len(set(full.subset(100, 100).train_y.tolist())) == 10
 
 
-@pytest.mark.slow  # decodes 120k JPEGs: about 25 s on 2 cores
-def test_the_pack_of_the_jpeg_zip_is_the_same_data_set(cifar_jpeg_zip, tmp_path):
+@pytest.mark.slow  # decodes 60k JPEGs more (and `full`'s)
+def test_the_pack_of_the_jpeg_zip_is_the_same_data_set(cifar_jpeg_zip, full, tmp_path):
     from kdp.datapack import pack
 
     packed = pack(cifar_jpeg_zip, tmp_path / "cifar10.kdpjpeg")
     assert packed.stat().st_size < 20 * 2**20  # of 59 MiB: what lets it travel to a GPU lease
-    a, b = load_cifar(cifar_jpeg_zip), load_cifar(packed)
+    a, b = full, load_cifar(packed)
     assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("train_x", "train_y", "test_x", "test_y"))
