@@ -23,7 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 # the tiny preset (1024 training images, 32 test images, 8-wide models), one student, two attacks, no baselines
 TINY = ["--preset", "tiny", "--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8"]
-N_ROWS = 4 * 3 + 4  # (clean, fgsm, pgd8) x 4 variants (none, AT, NT, KD <- AT+NT) + full-model pgd8 x 4
 # a smoke-sized (16-wide, 4+4-block) purifier: epochs of seconds, long enough to lose a node in one
 WIDE = {k: ["--set", f"{k}.depth=4", "--set", f"{k}.width=16", "--set", f"{k}.batch_size=128"]
         for k in ("at_teacher", "students")}
@@ -47,11 +46,12 @@ def test_smoke_job_runs_across_nodes(tmp_path, cifar_subset_dir):
     nodes only, two at a time (a hand-started cluster does not grow): the classifier and the
     NT teacher, which needs no input, start at once on different nodes (1 GPU each)."""
     out = tmp_path / "out"
-    with sim_cluster(workers=2, gpus=1) as c:
-        job = run_job(c, "pipeline.py", *TINY, "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu",
-                      "--backend", "gloo", "--name", "smoke")
+    with sim_cluster(workers=2, gpus=1) as c:  # no student: each GPU stage and task is a fresh worker, ~5 s
+        job = run_job(c, "pipeline.py", *TINY, "--set", "students=", "--set", "eval.threat_models=classifier",
+                      "--data-dir", str(cifar_subset_dir), "--out", str(out), "--use-gpu", "--backend", "gloo",
+                      "--name", "smoke")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert len(load(out / "smoke" / "results.parquet")) == N_ROWS
+    assert len(load(out / "smoke" / "results.parquet")) == LOSS_ROWS
     events = read_events(out / "smoke")
     assert {e["node_ip"] for e in events if "node_ip" in e} <= {"127.0.0.2", "127.0.0.3"}
     assert max(in_flight(events)) == 2
@@ -230,12 +230,12 @@ def test_gpu_tasks_get_a_fresh_worker_each(tmp_path):
         ray.init(address=c.address, log_to_driver=False)
         try:
             task = RayExecutor(ScaleConfig(use_gpu=True)).task()
-            pids = [ray.get(task.remote(os.getpid, None, None), timeout=120) for _ in range(3)]
+            pids = [ray.get(task.remote(os.getpid, None, None), timeout=120) for _ in range(2)]
             cpu_task = RayExecutor(ScaleConfig()).task()
             cpu_pids = [ray.get(cpu_task.remote(os.getpid, None, None), timeout=120) for _ in range(3)]
         finally:
             ray.shutdown()
-    assert len(set(pids)) == 3, pids
+    assert len(set(pids)) == 2, pids
     assert len(set(cpu_pids)) < 3, cpu_pids  # CPU workers are reused: the difference is max_calls
 
 
