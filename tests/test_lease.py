@@ -53,7 +53,8 @@ def test_two_short_leases_write_the_rows_of_one_unlimited_run(tiny_run, tmp_path
     assert len(rows) == REDUCED_ROWS and same_rows(rows, tiny_run)
 
 
-@pytest.mark.slow  # every stage's recipe at tiny size, twice: about 30 s on 2 cores
+@pytest.mark.slow
+@pytest.mark.long  # every stage's recipe at tiny size, twice, 29-34 s: only a GPU lease needs it (run before one)
 def test_the_gpu_benchmark_runs_every_stage_and_projects_the_preset(tmp_path):
     """The training variants here are fp32 (`ref`, at 1x and 2x the batch): bf16 crawls on a CPU
     without bf16 units, and the bf16 + channels_last path is in the attack rows' `fast` variant
@@ -73,7 +74,8 @@ def test_the_gpu_benchmark_runs_every_stage_and_projects_the_preset(tmp_path):
     assert "projected paper-preset training seconds" in r.stdout
 
 
-@pytest.mark.slow  # Ray copied and trimmed, a Train run, a reduced tiny Ray job: about a minute on 2 cores
+@pytest.mark.slow
+@pytest.mark.long  # Ray copied and trimmed, a Train run, a tiny Ray job, 61-69 s: only a GPU lease needs it
 @pytest.mark.ray
 def test_the_lease_runs_the_trimmed_ray_a_train_collective_and_the_ray_job(tmp_path, cifar_subset_dir):
     """lease.sh's Ray step (issue 25, step 6) with this machine's Ray trimmed as `lease.py
