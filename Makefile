@@ -39,7 +39,7 @@ install: $(STAMP)
 # The `env` prefix ignores a pip configuration that points find-links at a local CPU-only
 # torch wheel, which PyPI's torchvision cannot be imported next to (README: Install). uv reads
 # no pip configuration. It installs the same pinned packages as pip would, downloading and
-# unpacking on every core, and compiles the bytecode the same way: a fresh install in a fifth
+# unpacking on every core, and compiles the bytecode as well: a fresh install in well under half
 # of pip's time (docs/install.md). `PIP=1 make install` takes pip's route instead.
 UV_VERSION := 0.13.9
 $(STAMP): requirements.lock pyproject.toml
