@@ -66,6 +66,12 @@ REDUCED = ["--set", "baselines=", "--set", "eval.threat_models=classifier", "--s
 REDUCED_ROWS = 4 * 3  # (none, 2 teachers, a student) x (clean, pgd8, fgsm)
 
 
+def wide(stage: str) -> list[str]:
+    """`--set`s that make `stage`'s purifier smoke-sized (16-wide, 4+4 blocks): epochs of seconds,
+    long enough to stop or kill one mid-stage in a tiny-preset job."""
+    return ["--set", f"{stage}.depth=4", "--set", f"{stage}.width=16", "--set", f"{stage}.batch_size=128"]
+
+
 def same_rows(rows, tiny_run: Path) -> bool:
     """Whether every row (variant, attack, threat model) is the tiny run's, image by image."""
     from kdp.results import load

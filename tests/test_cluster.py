@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from cluster_sim import autoscaling_cluster, can_unshare, run_job, sim_cluster, start_job
-from conftest import in_flight, latest_checkpoint_epoch, new_events, state_epoch, wait_until
+from conftest import in_flight, latest_checkpoint_epoch, new_events, state_epoch, wait_until, wide
 from kdp.events import read_events
 from kdp.results import load
 from kdp.storage import BucketStorage
@@ -23,12 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]
 # the tiny preset (1024 training images, 32 test images, 8-wide models), one student, two attacks, no baselines
 TINY = ["--preset", "tiny", "--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8"]
-# a smoke-sized (16-wide, 4+4-block) purifier: epochs of seconds, long enough to lose a node in one
-WIDE = {k: ["--set", f"{k}.depth=4", "--set", f"{k}.width=16", "--set", f"{k}.batch_size=128"]
-        for k in ("at_teacher", "students")}
 # the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher),
 # the evaluation in 16-image shards over the nodes that are left
-LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *WIDE["at_teacher"], "--eval-shard-size", "16"]
+LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *wide("at_teacher"), "--eval-shard-size", "16"]
 LOSS_ROWS = 3 * 3  # (clean, fgsm, pgd8) x (none, AT, NT)
 
 
@@ -131,7 +128,7 @@ def test_a_bucket_sweep_on_an_autoscaling_cluster_runs_trials_at_once_and_resume
     the student's Train run; and a report."""
     uri, fs = f"{s3}/out", s3_server.admin()
     results = f"{uri[5:]}/results/sweep_id=grow"
-    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "students.epochs=3", *WIDE["students"],
+    sweep = [*TINY, "--set", "at_teacher.epochs=1", "--set", "nt_teacher.epochs=1", "--set", "students.epochs=3", *wide("students"),
              "--name", "grow", "--variants", "at_teacher,kd_at_nt", "--beta", "0.25",
              "--set", "eval.threat_models=classifier", "--set", "eval.attacks=fgsm"]
     reader = BucketStorage(uri, tmp_path / "reader")  # the test's own view of the bucket

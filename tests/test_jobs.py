@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, new_events, ray_head, state_epoch, wait_until
+from conftest import free_ports, new_events, ray_head, state_epoch, wait_until, wide
 from kdp.events import read_events
 from kdp.results import load
 
@@ -29,7 +29,7 @@ EXCLUDES = [".venv", ".git", ".gpu", "runs", "docs/runs", "**/__pycache__"]
 # AT teacher of smoke size (16-wide, 4+4 blocks) whose epochs of seconds leave time to stop it mid-stage
 TINY = ["--set", "students=at+nt", "--set", "classifier.epochs=2", "--set", "eval.attacks=fgsm+pgd8",
         "--set", "baselines=", "--set", "eval.threat_models=classifier+full", "--set", "eval.adaptive_attacks=pgd8",
-        "--set", "at_teacher.depth=4", "--set", "at_teacher.width=16", "--set", "at_teacher.batch_size=128",
+        *wide("at_teacher"),
         "--eval-shard-size", "16", "--quiet"]
 VARIANTS = 4  # none, the two teachers, KD <- AT+NT
 

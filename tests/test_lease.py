@@ -51,6 +51,9 @@ def test_two_short_leases_write_the_rows_of_one_unlimited_run(tiny_run, tmp_path
     assert rc == 0, (out / "lease.log").read_text()
     rows = load(tmp_path / "runs2" / "tiny" / "results.parquet")
     assert len(rows) == REDUCED_ROWS and same_rows(rows, tiny_run)
+    cols, key = ["variant", "attack", "threat_model", "correct", "linf_max"], ["variant", "attack", "threat_model"]
+    one = load(tiny_run / "results.parquet")[cols].merge(rows[cols], on=key, suffixes=("", "_lease"))
+    assert len(one) == len(rows) and all((one[c] == one[f"{c}_lease"]).all() for c in cols[3:]), one
 
 
 @pytest.mark.slow
