@@ -148,9 +148,11 @@ def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: 
 class Context:
     """The images, labels and clean predictions one evaluation call works on."""
 
-    def __init__(self, cfg: EvalConfig, x, y, device, start: int, cache: Path | None = None, store=None):
+    def __init__(self, cfg: EvalConfig, x, y, device, start: int, cache: Path | None = None, store=None,
+                 on_batch=None):
         self.cfg, self.x, self.y, self.device, self.start, self.cache = cfg, x, y, device, start, cache
         self.store = store  # the output root's (kdp.storage): a bucket's cache entries are fetched and published
+        self.on_batch = on_batch  # (threat, attack, variants, images) after each scored batch: progress
         self._clean: dict[int, torch.Tensor] = {}
         self._modes: dict[int, bool] = {}
 
@@ -159,6 +161,11 @@ class Context:
         the model it attacks in eval mode, which would hide a model left in train mode."""
         for m in models:
             self._modes.setdefault(id(m), in_eval_mode(m))
+
+    def tick(self, threat: str, attack: str, variants: str, images: int) -> None:
+        """One batch of `images` scored (progress lines; kdp.stages.drivers)."""
+        if self.on_batch is not None:
+            self.on_batch(threat, attack, variants, images)
 
     def was_eval(self, *models: nn.Module) -> bool:
         return all(self._modes.get(id(m), in_eval_mode(m)) for m in models)
@@ -217,6 +224,7 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
             tallies[v].add(_predict(d, xb), ctx.y[sl], ctx.clean_pred(d.classifier)[sl])
             tallies[v].seconds += time.perf_counter() - t1
         i += len(xb)
+        ctx.tick(threat, name, ",".join(group), len(xb))
         t0 = time.perf_counter()
     extra = (source,) if source is not None else ()
     return [_row(v, name, threat, tallies[v], crafted, ctx.was_eval(d.purifier, d.classifier, *extra), ctx.start,
@@ -240,6 +248,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
         c.see(xb, ctx.x[sl], *((clean, pred) if undefended else (None, None)), ctx.y[sl])
         t.add(pred, ctx.y[sl], clean)
         i += len(xb)
+        ctx.tick("full", name, variant, len(xb))
     c.attack_seconds = time.perf_counter() - t0
     return _row(variant, name, "full", t, c, eval_mode, ctx.start, info,
                 **{"check.grad_norm": grad_norm, "attack.grad": grad, "attack.eot": eot})
@@ -283,13 +292,15 @@ def evaluate_models(ctx: Context, defenses: dict[str, Purified], attacks=None, t
 def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Path | None], data: Cifar,
              rt: Runtime = Runtime(), start: int = 0, stop: int | None = None,
              attacks: tuple[str, ...] | None = None, threat_models: tuple[str, ...] | None = None,
-             surrogate_dir: Path | None = None, log=print, cache_dir: Path | None = None, store=None) -> list[dict]:
+             surrogate_dir: Path | None = None, log=print, cache_dir: Path | None = None, store=None,
+             on_batch=None) -> list[dict]:
     """Checked accuracy rows for every (variant, attack, threat model) on test images [start, stop).
 
     `attacks` / `threat_models` restrict the run (for sharding; default: all of cfg's);
     'clean' counts as a classifier-threat attack. Shards give the same AEs as one run if
     `start` is a multiple of cfg.batch_size. `cache_dir`: the evaluation AE cache (None: none),
     in the output root's `store` (kdp.storage; a bucket's entries are fetched and published).
+    `on_batch(threat, attack, variants, images)` is called after each scored batch (progress).
     """
     device = resolve_device(rt.device)
     acc = Accel.of(rt, device).for_attacks
@@ -306,7 +317,7 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
               if m is not None}.values():
         m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next
     ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start,
-                  None if cache_dir is None else Path(cache_dir), store)
+                  None if cache_dir is None else Path(cache_dir), store, on_batch)
     return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)
 
 
