@@ -79,21 +79,52 @@ class Attack:
     """Costly per image: runs on the first EvalConfig.aa_subset test images only."""
     paper: bool = False
     """In the paper's Table 1 suite (PAPER_SUITE)."""
+    iterates: str | None = None
+    """What its iterates are read for (kdp.trace): 'ce', iterates ascending cross-entropy on the whole
+    batch (silent success and incomplete optimization); 'other', another objective (silent success
+    only); None, one step, or pieces that query subsets of the batch (AutoAttack)."""
+    dominates: tuple[str, ...] = ()
+    """Attacks it is at least as strong as, on the same images and threat model (more steps or restarts
+    at the same ε, a larger ε, full strength): leaving more images correct fires `stronger_attack_weaker`."""
+    curve: bool = False
+    """A point of the accuracy-vs-ε curve (`full`, EvalConfig.eps_curve): in the report's plot and the
+    indicators, not in the tables."""
 
 
+# The accuracy-vs-ε curve's radii, in 1/255: PGD-20, step max(2/255, 2.5 ε / 20) (Madry et al.'s rule, so
+# that 20 steps cross the ball); 255 covers all of [0, 1]: the unbounded attack.
+CURVE_EPS = (1, 2, 4, 8, 16, 32, 64, 128, 255)
+
+
+def curve_name(k: int) -> str:
+    return f"pgd20-eps{k}"
+
+
+def _curve(k: int) -> Attack:
+    return Attack(curve_name(k), f"PGD-20 ε={k}/255", ta("PGD", eps=k / 255, alpha=max(2, 2.5 * k / 20) / 255,
+                                                      steps=20, random_start=True),
+                  k / 255, iterates="ce", dominates=tuple(curve_name(j) for j in CURVE_EPS if j < k), curve=True)
+
+
+_EIGHT = ("fgsm", "pgd8", "bim", "pgd100", "autoattack")  # the L-inf 8/255 attacks aa-standard must match or beat
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
-    Attack("pgd8", "PGD8", ta("PGD", eps=EPS, alpha=2 / 255, steps=20, random_start=True), EPS, paper=True),
+    Attack("pgd8", "PGD8", ta("PGD", eps=EPS, alpha=2 / 255, steps=20, random_start=True), EPS, paper=True,
+           iterates="ce"),
     Attack("pgd16", "PGD16", ta("PGD", eps=16 / 255, alpha=2 / 255, steps=20, random_start=True),
-           16 / 255, paper=True),
-    Attack("pgd100", "PGD-100", ta("PGD", eps=EPS, alpha=2 / 255, steps=100, random_start=True), EPS),
+           16 / 255, paper=True, iterates="ce", dominates=("pgd8",)),
+    Attack("pgd100", "PGD-100", ta("PGD", eps=EPS, alpha=2 / 255, steps=100, random_start=True), EPS,
+           iterates="ce", dominates=("pgd8",)),
     Attack("fgsm", "FGSM", ta("FGSM", eps=EPS), EPS, paper=True),
-    Attack("bim", "BIM", ta("BIM", eps=EPS, alpha=2 / 255, steps=20), EPS, paper=True),
-    Attack("cw", "CW", ta("CW", c=1.0, kappa=0.0, steps=40, lr=0.01), None, paper=True),
+    Attack("bim", "BIM", ta("BIM", eps=EPS, alpha=2 / 255, steps=20), EPS, paper=True, iterates="ce"),
+    Attack("cw", "CW", ta("CW", c=1.0, kappa=0.0, steps=40, lr=0.01), None, paper=True, iterates="other"),
     Attack("autoattack", "AA (10-step)", ta("AutoAttack", norm="Linf", eps=EPS, version="standard", n_classes=10,
                                             seed=0), EPS, seeded=True, paper=True),
-    Attack("aa-standard", "AA (standard)", aa_standard, EPS, seeded=True, subset=True),
+    Attack("aa-standard", "AA (standard)", aa_standard, EPS, seeded=True, subset=True,
+           dominates=_EIGHT),
+    *(_curve(k) for k in CURVE_EPS),
 )}
 PAPER_SUITE = tuple(n for n, a in ATTACKS.items() if a.paper)  # EvalConfig's default, with aa-standard
+BLACKBOX = ("Square",)  # pieces that read outputs only: beating the gradient pieces fires blackbox_beats_whitebox
 # Attributes that name or report but do not change what an attack crafts.
 NOT_SETTINGS = ("model_name", "verbose", "supported_mode")
 
@@ -181,12 +212,17 @@ def describe(attack) -> dict:
 
 
 def attack_batches(attack, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                   start: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+                   start: int = 0, device: torch.device | str = "cpu", watch=None) -> Iterator[torch.Tensor]:
     """Yield adversarial batches of float images `x` (in [0, 1]), each seeded by its global
-    position (seed, start + offset) so that any sharding of the data gives the same AEs."""
+    position (seed, start + offset) so that any sharding of the data gives the same AEs.
+    `watch` (kdp.trace.Watch) sees each batch before the attack and may replace its result after."""
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         yb = y[i:i + batch_size].to(device)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if xb.is_cuda else []):
             torch.manual_seed(seed * 1_000_003 + start + i)
-            yield attack(xb, yb).detach()
+            if watch is None:
+                yield attack(xb, yb).detach()
+                continue
+            watch.begin(xb, yb)
+            yield watch.end(attack(xb, yb).detach())

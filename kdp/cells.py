@@ -7,12 +7,14 @@ import pandas as pd
 
 from kdp.attacks import ATTACKS
 from kdp.baselines import BASELINES
+from kdp.indicators import INDICATORS, WORST
 from kdp.stats import bootstrap
 
 # clean first, then the attacks in their declaration order (kdp.attacks.ATTACKS: `autoattack` is
 # torchattacks' 10-step AutoAttack, the paper's likely setting; `aa-standard` the original strengths)
-ATTACK_ORDER = ("clean", *ATTACKS)
-ATTACK_LABELS = {"clean": "Purified clean", **{n: a.label for n, a in ATTACKS.items()}}
+ATTACK_ORDER = ("clean", *ATTACKS, WORST)
+ATTACK_LABELS = {"clean": "Purified clean", **{n: a.label for n, a in ATTACKS.items()}, WORST: "Worst case"}
+CURVE = tuple(n for n, a in ATTACKS.items() if a.curve)  # the ε curve's rows: in its plot, not in tables
 # the baselines (kdp.baselines, in registration order) after the undefended classifier
 VARIANT_ORDER = ("none", *BASELINES, "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")
 # Table 1 rows: the paper's comparison first, then any other variant present.
@@ -67,7 +69,7 @@ def cell_stats(g: pd.DataFrame) -> dict:
     """Pooled accuracy and agreement (%), n, replicates, and the bootstrap half-width of one cell."""
     n = g["n"].sum()
     bs = bootstrap(_hits(g))
-    agree = 100 * g["agree"].sum() / n if "agree" in g and n else None
+    agree = 100 * g["agree"].sum() / n if "agree" in g and g["agree"].notna().any() and n else None
     return {"acc": 100 * g["correct"].sum() / n if n else None, "agree": agree, "n": int(g["n"].max()),
             "reps": len(g), "hw": None if bs is None else 50 * (bs["hi"] - bs["lo"])}
 
@@ -84,3 +86,35 @@ def table1_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if (~sweep).any():
         return df[~sweep], "pipeline runs"
     return at_setting(df[sweep], 0.5, 0.5, 8 / 255), "sweep trials at β=γ=0.5, ε=8/255"
+
+
+def codes(df, by: list[str]) -> dict:
+    """The letters of the indicators fired by any row of each group of `by` (kdp.indicators)."""
+    if "indicators" not in df:
+        return {}
+    out = {}
+    for key, names in df.groupby(by, sort=False)["indicators"]:
+        fired = {n for v in names.dropna() for n in v.split(",") if n}
+        out[key] = "".join(i.code for n, i in INDICATORS.items() if n in fired)
+    return out
+
+
+def legend(df) -> list[str]:
+    """One line per indicator fired anywhere in `df`: its letter, name and what it means for the number."""
+    fired = {n for v in (df["indicators"].dropna() if "indicators" in df else []) for n in v.split(",") if n}
+    if not fired:
+        return ["\nindicators of attack failure: none fired (docs/evaluation.md)"]
+    return ["\nindicators of attack failure that fired (docs/evaluation.md):"] + [
+        f"  {i.code} {n}: {i.meaning}" for n, i in INDICATORS.items() if n in fired]
+
+
+def not_same_images(df, threat: str) -> list[str]:
+    """A line for each attack of `threat` that ran on fewer images than the others (its numbers
+    compare with theirs only on the worst-case row's images)."""
+    sub = df[(df.threat_model == threat) & ~df["attack"].isin(CURVE + ("worst-case",))]
+    n = sub.groupby("attack")["n"].max()
+    if n.empty or n.nunique() == 1:
+        return []
+    top = n.max()
+    return [f"not on the same images: {ATTACK_LABELS.get(a, a)} ran on the first {k} of {top} test images; "
+            f"the worst-case row compares all attacks on those {n.min()}" for a, k in n.items() if k < top]

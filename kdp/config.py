@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kdp.accel import COMPILE, SWITCH
-from kdp.attacks import ATTACKS, PAPER_SUITE
+from kdp.attacks import ATTACKS, CURVE_EPS, PAPER_SUITE, curve_name
 from kdp.errors import ConfigError
 from kdp.losses import ADV_SCORES, KD_SPACES
 from kdp.models import CLASSIFIERS
@@ -63,7 +63,7 @@ def check_name(name: str, what: str) -> None:
 
 def one_of(value, valid, what: str) -> None:
     """`value` is one of `valid`; the error lists them."""
-    require(value in valid, f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    require(value in valid, f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 @dataclass(frozen=True)
@@ -228,11 +228,20 @@ class EvalConfig:
     """Images per attack batch."""
     seed: int = 0
     """Seed of random starts; each batch is seeded by its position."""
+    eps_curve: tuple[int, ...] = (2, 4, 8, 16, 32, 255)
+    """L-inf radii, in 1/255 (one of kdp.attacks.CURVE_EPS each), of PGD-20 run under `full` on the first
+    `indicator_subset` images: the report's accuracy-vs-ε plot. 255 spans all of [0, 1], the unbounded
+    attack (`unbounded_attack_failure`). (): neither."""
+    indicator_subset: int = 32
+    """Test images (the first ones) that the indicators' own extra work runs on: the ε curve and the
+    stability probe (docs/evaluation.md: their cost)."""
 
     def __post_init__(self):
-        positive(self, "aa_subset")
-        for n in ("attacks", "adaptive_attacks", "transfer_attacks", "threat_models"):
+        positive(self, "aa_subset", "indicator_subset")
+        for n in ("attacks", "adaptive_attacks", "transfer_attacks", "threat_models", "eps_curve"):
             object.__setattr__(self, n, tuple(getattr(self, n)))
+        for k in self.eps_curve:
+            one_of(k, CURVE_EPS, "eps_curve radius (in 1/255)")
         for a in self.attacks + self.adaptive_attacks + self.transfer_attacks:
             one_of(a, sorted(ATTACKS), "attack")
         for t in self.threat_models:
@@ -243,6 +252,8 @@ class EvalConfig:
 
     def subset(self, attack: str, n_test: int) -> int:
         """How many of the first test images `attack` runs on."""
+        if attack in ATTACKS and ATTACKS[attack].curve:
+            return min(n_test, self.indicator_subset)
         costly = attack in ATTACKS and ATTACKS[attack].subset
         return min(n_test, self.aa_subset) if costly and self.aa_subset else n_test
 
@@ -251,6 +262,11 @@ class EvalConfig:
         unattacked pass first, which counts as one of its attacks)."""
         attacks = getattr(self, SUITES[ThreatModel(threat)])
         return ("clean", *attacks) if clean and threat == ThreatModel.CLASSIFIER else attacks
+
+    def runs(self, threat: str) -> tuple[str, ...]:
+        """What threat model `threat` runs: its suite (with 'clean'), and under `full` the ε curve."""
+        curve = tuple(curve_name(k) for k in sorted(set(self.eps_curve))) if threat == ThreatModel.FULL else ()
+        return self.suite(threat, clean=True) + curve
 
     def check_test_size(self, n_test: int) -> None:
         """A one-line error when aa_subset asks for more images than the test set has."""

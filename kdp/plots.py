@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, VARIANT_LABELS, VARIANT_ORDER, cells,  # noqa: E402
-                       is_sweep, ordered, table1_rows)
+from kdp.attacks import ATTACKS  # noqa: E402
+from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, VARIANT_LABELS, VARIANT_ORDER,  # noqa: E402
+                       cells, is_sweep, ordered, table1_rows)
 from kdp.checkpoint import atomic_path  # noqa: E402
 from kdp.errors import DataError  # noqa: E402
 
@@ -54,6 +55,40 @@ def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy on purified images (classifier threat model)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _clean_on(df: pd.DataFrame, variant: str, n: int) -> float | None:
+    """A variant's clean accuracy (%) on the first `n` test images, from its rows' per-image hits."""
+    rows = df[(df["variant"] == variant) & (df["attack"] == "clean") & (df["first"].fillna(0) == 0)]
+    hits = [h[:n] for h in rows["hits"].dropna() if len(h) >= n]
+    return 100 * sum(h.count("1") for h in hits) / (n * len(hits)) if hits and n else None
+
+
+def plot_eps(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """Accuracy (%) against the L-inf radius under `full` (EvalConfig.eps_curve, PGD-20), one line per
+    variant, from its clean accuracy on the same images at ε = 0; None without curve rows."""
+    sub = table1_rows(df)[0]
+    sub = sub[(sub["threat_model"] == "full") & sub["attack"].isin(CURVE)]
+    if sub.empty:
+        return None
+    stats = cells(sub, ["variant", "attack"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for v in ordered(sub["variant"].dropna(), VARIANT_ORDER):
+        keys = sorted((k for k in stats if k[0] == v), key=lambda k: ATTACKS[k[1]].linf_eps)
+        ys, errs = _points(stats, keys)
+        xs = [ATTACKS[k[1]].linf_eps * 255 for k in keys]
+        clean = _clean_on(df, v, stats[keys[0]]["n"]) if keys else None
+        if clean is not None:
+            xs, ys, errs = [0.0] + xs, [clean] + ys, [0.0] + errs
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=2, label=VARIANT_LABELS.get(v, v))
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("ε (×1/255; 255 = unbounded)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy against ε, full white-box threat model (PGD-20)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return _save(fig, path)

@@ -87,7 +87,8 @@ def tiny() -> PipelineConfig:
         ae=AEConfig(steps=2, batch_size=64),
         at_teacher=TeacherConfig(kind="at", epochs=2, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=2, **cae),
         students=tuple(StudentConfig(teachers=t, epochs=1, **cae) for t in ABLATION),
-        eval=EvalConfig(batch_size=32, adaptive_attacks=("pgd8",), aa_subset=4, eot_samples=2))
+        eval=EvalConfig(batch_size=32, adaptive_attacks=("pgd8",), aa_subset=4, eot_samples=2, eps_curve=(255,),
+                        indicator_subset=4))
 
 
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "reduced": reduced, "smoke": smoke, "demo": demo,

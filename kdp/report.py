@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
-                       VARIANT_ORDER, at_setting, cells, is_sweep, ordered, table1_rows)
+from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
+                       VARIANT_ORDER, at_setting, cells, codes, is_sweep, legend, not_same_images, ordered, table1_rows)
+from kdp.indicators import INDICATORS
 from kdp.checkpoint import atomic_path
 from kdp.errors import ConfigError
 from kdp.storage import is_uri, open_storage
@@ -64,6 +65,26 @@ def _fmt_cell(c: dict | None, key: str = "acc") -> str:
     return _fmt(c[key]) + (f" ± {c['hw']:.2f}" if key == "acc" and c.get("hw") is not None else "")
 
 
+def _marked(c: dict | None, letters: str | None) -> str:
+    """A cell with the letters of the indicators its rows fired, bold."""
+    return _fmt_cell(c) + (f" **{letters}**" if letters and c is not None else "")
+
+
+def indicators_markdown(df: pd.DataFrame) -> str:
+    """Every fired indicator of attack failure, one line per (run, variant, threat model, attack), with
+    its counts and what it means for the number."""
+    if "indicators" not in df or not df["indicators"].fillna("").astype(bool).any():
+        return ("No indicator of attack failure fired." if "indicators" in df and df["indicators"].notna().any()
+                else "No indicator columns in these results (written before kdp recorded them).")
+    fired = df[df["indicators"].fillna("").astype(bool)]
+    cols = [c for c in ("run", "variant", "threat_model", "attack", "indicators", "indicator_notes") if c in fired]
+    rows = [[str(r[c]) for c in cols] for _, r in fired.sort_values(cols[:4]).iterrows()]
+    names = sorted({n for v in fired["indicators"] for n in v.split(",") if n}, key=list(INDICATORS).index)
+    meaning = [f"- **{INDICATORS[n].code}** `{n}`: {INDICATORS[n].meaning}." for n in names]
+    return (f"{len(fired)} row(s) fired an indicator (docs/evaluation.md: how each is computed):\n\n"
+            + "\n".join(meaning) + "\n\n" + _markdown(cols, rows))
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -100,10 +121,11 @@ def _column_label(t: str, a: str, c: dict, n_clean: int | None) -> str:
 
 
 def suite_lines(sub: pd.DataFrame, threats: list[str]) -> list[str]:
-    """Which attacks, at which settings and on how many images, each threat model's numbers come from."""
+    """Which attacks, at which settings and on how many images, each threat model's numbers come from,
+    and which of them did not run on the same images."""
     lines = []
     for t in threats:
-        rows = sub[(sub["threat_model"] == t) & (sub["attack"] != "clean")]
+        rows = sub[(sub["threat_model"] == t) & ~sub["attack"].isin(("clean", *CURVE))]
         parts = []
         for a in ordered(rows["attack"].dropna(), ATTACK_ORDER):
             r = rows[rows["attack"] == a]
@@ -111,6 +133,7 @@ def suite_lines(sub: pd.DataFrame, threats: list[str]) -> list[str]:
             what = settings.iloc[0] if len(settings) else "settings not recorded"
             parts.append(f"{ATTACK_LABELS.get(a, a)} = {what}, {int(r['n'].max())} images")
         lines.append(f"- `{t}` suite: " + ("; ".join(parts) or DASH) + ".")
+        lines += [f"  - {line}." for line in not_same_images(sub, t)]
     return lines
 
 
@@ -125,7 +148,10 @@ def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
     lines.append("The `paper:` rows are copied from the paper's Table 1 (its NRP and SOAP included), only into "
                  "the columns that measure the same quantity: `Original` and the paper's attacks under the "
                  "`classifier` protocol (the paper's AA is placed beside kdp's 10-step `AA`, not `AA (standard)`). "
-                 "`checks`: the variant's rows whose sanity checks failed.")
+                 "`checks`: the variant's rows whose sanity checks failed. `Worst case`: an image counts as correct "
+                 "only if it is correct clean and under every attack of that threat model, on the images all of them "
+                 "ran on (the field's robust accuracy). Letters after a number: indicators of attack failure its rows "
+                 "fired (legend below the table; section *Indicators of attack failure*).")
     return "\n".join(lines)
 
 
@@ -135,7 +161,7 @@ def _table1_layout(sub: pd.DataFrame):
     threats = ordered(sub["threat_model"].dropna(), THREAT_ORDER)
     cols = [(t, a) for t in threats for a in ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(),
                                                       ATTACK_ORDER)
-            if any(k[:2] == (t, a) for k in stats)]
+            if a not in CURVE and any(k[:2] == (t, a) for k in stats)]
     clean = [c["n"] for k, c in stats.items() if k[:2] == ("classifier", "clean")]
     n_clean = max(clean) if clean else None
     labels = [_column_label(t, a, max((c for k, c in stats.items() if k[:2] == (t, a)), key=lambda c: c["n"]),
@@ -154,9 +180,11 @@ def table1_markdown(df: pd.DataFrame) -> str:
     original = stats.get(("classifier", "clean", "none"))
     header = ["variant", "Original"] + labels + ["checks"]
     rows, agree = [], []
+    marks = codes(sub, ["threat_model", "attack", "variant"])
     for v in variants:
         label = VARIANT_LABELS.get(v, v)
-        rows.append([label, _fmt_cell(original)] + [_fmt_cell(stats.get((t, a, v))) for t, a in cols]
+        rows.append([label, _fmt_cell(original)] + [_marked(stats.get((t, a, v)), marks.get((t, a, v)))
+                                                     for t, a in cols]
                     + [_checks_cell(sub[sub["variant"] == v])])
         agree.append([label] + [_fmt_cell(stats.get((t, a, v)), "agree") for t, a in cols])
     for label, key in PAPER_ROWS:
@@ -164,7 +192,8 @@ def table1_markdown(df: pd.DataFrame) -> str:
         rows.append([label, _fmt(PAPER_TABLE1["original"].get(key))] + cells_ + [DASH])
     agreement = ("Agreement (%): the purified image's prediction equals the classifier's prediction on the clean "
                  "image (the paper's \"matches the original prediction\"), same rows and columns, pooled.")
-    return (_table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows) + "\n\n" + agreement
+    return (_table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows) + "\n"
+            + "\n".join(legend(sub)).replace("\n  ", "\n- ") + "\n\n" + agreement
             + "\n\n" + _markdown(["variant"] + labels, agree))
 
 
@@ -262,12 +291,14 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
     """Write out_dir/report.md and its PNGs; `figure` = (purifier_dir, classifier_dir, data)
     adds the Figure-5 grid for `attack`, `blends` (kdp.analyze records) the blend fit.
     Returns the report.md path."""
-    from kdp.plots import figure5, plot_attacks, plot_grid
+    from kdp.plots import figure5, plot_attacks, plot_eps, plot_grid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = {"Accuracy per attack": plot_attacks(df, out / "attacks.png"),
-            "Sweep over β, γ, ε": plot_grid(df, out / "grid.png")}
+            "Sweep over β, γ, ε": plot_grid(df, out / "grid.png"),
+            "Accuracy against ε under `full` (PGD-20; a curve that does not reach ~0 at the unbounded ε is "
+            "unbounded_attack_failure)": plot_eps(df, out / "eps.png")}
     if figure is not None:
         pngs["Figure 5"] = figure5(*figure, out / "figure5.png", attack=attack)
     parts = ["# kdp report", "", *provenance_lines(df), ""]
@@ -278,6 +309,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
 
         parts += ["## Blend fit (kdp analyze)", "", blend_markdown(blends), ""]
     parts += ["## Sanity checks", "", sanity_markdown(df), ""]
+    parts += ["## Indicators of attack failure", "", indicators_markdown(df), ""]
     for title, p in pngs.items():
         if p is not None:
             parts += [f"## {title}", "", f"![{title}]({p.name})", ""]

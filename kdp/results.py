@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from kdp.cells import CURVE
 from kdp.checkpoint import atomic_path
 from kdp.baselines import BASELINES
 from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
@@ -23,7 +24,9 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.provenance import PACKAGES
 from kdp.errors import DataError, NotFoundError, StorageError
+from kdp.indicators import INDICATORS
 from kdp.sweep_space import KNOBS
+from kdp.trace import PROBE_KEYS, TRACE_KEYS
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -56,6 +59,11 @@ CHECK_FIELDS = [pa.field(n, t) for n, t in (
     ("check.src_correct", pa.int64()), ("check.src_fooled", pa.int64()), ("check.attack_success", pa.float64()),
     ("check.attack_ok", pa.bool_()), ("check.linf_ok", pa.bool_()), ("checks_ok", pa.bool_()),
     ("check_failures", pa.string()))]
+# What the attack did (kdp.trace, counts summed over shards) and the indicators of attack failure
+# (kdp.indicators: True = fired, None = does not apply), with the fired ones and their counts in words.
+INDICATOR_FIELDS = ([pa.field(k, pa.int64()) for k in TRACE_KEYS + PROBE_KEYS]
+                    + [pa.field(f"indicator.{n}", pa.bool_()) for n in INDICATORS]
+                    + [pa.field("indicators", pa.string()), pa.field("indicator_notes", pa.string())])
 PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
     "git_sha", "python", "host", "device", "utc", "accel", *(f"{p}_version" for p in PACKAGES))]
 # A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
@@ -64,7 +72,7 @@ SWEEP_FIELDS = [pa.field("trial_id", pa.string())] + [
     pa.field(f"sweep.{k.param}", _ARROW[k.type]) for k in KNOBS]
 SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
-    + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
+    + INDICATOR_FIELDS    + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
     + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())]
     + [f for name, d in BASELINES.items() for f in _fields(d.config, f"{name}.")]
@@ -191,7 +199,7 @@ def _rename_old(table: pa.Table) -> pa.Table:
 
 def table1(df, threat_model: str = "classifier"):
     """Accuracy (%) pivot: rows are attacks, columns purifier variants (paper Table 1/2 layout)."""
-    sub = df[df["threat_model"] == threat_model]
+    sub = df[(df["threat_model"] == threat_model) & ~df["attack"].isin(CURVE)]
     agg = sub.groupby(["run", "attack", "variant"], sort=False)[["correct", "n"]].sum()
     acc = (100 * agg["correct"] / agg["n"]).rename("accuracy").reset_index()
     return acc.pivot_table(index=["run", "attack"], columns="variant", values="accuracy", sort=False)
@@ -199,11 +207,13 @@ def table1(df, threat_model: str = "classifier"):
 
 def print_tables(paths) -> None:
     """Where the rows are; one accuracy table per threat model, each attack with its image
-    count; and the command that writes the full report."""
+    count and each cell marked with the indicators of attack failure its rows fired; the legend;
+    and the command that writes the full report."""
     import os
 
     import pandas as pd
 
+    from kdp.cells import legend, not_same_images
     from kdp.config import THREAT_MODELS
     from kdp.storage import is_uri
 
@@ -211,22 +221,38 @@ def print_tables(paths) -> None:
     print("results: " + ", ".join(paths))
     df = pd.concat([load(p) for p in paths], ignore_index=True)
     for threat in (t for t in THREAT_MODELS if t in set(df.threat_model)):
-        print(f"\n{threat} threat model: accuracy % (n = test images per attack)\n"
-              + threat_table(df, threat).round(2).to_string())
+        print(f"\n{threat} threat model: accuracy % (n = test images per attack; letters: indicators fired)\n"
+              + threat_table(df, threat, marked=True).to_string())
+        print("\n".join(not_same_images(df, threat)))
+    print("\n".join(legend(df)))
     parents = [p.rsplit("/", 1)[0] if is_uri(p) else str(Path(p).resolve().parent) for p in paths]
     root = parents[0] if len(set(parents)) == 1 else (os.path.commonpath(parents) if not is_uri(paths[0])
                                                       else parents[0].rsplit("/", 1)[0])
     print(f"\nfull report (intervals, Table 2, plots): kdp report {root} --out {root}/report")
 
 
-def threat_table(df, threat: str):
+def threat_table(df, threat: str, marked: bool = False):
     """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several),
-    attacks and variants under the report's labels (kdp.cells)."""
-    from kdp.cells import ATTACK_LABELS, VARIANT_LABELS
+    attacks and variants under the report's labels (kdp.cells); `marked`: cells as text, each
+    followed by the letters of the indicators its rows fired."""
+    from kdp.cells import ATTACK_LABELS, VARIANT_LABELS, codes
 
     t = table1(df, threat)
+    if marked:
+        marks = codes(df[df.threat_model == threat], ["run", "attack", "variant"])
+        t = t.round(2).astype(object)
+        for (run, a) in t.index:
+            for v in t.columns:
+                x = t.loc[(run, a), v]
+                t.loc[(run, a), v] = "" if pd_isna(x) else f"{x:.2f} {marks.get((run, a, v), '')}".rstrip()
     n = df[df.threat_model == threat].groupby(["run", "attack"])["n"].max()
     several = df["run"].nunique() > 1
     t.index = [f"{run + ' ' if several else ''}{ATTACK_LABELS.get(a, a)} (n={n[(run, a)]})" for run, a in t.index]
     t.columns = [VARIANT_LABELS.get(v, v) for v in t.columns]
     return t
+
+
+def pd_isna(x) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(x))

@@ -52,8 +52,18 @@ def model_sha(model: nn.Module) -> str:
 def cache_key(model: nn.Module, attack: str, settings: list[dict], seed: int, batch_size: int, start: int,
               x: torch.Tensor, y: torch.Tensor) -> str:
     ident = {"model": model_sha(model), "attack": attack, "settings": settings, "seed": seed,
-             "batch_size": batch_size, "start": start, "images": tensor_sha(x, y)}
+             "batch_size": batch_size, "start": start, "images": tensor_sha(x, y),
+             "best_point": 1}  # entries since kdp.trace: each image's best point, the trace counts in meta
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def entry_trace(entry: Path) -> dict:
+    """The `trace.*` counts an entry's meta recorded of the attack that made it (kdp.trace)."""
+    try:
+        meta = json.loads((entry / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in meta.items() if k.startswith("trace.")}
 
 
 def load_entry(entry: Path, n: int) -> torch.Tensor | None:
@@ -102,13 +112,13 @@ def saving(batches, entry: Path, meta: dict, info: dict, batched, store=None):
     with held(entry.parent / f"{entry.name}.lock", f"crafting {meta['attack']} AEs"):
         hit = load_entry(fetched(entry, store), meta["n"])
         if hit is not None:
-            info["attack.cached"] = True
+            info.update({"attack.cached": True, **entry_trace(entry)})
             yield from batched(hit)
             return
         made = []
         for xb in batches:
             made.append(xb.cpu())
             yield xb
-        save_entry(entry, torch.cat(made), meta)
+        save_entry(entry, torch.cat(made), {**meta, **{k: v for k, v in info.items() if k.startswith("trace.")}})
         if store is not None:
             store.push(entry)

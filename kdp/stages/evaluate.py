@@ -36,13 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdp.accel import Accel
-from kdp.attacks import attack_batches, build_attack, describe, linf_budget, settings
+from kdp.attacks import EPS, attack_batches, build_attack, describe, linf_budget, settings
 from kdp.checkpoint import load_checkpoint, load_frozen
 from kdp.config import THREAT_MODELS, EvalConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.interrupt import stop_hook
 from kdp.models import EOT, Purified, freeze
-from kdp.stages.eval_cache import cache_key, fetched, load_entry, model_sha, saving
+from kdp.stages.eval_cache import cache_key, entry_trace, fetched, load_entry, model_sha, saving
+from kdp.trace import PROBE_KEYS, TRACE_KEYS, Watch, grad_probe, stability_probe, traced_model
 from kdp.train import resolve_device
 
 LINF_TOL = 1e-6  # float slack on the L-inf budget
@@ -69,15 +70,20 @@ def in_eval_mode(*models: nn.Module) -> bool:
     return not any(m.training for model in models for m in model.modules() if isinstance(m, _MODE_DEPENDENT))
 
 
-def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """L1 norm of d CE(model(x), y) / dx; 0 when no gradient reaches the input."""
+def input_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d CE(model(x), y) / dx (mean over the batch); zeros where no gradient reaches the input."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = F.cross_entropy(model(x), y)
         if not loss.requires_grad:
-            return 0.0
+            return torch.zeros_like(x)
         (g,) = torch.autograd.grad(loss, x, allow_unused=True)
-    return 0.0 if g is None else float(g.abs().sum())
+    return torch.zeros_like(x) if g is None else g
+
+
+def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """L1 norm of d CE(model(x), y) / dx; 0 when no gradient reaches the input."""
+    return float(input_grads(model, x, y).abs().sum())
 
 
 def attack_target(defense: Purified, cfg: EvalConfig) -> tuple[nn.Module, str, int]:
@@ -136,8 +142,8 @@ CLEAN_INFO = {"attack.settings": "none (clean images)", "attack.steps": 0, "atta
 
 
 def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: int, info: dict, **extra) -> dict:
-    return {"variant": variant, "attack": attack, "threat_model": threat, "n": t.n, "correct": t.correct,
-            "agree": t.agree, "accuracy": t.correct / max(t.n, 1), "agreement": t.agree / max(t.n, 1),
+    return {**dict.fromkeys(TRACE_KEYS + PROBE_KEYS), "variant": variant, "attack": attack, "threat_model": threat,
+            "n": t.n, "correct": t.correct, "agree": t.agree, "accuracy": t.correct / max(t.n, 1), "agreement": t.agree / max(t.n, 1),
             "first": start, "hits": t.bits(), **info,
             "seconds": c.attack_seconds + t.seconds, "attack_seconds": c.attack_seconds, "linf_max": c.linf,
             "check.eval_mode": eval_mode, "check.in_range": c.in_range, "check.src_correct": c.src_correct,
@@ -182,13 +188,17 @@ class Context:
         """(batches of AEs of attack `name` on `model`, the attack's settings). With `cacheable`
         (the AEs depend on nothing but `model`) and a cache, they are read or written there."""
         cfg, k = self.cfg, self.count(name)
-        attack = build_attack(name, model, seed=cfg.seed)
+        traced = traced_model(name, model)  # reads the iterates; the key and the AEs stay the model's own
+        attack = build_attack(name, model if traced is None else traced, seed=cfg.seed)
         info, x, y = {**describe(attack), "attack.cached": False}, self.x[:k], self.y[:k]
-        batches = attack_batches(attack, x, y, cfg.batch_size, cfg.seed, self.start, self.device)
+        watch = Watch(name, attack, traced, info)
+        batches = attack_batches(attack, x, y, cfg.batch_size, cfg.seed, self.start, self.device, watch)
         if not cacheable or self.cache is None or k == 0:
             return batches, info
         key = cache_key(model, name, settings(attack), cfg.seed, cfg.batch_size, self.start, x, y)
         hit = load_entry(fetched(self.cache / key, self.store), k)
+        if hit is not None:
+            info.update(entry_trace(self.cache / key))
         if hit is None:
             meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k,
                     "model_sha256": model_sha(model)}  # the model it was crafted on (kdp cache --unused)
@@ -235,8 +245,10 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
     """One attack run end to end through the defense, scored on the same defense."""
     eval_mode = ctx.was_eval(d.purifier, d.classifier)
     model, grad, eot = attack_target(d, ctx.cfg)
-    bs = ctx.cfg.batch_size
-    grad_norm = input_grad_norm(model, ctx.x[:bs].to(ctx.device), ctx.y[:bs].to(ctx.device))
+    bs, m = ctx.cfg.batch_size, min(ctx.cfg.batch_size, ctx.cfg.indicator_subset)
+    g = input_grads(model, ctx.x[:bs].to(ctx.device), ctx.y[:bs].to(ctx.device))
+    probes = {**grad_probe(g), **stability_probe(d, ctx.x[:m].to(ctx.device), ctx.y[:m].to(ctx.device),
+                                                 linf_budget(name) or EPS)}
     undefended = isinstance(d.purifier, nn.Identity)  # the attacked model is then its own undefended source
     t, c = Tally(), Crafted()
     batches, info = ctx.adversarial(name, model)
@@ -251,7 +263,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
         ctx.tick("full", name, variant, len(xb))
     c.attack_seconds = time.perf_counter() - t0
     return _row(variant, name, "full", t, c, eval_mode, ctx.start, info,
-                **{"check.grad_norm": grad_norm, "attack.grad": grad, "attack.eot": eot})
+                **{"check.grad_norm": float(g.abs().sum()), "attack.grad": grad, "attack.eot": eot, **probes})
 
 
 def _by_classifier(defenses: dict[str, Purified]) -> list[tuple[nn.Module, dict[str, Purified]]]:
@@ -276,7 +288,7 @@ def evaluate_models(ctx: Context, defenses: dict[str, Purified], attacks=None, t
         for clf, group in _by_classifier(defenses):
             rows += score_crafted(ctx, name, "classifier", clf, group)
         log(f"[eval] classifier {name:<10} " + _summary([r for r in rows if r["attack"] == name]))
-    for name in filter(wanted, cfg.suite("full") if "full" in threat_models else ()):
+    for name in filter(wanted, cfg.runs("full") if "full" in threat_models else ()):
         for v, d in defenses.items():
             rows.append(score_full(ctx, name, v, d))
         log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == "full"
@@ -344,12 +356,13 @@ def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True
     """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
     is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
     size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
-    items = [(t, a) for t in cfg.threat_models if surrogate or t != "transfer" for a in cfg.suite(t, clean=True)]
+    items = [(t, a) for t in cfg.threat_models if surrogate or t != "transfer" for a in cfg.runs(t)]
     return [(t, a, s, min(s + size, cfg.subset(a, n_test))) for t, a in items
             for s in range(0, cfg.subset(a, n_test), size)]
 
 
-_SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correct", "check.src_fooled")
+_SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correct", "check.src_fooled",
+         *TRACE_KEYS, *PROBE_KEYS)
 
 
 def _merge_into(m: dict, r: dict) -> None:
