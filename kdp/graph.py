@@ -337,9 +337,11 @@ class Executor(Protocol):
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         """The evaluation's shards: (threat model, attack, start, stop), None meaning all."""
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None, progress=None) -> list:
         """[fn(*a) for a in args], wherever the executor runs work (`store`: the output root's
-        storage, whose artifacts among the args a node fetches first)."""
+        storage, whose artifacts among the args a node fetches first). `progress`
+        (kdp.eval_progress.Progress) hears of each `a` done; an executor that runs fn in this
+        process passes fn `progress.tick` as one more argument, so that each batch counts."""
 
     def cancel(self) -> None:
         """Stop the work in flight now (Ctrl-C, SIGTERM)."""
@@ -373,5 +375,11 @@ class LocalExecutor:
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         return [(None, None, 0, None)]  # one pass: clean predictions and crafted AEs shared
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
-        return [fn(*a) for a in args]
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None, progress=None) -> list:
+        if progress is None:
+            return [fn(*a) for a in args]
+        out = []
+        for a in args:
+            out.append(fn(*a, progress.tick))
+            progress.done(a)
+        return out

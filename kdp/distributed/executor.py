@@ -133,10 +133,16 @@ class RayExecutor:
                                         out, self._ref(run.data), rt)])[0]
         return DRIVER[stage.fn](stage, inputs, out, run, self)
 
-    def _get(self, refs: list) -> list:
-        """ray.get, with the refs known to cancel() while they run."""
+    def _get(self, refs: list, each=None) -> list:
+        """ray.get, with the refs known to cancel() while they run; each(i) as the i-th ends."""
         self._inflight.update(refs)
         try:
+            left = dict(zip(refs, range(len(refs)))) if each else {}
+            while left:
+                ready, _ = ray.wait(list(left), num_returns=1)
+                for r in ready:
+                    ray.get(r)  # a failed task raises now, as ray.get(refs) does at its first error
+                    each(left.pop(r))
             return ray.get(refs)
         finally:
             self._inflight.difference_update(refs)
@@ -150,9 +156,12 @@ class RayExecutor:
     def eval_items(self, eval_cfg, n_test: int, surrogate: bool) -> list[tuple]:
         return shards(eval_cfg, n_test, self.scale.eval_shard_size, surrogate)
 
-    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None) -> list:
+    def map(self, fn, args: list[tuple], log_file: str | None = None, store=None, progress=None) -> list:
+        """The tasks' own output goes to log_file; `progress` hears of each as it ends (its lines,
+        printed here, come from its thread: at least every 30 s however long a task runs)."""
         task = self.task()
-        return self._get([task.remote(fn, log_file, store, *(self._ref(a) for a in a_)) for a_ in args])
+        refs = [task.remote(fn, log_file, store, *(self._ref(a) for a in a_)) for a_ in args]
+        return self._get(refs, None if progress is None else (lambda i: progress.done(args[i])))
 
     def _ref(self, obj):
         """Large inputs (the dataset) go to the object store once."""

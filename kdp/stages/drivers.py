@@ -3,6 +3,7 @@ the training AEs (a task), an untrained baseline's checkpoint and the evaluation
 the evaluation fans its shards out through the executor and writes the results parquet)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -13,6 +14,7 @@ from kdp.checkpoint import atomic_path, is_complete, read_json, read_meta, save_
 from kdp.config import Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
+from kdp.eval_progress import Progress, shard_work
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
@@ -38,11 +40,28 @@ def untrained_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
 
 def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Runtime, surrogate: Path | None,
                cache: Path | None, store, threat: str | None, attack: str | None, start: int,
-               stop: int | None) -> list[dict]:
-    """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None)."""
-    return evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
-                    None if threat is None else (threat,), surrogate, log=print if rt.progress else (lambda *_: None),
-                    cache_dir=cache, store=store)
+               stop: int | None, on_batch=None) -> list[dict]:
+    """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None).
+    `on_batch`: the driver's progress (kdp.eval_progress), given where the shard runs in its process."""
+    own, me = None, (eval_cfg, classifier, purifiers, data, rt, surrogate, cache, store, threat, attack, start, stop)
+    if on_batch is None and rt.progress:  # a shard on its own (a Ray task) prints its own lines, to its log
+        own = Progress([me], _work_of)
+        on_batch = own.tick
+    with own.lines() if own else contextlib.nullcontext():
+        rows = evaluate(eval_cfg, classifier, purifiers, data, rt, start, stop, None if attack is None else (attack,),
+                        None if threat is None else (threat,), surrogate,
+                        log=print if rt.progress else (lambda *_: None), cache_dir=cache, store=store,
+                        on_batch=on_batch)
+    if own:
+        own.done(me)
+        own.finish()
+    return rows
+
+
+def _work_of(a: tuple) -> tuple[str, dict]:
+    """kdp.eval_progress.shard_work of an eval_shard argument tuple."""
+    cfg, purifiers, data, surrogate, (threat, attack, start, stop) = a[0], a[2], a[3], a[5], a[8:12]
+    return shard_work(cfg, len(data.test_y), threat, attack, start, stop, purifiers, surrogate is not None)
 
 
 def evaluation_key(stage, inputs: dict, run) -> str:
@@ -83,8 +102,12 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
     run.say(f"[evaluate] {len(items)} shard(s) over {n_test} test images")
     log_file = str(run.run_dir / "logs" / "evaluate.log")
     kept = ShardRows(run.run_dir / "state" / "evaluate", evaluation_key(stage, inputs, run)) if limited else None
-    shard_rows = (kept.map(ex, eval_shard, args, log_file, run.store) if kept
-                  else ex.map(eval_shard, args, log_file, run.store))
+    progress = Progress(args, _work_of, run.say) if run.rt.progress else None
+    with progress.lines() if progress else contextlib.nullcontext():
+        shard_rows = (kept.map(ex, eval_shard, args, log_file, run.store, progress) if kept
+                      else ex.map(eval_shard, args, log_file, run.store, progress))
+    if progress:
+        progress.finish()
     rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
     extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
              "data.source": run.data.source, "data.train_size": len(run.data.train_y),
@@ -107,16 +130,18 @@ class ShardRows:
         threat, attack, start = arg[8], arg[9], arg[10]
         return self.folder / f"{self.key}-{i:03d}-{threat}-{attack}-{start}.json"
 
-    def map(self, ex, fn, args: list[tuple], log_file: str | None, store) -> list[list[dict]]:
+    def map(self, ex, fn, args: list[tuple], log_file: str | None, store, progress=None) -> list[list[dict]]:
         """[fn(*a) for a in args] through the executor, one shard at a time, each kept as it ends."""
         out = []
         for i, a in enumerate(args):
             path = self._path(i, a)
             if not path.is_file():
                 before(f"evaluation shard {i + 1}/{len(args)} ({a[8]} {a[9]})")
-                rows = ex.map(fn, [a], log_file, store)[0]
+                rows = ex.map(fn, [a], log_file, store, progress)[0]
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps(rows, default=lambda v: v.item()))
+            elif progress:
+                progress.done(a, ran=False)  # kept from the stopped run: done, but not in the rate
             out.append(read_json(path, "evaluation shard rows"))
         return out
 
