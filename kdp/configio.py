@@ -42,14 +42,14 @@ def replicate(cfg, seed: int, scope: str = "purifiers"):
 
 
 def flatten(cfg, prefix: str = "") -> dict:
-    """Nested dataclass -> {'a.b': value}; tuples of strings become 'x+y'."""
+    """Nested dataclass -> {'a.b': value}; tuples of strings or numbers become 'x+y'."""
     out = {}
     for f in dataclasses.fields(cfg):
         v, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(v):
             out.update(flatten(v, key + "."))
-        elif isinstance(v, tuple) and all(isinstance(t, str) for t in v):
-            out[key] = "+".join(v)
+        elif isinstance(v, tuple) and all(isinstance(t, (str, int, float)) for t in v):
+            out[key] = "+".join(map(str, v))
         elif not isinstance(v, tuple):
             out[key] = v
     return out
@@ -64,7 +64,7 @@ def coerce(text: str, hint):
     if args and base is not tuple:
         base = args[0]
     if base is tuple:
-        return tuple(t for t in text.split("+") if t)
+        return _items(text, hint)
     if base is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"expected true/false, got {text!r}")
@@ -112,6 +112,16 @@ def override(cfg, assignment: str, _full: str | None = None):
     return dataclasses.replace(cfg, **{head: new})
 
 
+def _items(text: str, hint) -> tuple:
+    """'x+y' as the tuple a `tuple[T, ...]` field holds (T: str or a number)."""
+    tup = next((a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is tuple), hint)
+    kind = (typing.get_args(tup) or (str,))[0]
+    try:
+        return tuple(kind(t) for t in text.split("+") if t)
+    except ValueError:
+        raise ConfigError(f"expected {kind.__name__} values joined by '+', got {text!r}") from None
+
+
 def unflatten(cls, flat: dict, prefix: str = ""):
     """Inverse of `flatten` for a dataclass without tuple-of-dataclass fields."""
     hints = typing.get_type_hints(cls)
@@ -122,7 +132,7 @@ def unflatten(cls, flat: dict, prefix: str = ""):
             kwargs[f.name] = unflatten(hint, flat, key + ".")
         elif key in flat:
             v = flat[key]
-            kwargs[f.name] = tuple(t for t in v.split("+") if t) if isinstance(v, str) and (
+            kwargs[f.name] = _items(v, hint) if isinstance(v, str) and (
                 typing.get_origin(hint) is tuple) else v
     return cls(**kwargs)
 

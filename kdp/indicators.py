@@ -204,6 +204,9 @@ def _worst_row(variant: str, threat: str, parts: list[dict], lo: int, hits: str)
             "attack.settings": f"per image, correct under all of: {', '.join(p['attack'] for p in parts)} "
                                f"(test images {lo}..{lo + n - 1})",
             "linf_max": max(p["linf_max"] or 0 for p in parts if p["attack"] != "clean"),
+            **{k: all(p.get(k) is not False for p in parts) for k in ("check.eval_mode", "check.linf_ok", "checks_ok")},
+            "check_failures": ",".join(sorted({f for p in parts for f in (p.get("check_failures") or "").split(",")
+                                               if f})),
             **{f"indicator.{k}": (fired[k] if applies[k] else None) for k in fired},
             "indicators": ",".join(names),
             "indicator_notes": "; ".join(f"{k}: from {', '.join(p['attack'] for p in parts if p.get(f'indicator.{k}'))}"

@@ -46,7 +46,8 @@ def smoke() -> PipelineConfig:
 def demo() -> PipelineConfig:
     """`make run`'s config: the smoke preset's stages, baselines, attacks and threat models, sized
     for a Ray job of minutes on 2 CPU cores (measured: README): 2048 training and 100 test images, 10 classifier
-    epochs, a 4-epoch surrogate, 6-epoch SOAP, 2-epoch NRP, aa-standard on 10 images. Unlike
+    epochs, a 4-epoch surrogate, 6-epoch SOAP, 2-epoch NRP, aa-standard on 10 images, a 3-point ε curve
+    on 16 (the unbounded point included). Unlike
     smoke, the `full` threat model runs adaptive PGD only, not aa-standard: SOAP's test-time
     optimization inside Square's 5000 queries dominated a demo evaluation (docs/running.md).
     The smoke preset (and every smoke number in docs/) is unchanged."""
@@ -54,7 +55,8 @@ def demo() -> PipelineConfig:
     return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=100),
                    classifier=replace(s.classifier, epochs=10), surrogate=replace(s.surrogate, epochs=4),
                    soap=replace(s.soap, epochs=6), nrp=replace(s.nrp, epochs=2),
-                   eval=replace(s.eval, aa_subset=10, adaptive_attacks=("pgd8",)))
+                   eval=replace(s.eval, aa_subset=10, adaptive_attacks=("pgd8",), eps_curve=(4, 16, 255),
+                                indicator_subset=16))
 
 
 def reduced() -> PipelineConfig:
@@ -73,7 +75,8 @@ def reduced() -> PipelineConfig:
 def tiny() -> PipelineConfig:
     """The smallest config that still runs every stage, baseline, threat model and attack of
     the paper's suite plus aa-standard: 1024 training and 32 test images, 1-3 epochs of 8-wide
-    models, aa-standard on 4 images. For tests and for trying an install; its accuracies mean
+    models, aa-standard on 4 images, the ε curve's unbounded point only, on 4. For tests and for trying an
+    install; its accuracies mean
     nothing (README: its time). SOAP trains 2 epochs: after 1, its classifier kept images that
     AutoAttack's 5000-query Square then spent half the evaluation on."""
     clf = dict(arch="resnet8", width=8, epochs=3, batch_size=64, lr=0.05)

@@ -34,8 +34,9 @@ _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_
 def _fields(cls, prefix: str) -> list[pa.Field]:
     out = []
     for name, hint in typing.get_type_hints(cls).items():
-        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        base = typing.get_origin(base[0]) or base[0]
+        base = [hint] if typing.get_origin(hint) is tuple else [a for a in typing.get_args(hint)
+                                                                 if a is not type(None)] or [hint]
+        base = typing.get_origin(base[0]) or base[0]  # a tuple is its flattened 'x+y' text
         out.append(pa.field(prefix + name, pa.string() if base is tuple else _ARROW[base]))
     return out
 

@@ -160,7 +160,7 @@ def test_flatten():
         obj = cfg
         for part in key.split("."):
             obj = getattr(obj, part)
-        assert value == ("+".join(obj) if isinstance(obj, tuple) else obj), key
+        assert value == ("+".join(map(str, obj)) if isinstance(obj, tuple) else obj), key
         assert value is None or type(value) in (str, int, float, bool), key
     sections = [f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     for sec in sections:
@@ -224,7 +224,8 @@ def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
     assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (10, 4, 6, 2)
     differ = {k for k, v in flatten(demo).items() if flatten(smoke)[k] != v}
     assert differ == {"name", "preset", "data.n_train", "data.n_test", "classifier.epochs", "surrogate.epochs",
-                      "soap.epochs", "nrp.epochs", "eval.aa_subset", "eval.adaptive_attacks"}
+                      "soap.epochs", "nrp.epochs", "eval.aa_subset", "eval.adaptive_attacks", "eval.eps_curve",
+                      "eval.indicator_subset"}
 
 
 def test_tiny_runs_every_stage_attack_and_threat_model():

@@ -15,11 +15,14 @@ QUIET = lambda *_: None  # noqa: E731
 
 
 def test_shards_cover_every_attack_and_image_once():
-    cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("pgd8",), transfer_attacks=("fgsm",), batch_size=32)
+    cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("pgd8",), transfer_attacks=("fgsm",), batch_size=32,
+                     eps_curve=(255,), indicator_subset=40)
     work = shards(cfg, 100, shard_size=40)  # rounded up to 64 = 2 batches
     assert {(t, a) for t, a, _, _ in work} == {("classifier", "clean"), ("classifier", "pgd8"),
-                                               ("classifier", "fgsm"), ("full", "pgd8"), ("transfer", "fgsm")}
-    for key in {(t, a) for t, a, _, _ in work}:
+                                               ("classifier", "fgsm"), ("full", "pgd8"), ("transfer", "fgsm"),
+                                               ("full", "pgd20-eps255")}
+    assert [(s, e) for t, a, s, e in work if a == "pgd20-eps255"] == [(0, 40)]  # the first indicator_subset images
+    for key in {(t, a) for t, a, _, _ in work} - {("full", "pgd20-eps255")}:
         spans = sorted((s, e) for t, a, s, e in work if (t, a) == key)
         assert spans == [(0, 64), (64, 100)]
     assert not [w for w in shards(cfg, 100, 40, surrogate=False) if w[0] == "transfer"]
@@ -98,7 +101,7 @@ def test_subset_attacks_run_on_the_first_images_only(ckpts, tiny_data, monkeypat
     monkeypatch.setitem(kdp.attacks.ATTACKS, "fgsm", dataclasses.replace(kdp.attacks.ATTACKS["fgsm"], subset=True))
     clf, sur, variants = ckpts
     cfg = EvalConfig(attacks=("pgd8", "fgsm"), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
-                     aa_subset=20, batch_size=16)
+                     aa_subset=20, batch_size=16, eps_curve=())
     whole = evaluate(cfg, clf, variants, tiny_data, RT, 0, 48, log=QUIET)
     n = {(r["attack"], r["threat_model"]): r["n"] for r in whole}
     assert n == {("clean", "classifier"): 48, ("pgd8", "classifier"): 48, ("fgsm", "classifier"): 20,

@@ -25,6 +25,8 @@ STAGES = ["classifier", "teacher_at", "teacher_nt", "student_kd_at", "student_kd
 TINY = get_preset("tiny")
 SUITES = {"classifier": ("clean",) + PAPER_SUITE + ("aa-standard",), "full": TINY.eval.adaptive_attacks,
           "transfer": TINY.eval.transfer_attacks}
+ROWS = {"classifier": SUITES["classifier"] + ("worst-case",),  # and the ε curve's unbounded point under full
+        "full": SUITES["full"] + ("pgd20-eps255", "worst-case"), "transfer": SUITES["transfer"] + ("worst-case",)}
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -35,16 +37,31 @@ def _copy(run: Path, dest: Path) -> Path:
 
 def test_a_row_per_variant_attack_and_threat_model(tiny_run):
     df = load(tiny_run / "results.parquet")
-    for threat, attacks in SUITES.items():
+    for threat, attacks in ROWS.items():
         sub = df[df.threat_model == threat]
         assert sorted(zip(sub.variant, sub.attack)) == sorted((v, a) for v in VARIANTS for a in attacks), threat
     assert list(df.columns) == SCHEMA.names + ["sweep_id"]
-    aa = df.attack == "aa-standard"
-    assert (df[aa].n == TINY.eval.aa_subset).all() and (df[~aa].n == TINY.data.n_test).all()
+    # aa-standard, and the worst case over a suite that has it, on the first aa_subset images; the curve on its own
+    aa = (df.attack == "aa-standard") | ((df.attack == "worst-case") & (df.threat_model == "classifier"))
+    curve = df.attack == "pgd20-eps255"
+    assert (df[aa].n == TINY.eval.aa_subset).all() and (df[curve].n == TINY.eval.indicator_subset).all()
+    assert (df[~aa & ~curve].n == TINY.data.n_test).all()
     assert ((df.accuracy - df.correct / df.n).abs() < 1e-12).all() and (df.hits.str.len() == df.n).all()
     assert (df.hits.str.count("1") == df.correct).all() and (df["first"] == 0).all()
-    assert (df[aa]["attack.steps"] == 100).all() and df["attack.settings"].notna().all()
-    assert table1(df).shape == (len(SUITES["classifier"]), len(VARIANTS))
+    assert (df[df.attack == "aa-standard"]["attack.steps"] == 100).all() and df["attack.settings"].notna().all()
+    assert table1(df).shape == (len(SUITES["classifier"]) + 1, len(VARIANTS))  # + worst-case; no curve
+
+
+def test_rows_carry_indicators_where_they_apply(tiny_run):
+    df = load(tiny_run / "results.parquet").set_index(["variant", "threat_model", "attack"])
+    assert df["indicators"].notna().all() and df["indicator_notes"].notna().all()
+    assert df.loc[("at_teacher", "full", "pgd8"), "indicator.unavailable_gradients"] == False  # noqa: E712
+    assert df.loc[("at_teacher", "classifier", "pgd8"), "indicator.unavailable_gradients"] is None
+    assert df.loc[("none", "classifier", "autoattack"), "indicator.blackbox_beats_whitebox"] is not None
+    assert df.loc[("none", "classifier", "fgsm"), "indicator.silent_success"] is None  # one step: no iterates
+    assert df.loc[("none", "full", "pgd8"), "trace.grad_images"] == TINY.eval.batch_size
+    fired = df[df["indicators"] != ""]
+    assert all(n in df.columns for names in fired["indicators"] for n in (f"indicator.{x}" for x in names.split(",")))
 
 
 def test_rows_carry_config_and_provenance(tiny_run):
@@ -64,11 +81,11 @@ def test_rows_carry_config_and_provenance(tiny_run):
 def test_rows_record_checks_and_how_gradients_were_taken(tiny_run):
     df = load(tiny_run / "results.parquet")
     assert df["check.eval_mode"].all() and df["check.linf_ok"].all()
-    full = df[df.threat_model == "full"].set_index("variant")
+    full = df[(df.threat_model == "full") & (df.attack != "worst-case")].set_index("variant")
     assert full["check.grad_nonzero"].all()
     assert set(full.loc[["jpeg", "soap"], "attack.grad"]) == {"bpda"}
     assert set(full.loc[["kd_at_nt", "nrp", "none"], "attack.grad"]) == {"exact"} and (full["attack.eot"] == 1).all()
-    crafted = df[(df.attack != "clean") & (df.threat_model != "full")]
+    crafted = df[~df.attack.isin(("clean", "worst-case")) & (df.threat_model != "full")]
     assert crafted["check.attack_success"].notna().all()
     assert (df["checks_ok"] == (df["check_failures"] == "")).all()
 
@@ -84,7 +101,8 @@ def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, ci
     assert not [line for line in console if " epoch " in line]  # the re-run trains nothing and says so
     assert sum("done already" in line for line in console) == len(STAGES) + 2  # + aes, evaluate
     assert [line for line in console if "threat model" in line] == [
-        f"{t} threat model: accuracy % (n = test images per attack)" for t in SUITES]
+        f"{t} threat model: accuracy % (n = test images per attack; letters: indicators fired)" for t in SUITES]
+    assert any(line.startswith("indicators of attack failure") for line in console)
     assert sum(line.startswith("AA (standard) (n=4) ") for line in console) == 1
     assert any("student KD←AT+NT" in line and "NT teacher" in line for line in console)  # the report's labels
     assert console[-1] == f"full report (intervals, Table 2, plots): kdp report {run} --out {run / 'report'}"
@@ -182,7 +200,7 @@ def test_crashed_stage_resumes_from_its_last_epoch(tmp_path, cifar_subset_dir, m
     assert (run / "teacher_at" / "model.pt").stat().st_mtime_ns == at_mtime
     statuses = [(e["stage"], e["status"]) for e in read_events(run)]
     assert ("teacher_nt", "resumed") in statuses and ("teacher_at", "skipped") in statuses
-    assert len(load(run / "results.parquet")) == 6 * 2
+    assert len(load(run / "results.parquet")) == 6 * 3  # (clean, fgsm, the worst case) x variants
 
 
 def test_smoke_checks_run_on_rows_and_fail_on_a_broken_one(tiny_run):

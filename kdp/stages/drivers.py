@@ -20,6 +20,7 @@ from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
 from kdp.stages.eval_cache import tensor_sha
 from kdp.interrupt import before
+from kdp.indicators import conclude
 from kdp.stages.evaluate import evaluate, finalize, merge_rows, shards
 
 
@@ -108,7 +109,8 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
                       else ex.map(eval_shard, args, log_file, run.store, progress))
     if progress:
         progress.finish()
-    rows = finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say)
+    rows = conclude(finalize(merge_rows([r for rs in shard_rows for r in rs]), cfg.eval, run.say),
+                    {t: cfg.eval.suite(t) for t in cfg.eval.threat_models}, run.say)
     extra = {"classifier.test_acc": read_meta(inputs["classifier"])["metrics"].get("test_acc"),
              "data.source": run.data.source, "data.train_size": len(run.data.train_y),
              "wall_seconds": time.time() - run.t_start, **provenance(run.rt), **run.extra}

@@ -367,7 +367,8 @@ _SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correc
 
 def _merge_into(m: dict, r: dict) -> None:
     for k in _SUMS:
-        m[k] = None if m[k] is None and r[k] is None else (m[k] or 0) + (r[k] or 0)
+        a, b = m.get(k), r.get(k)
+        m[k] = None if a is None and b is None else (a or 0) + (b or 0)
     m["linf_max"] = max(m["linf_max"], r["linf_max"])
     m["hits"] = (m.get("hits") or "") + (r.get("hits") or "")
     m["attack.cached"] = bool(m.get("attack.cached")) and bool(r.get("attack.cached"))
