@@ -88,24 +88,34 @@ def table1_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return at_setting(df[sweep], 0.5, 0.5, 8 / 255), "sweep trials at β=γ=0.5, ε=8/255"
 
 
+CHECK_MARK = ("X", "a sanity check of the row failed (`check_failures`): the attack, not the defense, is broken "
+                   "there; the number measures no robustness")
+
+
+def _failed_checks(g) -> bool:
+    return "checks_ok" in g and bool((g["checks_ok"].astype("boolean") == False).fillna(False).any())  # noqa: E712
+
+
 def codes(df, by: list[str]) -> dict:
-    """The letters of the indicators fired by any row of each group of `by` (kdp.indicators)."""
-    if "indicators" not in df:
+    """The letters of each group of `by`: X where a row failed a sanity check, then those of the indicators
+    of attack failure any of its rows fired (kdp.indicators)."""
+    if "indicators" not in df and "checks_ok" not in df:
         return {}
     out = {}
-    for key, names in df.groupby(by, sort=False)["indicators"]:
-        fired = {n for v in names.dropna() for n in v.split(",") if n}
-        out[key] = "".join(i.code for n, i in INDICATORS.items() if n in fired)
+    for key, g in df.groupby(by, sort=False):
+        fired = {n for v in (g["indicators"].dropna() if "indicators" in g else []) for n in v.split(",") if n}
+        out[key] = CHECK_MARK[0] * _failed_checks(g) + "".join(i.code for n, i in INDICATORS.items() if n in fired)
     return out
 
 
 def legend(df) -> list[str]:
-    """One line per indicator fired anywhere in `df`: its letter, name and what it means for the number."""
+    """One line per letter used anywhere in `df`: its name and what it means for the number beside it."""
     fired = {n for v in (df["indicators"].dropna() if "indicators" in df else []) for n in v.split(",") if n}
+    lines = [f"  {CHECK_MARK[0]} sanity check failed: {CHECK_MARK[1]}"] * _failed_checks(df)
+    lines += [f"  {i.code} {n}: {i.meaning}" for n, i in INDICATORS.items() if n in fired]
     if not fired:
-        return ["\nindicators of attack failure: none fired (docs/evaluation.md)"]
-    return ["\nindicators of attack failure that fired (docs/evaluation.md):"] + [
-        f"  {i.code} {n}: {i.meaning}" for n, i in INDICATORS.items() if n in fired]
+        lines.append("  no indicator of attack failure fired")
+    return ["\nletters after a number (docs/evaluation.md):"] + lines
 
 
 def not_same_images(df, threat: str) -> list[str]:

@@ -229,7 +229,7 @@ class EvalConfig:
     seed: int = 0
     """Seed of random starts; each batch is seeded by its position."""
     eps_curve: tuple[int, ...] = (2, 4, 8, 16, 32, 255)
-    """L-inf radii, in 1/255 (one of kdp.attacks.CURVE_EPS each), of PGD-20 run under `full` on the first
+    """L-inf radii, in 1/255 (one of kdp.attacks.CURVE_EPS each), of PGD-20 run beside a `full` suite on the first
     `indicator_subset` images: the report's accuracy-vs-ε plot. 255 spans all of [0, 1], the unbounded
     attack (`unbounded_attack_failure`). (): neither."""
     indicator_subset: int = 32
@@ -264,8 +264,9 @@ class EvalConfig:
         return ("clean", *attacks) if clean and threat == ThreatModel.CLASSIFIER else attacks
 
     def runs(self, threat: str) -> tuple[str, ...]:
-        """What threat model `threat` runs: its suite (with 'clean'), and under `full` the ε curve."""
-        curve = tuple(curve_name(k) for k in sorted(set(self.eps_curve))) if threat == ThreatModel.FULL else ()
+        """What threat model `threat` runs: its suite (with 'clean'), and beside a `full` suite the ε curve."""
+        curve = (tuple(curve_name(k) for k in sorted(set(self.eps_curve)))
+                 if threat == ThreatModel.FULL and self.adaptive_attacks else ())
         return self.suite(threat, clean=True) + curve
 
     def check_test_size(self, n_test: int) -> None:

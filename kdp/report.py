@@ -150,8 +150,9 @@ def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
                  "`classifier` protocol (the paper's AA is placed beside kdp's 10-step `AA`, not `AA (standard)`). "
                  "`checks`: the variant's rows whose sanity checks failed. `Worst case`: an image counts as correct "
                  "only if it is correct clean and under every attack of that threat model, on the images all of them "
-                 "ran on (the field's robust accuracy). Letters after a number: indicators of attack failure its rows "
-                 "fired (legend below the table; section *Indicators of attack failure*).")
+                 "ran on (the field's robust accuracy). Letters after a number: X, a sanity check of its rows failed; "
+                 "the others, indicators of attack failure its rows fired (legend below the table; section "
+                 "*Indicators of attack failure*).")
     return "\n".join(lines)
 
 

@@ -208,7 +208,8 @@ def table1(df, threat_model: str = "classifier"):
 
 def print_tables(paths) -> None:
     """Where the rows are; one accuracy table per threat model, each attack with its image
-    count and each cell marked with the indicators of attack failure its rows fired; the legend;
+    count and each cell marked with X where a sanity check failed and the letters of the indicators
+    of attack failure its rows fired; the legend;
     and the command that writes the full report."""
     import os
 
@@ -222,7 +223,7 @@ def print_tables(paths) -> None:
     print("results: " + ", ".join(paths))
     df = pd.concat([load(p) for p in paths], ignore_index=True)
     for threat in (t for t in THREAT_MODELS if t in set(df.threat_model)):
-        print(f"\n{threat} threat model: accuracy % (n = test images per attack; letters: indicators fired)\n"
+        print(f"\n{threat} threat model: accuracy % (n = test images per attack; letters: see below)\n"
               + threat_table(df, threat, marked=True).to_string())
         print("\n".join(not_same_images(df, threat)))
     print("\n".join(legend(df)))

@@ -26,7 +26,7 @@ TINY = ["--preset", "tiny", "--set", "students=at+nt", "--set", "classifier.epoc
 # the node-loss jobs: no student, the classifier threat model only (what they test is the AT teacher),
 # the evaluation in 16-image shards over the nodes that are left
 LOSS = ["--set", "students=", "--set", "eval.threat_models=classifier", *wide("at_teacher"), "--eval-shard-size", "16"]
-LOSS_ROWS = 3 * 3  # (clean, fgsm, pgd8) x (none, AT, NT)
+LOSS_ROWS = 4 * 3  # (clean, fgsm, pgd8, the worst case) x (none, AT, NT)
 
 
 def _train_nodes(events: list[dict], stage: str) -> set[str]:

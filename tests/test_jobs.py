@@ -124,7 +124,8 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(client, tmp_path, c
     meta = json.loads((run / "teacher_at" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
     df = load(run / "results.parquet")
-    assert len(df) == VARIANTS * 3 + VARIANTS  # (clean, fgsm, pgd8) x the variants + full pgd8 x each
+    # (clean, fgsm, pgd8, worst case) x the variants + (pgd8, the ε curve's unbounded point, worst case) under full
+    assert len(df) == VARIANTS * 4 + VARIANTS * 3
 
 
 def test_a_stopped_job_resubmitted_with_ray_job_submit_skips_finished_stages(head, client, address, tmp_path,

@@ -254,7 +254,7 @@ def test_two_runs_of_one_name_at_once_then_a_third_skips_all_and_a_deleted_stage
     assert third.returncode == 0, third.stderr
     stages = ("classifier", "aes", "teacher_at", "teacher_nt", "student_kd_at_nt", "evaluate")
     assert all(f"[{s}] done already" in third.stdout for s in stages), third.stdout
-    assert len(load(f"{s3}/runs")) == 4 * 2  # (none, two teachers, a student) x (clean, fgsm)
+    assert len(load(f"{s3}/runs")) == 4 * 3  # (none, two teachers, a student) x (clean, fgsm, the worst case)
 
     s3_server.admin().delete_dir(f"{s3[5:]}/runs/tiny/teacher_nt")  # to train it again
     fourth = subprocess.run(argv, cwd=repo, env=node("c"), capture_output=True, text=True, timeout=600)

@@ -219,7 +219,7 @@ def test_trials_share_inputs_and_write_one_file_each(tmp_path, tiny_data):
     assert len(list((tmp_path / "sw" / "shared").glob("teacher_at-*/checkpoint.json"))) == 2
 
     df = load(tmp_path / "results")
-    assert len(df) == 3 * 2 and set(df.sweep_id) == {"sw"}  # 3 trials x (clean, fgsm)
+    assert len(df) == 3 * 3 and set(df.sweep_id) == {"sw"}  # 3 trials x (clean, fgsm, the worst case)
     assert df.groupby("trial_id").variant.first().to_dict() == {"t0": "kd_nt", "t1": "at_teacher", "t2": "kd_at"}
     assert df[df.trial_id == "t2"]["ae.eps"].iloc[0] == pytest.approx(4 / 255)
     assert df[df.trial_id == "t0"]["purifier.teachers"].iloc[0] == "nt"
@@ -252,19 +252,19 @@ def test_load_reads_many_sweeps_with_fixed_types(tmp_path, tiny_data):
         run_trial(_tiny_base(sweep), {**p, "variant": variant}, tmp_path, "t0", be, tiny_data, CPU, log=lambda *_: None)
     root = tmp_path / "results"
     df = load(root)
-    assert len(df) == 4 and sorted(df.sweep_id.unique()) == ["s1", "s2"]
+    assert len(df) == 6 and sorted(df.sweep_id.unique()) == ["s1", "s2"]  # (clean, fgsm, worst case) x 2
     assert df["accuracy"].dtype == "float64" and df["n"].dtype == "int64" and df["sweep.beta"].dtype == "float64"
     table = load(root / "sweep_id=s2", as_table=True)
-    assert isinstance(table, pa.Table) and table.num_rows == 2 and set(table["sweep_id"].to_pylist()) == {"s2"}
+    assert isinstance(table, pa.Table) and table.num_rows == 3 and set(table["sweep_id"].to_pylist()) == {"s2"}
     assert table.schema.names == SCHEMA.names + ["sweep_id"]
 
     hive = ds.partitioning(pa.schema([("sweep_id", pa.string())]), flavor="hive")
-    assert ds.dataset(root, format="parquet", partitioning=hive).count_rows() == 4
-    assert len(pd.read_parquet(root)) == 4
-    assert pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).collect().height == 4
+    assert ds.dataset(root, format="parquet", partitioning=hive).count_rows() == 6
+    assert len(pd.read_parquet(root)) == 6
+    assert pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).collect().height == 6
     n, sweeps = duckdb.sql(f"select count(*), count(distinct sweep_id) from "
                            f"read_parquet('{root}/**/*.parquet', hive_partitioning=true)").fetchall()[0]
-    assert (n, sweeps) == (4, 2)
+    assert (n, sweeps) == (6, 2)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no .parquet files"):
         load(tmp_path / "empty")
