@@ -150,7 +150,9 @@ INDICATORS: dict[str, Indicator] = {i.name: i for i in (
     Indicator("blackbox_beats_whitebox", "B", "the black-box piece (Square) fooled images the gradient pieces "
               "could not: a sign of masked gradients", _blackbox),
     Indicator("stronger_attack_weaker", "W", "an attack that dominates another (more steps, larger ε, full "
-              "strength) leaves more images correct on the same images: it is failing", _stronger),
+              "strength) leaves more images correct on the same images: under `full` it is failing; under "
+              "`classifier` or `transfer`, whose AEs are crafted on another model, its AEs survive purification "
+              "better, so the weaker attack's number is the one to trust", _stronger),
 )}
 
 
