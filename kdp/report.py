@@ -194,7 +194,7 @@ def table1_markdown(df: pd.DataFrame) -> str:
     agreement = ("Agreement (%): the purified image's prediction equals the classifier's prediction on the clean "
                  "image (the paper's \"matches the original prediction\"), same rows and columns, pooled.")
     return (_table1_caption(sub, source, threats) + "\n\n" + _markdown(header, rows) + "\n"
-            + "\n".join(legend(sub)).replace("\n  ", "\n- ") + "\n\n" + agreement
+            + "\n".join(legend(sub[~sub["attack"].isin(CURVE)])).replace("\n  ", "\n- ") + "\n\n" + agreement
             + "\n\n" + _markdown(["variant"] + labels, agree))
 
 

@@ -226,7 +226,7 @@ def print_tables(paths) -> None:
         print(f"\n{threat} threat model: accuracy % (n = test images per attack; letters: see below)\n"
               + threat_table(df, threat, marked=True).to_string())
         print("\n".join(not_same_images(df, threat)))
-    print("\n".join(legend(df)))
+    print("\n".join(legend(df[~df["attack"].isin(CURVE)])))  # the letters in these tables
     parents = [p.rsplit("/", 1)[0] if is_uri(p) else str(Path(p).resolve().parent) for p in paths]
     root = parents[0] if len(set(parents)) == 1 else (os.path.commonpath(parents) if not is_uri(paths[0])
                                                       else parents[0].rsplit("/", 1)[0])
