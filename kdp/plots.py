@@ -28,6 +28,16 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def _accuracy_axes(fig, ax, title: str, path: str | Path) -> Path:
+    """Accuracy (%) on 0..100, the title, the legend beside the axes (off the data); saved."""
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _points(stats: dict, keys: list) -> tuple[list[float], list[float]]:
     """Accuracies and bootstrap half-widths (0 where unknown) of the cells `keys`."""
     got = [stats.get(k) or {} for k in keys]
@@ -52,12 +62,7 @@ def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
                label=VARIANT_LABELS.get(v, v), yerr=errs, capsize=2)
     # tick labels turned so that long ones never meet; the legend beside the axes, off the bars
     ax.set_xticks(range(len(attacks)), [ATTACK_LABELS.get(a, a) for a in attacks], rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Accuracy on purified images (classifier threat model)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _accuracy_axes(fig, ax, "Accuracy on purified images (classifier threat model)", path)
 
 
 def _clean_on(df: pd.DataFrame, variant: str, n: int) -> float | None:
@@ -86,12 +91,7 @@ def plot_eps(df: pd.DataFrame, path: str | Path) -> Path | None:
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=2, label=VARIANT_LABELS.get(v, v))
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("ε (×1/255; 255 = unbounded)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Accuracy against ε, full white-box threat model (PGD-20)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _accuracy_axes(fig, ax, "Accuracy against ε, full white-box threat model (PGD-20)", path)
 
 
 def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path | None:
