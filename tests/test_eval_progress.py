@@ -131,9 +131,10 @@ def test_a_real_evaluation_reports_each_batch_through_the_local_executor(tiny_ru
     rows = LocalExecutor().map(eval_shard, args, None, None, p)
     assert [r["n"] for rs in rows for r in rs] == [16] * 4
     p.finish()
-    assert len(lines) == 2 * (2 + 1) + 1  # a line per batch and per shard done, then the last
-    assert lines[0].startswith("[eval] 25% (0/2 shards), classifier fgsm on none,at_teacher, ")
-    assert lines[2].startswith("[eval] 50% (1/2 shards), classifier fgsm on none,at_teacher, ")
+    assert len(lines) == 2 * (1 + 2 + 1) + 1  # a line per attack started, batch and shard done, then the last
+    assert lines[0].startswith("[eval] 0% (0/2 shards), classifier fgsm on none,at_teacher, ")
+    assert lines[1].startswith("[eval] 25% (0/2 shards), classifier fgsm on none,at_teacher, ")
+    assert lines[3].startswith("[eval] 50% (1/2 shards), classifier fgsm on none,at_teacher, ")
     assert lines[-1].startswith("[eval] 100% (2/2 shards) in ") and lines[-1].endswith(" images/s")
     eval_shard(*args[0])
     assert capsys.readouterr().out == ""

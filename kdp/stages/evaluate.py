@@ -223,6 +223,7 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
     tallies = {v: Tally() for v in group}
     crafted = Crafted()
     batches, info = (ctx.batches(), CLEAN_INFO) if name == "clean" else ctx.adversarial(name, source, True)
+    ctx.tick(threat, name, ",".join(group), 0)  # what runs now, before its first batch is done
     i, t0 = 0, time.perf_counter()
     for xb in batches:
         crafted.attack_seconds += time.perf_counter() - t0
@@ -252,6 +253,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
     undefended = isinstance(d.purifier, nn.Identity)  # the attacked model is then its own undefended source
     t, c = Tally(), Crafted()
     batches, info = ctx.adversarial(name, model)
+    ctx.tick("full", name, variant, 0)
     i, t0 = 0, time.perf_counter()
     for xb in batches:
         sl = slice(i, i + len(xb))
