@@ -174,7 +174,8 @@ def _everything_is_in_the_bucket(uri: str, tmp_path: Path) -> None:
     df = load(f"{uri}/results")
     assert df.trial_id.nunique() == 2 and set(df.sweep_id) == {"grow"}
     assert sorted(df.groupby("trial_id")["sweep.variant"].first()) == ["at_teacher", "kd_at_nt"]
-    assert sorted(zip(df.threat_model, df.attack)) == sorted([("classifier", "clean"), ("classifier", "fgsm")] * 2)
+    assert sorted(zip(df.threat_model, df.attack)) == sorted([("classifier", "clean"), ("classifier", "fgsm"),
+                                                              ("classifier", "worst-case")] * 2)
     kd = df[df["sweep.variant"] == "kd_at_nt"]
     assert (kd["purifier.beta"] == kd["sweep.beta"]).all() and set(kd.variant) == {"kd_at_nt"}
     assert set(df[df["sweep.variant"] == "at_teacher"].variant) == {"at_teacher"}

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import free_ports, new_events, ray_head, state_epoch, wait_until, wide
 from kdp.events import read_events
+from kdp.presets import get_preset
 from kdp.results import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -164,6 +165,9 @@ def test_a_stopped_job_resubmitted_with_ray_job_submit_skips_finished_stages(hea
     assert ("classifier", "skipped") in status
     assert not any(e["stage"] == "classifier" and e["status"] == "epoch_start" for e in later)
     df = load(run / "results.parquet")
-    assert df.groupby("threat_model").size().to_dict() == {"classifier": VARIANTS * 3, "full": VARIANTS}
-    assert (df.hits.str.len() == df.n).all() and (df.n == 32).all()  # shards' per-image hits joined in order
+    # (clean, fgsm, pgd8, worst case) and (pgd8, the ε curve's unbounded point, worst case) per variant
+    assert df.groupby("threat_model").size().to_dict() == {"classifier": VARIANTS * 4, "full": VARIANTS * 3}
+    curve = df.attack == "pgd20-eps255"  # on the first eval.indicator_subset images
+    assert (df.hits.str.len() == df.n).all() and (df[~curve].n == 32).all()  # shards' hits joined in order
+    assert (df[curve].n == get_preset("tiny").eval.indicator_subset).all()
     assert (run / "logs" / "teacher_at.log").stat().st_size > 0
