@@ -76,7 +76,8 @@ def ckpts(tmp_path_factory):
 
 def test_sharded_evaluation_equals_one_run(ckpts, tiny_data):
     clf, sur, variants = ckpts
-    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16)
+    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16,
+                     eps_curve=(255,), indicator_subset=16)  # the curve shards like the rest
     whole = evaluate(cfg, clf, variants, tiny_data, RT, 0, 48, surrogate_dir=sur, log=QUIET)
     parts = [r for t, a, s, e in shards(cfg, 48, 16)
              for r in evaluate(cfg, clf, variants, tiny_data, RT, s, e, (a,), (t,), sur, log=QUIET)]
@@ -120,7 +121,7 @@ def test_subset_attacks_run_on_the_first_images_only(ckpts, tiny_data, monkeypat
 def test_aa_standard_rows_record_settings_and_subset(ckpts, tiny_data):
     clf, _, variants = ckpts
     cfg = EvalConfig(attacks=("aa-standard",), adaptive_attacks=("aa-standard",), threat_models=("classifier", "full"),
-                     aa_subset=4, batch_size=8)
+                     aa_subset=4, batch_size=8, eps_curve=())
     rows = evaluate(cfg, clf, {"none": None, "cae": variants["cae"]}, tiny_data, RT, 0, 16, log=QUIET)
     aa = [r for r in rows if r["attack"] == "aa-standard"]
     assert len(aa) == 4 and all(r["n"] == 4 and r["attack.steps"] == 100 and r["attack.restarts"] == 1 for r in aa)
@@ -132,7 +133,8 @@ def test_aa_standard_rows_record_settings_and_subset(ckpts, tiny_data):
 
 def test_eval_cache_reuses_classifier_and_transfer_aes(ckpts, tiny_data, tmp_path):
     clf, sur, variants = ckpts
-    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16)
+    cfg = EvalConfig(attacks=("pgd8",), adaptive_attacks=("fgsm",), transfer_attacks=("fgsm",), batch_size=16,
+                     eps_curve=())
     run = lambda: evaluate(cfg, clf, variants, tiny_data, RT, 0, 32, surrogate_dir=sur, log=QUIET,  # noqa: E731
                            cache_dir=tmp_path / "cache")
     first, again = run(), run()
@@ -180,7 +182,7 @@ def test_checks_fire_on_a_gradient_masking_purifier_and_a_train_mode_model(tiny_
     defenses = {"masked": Purified(GradientMasker(), clf), "train_mode": Purified(left_in_train, clf),
                 "none": Purified(nn.Identity(), clf)}
     cfg = EvalConfig(attacks=("fgsm",), adaptive_attacks=("fgsm",), threat_models=("classifier", "full"),
-                     batch_size=16)
+                     batch_size=16, eps_curve=())
     lines = []
     rows = finalize(evaluate_models(_context(tiny_data, cfg), defenses, None, cfg.threat_models, None, QUIET),
                     cfg, lines.append)
