@@ -152,7 +152,8 @@ INDICATORS: dict[str, Indicator] = {i.name: i for i in (
     Indicator("stronger_attack_weaker", "W", "an attack that dominates another (more steps, larger ε, full "
               "strength) leaves more images correct on the same images: under `full` it is failing; under "
               "`classifier` or `transfer`, whose AEs are crafted on another model, the purifier undoes its AEs "
-              "more often than the weaker attack's, so the weaker attack's lower number is the one to trust", _stronger),
+              "more often than the weaker attack's, so the weaker attack's lower number is the one to trust",
+              _stronger),
 )}
 
 

@@ -73,7 +73,8 @@ SWEEP_FIELDS = [pa.field("trial_id", pa.string())] + [
     pa.field(f"sweep.{k.param}", _ARROW[k.type]) for k in KNOBS]
 SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
-    + INDICATOR_FIELDS    + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
+    + INDICATOR_FIELDS
+    + _fields(DataConfig, "data.") + _fields(ClassifierConfig, "classifier.") + _fields(AEConfig, "ae.")
     + _fields(TeacherConfig, "at_teacher.") + _fields(TeacherConfig, "nt_teacher.")
     + _fields(ClassifierConfig, "surrogate.") + [pa.field("baselines", pa.string())]
     + [f for name, d in BASELINES.items() for f in _fields(d.config, f"{name}.")]
@@ -237,6 +238,8 @@ def threat_table(df, threat: str, marked: bool = False):
     """table1 of one threat model, its rows labelled 'attack (n=N)' (and the run, if several),
     attacks and variants under the report's labels (kdp.cells); `marked`: cells as text, each
     followed by the letters of the indicators its rows fired."""
+    import pandas as pd
+
     from kdp.cells import ATTACK_LABELS, VARIANT_LABELS, codes
 
     t = table1(df, threat)
@@ -246,15 +249,9 @@ def threat_table(df, threat: str, marked: bool = False):
         for (run, a) in t.index:
             for v in t.columns:
                 x = t.loc[(run, a), v]
-                t.loc[(run, a), v] = "" if pd_isna(x) else f"{x:.2f} {marks.get((run, a, v), '')}".rstrip()
+                t.loc[(run, a), v] = "" if pd.isna(x) else f"{x:.2f} {marks.get((run, a, v), '')}".rstrip()
     n = df[df.threat_model == threat].groupby(["run", "attack"])["n"].max()
     several = df["run"].nunique() > 1
     t.index = [f"{run + ' ' if several else ''}{ATTACK_LABELS.get(a, a)} (n={n[(run, a)]})" for run, a in t.index]
     t.columns = [VARIANT_LABELS.get(v, v) for v in t.columns]
     return t
-
-
-def pd_isna(x) -> bool:
-    import pandas as pd
-
-    return bool(pd.isna(x))

@@ -169,4 +169,5 @@ def stability_probe(defense: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
             noisy = (x + (torch.rand_like(x) * 2 - 1) * NOISE * eps).clamp(0, 1)
             loss = F.cross_entropy(defense(noisy).float(), y, reduction="none")
             jumpy |= (loss - base).abs() > JUMP * base.clamp_min(1)
-    return {"trace.probe_images": len(x), "trace.unstable": int(unstable.sum()), "trace.jumpy": int((jumpy & ~unstable).sum())}
+    return {"trace.probe_images": len(x), "trace.unstable": int(unstable.sum()),
+            "trace.jumpy": int((jumpy & ~unstable).sum())}

@@ -57,13 +57,17 @@ def cache_key(model: nn.Module, attack: str, settings: list[dict], seed: int, ba
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def traced(d: dict) -> dict:
+    """The `trace.*` counts among `d`'s items (kdp.trace): what the attack did, kept with its AEs."""
+    return {k: v for k, v in d.items() if k.startswith("trace.")}
+
+
 def entry_trace(entry: Path) -> dict:
-    """The `trace.*` counts an entry's meta recorded of the attack that made it (kdp.trace)."""
+    """The `trace.*` counts an entry's meta recorded of the attack that made it."""
     try:
-        meta = json.loads((entry / META).read_text())
+        return traced(json.loads((entry / META).read_text()))
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in meta.items() if k.startswith("trace.")}
 
 
 def load_entry(entry: Path, n: int) -> torch.Tensor | None:
@@ -119,6 +123,6 @@ def saving(batches, entry: Path, meta: dict, info: dict, batched, store=None):
         for xb in batches:
             made.append(xb.cpu())
             yield xb
-        save_entry(entry, torch.cat(made), {**meta, **{k: v for k, v in info.items() if k.startswith("trace.")}})
+        save_entry(entry, torch.cat(made), {**meta, **traced(info)})
         if store is not None:
             store.push(entry)

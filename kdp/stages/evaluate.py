@@ -81,11 +81,6 @@ def input_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.zeros_like(x) if g is None else g
 
 
-def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """L1 norm of d CE(model(x), y) / dx; 0 when no gradient reaches the input."""
-    return float(input_grads(model, x, y).abs().sum())
-
-
 def attack_target(defense: Purified, cfg: EvalConfig) -> tuple[nn.Module, str, int]:
     """(model the full attack differentiates, gradient kind, EOT samples) of a defense."""
     model = defense
@@ -143,7 +138,8 @@ CLEAN_INFO = {"attack.settings": "none (clean images)", "attack.steps": 0, "atta
 
 def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: int, info: dict, **extra) -> dict:
     return {**dict.fromkeys(TRACE_KEYS + PROBE_KEYS), "variant": variant, "attack": attack, "threat_model": threat,
-            "n": t.n, "correct": t.correct, "agree": t.agree, "accuracy": t.correct / max(t.n, 1), "agreement": t.agree / max(t.n, 1),
+            "n": t.n, "correct": t.correct, "agree": t.agree, "accuracy": t.correct / max(t.n, 1),
+            "agreement": t.agree / max(t.n, 1),
             "first": start, "hits": t.bits(), **info,
             "seconds": c.attack_seconds + t.seconds, "attack_seconds": c.attack_seconds, "linf_max": c.linf,
             "check.eval_mode": eval_mode, "check.in_range": c.in_range, "check.src_correct": c.src_correct,
@@ -197,13 +193,11 @@ class Context:
             return batches, info
         key = cache_key(model, name, settings(attack), cfg.seed, cfg.batch_size, self.start, x, y)
         hit = load_entry(fetched(self.cache / key, self.store), k)
-        if hit is not None:
-            info.update(entry_trace(self.cache / key))
         if hit is None:
             meta = {"attack": name, **info, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": self.start, "n": k,
                     "model_sha256": model_sha(model)}  # the model it was crafted on (kdp cache --unused)
             return saving(batches, self.cache / key, meta, info, self._batched, self.store), info
-        return self._batched(hit), {**info, "attack.cached": True}
+        return self._batched(hit), {**info, "attack.cached": True, **entry_trace(self.cache / key)}
 
     def _batched(self, x: torch.Tensor):
         bs = self.cfg.batch_size
