@@ -226,3 +226,20 @@ def attack_batches(attack, x: torch.Tensor, y: torch.Tensor, batch_size: int, se
                 continue
             watch.begin(xb, yb)
             yield watch.end(attack(xb, yb).detach())
+
+
+def madry_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+              gen: torch.Generator | None = None) -> torch.Tensor:
+    """The adversarial-training attack (Madry et al. 2018): a uniform random start in the L-inf ball
+    of radius eps, then `steps` signed-gradient ascent steps of size alpha on the cross-entropy, each
+    projected into the ball and [0, 1]. Only the input gets a gradient; the model's mode is the
+    caller's (kdp's recipes attack in eval mode: `kdp.train.evaluating`)."""
+    noise = torch.rand(x.shape, generator=gen).to(x.device) if gen is not None else torch.rand_like(x)
+    x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(model(x_adv).float(), y)
+            (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.minimum(torch.maximum(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()

@@ -8,7 +8,7 @@ import pandas as pd
 from kdp.attacks import ATTACKS
 from kdp.baselines import BASELINES
 from kdp.indicators import INDICATORS, WORST
-from kdp.stats import bootstrap
+from kdp.stats import bootstrap, paired
 
 # clean first, then the attacks in their declaration order (kdp.attacks.ATTACKS: `autoattack` is
 # torchattacks' 10-step AutoAttack, the paper's likely setting; `aa-standard` the original strengths)
@@ -128,3 +128,21 @@ def not_same_images(df, threat: str) -> list[str]:
     top = n.max()
     return [f"not on the same images: {ATTACK_LABELS.get(a, a)} ran on the first {k} of {top} test images; "
             f"the worst-case row compares all attacks on those {n.min()}" for a, k in n.items() if k < top]
+
+
+def replicate_key(rows: pd.DataFrame) -> pd.Series:
+    """What pairs two variants' rows: the run (pipeline: same run, same seed and images) or the seed
+    (sweep trials)."""
+    if is_sweep(rows).all() and "sweep.seed" in rows:
+        return rows["sweep.seed"].fillna(0).astype(int).astype(str)
+    return rows["run"].astype(str)
+
+
+def versus(rows: pd.DataFrame, variant: str, reference: str, attack: str) -> dict | None:
+    """The paired bootstrap (kdp.stats.paired) of `variant` minus `reference` on `attack`'s rows, paired
+    by replicate; None when they share no replicate or images."""
+    key = rows.assign(_rep=replicate_key(rows))
+    mine = key[(key["variant"] == variant) & (key["attack"] == attack)].groupby("_rep")["hits"].first()
+    ref = key[(key["variant"] == reference) & (key["attack"] == attack)].groupby("_rep")["hits"].first()
+    common = sorted(set(mine.index) & set(ref.index))
+    return paired([mine[k] for k in common], [ref[k] for k in common]) if common else None

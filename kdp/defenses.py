@@ -35,8 +35,8 @@ class Defense:
     recipe: Callable | None = None
     """Its training recipe, (cfg, inputs, data, device, rt, rank=0) -> kdp.stages.common.Recipe;
     None: nothing to train (its stage writes the checkpoint, config and spec, as is)."""
-    needs: tuple[str, ...] = ()
-    """Stages whose outputs the recipe reads (e.g. 'classifier')."""
+    needs: tuple[str, ...] | Callable = ()
+    """Stages whose outputs the recipe reads (e.g. 'classifier'), or a function of its config giving them."""
     parallel: bool = True
     """Data-parallel training allowed (False: its step calls submodules directly)."""
     cost: float = 0.0
@@ -56,6 +56,10 @@ class Defense:
         """The purifier's constructor arguments: the config's fields that its __init__ names."""
         names = inspect.signature(self.purifier).parameters
         return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+    def inputs(self, cfg) -> tuple[str, ...]:
+        """The stages whose outputs its recipe reads under config `cfg`."""
+        return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
 
     def spec(self, cfg) -> dict:
         """The model spec a checkpoint of this baseline is rebuilt from (kdp.models.build_model)."""

@@ -86,7 +86,8 @@ def baseline_stage(cfg: PipelineConfig, name: str) -> Stage:
     d = BASELINES[name]
     if d.recipe is None:
         return Stage(f"baseline_{name}", "driver", "untrained", getattr(cfg, name), (), name)
-    return Stage(f"baseline_{name}", "train", name, getattr(cfg, name), d.needs, name, parallel=d.parallel)
+    return Stage(f"baseline_{name}", "train", name, getattr(cfg, name), d.inputs(getattr(cfg, name)), name,
+                 parallel=d.parallel)
 
 
 def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None) -> list[Stage]:

@@ -180,10 +180,15 @@ def indicate(rows: list[dict], log=print) -> list[dict]:
 def worst_case(rows: list[dict], suites: dict[str, tuple[str, ...]]) -> list[dict]:
     """Per (variant, threat model): an image counts as correct only if it is correct on clean images and
     under every attack of that threat model's suite, on the images all of them ran on (AutoAttack's
-    robust accuracy). Its indicators are those fired by any row it is made of."""
+    robust accuracy); under `full`, a defense that is its own classifier counts its `classifier` attacks too.
+    Its indicators are those fired by any row it is made of."""
     index, out = Rows(rows), []
     for (variant, threat), by_attack in index.by.items():
         parts = [by_attack[a] for a in suites.get(threat, ()) if a in by_attack and a != "clean"]
+        if threat == "full" and any(r.get("attack.same_as") for r in by_attack.values()):
+            # its own classifier (at_classifier): every attack crafted on it is white-box, `classifier`'s too
+            parts += [r for a, r in index.of(variant, "classifier").items()
+                      if a in suites.get("classifier", ()) and a not in by_attack and a != "clean"]
         clean = index.of(variant, "classifier").get("clean")
         if not parts:
             continue

@@ -6,6 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from kdp.baselines.at_classifier import ATClassifierConfig
+from kdp.baselines.e2e_at import E2EATConfig
 from kdp.baselines.nrp import NRPConfig
 from kdp.baselines.soap import SoapConfig
 from kdp.errors import NotFoundError
@@ -37,6 +39,7 @@ def smoke() -> PipelineConfig:
         classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "seed": 1}),
         nrp=NRPConfig(width=16, blocks=2, critic_width=16, epochs=3, ssp_steps=2, lr=1e-3),
         soap=SoapConfig(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05),
+        at_classifier=ATClassifierConfig(**clf), e2e_at=E2EATConfig(epochs=3, **cae),
         ae=AEConfig(steps=7),
         at_teacher=TeacherConfig(kind="at", epochs=3, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=3, **cae),
         students=tuple(StudentConfig(teachers=t, epochs=3, **cae) for t in ABLATION),
@@ -67,6 +70,8 @@ def reduced() -> PipelineConfig:
         classifier=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
         surrogate=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1, seed=1),
         soap=SoapConfig(epochs=80, batch_size=128, lr=0.1),
+        at_classifier=ATClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
+        e2e_at=E2EATConfig(epochs=30),
         at_teacher=TeacherConfig(kind="at", epochs=30), nt_teacher=TeacherConfig(kind="nt", epochs=30),
         students=tuple(StudentConfig(teachers=t, epochs=15) for t in ABLATION),
         eval=EvalConfig(batch_size=512))
@@ -87,6 +92,8 @@ def tiny() -> PipelineConfig:
         classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "epochs": 1, "seed": 1}),
         nrp=NRPConfig(width=8, blocks=1, critic_width=8, epochs=1, batch_size=64, ssp_steps=1, lr=1e-3),
         soap=SoapConfig(arch="resnet8", width=8, epochs=2, batch_size=64, lr=0.05, steps=2),
+        at_classifier=ATClassifierConfig(**clf, steps=2, alpha=4 / 255),
+        e2e_at=E2EATConfig(epochs=1, steps=2, alpha=4 / 255, **cae),
         ae=AEConfig(steps=2, batch_size=64),
         at_teacher=TeacherConfig(kind="at", epochs=2, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=2, **cae),
         students=tuple(StudentConfig(teachers=t, epochs=1, **cae) for t in ABLATION),

@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
-                       VARIANT_ORDER, at_setting, cells, codes, is_sweep, legend, not_same_images, ordered, table1_rows)
+                       VARIANT_ORDER, at_setting, cells, codes, is_sweep, legend, not_same_images, ordered, table1_rows,
+                       versus)
 from kdp.indicators import INDICATORS
 from kdp.checkpoint import atomic_path
+from kdp.compare import budget_line, reference_markdown
 from kdp.errors import ConfigError
 from kdp.storage import is_uri, open_storage
-from kdp.stats import paired
 
 # Cited paper figures (Koo et al. 2023, Table 1): accuracy (%) of ResNet-56 on purified AEs.
 # "original" is the classifier's own clean accuracy, no purifier (the paper's "Original" row,
@@ -153,6 +154,10 @@ def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
                  "ran on (the field's robust accuracy). Letters after a number: X, a sanity check of its rows failed; "
                  "the others, indicators of attack failure its rows fired (legend below the table; section "
                  "*Indicators of attack failure*).")
+    budget = budget_line(sub)
+    if budget:
+        lines.append(budget + " `AT classifier` has no purifier: its `full` rows repeat its `classifier` rows "
+                     "where the suites share an attack (one attack on one model, run once: `attack.same_as`).")
     return "\n".join(lines)
 
 
@@ -212,23 +217,9 @@ def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tu
     return rows, "pipeline runs"
 
 
-def _replicate_key(rows: pd.DataFrame) -> pd.Series:
-    """What pairs a variant's rows with the AT-only rows: the run (pipeline: same run, same seed
-    and images) or the seed (sweep trials)."""
-    if is_sweep(rows).all() and "sweep.seed" in rows:
-        return rows["sweep.seed"].fillna(0).astype(int).astype(str)
-    return rows["run"].astype(str)
-
-
 def _versus_at(rows: pd.DataFrame, v: str, a: str) -> str:
     """'▲'/'▼' when variant v differs from AT-only on attack a beyond noise (paired bootstrap), else ''."""
-    if v == "at_teacher":
-        return ""
-    key = rows.assign(_rep=_replicate_key(rows))
-    mine = key[(key["variant"] == v) & (key["attack"] == a)].groupby("_rep")["hits"].first()
-    ref = key[(key["variant"] == "at_teacher") & (key["attack"] == a)].groupby("_rep")["hits"].first()
-    common = sorted(set(mine.index) & set(ref.index))
-    test = paired([mine[k] for k in common], [ref[k] for k in common]) if common else None
+    test = None if v == "at_teacher" else versus(rows, v, "at_teacher", a)
     return "" if not test or not test["differs"] else (" ▲" if test["diff"] > 0 else " ▼")
 
 
@@ -305,6 +296,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, figure: tuple | None = N
     parts = ["# kdp report", "", *provenance_lines(df), ""]
     parts += ["## Table 1", "", table1_markdown(df), ""]
     parts += ["## Table 2 (ablation)", "", table2_markdown(df), ""]
+    parts += ["## Against adversarial training", "", reference_markdown(df), ""]
     if blends:
         from kdp.analyze import blend_markdown
 

@@ -55,7 +55,7 @@ METRIC_FIELDS = [pa.field(n, t) for n, t in (
 # How the attack got its gradient (full threat model) and the sanity checks (kdp.stages.evaluate).
 CHECK_FIELDS = [pa.field(n, t) for n, t in (
     ("attack.settings", pa.string()), ("attack.steps", pa.int64()), ("attack.restarts", pa.int64()),
-    ("attack.cached", pa.bool_()), ("attack.grad", pa.string()), ("attack.eot", pa.int64()), ("check.eval_mode", pa.bool_()),
+    ("attack.cached", pa.bool_()), ("attack.grad", pa.string()), ("attack.eot", pa.int64()), ("attack.same_as", pa.string()), ("check.eval_mode", pa.bool_()),
     ("check.in_range", pa.bool_()), ("check.grad_norm", pa.float64()), ("check.grad_nonzero", pa.bool_()),
     ("check.src_correct", pa.int64()), ("check.src_fooled", pa.int64()), ("check.attack_success", pa.float64()),
     ("check.attack_ok", pa.bool_()), ("check.linf_ok", pa.bool_()), ("checks_ok", pa.bool_()),

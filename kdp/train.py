@@ -4,8 +4,10 @@ Ray Train checkpoints instead of writing a local state file."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -17,6 +19,20 @@ from tqdm.auto import tqdm
 from kdp.checkpoint import load_state, save_state
 from kdp.interrupt import before, check
 from kdp.errors import CheckpointError, ConfigError
+
+
+@contextmanager
+def evaluating(*models: nn.Module):
+    """Models in eval mode inside the block, their own modes restored after (a training step's
+    attack: batch norm uses its running statistics and does not update them)."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -178,3 +194,26 @@ def predict(model: nn.Module, x_uint8_or_float: torch.Tensor, device: torch.devi
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         preds.append(model(xb).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+@dataclass
+class Recipe:
+    """Everything one training stage needs, built the same way in one process and in a Ray
+    Train worker: the model and its optimizer, a step function and how to finish."""
+    model: nn.Module
+    """What the optimizer trains (and what DDP wraps, if `ddp`)."""
+    optimizer: torch.optim.Optimizer
+    """The stage's optimizer."""
+    scheduler: object | None
+    """A per-epoch LR scheduler, or None."""
+    make_step: Callable[[nn.Module], Callable[[torch.Tensor], dict]]
+    """(the model, possibly DDP-wrapped) -> step(index batch) -> loss dict with 'loss'."""
+    n: int
+    """Items per epoch (training images)."""
+    finish: Callable[[list[dict]], tuple[nn.Module, dict, dict]]
+    """history -> (module to save, its registry spec, checkpoint metrics)."""
+    ddp: bool = True
+    """False when the step calls submodules directly (DDP would not sync them, torch.compile would
+    not see them): one worker only, eager."""
+    generators: tuple = ()
+    """The recipe's own torch Generators (augmentation, noise): saved and restored with each epoch."""

@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from kdp.accel import Accel
 from kdp.baselines import BASELINES
+from kdp.baselines.at_classifier import ATClassifierConfig
+from kdp.baselines.e2e_at import E2EATConfig
 from kdp.baselines.bitdepth import BitDepth
 from kdp.baselines.jpeg import JpegConfig, JpegPurifier
 from kdp.baselines.nrp import Critic, NRPConfig, NRPPurifier, NRPTraining, nrp_step, ragan_loss, ssp
@@ -29,7 +31,9 @@ from kdp.stages.purifier import PurifierData
 RT = Runtime(device="cpu", progress=False)
 TINY = PipelineConfig(nrp=NRPConfig(width=4, blocks=1, critic_width=4, epochs=1, batch_size=64, ssp_steps=1),
                       soap=SoapConfig(arch="resnet8", width=4, epochs=1, batch_size=64, lr=0.01),
-                      jpeg=JpegConfig(quality=50))
+                      jpeg=JpegConfig(quality=50),
+                      at_classifier=ATClassifierConfig(arch="resnet8", width=4, epochs=1, batch_size=64, steps=1),
+                      e2e_at=E2EATConfig(depth=2, width=4, epochs=1, batch_size=64, steps=1))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def make(name: str, data, out, classifier):
     stage, defense = baseline_stage(TINY, name), BASELINES[name]
     if defense.recipe is None:
         return untrained_driver(stage, {}, out, SimpleNamespace(rt=RT), None)
-    return fit_local(defense.recipe, stage.config, {k: classifier for k in defense.needs}, data, out, RT)
+    return fit_local(defense.recipe, stage.config, {k: classifier for k in defense.inputs(stage.config)}, data, out, RT)
 
 
 @pytest.mark.parametrize("name", list(BASELINES))

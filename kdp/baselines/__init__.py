@@ -7,3 +7,5 @@ import kdp.baselines.jpeg  # noqa: F401,E402 (each import registers one baseline
 import kdp.baselines.nrp  # noqa: F401,E402
 import kdp.baselines.soap  # noqa: F401,E402
 import kdp.baselines.bitdepth  # noqa: F401,E402
+import kdp.baselines.at_classifier  # noqa: F401,E402
+import kdp.baselines.e2e_at  # noqa: F401,E402

@@ -23,10 +23,9 @@ from kdp.config import Runtime, nonnegative, positive
 from kdp.data import Cifar
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
-from kdp.stages.common import Recipe
 from kdp.checkpoint import load_frozen
 from kdp.stages.purifier import PurifierData
-from kdp.train import seed_all
+from kdp.train import Recipe, seed_all
 
 
 @dataclass(frozen=True)

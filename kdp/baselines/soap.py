@@ -20,8 +20,7 @@ from kdp.data import Cifar, augment, to_float
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
 from kdp.models import CLASSIFIERS, lookup, straight_through
-from kdp.stages.common import Recipe
-from kdp.train import predict, seed_all
+from kdp.train import Recipe, predict, seed_all
 
 SOAP_AUX = ("recon", "recon+rotation")
 

@@ -10,8 +10,7 @@ from kdp.accel import Accel
 from kdp.config import ClassifierConfig, Runtime
 from kdp.data import Cifar, augment, to_float
 from kdp.models import build_model
-from kdp.stages.common import Recipe
-from kdp.train import predict, seed_all
+from kdp.train import Recipe, predict, seed_all
 
 
 def classifier_spec(cfg: ClassifierConfig) -> dict:

@@ -2,11 +2,8 @@
 recipe that one process and a Ray Train worker both run."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import torch
 import torch.nn as nn
 
 from kdp.accel import Accel
@@ -14,30 +11,7 @@ from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
-from kdp.train import epoch_batches, fit, resolve_device, train_epoch
-
-
-@dataclass
-class Recipe:
-    """Everything one training stage needs, built the same way in one process and in a Ray
-    Train worker: the model and its optimizer, a step function and how to finish."""
-    model: nn.Module
-    """What the optimizer trains (and what DDP wraps, if `ddp`)."""
-    optimizer: torch.optim.Optimizer
-    """The stage's optimizer."""
-    scheduler: object | None
-    """A per-epoch LR scheduler, or None."""
-    make_step: Callable[[nn.Module], Callable[[torch.Tensor], dict]]
-    """(the model, possibly DDP-wrapped) -> step(index batch) -> loss dict with 'loss'."""
-    n: int
-    """Items per epoch (training images)."""
-    finish: Callable[[list[dict]], tuple[nn.Module, dict, dict]]
-    """history -> (module to save, its registry spec, checkpoint metrics)."""
-    ddp: bool = True
-    """False when the step calls submodules directly (DDP would not sync them, torch.compile would
-    not see them): one worker only, eager."""
-    generators: tuple = ()
-    """The recipe's own torch Generators (augmentation, noise): saved and restored with each epoch."""
+from kdp.train import Recipe, epoch_batches, fit, resolve_device, train_epoch
 
 
 def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=None, state_path: Path | None = None,

@@ -21,7 +21,7 @@ from kdp.stages.aes import make_training_aes
 from kdp.stages.eval_cache import tensor_sha
 from kdp.interrupt import before
 from kdp.indicators import conclude
-from kdp.stages.evaluate import evaluate, finalize, merge_rows, shards
+from kdp.stages.evaluate import evaluate, finalize, merge_rows, said_once, shards
 
 
 def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Path:
@@ -77,10 +77,14 @@ def evaluation_key(stage, inputs: dict, run) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _groups(threat: str | None, purifiers: dict) -> list[dict]:
+def _groups(cfg, threat: str | None, attack: str | None, purifiers: dict) -> list[dict]:
     """A shard's defenses: a `full` shard attacks each one end to end on its own, so it is split
-    per defense (shards run in parallel); other shards share one crafted set, so they keep all."""
-    return [{v: p} for v, p in purifiers.items()] if threat == "full" else [purifiers]
+    per defense (shards run in parallel), less those the classifier threat model's shards run
+    already (`said_once`); other shards share one crafted set, so they keep all."""
+    if threat != "full":
+        return [purifiers]
+    return [{v: p} for v, p in purifiers.items()
+            if not said_once(BASELINES[v].purifier if v in BASELINES else None, threat, attack, cfg)]
 
 
 def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
@@ -99,7 +103,7 @@ def evaluate_driver(stage, inputs: dict, out: Path, run, ex) -> Path:
              else ex.eval_items(cfg.eval, n_test, surrogate is not None))
     cache = run.eval_cache if run.rt.eval_cache else None
     args = [(cfg.eval, inputs["classifier"], group, run.data, run.rt, surrogate, cache, run.store, *w)
-            for w in items for group in _groups(w[0], purifiers)]
+            for w in items for group in _groups(cfg.eval, w[0], w[1], purifiers)]
     run.say(f"[evaluate] {len(items)} shard(s) over {n_test} test images")
     log_file = str(run.run_dir / "logs" / "evaluate.log")
     kept = ShardRows(run.run_dir / "state" / "evaluate", evaluation_key(stage, inputs, run)) if limited else None

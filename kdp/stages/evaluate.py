@@ -144,6 +144,7 @@ def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: 
             "seconds": c.attack_seconds + t.seconds, "attack_seconds": c.attack_seconds, "linf_max": c.linf,
             "check.eval_mode": eval_mode, "check.in_range": c.in_range, "check.src_correct": c.src_correct,
             "check.src_fooled": c.src_fooled, "check.grad_norm": None, "attack.grad": None, "attack.eot": None,
+            "attack.same_as": None,
             **extra}
 
 
@@ -286,7 +287,8 @@ def evaluate_models(ctx: Context, defenses: dict[str, Purified], attacks=None, t
         log(f"[eval] classifier {name:<10} " + _summary([r for r in rows if r["attack"] == name]))
     for name in filter(wanted, cfg.runs("full") if "full" in threat_models else ()):
         for v, d in defenses.items():
-            rows.append(score_full(ctx, name, v, d))
+            if not said_once(d.purifier, "full", name, cfg):
+                rows.append(score_full(ctx, name, v, d))
         log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == "full"
                                                          and r["attack"] == name]))
     for name in filter(wanted, cfg.suite("transfer") if "transfer" in threat_models else ()):
@@ -326,7 +328,25 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
         m.register_forward_pre_hook(stop_hook)  # every attack query passes here: Ctrl-C ends it at the next
     ctx = Context(cfg, to_float(data.test_x[start:stop]), data.test_y[start:stop], device, start,
                   None if cache_dir is None else Path(cache_dir), store, on_batch)
-    return finalize(evaluate_models(ctx, defenses, attacks, threats, surrogate, log), cfg, log)
+    rows = evaluate_models(ctx, defenses, attacks, threats, surrogate, log)
+    return finalize(rows + full_copies(rows, cfg, {v for v, d in defenses.items()
+                                                   if getattr(d.purifier, "same_threats", False)}), cfg, log)
+
+
+def said_once(purifier, threat: str, attack: str, cfg: EvalConfig) -> bool:
+    """Is this run one the `classifier` threat model makes already? For a defense that is its own
+    classifier (a purifier class or module with `same_threats`, e.g. at_classifier) a `full`
+    attack is the classifier threat model's attack on the same model: run once, its rows copied."""
+    return (threat == "full" and getattr(purifier, "same_threats", False) and "classifier" in cfg.threat_models
+            and attack in cfg.suite("classifier", clean=True))
+
+
+def full_copies(rows: list[dict], cfg: EvalConfig, same: set[str]) -> list[dict]:
+    """The `full` rows of the `same` variants' attacks said once: their classifier rows, marked
+    `attack.same_as` (per shard, so that merged shards sum them as they sum the originals)."""
+    full = set(cfg.runs("full")) if "full" in cfg.threat_models else set()
+    return [{**r, "threat_model": "full", "attack.same_as": "classifier", "attack.grad": "exact", "attack.eot": 1}
+            for r in rows if r["threat_model"] == "classifier" and r["variant"] in same and r["attack"] in full]
 
 
 def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
@@ -336,7 +356,8 @@ def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
         src_n, fooled = r["check.src_correct"], r["check.src_fooled"]
         success = fooled / src_n if src_n else None
         checks = {"check.eval_mode": r["check.eval_mode"],
-                  "check.grad_nonzero": None if r["threat_model"] != "full" else (r["check.grad_norm"] or 0) > 0,
+                  "check.grad_nonzero": (None if r["threat_model"] != "full" or r.get("attack.same_as")
+                                         else (r["check.grad_norm"] or 0) > 0),
                   "check.attack_ok": None if success is None else success >= cfg.min_attack_success,
                   "check.linf_ok": r["check.in_range"] and (budget is None or r["linf_max"] <= budget + LINF_TOL)}
         failed = [k.removeprefix("check.") for k, ok in checks.items() if ok is False]

@@ -18,8 +18,7 @@ from kdp.data import Cifar, to_float
 from kdp.losses import at_loss, nt_loss, student_loss
 from kdp.models import build_model
 from kdp.stages.aes import load_training_aes
-from kdp.stages.common import Recipe
-from kdp.train import seed_all
+from kdp.train import Recipe, seed_all
 
 
 def purifier_spec(cfg: TeacherConfig | StudentConfig) -> dict:
