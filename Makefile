@@ -41,6 +41,9 @@ install: $(STAMP)
 # no pip configuration. It installs the same pinned packages as pip would, downloading and
 # unpacking on every core, and compiles the bytecode as well: a fresh install in well under half
 # of pip's time (docs/install.md). `PIP=1 make install` takes pip's route instead.
+# `.[dev]` includes the `robustbench` extra: robustbench 1.1.1 and AutoAttack as PyPI has it
+# (pyautoattack; the GitHub `autoattack` is not on PyPI), setuptools<82 for robustbench's
+# pkg_resources import; pyproject.toml says why and how tests/test_export.py imports them.
 UV_VERSION := 0.13.9
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)

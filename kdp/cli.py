@@ -1,4 +1,4 @@
-"""The `kdp` command: a table of subcommands (run, show, results, report, analyze, sweep, cache),
+"""The `kdp` command: a table of subcommands (run, show, results, report, analyze, sweep, cache, export),
 each a function of its parsed flags; the flags and the command's ending they share with the
 Ray jobs are in kdp.commands."""
 from __future__ import annotations
@@ -21,6 +21,21 @@ def _results(args) -> None:
 
     df = load(args.path)
     print(table1(df, args.threat_model).round(2).to_string())
+
+
+def _export(args) -> None:
+    from kdp.export import export
+
+    model = export(args.run_dir, args.variant, args.out, args.name)
+    print(f"wrote {model} and {model.with_suffix('.json')}")
+
+
+def add_export_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's directory (<out>/<name> of kdp run)")
+    e.add_argument("variant", metavar="VARIANT", help="the defense, as the results name it: none (the classifier "
+                   "alone), at_teacher, nt_teacher, a student (kd_at, kd_nt, kd_at_nt) or one of the run's baselines")
+    e.add_argument("--out", required=True, metavar="DIR", help="where to write <name>.pt and <name>.json")
+    e.add_argument("--name", help="the files' name (default: kdp_<run>_<variant>)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
                        "too) with entries, size and last use; --older-than DAYS and/or --unused prune them.")
     add_cache_args(c)
     c.set_defaults(fn=cache_command)
+    e = sub.add_parser("export", help="one defense of a run as a TorchScript model and a RobustBench card",
+                       description="Write DIR/<name>.pt, purifier and classifier as one TorchScript model "
+                       "(torch.jit.load; [0, 1] images -> logits), and DIR/<name>.json, a card in RobustBench's "
+                       "model_info format with kdp's clean and full-threat aa-standard accuracies. Refused: "
+                       "defenses RobustBench excludes (non-differentiable or randomized purifiers). docs/export.md")
+    add_export_args(e)
+    e.set_defaults(fn=_export)
     return p
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from kdp.stages.evaluate import shards
+from kdp.stages.shards import shards
 
 EVERY_S = 30.0
 

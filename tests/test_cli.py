@@ -64,7 +64,7 @@ def test_module_entrypoint_help(monkeypatch):
     out = subprocess.run([sys.executable, "-m", "kdp.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == cli.parser().format_help()
-    assert out.stdout.startswith("usage: kdp [-h] {run,show,results,report,analyze,sweep,cache} ...\n")
+    assert out.stdout.startswith("usage: kdp [-h] {run,show,results,report,analyze,sweep,cache,export} ...\n")
 
 
 def test_data_dir_is_recorded_as_an_absolute_path(cifar_subset_dir, monkeypatch):

@@ -212,6 +212,9 @@ def test_smoke_preset():
         assert (t.depth, t.width, t.epochs, t.batch_size) == (4, 16, 3, 128)
     assert [s.teachers for s in p.students] == [("at",), ("nt",), ("at", "nt")]
     assert (p.nrp.epochs, p.soap.arch, p.soap.epochs) == (3, "resnet8", 15)
+    assert (p.at_classifier.arch, p.at_classifier.epochs, p.at_classifier.steps, p.at_classifier.passes) == \
+        ("resnet8", 15, 7, 120)
+    assert (p.e2e_at.depth, p.e2e_at.width, p.e2e_at.epochs, p.e2e_at.steps, p.e2e_at.gamma) == (4, 16, 3, 7, 0.0)
     assert p.eval.attacks == PAPER_SUITE + ("aa-standard",) and p.eval.batch_size == 100
     assert p.eval.adaptive_attacks == ("pgd8", "aa-standard") and p.eval.aa_subset == 50
 
@@ -220,17 +223,19 @@ def test_demo_is_a_lighter_smoke_with_every_stage_and_attack():
     smoke, demo = get_preset("smoke"), get_preset("demo")
     assert (demo.data.n_train, demo.data.n_test, demo.eval.aa_subset) == (2048, 100, 10)
     assert demo.eval.attacks == smoke.eval.attacks and demo.eval.threat_models == smoke.eval.threat_models
-    assert demo.eval.adaptive_attacks == ("pgd8",) and demo.baselines == smoke.baselines
+    assert demo.eval.adaptive_attacks == ("pgd8",)
+    assert demo.baselines == tuple(b for b in smoke.baselines if b not in ("at_classifier", "e2e_at"))
     assert (demo.classifier.epochs, demo.surrogate.epochs, demo.soap.epochs, demo.nrp.epochs) == (10, 4, 6, 2)
     differ = {k for k, v in flatten(demo).items() if flatten(smoke)[k] != v}
     assert differ == {"name", "preset", "data.n_train", "data.n_test", "classifier.epochs", "surrogate.epochs",
                       "soap.epochs", "nrp.epochs", "eval.aa_subset", "eval.adaptive_attacks", "eval.eps_curve",
-                      "eval.indicator_subset"}
+                      "eval.indicator_subset", "baselines"}
 
 
 def test_tiny_runs_every_stage_attack_and_threat_model():
     t = get_preset("tiny")
     assert t.baselines == get_preset("paper").baselines and t.eval.threat_models == get_preset("paper").eval.threat_models
+    assert {"at_classifier", "e2e_at"} <= set(t.baselines)
     assert t.eval.attacks == PAPER_SUITE + ("aa-standard",) and t.eval.aa_subset == 4
     assert (t.data.n_train, t.data.n_test) == (1024, 32)
 

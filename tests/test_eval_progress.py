@@ -11,7 +11,7 @@ from kdp.eval_progress import Progress, duration, shard_work
 from kdp.graph import LocalExecutor
 from kdp.presets import get_preset
 from kdp.stages.drivers import eval_shard
-from kdp.stages.evaluate import shards
+from kdp.stages.shards import shards
 
 
 class Clock:

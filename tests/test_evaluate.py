@@ -8,7 +8,8 @@ from kdp.checkpoint import save_checkpoint
 from kdp.config import EvalConfig, Runtime
 from kdp.baselines.jpeg import JpegPurifier
 from kdp.models import CifarResNet, ConvAutoencoder, Purified, freeze
-from kdp.stages.evaluate import Context, evaluate, evaluate_models, finalize, merge_rows, shards
+from kdp.stages.evaluate import Context, evaluate, evaluate_models, finalize
+from kdp.stages.shards import merge_rows, shards
 
 RT = Runtime(device="cpu", progress=False)
 QUIET = lambda *_: None  # noqa: E731

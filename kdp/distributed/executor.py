@@ -36,7 +36,7 @@ from kdp.distributed.nodes import cluster_capacity
 from kdp.graph import Run, Stage, state_path
 from kdp.stages.drivers import DRIVER, TASKS
 from kdp.events import log_event
-from kdp.stages.evaluate import shards
+from kdp.stages.shards import shards
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.train.v2._internal.constants)

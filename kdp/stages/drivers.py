@@ -21,7 +21,8 @@ from kdp.stages.aes import make_training_aes
 from kdp.stages.eval_cache import tensor_sha
 from kdp.interrupt import before
 from kdp.indicators import conclude
-from kdp.stages.evaluate import evaluate, finalize, merge_rows, said_once, shards
+from kdp.stages.evaluate import evaluate, finalize, said_once
+from kdp.stages.shards import merge_rows, shards
 
 
 def make_aes_task(cfg, inputs: dict, out: Path, data: Cifar, rt: Runtime) -> Path:

@@ -20,7 +20,7 @@ A failed check is a warning in the log, a name in `check_failures` and `checks_o
 
 Rows carry counts (`correct`, `agree`, `check.src_*`) and the per-image outcome (`hits`, a
 '0'/'1' string over test images first..first+n-1, for bootstrap intervals), so shards over
-test-set slices combine (`merge_rows`); `finalize` then derives the checks from the sums.
+test-set slices combine (`kdp.stages.shards.merge_rows`); `finalize` then derives the checks from the sums.
 Each row records what the attack ran (`attack.settings`, `attack.steps`, `attack.restarts`);
 aa-standard runs on the first `aa_subset` images only. Classifier- and transfer-threat AEs
 come from the evaluation AE cache when given one (kdp.stages.eval_cache; `attack.cached`).
@@ -367,45 +367,3 @@ def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
             log(f"[eval] WARNING sanity check failed ({', '.join(failed)}): variant {r['variant']}, "
                 f"attack {r['attack']}, threat model {r['threat_model']}")
     return rows
-
-
-def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True) -> list[tuple[str, str, int, int]]:
-    """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
-    is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
-    size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
-    items = [(t, a) for t in cfg.threat_models if surrogate or t != "transfer" for a in cfg.runs(t)]
-    return [(t, a, s, min(s + size, cfg.subset(a, n_test))) for t, a in items
-            for s in range(0, cfg.subset(a, n_test), size)]
-
-
-_SUMS = ("n", "correct", "agree", "seconds", "attack_seconds", "check.src_correct", "check.src_fooled",
-         *TRACE_KEYS, *PROBE_KEYS)
-
-
-def _merge_into(m: dict, r: dict) -> None:
-    for k in _SUMS:
-        a, b = m.get(k), r.get(k)
-        m[k] = None if a is None and b is None else (a or 0) + (b or 0)
-    m["linf_max"] = max(m["linf_max"], r["linf_max"])
-    m["hits"] = (m.get("hits") or "") + (r.get("hits") or "")
-    m["attack.cached"] = bool(m.get("attack.cached")) and bool(r.get("attack.cached"))
-    m["check.eval_mode"] = m["check.eval_mode"] and r["check.eval_mode"]
-    m["check.in_range"] = m["check.in_range"] and r["check.in_range"]
-    norms = [v for v in (m["check.grad_norm"], r["check.grad_norm"]) if v is not None]
-    m["check.grad_norm"] = min(norms) if norms else None
-
-
-def merge_rows(rows: list[dict]) -> list[dict]:
-    """Sum shard rows of the same (variant, attack, threat model) into one row each, their
-    per-image `hits` joined in test-set order; run `finalize` on the result to re-derive the
-    checks from the summed counts."""
-    merged: dict[tuple, dict] = {}
-    for r in sorted(rows, key=lambda r: r.get("first") or 0):
-        key = (r["variant"], r["attack"], r["threat_model"])
-        if key in merged:
-            _merge_into(merged[key], r)
-        else:
-            merged[key] = dict(r)
-    for m in merged.values():
-        m["accuracy"], m["agreement"] = m["correct"] / max(m["n"], 1), m["agree"] / max(m["n"], 1)
-    return list(merged.values())
