@@ -183,7 +183,9 @@ class Interrupted(Exception):
     """Stands in for a crash right after an epoch's state was saved."""
 
 
-@pytest.mark.parametrize("stage_name", ["classifier", "teacher_at", "student_kd_at_nt"])
+@pytest.mark.parametrize("stage_name", ["classifier", "teacher_at", "student_kd_at_nt",
+                                        *(pytest.param(b, marks=pytest.mark.slow)  # their PGD: seconds an epoch
+                                          for b in ("baseline_at_classifier", "baseline_e2e_at"))])
 def test_a_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(stage_name, tiny_run, tmp_path,
                                                                        cifar_subset_dir):
     """3 epochs straight vs. stopped after epoch 1 and resumed from its state file with the
