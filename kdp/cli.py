@@ -23,11 +23,28 @@ def _results(args) -> None:
     print(table1(df, args.threat_model).round(2).to_string())
 
 
-def _export(args) -> None:
+def _export(args) -> int:
     from kdp.export import export
 
+    if args.check:
+        from kdp.robustbench_check import require
+
+        require()  # before anything is written
     model = export(args.run_dir, args.variant, args.out, args.name)
-    print(f"wrote {model} and {model.with_suffix('.json')}")
+    print(f"wrote {model} and {model.with_suffix('.json')}", flush=True)
+    return _check(args, model) if args.check else 0
+
+
+def _check(args, model) -> int:
+    """RobustBench's own code on the exported model (kdp.robustbench_check): a table, <name>.check.json,
+    and exit status 1 when an image's outcome differs from kdp's rows."""
+    from kdp.robustbench_check import check, save, table
+
+    print("checking with RobustBench's clean_accuracy and the original AutoAttack (CPU) ...", flush=True)
+    result = check(args.run_dir, args.variant, model, model.with_suffix(".json"))
+    path = save(result, model.with_suffix(".check.json"))
+    print(f"{table(result)}\nwrote {path}")
+    return 0 if result["same"] else 1
 
 
 def add_export_args(e: argparse.ArgumentParser) -> None:
@@ -36,6 +53,13 @@ def add_export_args(e: argparse.ArgumentParser) -> None:
                    "alone), at_teacher, nt_teacher, a student (kd_at, kd_nt, kd_at_nt) or one of the run's baselines")
     e.add_argument("--out", required=True, metavar="DIR", help="where to write <name>.pt and <name>.json")
     e.add_argument("--name", help="the files' name (default: kdp_<run>_<variant>)")
+    e.add_argument("--check", action="store_true", help="after writing, score the exported model with "
+                   "RobustBench's own code (robustbench.utils.clean_accuracy and the original AutoAttack, "
+                   "version='standard', the run's eps, seed and batch size, on the CPU) on the test images of "
+                   "kdp's aa-standard row, in a fresh interpreter without kdp; print kdp's and RobustBench's "
+                   "correct/n, clean and under AutoAttack, and whether the same images are correct; write "
+                   "DIR/<name>.check.json; exit status 1 when they differ. Needs the robustbench extra: "
+                   "pip install -e '.[robustbench]'")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,7 +110,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Write DIR/<name>.pt, purifier and classifier as one TorchScript model "
                        "(torch.jit.load; [0, 1] images -> logits), and DIR/<name>.json, a card in RobustBench's "
                        "model_info format with kdp's clean and full-threat aa-standard accuracies. Refused: "
-                       "defenses RobustBench excludes (non-differentiable or randomized purifiers). docs/export.md")
+                       "defenses RobustBench excludes (non-differentiable or randomized purifiers). --check "
+                       "then scores the model with RobustBench's own code against kdp's rows. docs/export.md")
     add_export_args(e)
     e.set_defaults(fn=_export)
     return p

@@ -251,16 +251,18 @@ def interrupted(prog: str, e: BaseException, args=None) -> int:
 
 
 def run_command(prog: str, fn, *args) -> int:
-    """fn(*args) as a command: 0; 2 and one line for bad input; on Ctrl-C (130) or SIGTERM (143)
+    """fn(*args) as a command: 0, or the int fn returns (`kdp export --check`: 1 on a mismatch); 2 and one
+    line for bad input; on Ctrl-C (130) or SIGTERM (143)
     the stages in flight are stopped, one line says how to resume, and a Ray this process joined
     is shut down (unless a library thread still calls into it: then this process's exit ends its
     work on a cluster, and a reaper a local Ray's processes). `kdp`, jobs/pipeline.py and jobs/sweep.py all end through here."""
     from kdp.interrupt import STOP, Interrupted, reap_at_exit, stoppable, working
 
+    status = None
     try:
         with stoppable():
             try:
-                fn(*args)
+                status = fn(*args)
             except run_errors():
                 raise
             except Exception as e:
@@ -285,4 +287,4 @@ def run_command(prog: str, fn, *args) -> int:
             if not working():  # else a library thread (Tune's loop) would call into a shut-down
                 ray.shutdown()  # core worker, which then ends the process (exit 1, not `code`)
         return code
-    return 0
+    return status if isinstance(status, int) else 0

@@ -72,10 +72,11 @@ def reference_markdown(df: pd.DataFrame) -> str:
     threats = [t for t in THREATS if ((sub["threat_model"] == t) & (sub["attack"] == WORST)).any()]
     keys = [("classifier", "clean")] + [(t, WORST) for t in threats]
     stats = cells(sub[sub["attack"].isin(("clean", WORST))], ["threat_model", "attack", "variant"])
-    variants = [v for v in ordered(sub["variant"].dropna(), VARIANT_ORDER) if v != "none"]
+    variants = ordered(sub["variant"].dropna(), VARIANT_ORDER)  # `none` first: the static base
     body = [[VARIANT_LABELS.get(v, v)] + [_cell(stats, sub, v, t, a) for t, a in keys] for v in variants]
     header = ["defense", "clean"] + [f"{t} worst case" for t in threats]
-    caption = (f"Against adversarial training ({source}): accuracy (%) ± half its 95% bootstrap interval; robust "
+    caption = (f"Against adversarial training ({source}), with the undefended classifier (the static base) first: "
+               "accuracy (%) ± half its 95% bootstrap interval; robust "
                "accuracy is each threat model's worst case over its whole suite. ▲/▼: above/below "
                f"`{REFERENCE}` beyond noise (the 95% paired bootstrap interval of the difference, same replicates "
                "and images, excludes 0); ≈: not distinguishable at this n. For `at_classifier` (no purifier) the "

@@ -1,22 +1,20 @@
 """`kdp export`: a run's defense as one TorchScript model and a RobustBench card, checked by the
 field's own code. A tiny run directory (classifier, one student, the JPEG and a randomized NRP
-baseline, kdp's own clean and full-threat aa-standard rows) is exported; the model is then loaded
-with torch alone in a subprocess that imports no kdp, and scored there with RobustBench's
-`clean_accuracy` and the original AutoAttack (`version='standard'`, eps 8/255, kdp's seed), on the
-same test images as kdp's rows: the same images must be correct, clean and under attack.
-
-RobustBench 1.1.1 from PyPI imports `autoattack` (the GitHub package's name) but depends on
-`pyautoattack` (AutoAttack's PyPI release, the same attack pieces under another name and a
-keyword-only API), so the subprocess aliases one to the other before importing robustbench
-(pyproject.toml, the `robustbench` extra)."""
+baseline, kdp's own clean and full-threat aa-standard rows) is exported with `--check`
+(kdp.robustbench_check): the model is loaded with torch alone in a subprocess that imports no kdp,
+and scored there with RobustBench's `clean_accuracy` and the original AutoAttack
+(`version='standard'`, eps 8/255, kdp's seed), on the same test images as kdp's rows: the same
+images must be correct, clean and under attack."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 from conftest import torch_threads
 from kdp import cli
+from kdp import robustbench_check as rbc
 from kdp.baselines import BASELINES
 from kdp.baselines.nrp import NRPConfig
 from kdp.checkpoint import save_checkpoint, write_json
@@ -46,42 +45,6 @@ from kdp.stages.purifier import purifier_spec
 
 N_TEST = 8  # test images kdp and RobustBench both score
 VARIANT = "kd_at_nt"
-
-# Runs in a fresh interpreter with torch, robustbench and AutoAttack only; prints one JSON line.
-ROBUSTBENCH_SIDE = r"""
-import json, logging, sys
-import torch
-torch.set_num_threads(1)  # as kdp's rows were made (make_run)
-import pyautoattack, pyautoattack.state
-sys.modules.setdefault("autoattack", pyautoattack)  # robustbench 1.1.1 imports the GitHub package's name
-sys.modules.setdefault("autoattack.state", pyautoattack.state)
-from robustbench.utils import ModelInfo, clean_accuracy
-from autoattack import AutoAttack
-
-args = json.loads(sys.argv[1])
-flags = []
-class Flags(logging.Handler):
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            flags.append(record.getMessage())
-logging.getLogger("auto-attack").addHandler(Flags())
-model = torch.jit.load(args["model"], map_location="cpu")
-data = torch.load(args["data"], weights_only=True)
-x, y = data["x"], data["y"]
-clean = clean_accuracy(model, x, y, batch_size=len(x))
-adversary = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=args["seed"], device="cpu")
-x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=args["batch_size"])
-robust = clean_accuracy(model, x_adv, y, batch_size=len(x))
-with torch.no_grad():
-    bits = lambda images: "".join("1" if h else "0" for h in (model(images).argmax(1) == y).tolist())
-    clean_hits, hits = bits(x), bits(x_adv)
-card = json.loads(open(args["card"]).read())
-ModelInfo(**card)  # every key is a field of RobustBench's model_info schema
-print(json.dumps({"clean": clean, "robust": robust, "clean_hits": clean_hits, "hits": hits, "flags": flags,
-                  "linf": float((x_adv - x).abs().max()), "fields": sorted(ModelInfo.__dataclass_fields__),
-                  "kdp_modules": sorted(m for m in sys.modules if m == "kdp" or m.startswith("kdp."))}))
-"""
-
 
 def tiny_config(data_dir: Path, n_train: int) -> PipelineConfig:
     ev = EvalConfig(attacks=(), adaptive_attacks=("aa-standard",), threat_models=("classifier", "full"),
@@ -132,7 +95,6 @@ def _make_run(root: Path, data_dir: Path, n_train: int, bias: float) -> Path:
     rows = conclude(rows, {t: cfg.eval.suite(t) for t in cfg.eval.threat_models}, lambda *_: None)
     extra = {"data.source": data.source, "data.train_size": len(data.train_y), **provenance(rt)}
     write_results(make_rows(cfg, {student.variant: student}, rows, extra), run / "results.parquet")
-    torch.save({"x": to_float(data.test_x), "y": data.test_y}, root / "test_images.pt")
     return run
 
 
@@ -142,34 +104,36 @@ def kdp_row(run: Path, attack: str, threat: str) -> dict:
     return row
 
 
-def robustbench_side(run: Path, model: Path, card: Path, cwd: Path) -> dict:
-    """RobustBench's clean_accuracy and the original AutoAttack on the exported model, in a fresh
-    interpreter that never imports kdp (isolated mode: no cwd or PYTHONPATH on its path)."""
-    cfg = json.loads((run / "config.json").read_text())["eval"]
-    args = {"model": str(model), "card": str(card), "data": str(run.parent / "test_images.pt"),
-            "seed": cfg["seed"], "batch_size": cfg["batch_size"]}
-    out = subprocess.run([sys.executable, "-I", "-W", "ignore", "-c", ROBUSTBENCH_SIDE, json.dumps(args)], cwd=cwd,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def assert_same_numbers(run: Path, out: Path, tmp: Path) -> dict:
-    """Export through the CLI, then RobustBench's numbers on the model equal kdp's rows and the card's."""
-    assert cli.main(["export", str(run), VARIANT, "--out", str(out)]) == 0
-    model, card = out / f"kdp_exp_{VARIANT}.pt", out / f"kdp_exp_{VARIANT}.json"
-    assert sorted(p.name for p in out.iterdir()) == sorted([model.name, card.name])  # no temp file left
-    rb = robustbench_side(run, model, card, tmp)
-    clean, aa = kdp_row(run, "clean", "classifier"), kdp_row(run, "aa-standard", "full")
-    assert rb["kdp_modules"] == []
-    assert rb["flags"] == []  # AutoAttack's own checks (randomized, dynamic, zero gradients, ...) flag nothing
-    assert rb["linf"] <= 8 / 255 + 1e-6
-    assert rb["clean_hits"] == clean["hits"] and clean["n"] == N_TEST
-    assert round(rb["clean"] * N_TEST) == clean["correct"] == clean["hits"].count("1")
-    assert rb["hits"] == aa["hits"] and round(rb["robust"] * N_TEST) == aa["correct"] and aa["n"] == N_TEST
+def assert_same_numbers(run: Path, out: Path, capsys) -> dict:
+    """`kdp export --check`: RobustBench's numbers on the exported model equal kdp's rows image by
+    image, and the card's; the table says so, and <name>.check.json holds the check's result."""
+    with torch_threads(1):  # as kdp's rows were made (make_run): the subprocess gets this process's threads
+        assert cli.main(["export", str(run), VARIANT, "--out", str(out), "--check"]) == 0
+    model, card, checked = (out / f"kdp_exp_{VARIANT}{suffix}" for suffix in (".pt", ".json", ".check.json"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([model.name, card.name, checked.name])  # no temp file
+    got = json.loads(checked.read_text())
+    rb, clean, aa = got["robustbench"], kdp_row(run, "clean", "classifier"), kdp_row(run, "aa-standard", "full")
+    assert got["kdp_modules"] == []  # RobustBench's side ran without kdp
+    assert got["flags"] == []  # AutoAttack's own checks (randomized, dynamic, zero gradients, ...) flag nothing
+    assert got["card_unknown_keys"] == []  # every key is a field of RobustBench's model_info schema
+    assert got["linf"] <= 8 / 255 + 1e-6 and got["settings"] == {"eps": 8 / 255, "seed": 0, "batch_size": N_TEST,
+                                                                 "threads": 1}
+    assert got["images"] == {"data_dir": str(json.loads((run / "config.json").read_text())["data"]["data_dir"]),
+                             "first": 0, "n": N_TEST}
+    assert rb["clean"]["hits"] == clean["hits"] and clean["n"] == N_TEST
+    assert rb["clean"]["correct"] == clean["correct"] == clean["hits"].count("1")
+    assert rb["autoattack"]["hits"] == aa["hits"] and rb["autoattack"]["correct"] == aa["correct"] and aa["n"] == N_TEST
+    assert got["same"] is True and got["kdp"]["autoattack"]["hits"] == aa["hits"]
     info = json.loads(card.read_text())
-    assert info["clean_acc"] == f"{100 * rb['clean']:.2f}" and info["autoattack_acc"] == f"{100 * rb['robust']:.2f}"
-    return {**rb, "card": info, "clean_row": clean, "aa_row": aa}
+    pct = {k: f"{100 * rb[k]['correct'] / N_TEST:.2f}" for k in ("clean", "autoattack")}
+    assert info["clean_acc"] == pct["clean"] and info["autoattack_acc"] == pct["autoattack"]
+    assert got["card_values"] == {"clean_acc": info["clean_acc"], "autoattack_acc": info["autoattack_acc"]}
+    printed = capsys.readouterr().out
+    for label, row in (("clean", clean), ("AutoAttack", aa)):
+        n = f"{row['correct']}/{N_TEST}"
+        assert re.search(rf"^{label} +{n} +{n} +yes$", printed, re.M), printed
+    assert "AutoAttack's warnings: none" in printed and f"wrote {checked}" in printed
+    return {"card": info, "clean_row": clean, "aa_row": aa}
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +141,14 @@ def run_dir(tmp_path_factory, cifar_subset_dir) -> Path:
     return make_run(tmp_path_factory.mktemp("export_run"), cifar_subset_dir)
 
 
-def test_robustbench_gets_kdps_numbers(run_dir, tmp_path):
+def test_robustbench_gets_kdps_numbers(run_dir, tmp_path, capsys):
     """The exported model, loaded with torch alone, gets kdp's clean and robust counts image by
-    image under RobustBench's clean_accuracy and the original AutoAttack; the card says them, with
-    exactly RobustBench's model_info keys and formats."""
-    got = assert_same_numbers(run_dir, tmp_path / "out", tmp_path)
+    image under RobustBench's clean_accuracy and the original AutoAttack (`kdp export --check`);
+    the card says them, with exactly RobustBench's model_info keys and formats."""
+    got = assert_same_numbers(run_dir, tmp_path / "out", capsys)
     assert got["clean_row"]["correct"] > 0  # a classifier that is right on some images, so the counts say something
     card = got["card"]
-    assert tuple(card) == CARD_KEYS and set(card) <= set(got["fields"])
+    assert tuple(card) == CARD_KEYS
     assert card["eps"] == "8/255" and card["dataset"] == "cifar10" and card["number_forward_passes"] == 1
     assert card["additional_data"] is False and card["reported"] == card["autoattack_acc"]
     assert card["architecture"] == "CAE(depth=2, head=literal, width=8) + ResNet-8 (width 8)"
@@ -245,14 +209,65 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "RUN_DIR" in out and "VARIANT" in out and "--out DIR" in out and "RobustBench" in out
+    assert "--check" in out and "exit status 1 when they differ" in out and "pip install -e '.[robustbench]'" in out
 
+
+
+def test_check_mismatch_exits_1(run_dir, tmp_path, monkeypatch, capsys, cifar_subset_dir):
+    """`--check` whose RobustBench side disagrees on one image (faked: no subprocess): the table
+    says which side, <name>.check.json records it, exit status 1. The fake also sees what the
+    script would: the first N_TEST test images as floats, the run's seed and batch size."""
+    clean, aa = kdp_row(run_dir, "clean", "classifier"), kdp_row(run_dir, "aa-standard", "full")
+    flipped = str(1 - int(clean["hits"][0])) + clean["hits"][1:]
+    seen = {}
+
+    def fake(args: dict) -> dict:
+        seen.update(args, images=torch.load(args["data"], weights_only=True))
+        return {"clean": {"correct": flipped.count("1"), "n": N_TEST, "hits": flipped},
+                "autoattack": {"correct": aa["correct"], "n": N_TEST, "hits": aa["hits"]},
+                "flags": ["a warning"], "linf": 0.0, "card_unknown_keys": [], "versions": {}, "kdp_modules": []}
+
+    monkeypatch.setattr(rbc, "run_script", fake)
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), VARIANT, "--out", str(out), "--check"]) == 1
+    printed = capsys.readouterr().out
+    assert re.search(rf"^clean +{clean['correct']}/{N_TEST} +{flipped.count('1')}/{N_TEST} +no$", printed, re.M)
+    assert re.search(rf"^AutoAttack +{aa['correct']}/{N_TEST} +{aa['correct']}/{N_TEST} +yes$", printed, re.M)
+    assert "AutoAttack's warnings: a warning" in printed
+    got = json.loads((out / f"kdp_exp_{VARIANT}.check.json").read_text())
+    assert got["same"] is False and got["robustbench"]["clean"]["hits"] == flipped
+    assert got["kdp"]["clean"] == {"correct": clean["correct"], "n": N_TEST, "hits": clean["hits"]}
+    data = load_cifar(cifar_subset_dir, 0, N_TEST)
+    assert torch.equal(seen["images"]["x"], to_float(data.test_x)) and torch.equal(seen["images"]["y"], data.test_y)
+    assert (seen["seed"], seen["batch_size"], seen["eps"]) == (0, N_TEST, 8 / 255)
+
+
+def test_check_without_robustbench_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """Without the robustbench extra, `--check` is one line naming it, before anything is written;
+    the same line when the subprocess cannot import it (its script returns MISSING)."""
+    real = rbc.find_spec
+    monkeypatch.setattr(rbc, "find_spec", lambda name: None if name == "pyautoattack" else real(name))
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), VARIANT, "--out", str(out), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdp: error: --check") and "\n" not in err and not out.exists()
+    assert "pyautoattack is not installed" in err and "pip install -e '.[robustbench]'" in err
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # `import pyautoattack` fails, as where it is missing
+
+    def in_process(cmd, **_):  # the script's main here, where pyautoattack does not import
+        return subprocess.CompletedProcess(cmd, rbc.main(cmd[-1:]), "", "")
+
+    monkeypatch.setattr(rbc, "subprocess", SimpleNamespace(run=in_process))
+    with pytest.raises(ConfigError, match=r"pyautoattack is not installed; .*pip install -e '\.\[robustbench\]'"):
+        rbc.run_script({"out": str(tmp_path / "result.json")})
+    assert json.loads((tmp_path / "result.json").read_text()) == {"missing": "pyautoattack"}
 
 @pytest.mark.slow
-def test_robustbench_gets_kdps_numbers_with_survivors(tmp_path_factory, cifar_subset_dir, tmp_path):
+def test_robustbench_gets_kdps_numbers_with_survivors(tmp_path_factory, cifar_subset_dir, tmp_path, capsys):
     """As above, on a defense where some images survive every AutoAttack piece (APGD-CE, APGD-T,
     FAB-T, Square 5000 queries) and others fall: still the same images, kdp's and RobustBench's."""
     run = make_run(tmp_path_factory.mktemp("export_bias"), cifar_subset_dir, n_train=512, bias=1.0)
-    got = assert_same_numbers(run, tmp_path / "out", tmp_path)
+    got = assert_same_numbers(run, tmp_path / "out", capsys)
     assert 0 < got["aa_row"]["correct"] < got["clean_row"]["correct"]
