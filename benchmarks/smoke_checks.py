@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdp.attacks import ATTACKS  # noqa: E402
 from kdp.results import load  # noqa: E402
 
-VARIANTS = ("none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap")
+VARIANTS = ("none", "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt", "jpeg", "nrp", "soap", "e2e_at",
+            "at_classifier")  # those a run has (`demo` leaves the last two out)
 
 
 def checks(df) -> list[tuple[str, bool]]:
@@ -32,7 +33,7 @@ def checks(df) -> list[tuple[str, bool]]:
     out += [(f"{a} within L-inf {eps:.4f}", bool((df[df.attack == a].linf_max <= eps + 1e-6).all()))
             for a, eps in ((a, ATTACKS[a].linf_eps) for a in ATTACKS) if eps is not None and a in set(df.attack)]
     full = df[df.threat_model == "full"].set_index(["variant", "attack"])["attack.grad"]
-    for v in VARIANTS:
+    for v in (v for v in VARIANTS if v in set(df.variant)):
         out.append((f"{v}: full pgd8 <= classifier pgd8", acc[(v, "pgd8", "full")] <= acc[(v, "pgd8", "classifier")]))
         if full.get((v, "aa-standard")) == "exact":  # through BPDA AutoAttack need not dominate
             out.append((f"{v}: full aa-standard <= classifier aa-standard",
@@ -41,6 +42,11 @@ def checks(df) -> list[tuple[str, bool]]:
                 acc[("none", "pgd8", "full")] == acc[("none", "pgd8", "classifier")]))
     out.append(("kd_at_nt: full pgd8 < half of classifier pgd8",
                 acc[("kd_at_nt", "pgd8", "full")] < acc[("kd_at_nt", "pgd8", "classifier")] / 2))
+    said = df[df["attack.same_as"].notna()] if "attack.same_as" in df else df.iloc[:0]
+    if "at_classifier" in set(df.variant):
+        hits = df.set_index(["variant", "attack", "threat_model"])["hits"]
+        out.append(("at_classifier: each full row said once is its classifier row (no purifier, the same attack)",
+                    len(said) > 0 and all(hits[(r.variant, r.attack, "classifier")] == r.hits for r in said.itertuples())))
     undefended = df[(df.variant == "none") & (df.threat_model == "classifier") & df.attack.isin(["pgd8", "bim"])]
     out.append(("undefended pgd8, bim: attack success > 0.9 and checks ok",
                 (undefended["check.attack_success"] > 0.9).all() and undefended["checks_ok"].all()))

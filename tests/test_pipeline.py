@@ -42,7 +42,9 @@ def test_a_row_per_variant_attack_and_threat_model(tiny_run):
         assert sorted(zip(sub.variant, sub.attack)) == sorted((v, a) for v in VARIANTS for a in attacks), threat
     assert list(df.columns) == SCHEMA.names + ["sweep_id"]
     # aa-standard, and the worst case over a suite that has it, on the first aa_subset images; the curve on its own
-    aa = (df.attack == "aa-standard") | ((df.attack == "worst-case") & (df.threat_model == "classifier"))
+    # (at_classifier's `full` worst case counts its `classifier` suite too)
+    aa = (df.attack == "aa-standard") | ((df.attack == "worst-case") & ((df.threat_model == "classifier") | (
+        (df.threat_model == "full") & (df.variant == "at_classifier"))))
     curve = df.attack == "pgd20-eps255"
     assert (df[aa].n == TINY.eval.aa_subset).all() and (df[curve].n == TINY.eval.indicator_subset).all()
     assert (df[~aa & ~curve].n == TINY.data.n_test).all()
@@ -82,11 +84,14 @@ def test_rows_record_checks_and_how_gradients_were_taken(tiny_run):
     df = load(tiny_run / "results.parquet")
     assert df["check.eval_mode"].all() and df["check.linf_ok"].all()
     full = df[(df.threat_model == "full") & (df.attack != "worst-case")].set_index("variant")
-    assert full["check.grad_nonzero"].all()
+    said = full["attack.same_as"].notna()  # at_classifier's classifier rows again: no gradient of their own measured
+    assert set(full[said].index) == {"at_classifier"} and full[said]["check.grad_nonzero"].isna().all()
+    assert full[~said]["check.grad_nonzero"].all()
     assert set(full.loc[["jpeg", "soap"], "attack.grad"]) == {"bpda"}
     assert set(full.loc[["kd_at_nt", "nrp", "none"], "attack.grad"]) == {"exact"} and (full["attack.eot"] == 1).all()
     crafted = df[~df.attack.isin(("clean", "worst-case")) & (df.threat_model != "full")]
-    assert crafted["check.attack_success"].notna().all()
+    robust = (crafted.variant == "at_classifier") & (crafted.threat_model == "classifier")  # crafted on itself
+    assert crafted[~robust]["check.attack_success"].notna().all() and crafted[robust]["check.attack_ok"].isna().all()
     assert (df["checks_ok"] == (df["check_failures"] == "")).all()
 
 
@@ -100,7 +105,7 @@ def test_rerun_skips_every_stage_and_keeps_the_evaluation(tiny_run, tmp_path, ci
     console = capsys.readouterr().out.splitlines()  # a table per threat model, n per attack, the report command
     assert not [line for line in console if " epoch " in line]  # the re-run trains nothing and says so
     assert sum("done already" in line for line in console) == len(STAGES) + 2  # + aes, evaluate
-    assert [line for line in console if "threat model" in line] == [
+    assert [line for line in console if " threat model: accuracy" in line] == [
         f"{t} threat model: accuracy % (n = test images per attack; letters: see below)" for t in SUITES]
     assert any(line.startswith("letters after a number") for line in console)
     assert sum(line.startswith("AA (standard) (n=4) ") for line in console) == 1

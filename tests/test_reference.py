@@ -52,6 +52,7 @@ def test_its_own_classifier_is_attacked_once_and_said_under_both_threat_models(t
     by = {(r["attack"], r["threat_model"]): r for r in rows}
     full, same = by[("pgd8", "full")], by[("pgd8", "classifier")]
     assert full["attack.same_as"] == "classifier" and full["hits"] == same["hits"] and full["checks_ok"]
+    assert same["check.attack_ok"] is None  # its source resists attacks by design: no "attack must fool half"
     assert by[("pgd20-eps255", "full")]["attack.same_as"] is None  # not in the classifier suite: run
     # running it under `full` (the identity and the same network, not marked) gives the same images
     ctx = Context(ev, tiny_data.test_x[:32].float() / 255, tiny_data.test_y[:32], torch.device("cpu"), 0)

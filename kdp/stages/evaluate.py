@@ -14,7 +14,8 @@ Sanity checks, in the spirit of AutoAttack's (Croce & Hein 2020) flags:
 - `check.eval_mode`: the purifier, classifier (and source model) were in eval mode;
 - `check.grad_nonzero` (full): the loss's input gradient through purifier∘classifier is nonzero;
 - `check.attack_ok`: the attack fooled at least min_attack_success of the images its
-  undefended source model (classifier, SOAP's own, surrogate) classified correctly;
+  undefended source model (classifier, SOAP's own, surrogate; not at_classifier's, trained to resist
+  it) classified correctly;
 - `check.linf_ok`: x_adv lies within the attack's L-inf budget and in [0, 1].
 A failed check is a warning in the log, a name in `check_failures` and `checks_ok` False.
 
@@ -220,10 +221,13 @@ def score_crafted(ctx: Context, name: str, threat: str, source: nn.Module | None
     batches, info = (ctx.batches(), CLEAN_INFO) if name == "clean" else ctx.adversarial(name, source, True)
     ctx.tick(threat, name, ",".join(group), 0)  # what runs now, before its first batch is done
     i, t0 = 0, time.perf_counter()
+    # attack_ok asks an attack to fool its undefended source: not a source trained to resist it (at_classifier)
+    checked = name != "clean" and not any(getattr(d.purifier, "same_threats", False) and d.classifier is source
+                                          for d in group.values())
     for xb in batches:
         crafted.attack_seconds += time.perf_counter() - t0
         sl = slice(i, i + len(xb))
-        src = (None, None) if name == "clean" else (_predict(source, ctx.x[sl].to(ctx.device)), _predict(source, xb))
+        src = (_predict(source, ctx.x[sl].to(ctx.device)), _predict(source, xb)) if checked else (None, None)
         crafted.see(xb, ctx.x[sl], *src, ctx.y[sl])
         for v, d in group.items():
             t1 = time.perf_counter()
