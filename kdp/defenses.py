@@ -33,7 +33,7 @@ class Defense:
     """The nn.Module evaluated in front of the classifier (images in [0, 1] in and out), built
     from the config fields its __init__ names; a non-differentiable one sets `backward = "bpda"`."""
     recipe: Callable | None = None
-    """Its training recipe, (cfg, inputs, data, device, rt, rank=0) -> kdp.stages.common.Recipe;
+    """Its training recipe, (cfg, inputs, data, device, rt, rank=0) -> kdp.train.Recipe;
     None: nothing to train (its stage writes the checkpoint, config and spec, as is)."""
     needs: tuple[str, ...] | Callable = ()
     """Stages whose outputs the recipe reads (e.g. 'classifier'), or a function of its config giving them."""

@@ -1,4 +1,4 @@
-"""The method's stages: each training stage a recipe (`kdp.stages.common.Recipe`: the model,
+"""The method's stages: each training stage a recipe (`kdp.train.Recipe`: the model,
 optimizer, step and finish) that both executors run with `fit_local` or Ray Train; the
 training AEs (aes.py) and the evaluation (evaluate.py); the graph's task and driver stages
 (drivers.py). None imports Ray."""
