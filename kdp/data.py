@@ -243,6 +243,28 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+class PurifierData:
+    """The training set's clean images, labels and (optionally) their cached AEs, on one device:
+    what a purifier's training step draws its batches from."""
+
+    def __init__(self, data: Cifar, device: torch.device, aes: torch.Tensor | None = None):
+        self.x = to_float(data.train_x).to(device)
+        self.y = data.train_y.to(device)
+        self.x_adv = None if aes is None else aes.to(device)
+        if self.x_adv is not None and len(self.x_adv) != len(self.x):
+            raise DataError(f"{len(self.x_adv)} training AEs for {len(self.x)} training images")
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx: torch.Tensor, acc=None):
+        """(clean images, labels, AEs or None) of an index batch, in the memory format of acc
+        (a kdp.accel.Accel), if given."""
+        idx = idx.to(self.x.device)
+        fmt = acc.images if acc is not None else (lambda t: t)
+        return fmt(self.x[idx]), self.y[idx], None if self.x_adv is None else fmt(self.x_adv[idx])
+
+
 # ---- a dataset in a bucket
 
 def fetch_data(uri: str) -> Path:

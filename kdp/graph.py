@@ -341,7 +341,7 @@ class Executor(Protocol):
     def map(self, fn, args: list[tuple], log_file: str | None = None, store=None, progress=None) -> list:
         """[fn(*a) for a in args], wherever the executor runs work (`store`: the output root's
         storage, whose artifacts among the args a node fetches first). `progress`
-        (kdp.eval_progress.Progress) hears of each `a` done; an executor that runs fn in this
+        (kdp.stages.progress.Progress) hears of each `a` done; an executor that runs fn in this
         process passes fn `progress.tick` as one more argument, so that each batch counts."""
 
     def cancel(self) -> None:

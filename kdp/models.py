@@ -1,6 +1,7 @@
 """Models: CIFAR ResNets (He et al. 2016) and the paper's convolutional autoencoder purifier.
 The baseline purifiers of an honest Table 1 are declared with their configs and training in
-kdp.baselines, one module each.
+kdp.baselines, one module each; their `register()` fills kdp.defenses.REGISTRY, which
+`build_model` reads (importing the package `kdp` registers them all).
 
 Every model takes images in [0, 1]. Classifiers normalize inside `forward`; purifiers
 return images in [0, 1]. Models are built from registries of factories by name, so a
@@ -8,13 +9,13 @@ checkpoint's JSON ({"name", "kwargs"}) is enough to rebuild one.
 """
 from __future__ import annotations
 
-import importlib
 from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kdp.defenses import REGISTRY as DEFENSES
 from kdp.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -166,7 +167,6 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": partial(CifarResNet, depth=56),
 }
 PURIFIERS: dict[str, Callable[..., nn.Module]] = {"cae": ConvAutoencoder, "none": nn.Identity}
-REGISTRIES = {"classifier": CLASSIFIERS, "purifier": PURIFIERS}
 
 
 def lookup(registry: dict, name: str, what: str):
@@ -178,12 +178,9 @@ def lookup(registry: dict, name: str, what: str):
 
 def build_model(kind: str, name: str, **kwargs) -> nn.Module:
     """Build a model from its registry kind ('classifier' or 'purifier'), name and kwargs; a
-    baseline purifier comes from its declaration in kdp.baselines."""
-    if kind == "purifier" and name not in PURIFIERS:
-        # imported by name, not above: the baselines' modules import this one
-        baselines = importlib.import_module("kdp.baselines").BASELINES
-        return lookup({**PURIFIERS, **{n: d.purifier for n, d in baselines.items()}}, name, kind)(**kwargs)
-    return lookup(lookup(REGISTRIES, kind, "model kind"), name, kind)(**kwargs)
+    baseline purifier from its registered declaration (kdp.defenses)."""
+    registries = {"classifier": CLASSIFIERS, "purifier": {**PURIFIERS, **{n: d.purifier for n, d in DEFENSES.items()}}}
+    return lookup(lookup(registries, kind, "model kind"), name, kind)(**kwargs)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -2,9 +2,16 @@
 registered baseline (kdp.baselines), named as the baseline, holding its config."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, make_dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from kdp.baselines import BASELINES
+from kdp.baselines.at_classifier import ATClassifierConfig
+from kdp.baselines.bitdepth import BitDepthConfig
+from kdp.baselines.e2e_at import E2EATConfig
+from kdp.baselines.jpeg import JpegConfig
+from kdp.baselines.nrp import NRPConfig
+from kdp.baselines.soap import SoapConfig
 from kdp.config import (AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, require,
                         one_of, check_name)
 
@@ -12,7 +19,7 @@ DEFAULT_BASELINES = tuple(name for name, d in BASELINES.items() if d.default)
 
 
 @dataclass(frozen=True)
-class _Pipeline:
+class PipelineConfig:
     """The whole method: classifier -> AEs -> AT and NT teachers -> students -> evaluation."""
     name: str = "kdp"
     """Run name: a directory under the output root; re-running it resumes."""
@@ -38,9 +45,22 @@ class _Pipeline:
     """The `transfer` threat model's surrogate: a classifier trained separately (another seed)."""
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     """Baseline purifiers trained and evaluated beside the students (any registered in
-    kdp.baselines); each also has its config field, named as it, added below."""
+    kdp.baselines); each also has its config field below, named as it."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Stage 3."""
+    # one field per registered baseline, named as it (checked below), in registration order
+    jpeg: JpegConfig = field(default_factory=JpegConfig)
+    """Baseline `jpeg`."""
+    nrp: NRPConfig = field(default_factory=NRPConfig)
+    """Baseline `nrp`."""
+    soap: SoapConfig = field(default_factory=SoapConfig)
+    """Baseline `soap`."""
+    bitdepth: BitDepthConfig = field(default_factory=BitDepthConfig)
+    """Baseline `bitdepth`."""
+    at_classifier: ATClassifierConfig = field(default_factory=ATClassifierConfig)
+    """Baseline `at_classifier`."""
+    e2e_at: E2EATConfig = field(default_factory=E2EATConfig)
+    """Baseline `e2e_at`."""
 
     def __post_init__(self):
         check_name(self.name, "run")
@@ -55,7 +75,14 @@ class _Pipeline:
         require(len(set(self.baselines)) == len(self.baselines), f"repeated baseline in {self.baselines}")
 
 
-# the fields every baseline adds, `<name>: <its config>` (defaults), after `eval`
-PipelineConfig = make_dataclass(
-    "PipelineConfig", [(name, d.config, field(default_factory=d.config)) for name, d in BASELINES.items()],
-    bases=(_Pipeline,), frozen=True, namespace={"__doc__": _Pipeline.__doc__, "__module__": __name__})
+def _check_fields() -> None:
+    """Every registered baseline has its field, of its config type: a new baseline's missing
+    line is named at import, not found later as a missing column."""
+    fields = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
+    for name, d in BASELINES.items():
+        if fields.get(name) != d.config.__name__:
+            raise TypeError(f"baseline {name!r} is registered, but PipelineConfig has no field "
+                            f"`{name}: {d.config.__name__}` (kdp/pipeline_config.py; docs/extending.md)")
+
+
+_check_fields()

@@ -17,6 +17,7 @@ from kdp.baselines.jpeg import JpegConfig, JpegPurifier
 from kdp.baselines.nrp import Critic, NRPConfig, NRPPurifier, NRPTraining, nrp_step, ragan_loss, ssp
 from kdp.baselines.soap import SoapConfig, SoapPurifier
 from kdp.checkpoint import load_checkpoint
+from kdp.data import PurifierData
 from kdp.config import ClassifierConfig, EvalConfig, Runtime
 from kdp.configio import flatten
 from kdp.graph import baseline_stage
@@ -26,7 +27,6 @@ from kdp.stages.classifier import classifier_recipe
 from kdp.stages.common import fit_local
 from kdp.stages.drivers import untrained_driver
 from kdp.stages.evaluate import attack_target
-from kdp.stages.purifier import PurifierData
 
 RT = Runtime(device="cpu", progress=False)
 TINY = PipelineConfig(nrp=NRPConfig(width=4, blocks=1, critic_width=4, epochs=1, batch_size=64, ssp_steps=1),

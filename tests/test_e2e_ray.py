@@ -59,7 +59,7 @@ def test_the_ray_job_gives_the_same_rows_as_one_process(tiny_run, tmp_path, cifa
     ours = [line for line in console if line.startswith("[")]
     assert not any(a == b for a, b in zip(ours, ours[1:])), "a console line printed twice in a row"
     assert sum(line.startswith("[teacher_at] epoch 1/2 ") for line in ours) == 1
-    ended = [line for line in ours if line.startswith("[eval] 100% ")]  # progress (kdp.eval_progress)
+    ended = [line for line in ours if line.startswith("[eval] 100% ")]  # progress (kdp.stages.progress)
     assert len(ended) == 1 and ended[0].startswith("[eval] 100% (3/3 shards, 3/3 attacks) in "), ended
     shard_log = (tmp_path / "tiny" / "logs" / "evaluate.log").read_text()  # each task's own last line
     assert shard_log.count("[eval] 100% in ") == 3

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from kdp.accel import Accel
 from kdp.config import Runtime, StudentConfig, TeacherConfig
-from kdp.data import Cifar
+from kdp.data import Cifar, PurifierData
 from kdp.losses import at_loss, kd_loss, nt_loss, reconstruction_loss, student_loss
 from kdp.models import build_model, freeze
-from kdp.stages.purifier import PurifierData, student_step, teacher_step
+from kdp.stages.purifier import student_step, teacher_step
 
 CPU = torch.device("cpu")
 RT = Runtime(device="cpu", progress=False)

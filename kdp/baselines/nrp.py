@@ -20,11 +20,10 @@ import torch.nn.functional as F
 
 from kdp.accel import Accel
 from kdp.config import Runtime, nonnegative, positive
-from kdp.data import Cifar
+from kdp.data import Cifar, PurifierData
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
 from kdp.checkpoint import load_frozen
-from kdp.stages.purifier import PurifierData
 from kdp.train import Recipe, seed_all
 
 

@@ -14,7 +14,7 @@ from kdp.checkpoint import atomic_path, is_complete, read_json, read_meta, save_
 from kdp.config import Runtime
 from kdp.configio import flatten
 from kdp.data import Cifar
-from kdp.eval_progress import Progress, shard_work
+from kdp.stages.progress import Progress, shard_work
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
@@ -44,7 +44,7 @@ def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Run
                cache: Path | None, store, threat: str | None, attack: str | None, start: int,
                stop: int | None, on_batch=None) -> list[dict]:
     """Raw rows of one shard: one (threat model, attack, test slice), or everything (None, None).
-    `on_batch`: the driver's progress (kdp.eval_progress), given where the shard runs in its process."""
+    `on_batch`: the driver's progress (kdp.stages.progress), given where the shard runs in its process."""
     own, me = None, (eval_cfg, classifier, purifiers, data, rt, surrogate, cache, store, threat, attack, start, stop)
     if on_batch is None and rt.progress:  # a shard on its own (a Ray task) prints its own lines, to its log
         own = Progress([me], _work_of)
@@ -61,7 +61,7 @@ def eval_shard(eval_cfg, classifier: Path, purifiers: dict, data: Cifar, rt: Run
 
 
 def _work_of(a: tuple) -> tuple[str, dict]:
-    """kdp.eval_progress.shard_work of an eval_shard argument tuple."""
+    """kdp.stages.progress.shard_work of an eval_shard argument tuple."""
     cfg, purifiers, data, surrogate, (threat, attack, start, stop) = a[0], a[2], a[3], a[5], a[8:12]
     return shard_work(cfg, len(data.test_y), threat, attack, start, stop, purifiers, surrogate is not None)
 

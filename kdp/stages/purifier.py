@@ -14,7 +14,7 @@ import torch
 from kdp.accel import Accel
 from kdp.checkpoint import load_frozen
 from kdp.config import Runtime, StudentConfig, TeacherConfig
-from kdp.data import Cifar, to_float
+from kdp.data import Cifar, PurifierData
 from kdp.losses import at_loss, nt_loss, student_loss
 from kdp.models import build_model
 from kdp.stages.aes import load_training_aes
@@ -37,28 +37,6 @@ def build_purifier_training(cfg: TeacherConfig | StudentConfig, acc: Accel):
 def frozen_for_steps(path: Path, acc: Accel) -> torch.nn.Module:
     """A frozen model that a training step's loss calls: in the step's memory format, compiled if that is on."""
     return acc.compiled(acc.module(load_frozen(path, acc.device)))
-
-
-class PurifierData:
-    """Clean images, labels and (optionally) their cached AEs, on one device."""
-
-    def __init__(self, data: Cifar, device: torch.device, ae_dir: Path | None = None):
-        self.x = to_float(data.train_x).to(device)
-        self.y = data.train_y.to(device)
-        self.x_adv = None
-        if ae_dir is not None:
-            self.x_adv = load_training_aes(ae_dir).to(device)
-            if len(self.x_adv) != len(self.x):
-                raise ValueError(f"{ae_dir}: {len(self.x_adv)} AEs for {len(self.x)} training images")
-
-    def __len__(self):
-        return len(self.x)
-
-    def batch(self, idx: torch.Tensor, acc: Accel | None = None):
-        """(clean images, labels, AEs or None) of an index batch, in acc's memory format."""
-        idx = idx.to(self.x.device)
-        fmt = acc.images if acc is not None else (lambda t: t)
-        return fmt(self.x[idx]), self.y[idx], None if self.x_adv is None else fmt(self.x_adv[idx])
 
 
 def teacher_step(cfg: TeacherConfig, model, d: PurifierData, classifier, acc: Accel):
@@ -107,7 +85,7 @@ def teacher_recipe(cfg: TeacherConfig, inputs: dict, data: Cifar, device: torch.
         ae_dir = Path(inputs["aes"])
     acc = Accel.of(rt, device)
     classifier = frozen_for_steps(Path(inputs["classifier"]), acc) if cfg.kind == "at" else None
-    d = PurifierData(data, device, ae_dir)
+    d = PurifierData(data, device, None if ae_dir is None else load_training_aes(ae_dir))
     model, opt = build_purifier_training(cfg, acc)
     return _purifier_recipe(cfg, model, opt, d, lambda m: teacher_step(cfg, m, d, classifier, acc), ae_dir)
 
@@ -121,7 +99,7 @@ def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.
     acc = Accel.of(rt, device)
     teachers = {k: frozen_for_steps(Path(inputs[f"teacher_{k}"]), acc) for k in cfg.teachers}
     classifier = frozen_for_steps(Path(inputs["classifier"]), acc)
-    d = PurifierData(data, device, Path(inputs["aes"]))
+    d = PurifierData(data, device, load_training_aes(Path(inputs["aes"])))
     model, opt = build_purifier_training(cfg, acc)
     return _purifier_recipe(cfg, model, opt, d,
                             lambda m: student_step(cfg, m, d, teachers, classifier, acc), inputs["aes"])

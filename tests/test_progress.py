@@ -1,4 +1,4 @@
-"""The evaluation's progress lines (kdp.eval_progress): throttled to one per 30 s on a fake clock,
+"""The evaluation's progress lines (kdp.stages.progress): throttled to one per 30 s on a fake clock,
 what they say, the thread that prints them while nothing reports, and a real evaluation's batches
 reaching them through the in-process executor. (On Ray: tests/test_e2e_ray.py, its last line.)"""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 from dataclasses import replace
 
 from kdp.config import Runtime
-from kdp.eval_progress import Progress, duration, shard_work
+from kdp.stages.progress import Progress, duration, shard_work
 from kdp.graph import LocalExecutor
 from kdp.presets import get_preset
 from kdp.stages.drivers import eval_shard
