@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from kdp.commands import add_pipeline_args, add_sweep_args, pipeline_command, run_command, sweep_command
+from kdp.config import THREAT_MODELS, ThreatModel
 from kdp.presets import PRESETS, build_config
 
 
@@ -77,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_show)
     t = sub.add_parser("results", help="print the Table 1 layout of a results file or directory")
     t.add_argument("path", help="a results .parquet file or a directory of them")
-    t.add_argument("--threat-model", default="classifier", choices=("classifier", "full", "transfer"))
+    t.add_argument("--threat-model", default=ThreatModel.CLASSIFIER.value, choices=THREAT_MODELS)
     t.set_defaults(fn=_results)
     from kdp.report import add_report_args, report_command
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pandas as pd
 
 from kdp.cells import VARIANT_LABELS, VARIANT_ORDER, cells, ordered, table1_rows, versus
+from kdp.config import THREAT_MODELS, ThreatModel
 from kdp.indicators import WORST
 
 REFERENCE = "at_classifier"
-THREATS = ("classifier", "full", "transfer")
 
 
 def _first(df: pd.DataFrame, col: str):
@@ -69,8 +69,8 @@ def reference_markdown(df: pd.DataFrame) -> str:
     if sub.empty or REFERENCE not in set(sub["variant"]):
         return (f"_No `{REFERENCE}` rows: run with it among `baselines` (on by default) to compare every defense "
                 "with adversarial training._")
-    threats = [t for t in THREATS if ((sub["threat_model"] == t) & (sub["attack"] == WORST)).any()]
-    keys = [("classifier", "clean")] + [(t, WORST) for t in threats]
+    threats = [t for t in THREAT_MODELS if ((sub["threat_model"] == t) & (sub["attack"] == WORST)).any()]
+    keys = [(ThreatModel.CLASSIFIER, "clean")] + [(t, WORST) for t in threats]
     stats = cells(sub[sub["attack"].isin(("clean", WORST))], ["threat_model", "attack", "variant"])
     variants = ordered(sub["variant"].dropna(), VARIANT_ORDER)  # `none` first: the static base
     body = [[VARIANT_LABELS.get(v, v)] + [_cell(stats, sub, v, t, a) for t, a in keys] for v in variants]

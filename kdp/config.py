@@ -25,6 +25,9 @@ class ThreatModel(str, Enum):
     TRANSFER = "transfer"
     """Crafted on a separately trained surrogate classifier, then purified and classified."""
 
+    def __str__(self):  # its value in rows, f-strings and logs (as 3.11's StrEnum; kdp runs on 3.10 too)
+        return self.value
+
 
 THREAT_MODELS = tuple(t.value for t in ThreatModel)
 # the EvalConfig field holding each threat model's attacks: the suite map, said once

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from kdp.attacks import EPS, ATTACKS
 from kdp.checkpoint import atomic_path, is_complete, load_frozen, read_json, read_meta
-from kdp.config import check_name
+from kdp.config import check_name, ThreatModel
 from kdp.configio import from_dict
 from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.models import CifarResNet, Purified
@@ -40,7 +40,7 @@ RULE = ('RobustBench accepts only defenses that "(1) have in general non-zero gr
         'optimization loop" (its README)')
 CARD_KEYS = ("name", "architecture", "eps", "clean_acc", "autoattack_acc", "additional_data",
              "number_forward_passes", "dataset", "venue", "reported", "footnote")
-ATTACK, THREAT = "aa-standard", "full"  # RobustBench's autoattack_acc: AutoAttack, white box on the defense
+ATTACK, THREAT = "aa-standard", ThreatModel.FULL  # RobustBench's autoattack_acc: AutoAttack, white box on the defense
 CHECK_ATOL = 1e-5  # the exported model's logits against the defense's in memory
 CHECK_BATCHES = (4, 3)  # traced at the first size, checked at both: any batch size works
 
@@ -206,7 +206,7 @@ def kdp_rows(src: Source) -> tuple[dict, dict]:
     if df.empty:
         raise DataError(f"{path}: variant {src.variant!r} was not evaluated in this run (no rows)")
     pick = lambda a, t: df[(df["attack"] == a) & (df["threat_model"] == t)].to_dict("records")  # noqa: E731
-    clean, aa = pick("clean", "classifier"), pick(ATTACK, THREAT)
+    clean, aa = pick("clean", ThreatModel.CLASSIFIER), pick(ATTACK, THREAT)
     if not clean:
         raise DataError(f"{path}: no clean row for variant {src.variant!r}; evaluate it with the classifier "
                         "threat model (--set eval.threat_models=...+classifier)")

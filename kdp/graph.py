@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from kdp.baselines import BASELINES
 from kdp.checkpoint import is_complete
-from kdp.config import Runtime
+from kdp.config import Runtime, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.data import Cifar
@@ -103,14 +103,14 @@ def pipeline_graph(cfg: PipelineConfig, evaluated: tuple[str, ...] | None = None
     # side branches after the critical path, costliest first (SOAP trains a classifier with
     # auxiliary heads, the surrogate a classifier), so that none of them is left for the end
     side = [(BASELINES[b].cost, baseline_stage(cfg, b)) for b in cfg.baselines]
-    if "transfer" in cfg.eval.threat_models:
+    if ThreatModel.TRANSFER in cfg.eval.threat_models:
         side.append((SURROGATE_COST, Stage("surrogate", "train", "classifier", cfg.surrogate)))
     graph += [stage for _, stage in sorted(side, key=lambda cs: -cs[0])]
     order = ["none", "at_teacher", "nt_teacher", *(s.variant for s in students), *cfg.baselines]
     wanted = tuple(v for v in order if evaluated is None or v in evaluated)
     makers = sorted((s for s in graph if s.variant in wanted), key=lambda s: order.index(s.variant))
     needs = ("classifier", *(s.name for s in makers),
-             *(("surrogate",) if "transfer" in cfg.eval.threat_models else ()))
+             *(("surrogate",) if ThreatModel.TRANSFER in cfg.eval.threat_models else ()))
     graph.append(Stage("evaluate", "driver", "evaluate", cfg, needs, evaluates=wanted, output="results"))
     return graph
 

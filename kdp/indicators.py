@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kdp.attacks import ATTACKS, BLACKBOX
+from kdp.config import ThreatModel
 
 WORST = "worst-case"  # the attack name of the robust-accuracy rows
 
@@ -74,7 +75,7 @@ def _count(key: str, text: str, when: Callable[[dict], bool] = lambda r: True):
 
 
 def _unstable(r: dict, rows: Rows):
-    if r["threat_model"] != "full" or r.get("trace.probe_images") is None:
+    if r["threat_model"] != ThreatModel.FULL or r.get("trace.probe_images") is None:
         return None, ""
     random_ = (r["trace.unstable"] or 0) > 0 and (r.get("attack.eot") or 1) == 1
     jumpy = (r["trace.jumpy"] or 0) > 0 and r.get("attack.grad") == "exact"
@@ -86,10 +87,10 @@ def _unstable(r: dict, rows: Rows):
 
 def _transfer(r: dict, rows: Rows):
     eps = ATTACKS[r["attack"]].linf_eps if r["attack"] in ATTACKS else None
-    if r["threat_model"] != "full" or eps is None:
+    if r["threat_model"] != ThreatModel.FULL or eps is None:
         return None, ""
     worse = []
-    for threat in ("classifier", "transfer"):
+    for threat in (ThreatModel.CLASSIFIER, ThreatModel.TRANSFER):
         for name, o in rows.of(r["variant"], threat).items():
             same = on_same(r, o) if name in ATTACKS and ATTACKS[name].linf_eps == eps else None
             if same and same[1] < same[0]:
@@ -98,9 +99,10 @@ def _transfer(r: dict, rows: Rows):
 
 
 def _unbounded(r: dict, rows: Rows):
-    if r["threat_model"] != "full" or r["attack"] == WORST:
+    if r["threat_model"] != ThreatModel.FULL or r["attack"] == WORST:
         return None, ""
-    big = [o for a, o in rows.of(r["variant"], "full").items() if a in ATTACKS and (ATTACKS[a].linf_eps or 0) >= 1]
+    big = [o for a, o in rows.of(r["variant"], ThreatModel.FULL).items()
+           if a in ATTACKS and (ATTACKS[a].linf_eps or 0) >= 1]
     if not big:
         return None, ""
     left = big[0]["correct"]
@@ -185,11 +187,11 @@ def worst_case(rows: list[dict], suites: dict[str, tuple[str, ...]]) -> list[dic
     index, out = Rows(rows), []
     for (variant, threat), by_attack in index.by.items():
         parts = [by_attack[a] for a in suites.get(threat, ()) if a in by_attack and a != "clean"]
-        if threat == "full" and any(r.get("attack.same_as") for r in by_attack.values()):
+        if threat == ThreatModel.FULL and any(r.get("attack.same_as") for r in by_attack.values()):
             # its own classifier (at_classifier): every attack crafted on it is white-box, `classifier`'s too
-            parts += [r for a, r in index.of(variant, "classifier").items()
-                      if a in suites.get("classifier", ()) and a not in by_attack and a != "clean"]
-        clean = index.of(variant, "classifier").get("clean")
+            parts += [r for a, r in index.of(variant, ThreatModel.CLASSIFIER).items()
+                      if a in suites.get(ThreatModel.CLASSIFIER, ()) and a not in by_attack and a != "clean"]
+        clean = index.of(variant, ThreatModel.CLASSIFIER).get("clean")
         if not parts:
             continue
         parts = ([clean] if clean is not None else []) + parts

@@ -15,6 +15,7 @@ from kdp.attacks import ATTACKS  # noqa: E402
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, VARIANT_LABELS, VARIANT_ORDER,  # noqa: E402
                        cells, is_sweep, ordered, table1_rows)
 from kdp.checkpoint import atomic_path  # noqa: E402
+from kdp.config import ThreatModel
 from kdp.errors import DataError  # noqa: E402
 
 FIGURE_N = 8
@@ -48,7 +49,7 @@ def _points(stats: dict, keys: list) -> tuple[list[float], list[float]]:
 def plot_attacks(df: pd.DataFrame, path: str | Path) -> Path | None:
     """Grouped bars: accuracy (%) per attack (groups) and variant (bars), classifier threat model."""
     sub = table1_rows(df)[0]
-    sub = sub[sub["threat_model"] == "classifier"]
+    sub = sub[sub["threat_model"] == ThreatModel.CLASSIFIER]
     if sub.empty:
         return None
     stats = cells(sub, ["attack", "variant"])
@@ -76,7 +77,7 @@ def plot_eps(df: pd.DataFrame, path: str | Path) -> Path | None:
     """Accuracy (%) against the L-inf radius under `full` (EvalConfig.eps_curve, PGD-20), one line per
     variant, from its clean accuracy on the same images at ε = 0; None without curve rows."""
     sub = table1_rows(df)[0]
-    sub = sub[(sub["threat_model"] == "full") & sub["attack"].isin(CURVE)]
+    sub = sub[(sub["threat_model"] == ThreatModel.FULL) & sub["attack"].isin(CURVE)]
     if sub.empty:
         return None
     stats = cells(sub, ["variant", "attack"])
@@ -97,7 +98,7 @@ def plot_eps(df: pd.DataFrame, path: str | Path) -> Path | None:
 def plot_grid(df: pd.DataFrame, path: str | Path, attack: str = "pgd8") -> Path | None:
     """Accuracy (%) on `attack` against β, γ and ε, one line per sweep variant (pooled over
     the other two dimensions); None if there are no sweep rows for it."""
-    sub = df[is_sweep(df) & (df["threat_model"] == "classifier") & (df["attack"] == attack)]
+    sub = df[is_sweep(df) & (df["threat_model"] == ThreatModel.CLASSIFIER) & (df["attack"] == attack)]
     if sub.empty:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))

@@ -17,6 +17,7 @@ import pandas as pd
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, TABLE1_VARIANTS, VARIANT_LABELS,  # noqa: F401
                        VARIANT_ORDER, at_setting, cells, codes, is_sweep, legend, not_same_images, ordered, table1_rows,
                        versus)
+from kdp.config import THREAT_MODELS, ThreatModel
 from kdp.indicators import INDICATORS
 from kdp.checkpoint import atomic_path
 from kdp.compare import budget_line, reference_markdown
@@ -43,12 +44,11 @@ PAPER_TABLE2 = {
     "kd_at_nt": {"pgd8": 40.20, "pgd16": 33.57, "fgsm": 40.12, "bim": 38.37, "cw": 56.87, "autoattack": 46.91},
 }
 PAPER_ROWS = (("paper: NRP", "nrp"), ("paper: SOAP", "soap"), ("paper: KD←AT+NT (ours)", "ours"))
-THREAT_ORDER = ("classifier", "full", "transfer")
 THREAT_TEXT = {
-    "classifier": "`classifier`: AEs crafted on the classifier alone, then purified (the paper's protocol).",
-    "full": "`full`: white-box attacks through purifier∘classifier (BPDA for non-differentiable "
+    ThreatModel.CLASSIFIER: "`classifier`: AEs crafted on the classifier alone, then purified (the paper's protocol).",
+    ThreatModel.FULL: "`full`: white-box attacks through purifier∘classifier (BPDA for non-differentiable "
             "purifiers, EOT for randomized ones).",
-    "transfer": "`transfer`: AEs crafted on a separately trained surrogate classifier, then purified."}
+    ThreatModel.TRANSFER: "`transfer`: AEs crafted on a separately trained surrogate classifier, then purified."}
 DASH = "–"
 INTERVAL_TEXT = ("Each kdp cell is the pooled accuracy (%) ± half the width of its 95% bootstrap interval "
                  "(1000 draws over test images and replicate seeds; no ± where rows carry no per-image hits).")
@@ -117,7 +117,7 @@ def _checks_cell(df: pd.DataFrame) -> str:
 
 
 def _column_label(t: str, a: str, c: dict, n_clean: int | None) -> str:
-    label = ATTACK_LABELS.get(a, a) if t == "classifier" else f"{t} {ATTACK_LABELS.get(a, a)}"
+    label = ATTACK_LABELS.get(a, a) if t == ThreatModel.CLASSIFIER else f"{t} {ATTACK_LABELS.get(a, a)}"
     return label + (f" (n={c['n']})" if n_clean and c["n"] < n_clean else "")
 
 
@@ -164,11 +164,11 @@ def _table1_caption(sub: pd.DataFrame, source: str, threats: list[str]) -> str:
 def _table1_layout(sub: pd.DataFrame):
     """(columns [(threat, attack)], their labels, cell stats, the variants in order)."""
     stats = cells(sub, ["threat_model", "attack", "variant"])
-    threats = ordered(sub["threat_model"].dropna(), THREAT_ORDER)
+    threats = ordered(sub["threat_model"].dropna(), THREAT_MODELS)
     cols = [(t, a) for t in threats for a in ordered(sub.loc[sub["threat_model"] == t, "attack"].dropna(),
                                                       ATTACK_ORDER)
             if a not in CURVE and any(k[:2] == (t, a) for k in stats)]
-    clean = [c["n"] for k, c in stats.items() if k[:2] == ("classifier", "clean")]
+    clean = [c["n"] for k, c in stats.items() if k[:2] == (ThreatModel.CLASSIFIER, "clean")]
     n_clean = max(clean) if clean else None
     labels = [_column_label(t, a, max((c for k, c in stats.items() if k[:2] == (t, a)), key=lambda c: c["n"]),
                             n_clean) for t, a in cols]
@@ -183,7 +183,7 @@ def table1_markdown(df: pd.DataFrame) -> str:
     if sub.empty:
         return "_No Table 1 rows._"
     threats, cols, labels, stats, variants = _table1_layout(sub)
-    original = stats.get(("classifier", "clean", "none"))
+    original = stats.get((ThreatModel.CLASSIFIER, "clean", "none"))
     header = ["variant", "Original"] + labels + ["checks"]
     rows, agree = [], []
     marks = codes(sub, ["threat_model", "attack", "variant"])
@@ -194,7 +194,7 @@ def table1_markdown(df: pd.DataFrame) -> str:
                     + [_checks_cell(sub[sub["variant"] == v])])
         agree.append([label] + [_fmt_cell(stats.get((t, a, v)), "agree") for t, a in cols])
     for label, key in PAPER_ROWS:
-        cells_ = [_fmt(PAPER_TABLE1.get(a, {}).get(key)) if t == "classifier" else DASH for t, a in cols]
+        cells_ = [_fmt(PAPER_TABLE1.get(a, {}).get(key)) if t == ThreatModel.CLASSIFIER else DASH for t, a in cols]
         rows.append([label, _fmt(PAPER_TABLE1["original"].get(key))] + cells_ + [DASH])
     agreement = ("Agreement (%): the purified image's prediction equals the classifier's prediction on the clean "
                  "image (the paper's \"matches the original prediction\"), same rows and columns, pooled.")
@@ -206,7 +206,7 @@ def table1_markdown(df: pd.DataFrame) -> str:
 def table2_source(df: pd.DataFrame, beta: float, gamma: float, eps: float) -> tuple[pd.DataFrame, str]:
     """Classifier-threat-model rows at (β, γ, ε) of Table 2's variants, and their source (a
     sweep trial's `variant` is its `sweep.variant`)."""
-    df = df[df["threat_model"] == "classifier"]
+    df = df[df["threat_model"] == ThreatModel.CLASSIFIER]
     sweep = is_sweep(df)
     if sweep.any():
         rows = at_setting(df[sweep], beta, gamma, eps)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from kdp.cells import CURVE
 from kdp.checkpoint import atomic_path
 from kdp.baselines import BASELINES
-from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
+from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten
 from kdp.provenance import PACKAGES
@@ -81,7 +81,8 @@ SCHEMA = pa.schema(
     + _fields(EvalConfig, "eval.") + PURIFIER_FIELDS + SWEEP_FIELDS + PROVENANCE_FIELDS)
 KEY_META = b"kdp.results_key"  # parquet metadata: what the rows were computed from
 # Names in files written by older kdp versions (the same things, renamed), by column.
-OLD_NAMES = {"threat_model": {"blind": "classifier", "end_to_end": "full"}, "sweep.variant": {"at_only": "at_teacher"}}
+OLD_NAMES = {"threat_model": {"blind": ThreatModel.CLASSIFIER.value, "end_to_end": ThreatModel.FULL.value},
+             "sweep.variant": {"at_only": "at_teacher"}}
 
 
 def purifier_columns(cfg) -> dict:
@@ -199,7 +200,7 @@ def _rename_old(table: pa.Table) -> pa.Table:
     return table
 
 
-def table1(df, threat_model: str = "classifier"):
+def table1(df, threat_model: str = ThreatModel.CLASSIFIER):
     """Accuracy (%) pivot: rows are attacks, columns purifier variants (paper Table 1/2 layout)."""
     sub = df[(df["threat_model"] == threat_model) & ~df["attack"].isin(CURVE)]
     agg = sub.groupby(["run", "attack", "variant"], sort=False)[["correct", "n"]].sum()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 from kdp.checkpoint import read_json, write_json
-from kdp.config import Runtime, require, check_name
+from kdp.config import Runtime, require, check_name, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten, from_dict
 from kdp.data import Cifar
@@ -123,7 +123,7 @@ def trial_config(base: PipelineConfig, params: dict, trial_id: str) -> PipelineC
     cfg = base
     for k in KNOBS:
         cfg = k.apply(cfg, k.type(params.get(k.param, k.default[0])))
-    threats = tuple(t for t in base.eval.threat_models if t != "transfer")
+    threats = tuple(t for t in base.eval.threat_models if t != ThreatModel.TRANSFER)
     return dataclasses.replace(cfg, name=f"{base.name}-{trial_id}", baselines=(),
                                eval=dataclasses.replace(cfg.eval, threat_models=threats))
 

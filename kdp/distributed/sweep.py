@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from ray import tune
 
-from kdp.config import Runtime
+from kdp.config import Runtime, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import from_dict
 from kdp.data import load_cifar
@@ -54,7 +54,8 @@ def trial_executor(scale: ScaleConfig) -> RayExecutor:
 def trial_metrics(path: Path) -> dict:
     """A trial's final Tune report: accuracy per attack (classifier threat model) and per full attack."""
     rows = pq.read_table(path, columns=["attack", "threat_model", "accuracy"]).to_pylist()
-    return {f"{'acc' if r['threat_model'] == 'classifier' else 'acc_' + r['threat_model']}/{r['attack']}": r["accuracy"]
+    blind = ThreatModel.CLASSIFIER
+    return {f"{'acc' if r['threat_model'] == blind else 'acc_' + r['threat_model']}/{r['attack']}": r["accuracy"]
             for r in rows}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdp.baselines import BASELINES
 from kdp.checkpoint import atomic_path, is_complete, read_json, read_meta, save_checkpoint
-from kdp.config import Runtime
+from kdp.config import Runtime, ThreatModel
 from kdp.configio import flatten
 from kdp.data import Cifar
 from kdp.stages.progress import Progress, shard_work
@@ -82,7 +82,7 @@ def _groups(cfg, threat: str | None, attack: str | None, purifiers: dict) -> lis
     """A shard's defenses: a `full` shard attacks each one end to end on its own, so it is split
     per defense (shards run in parallel), less those the classifier threat model's shards run
     already (`said_once`); other shards share one crafted set, so they keep all."""
-    if threat != "full":
+    if threat != ThreatModel.FULL:
         return [purifiers]
     return [{v: p} for v, p in purifiers.items()
             if not said_once(BASELINES[v].purifier if v in BASELINES else None, threat, attack, cfg)]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from kdp.accel import Accel
 from kdp.attacks import EPS, attack_batches, build_attack, describe, linf_budget, settings
 from kdp.checkpoint import load_checkpoint, load_frozen
-from kdp.config import THREAT_MODELS, EvalConfig, Runtime
+from kdp.config import THREAT_MODELS, EvalConfig, Runtime, ThreatModel
 from kdp.data import Cifar, to_float
 from kdp.interrupt import stop_hook
 from kdp.models import EOT, Purified, freeze
@@ -138,7 +138,7 @@ CLEAN_INFO = {"attack.settings": "none (clean images)", "attack.steps": 0, "atta
 
 
 def _row(variant, attack, threat, t: Tally, c: Crafted, eval_mode: bool, start: int, info: dict, **extra) -> dict:
-    return {**dict.fromkeys(TRACE_KEYS + PROBE_KEYS), "variant": variant, "attack": attack, "threat_model": threat,
+    return {**dict.fromkeys(TRACE_KEYS + PROBE_KEYS), "variant": variant, "attack": attack, "threat_model": str(threat),
             "n": t.n, "correct": t.correct, "agree": t.agree, "accuracy": t.correct / max(t.n, 1),
             "agreement": t.agree / max(t.n, 1),
             "first": start, "hits": t.bits(), **info,
@@ -252,7 +252,7 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
     undefended = isinstance(d.purifier, nn.Identity)  # the attacked model is then its own undefended source
     t, c = Tally(), Crafted()
     batches, info = ctx.adversarial(name, model)
-    ctx.tick("full", name, variant, 0)
+    ctx.tick(ThreatModel.FULL, name, variant, 0)
     i, t0 = 0, time.perf_counter()
     for xb in batches:
         sl = slice(i, i + len(xb))
@@ -261,9 +261,9 @@ def score_full(ctx: Context, name: str, variant: str, d: Purified) -> dict:
         c.see(xb, ctx.x[sl], *((clean, pred) if undefended else (None, None)), ctx.y[sl])
         t.add(pred, ctx.y[sl], clean)
         i += len(xb)
-        ctx.tick("full", name, variant, len(xb))
+        ctx.tick(ThreatModel.FULL, name, variant, len(xb))
     c.attack_seconds = time.perf_counter() - t0
-    return _row(variant, name, "full", t, c, eval_mode, ctx.start, info,
+    return _row(variant, name, ThreatModel.FULL, t, c, eval_mode, ctx.start, info,
                 **{"check.grad_norm": float(g.abs().sum()), "attack.grad": grad, "attack.eot": eot, **probes})
 
 
@@ -285,20 +285,21 @@ def evaluate_models(ctx: Context, defenses: dict[str, Purified], attacks=None, t
     ctx.record_modes(*[m for d in defenses.values() for m in (d.purifier, d.classifier)],
                      *([surrogate] if surrogate is not None else []))
     wanted = lambda a: attacks is None or a in attacks  # noqa: E731
-    for name in filter(wanted, cfg.suite("classifier", clean=True) if "classifier" in threat_models else ()):
+    blind = ThreatModel.CLASSIFIER
+    for name in filter(wanted, cfg.suite(blind, clean=True) if blind in threat_models else ()):
         for clf, group in _by_classifier(defenses):
-            rows += score_crafted(ctx, name, "classifier", clf, group)
+            rows += score_crafted(ctx, name, ThreatModel.CLASSIFIER, clf, group)
         log(f"[eval] classifier {name:<10} " + _summary([r for r in rows if r["attack"] == name]))
-    for name in filter(wanted, cfg.runs("full") if "full" in threat_models else ()):
+    for name in filter(wanted, cfg.runs(ThreatModel.FULL) if ThreatModel.FULL in threat_models else ()):
         for v, d in defenses.items():
-            if not said_once(d.purifier, "full", name, cfg):
+            if not said_once(d.purifier, ThreatModel.FULL, name, cfg):
                 rows.append(score_full(ctx, name, v, d))
-        log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == "full"
+        log(f"[eval] full       {name:<10} " + _summary([r for r in rows if r["threat_model"] == ThreatModel.FULL
                                                          and r["attack"] == name]))
-    for name in filter(wanted, cfg.suite("transfer") if "transfer" in threat_models else ()):
+    for name in filter(wanted, cfg.suite(ThreatModel.TRANSFER) if ThreatModel.TRANSFER in threat_models else ()):
         if surrogate is None:
             raise ValueError("the transfer threat model needs a surrogate classifier (surrogate_dir)")
-        rows += score_crafted(ctx, name, "transfer", surrogate, defenses)
+        rows += score_crafted(ctx, name, ThreatModel.TRANSFER, surrogate, defenses)
         log(f"[eval] transfer   {name:<10} " + _summary(rows[-len(defenses):]))
     return rows
 
@@ -323,7 +324,7 @@ def evaluate(cfg: EvalConfig, classifier_dir: Path, purifier_dirs: dict[str, Pat
     defenses = {v: Purified(acc.module(d.purifier), acc.module(d.classifier))
                 for v, d in load_defenses(purifier_dirs, classifier, device).items()}
     surrogate = None
-    if "transfer" in threats and (attacks is None or set(attacks) & set(cfg.suite("transfer"))):
+    if ThreatModel.TRANSFER in threats and (attacks is None or set(attacks) & set(cfg.suite(ThreatModel.TRANSFER))):
         if surrogate_dir is None:
             raise ValueError("the transfer threat model needs surrogate_dir (a classifier checkpoint)")
         surrogate = acc.module(load_frozen(surrogate_dir, device))
@@ -341,16 +342,18 @@ def said_once(purifier, threat: str, attack: str, cfg: EvalConfig) -> bool:
     """Is this run one the `classifier` threat model makes already? For a defense that is its own
     classifier (a purifier class or module with `same_threats`, e.g. at_classifier) a `full`
     attack is the classifier threat model's attack on the same model: run once, its rows copied."""
-    return (threat == "full" and getattr(purifier, "same_threats", False) and "classifier" in cfg.threat_models
-            and attack in cfg.suite("classifier", clean=True))
+    blind = ThreatModel.CLASSIFIER
+    return (threat == ThreatModel.FULL and getattr(purifier, "same_threats", False) and blind in cfg.threat_models
+            and attack in cfg.suite(blind, clean=True))
 
 
 def full_copies(rows: list[dict], cfg: EvalConfig, same: set[str]) -> list[dict]:
     """The `full` rows of the `same` variants' attacks said once: their classifier rows, marked
     `attack.same_as` (per shard, so that merged shards sum them as they sum the originals)."""
-    full = set(cfg.runs("full")) if "full" in cfg.threat_models else set()
-    return [{**r, "threat_model": "full", "attack.same_as": "classifier", "attack.grad": "exact", "attack.eot": 1}
-            for r in rows if r["threat_model"] == "classifier" and r["variant"] in same and r["attack"] in full]
+    full = set(cfg.runs(ThreatModel.FULL)) if ThreatModel.FULL in cfg.threat_models else set()
+    blind = ThreatModel.CLASSIFIER
+    return [{**r, "threat_model": ThreatModel.FULL.value, "attack.same_as": blind.value, "attack.grad": "exact", "attack.eot": 1}
+            for r in rows if r["threat_model"] == blind and r["variant"] in same and r["attack"] in full]
 
 
 def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
@@ -360,7 +363,7 @@ def finalize(rows: list[dict], cfg: EvalConfig, log=print) -> list[dict]:
         src_n, fooled = r["check.src_correct"], r["check.src_fooled"]
         success = fooled / src_n if src_n else None
         checks = {"check.eval_mode": r["check.eval_mode"],
-                  "check.grad_nonzero": (None if r["threat_model"] != "full" or r.get("attack.same_as")
+                  "check.grad_nonzero": (None if r["threat_model"] != ThreatModel.FULL or r.get("attack.same_as")
                                          else (r["check.grad_norm"] or 0) > 0),
                   "check.attack_ok": None if success is None else success >= cfg.min_attack_success,
                   "check.linf_ok": r["check.in_range"] and (budget is None or r["linf_max"] <= budget + LINF_TOL)}

@@ -2,7 +2,7 @@
 and their raw rows summed into one row per (variant, attack, threat model)."""
 from __future__ import annotations
 
-from kdp.config import EvalConfig
+from kdp.config import EvalConfig, ThreatModel
 from kdp.trace import PROBE_KEYS, TRACE_KEYS
 
 
@@ -10,7 +10,7 @@ def shards(cfg: EvalConfig, n_test: int, shard_size: int, surrogate: bool = True
     """(threat_model, attack, start, stop) work items covering the evaluation; shard_size
     is rounded up to a multiple of the batch size so that shards reproduce one run's AEs."""
     size = -(-max(shard_size, 1) // cfg.batch_size) * cfg.batch_size
-    items = [(t, a) for t in cfg.threat_models if surrogate or t != "transfer" for a in cfg.runs(t)]
+    items = [(t, a) for t in cfg.threat_models if surrogate or t != ThreatModel.TRANSFER for a in cfg.runs(t)]
     return [(t, a, s, min(s + size, cfg.subset(a, n_test))) for t, a in items
             for s in range(0, cfg.subset(a, n_test), size)]
 
