@@ -6,12 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from kdp.baselines.at_classifier import ATClassifierConfig
-from kdp.baselines.e2e_at import E2EATConfig
-from kdp.baselines.nrp import NRPConfig
-from kdp.baselines.soap import SoapConfig
 from kdp.errors import NotFoundError
-from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig
+from kdp.config import StudentConfig
 from kdp.models import lookup
 from kdp.pipeline_config import PipelineConfig
 
@@ -25,6 +21,17 @@ def paper() -> PipelineConfig:
                           students=tuple(StudentConfig(teachers=t) for t in ABLATION))
 
 
+def derive(base: PipelineConfig, **changes) -> PipelineConfig:
+    """`base` with some fields changed (hyperparameters as data): a dict for a stage changes only
+    those fields of its config (of every student's, for `students`); any other value is set whole."""
+    def changed(name, value):
+        old = getattr(base, name)
+        if not isinstance(value, dict):
+            return value
+        return tuple(replace(s, **value) for s in old) if name == "students" else replace(old, **value)
+    return replace(base, **{k: changed(k, v) for k, v in changes.items()})
+
+
 def smoke() -> PipelineConfig:
     """Small models and few epochs on the shared 5085-image subset: the whole pipeline, the
     baselines and the attack suite under three threat models (200 test images), on CPU cores
@@ -36,17 +43,13 @@ def smoke() -> PipelineConfig:
     through CAE∘classifier (24 passes)."""
     cae = dict(depth=4, width=16, batch_size=128)
     clf = dict(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05)
-    return PipelineConfig(
-        name="smoke", preset="smoke",
-        data=DataConfig(n_test=200),
-        classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "seed": 1}),
-        nrp=NRPConfig(width=16, blocks=2, critic_width=16, epochs=3, ssp_steps=2, lr=1e-3),
-        soap=SoapConfig(arch="resnet8", width=16, epochs=15, batch_size=128, lr=0.05),
-        at_classifier=ATClassifierConfig(**clf), e2e_at=E2EATConfig(epochs=3, **cae),
-        ae=AEConfig(steps=7),
-        at_teacher=TeacherConfig(kind="at", epochs=3, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=3, **cae),
-        students=tuple(StudentConfig(teachers=t, epochs=3, **cae) for t in ABLATION),
-        eval=EvalConfig(batch_size=100, adaptive_attacks=("pgd8", "aa-standard"), aa_subset=50))
+    return derive(
+        paper(), name="smoke", preset="smoke", data=dict(n_test=200),
+        classifier=clf, surrogate=clf, at_classifier=clf, soap=clf,
+        nrp=dict(width=16, blocks=2, critic_width=16, epochs=3, ssp_steps=2, lr=1e-3),
+        e2e_at=dict(epochs=3, **cae), ae=dict(steps=7),
+        at_teacher=dict(epochs=3, **cae), nt_teacher=dict(epochs=3, **cae), students=dict(epochs=3, **cae),
+        eval=dict(batch_size=100, adaptive_attacks=("pgd8", "aa-standard"), aa_subset=50))
 
 
 def demo() -> PipelineConfig:
@@ -60,27 +63,20 @@ def demo() -> PipelineConfig:
     longer than the rest of the job): `kdp run --preset demo --set baselines=...` adds them.
     The smoke preset (and every smoke number in docs/) is unchanged."""
     s = smoke()
-    return replace(s, name="demo", preset="demo", data=DataConfig(n_train=2048, n_test=100),
-                   baselines=tuple(b for b in s.baselines if b not in ("at_classifier", "e2e_at")),
-                   classifier=replace(s.classifier, epochs=10), surrogate=replace(s.surrogate, epochs=4),
-                   soap=replace(s.soap, epochs=6), nrp=replace(s.nrp, epochs=2),
-                   eval=replace(s.eval, aa_subset=10, adaptive_attacks=("pgd8",), eps_curve=(4, 16, 255),
-                                indicator_subset=16))
+    return derive(s, name="demo", preset="demo", data=dict(n_train=2048, n_test=100),
+                  baselines=tuple(b for b in s.baselines if b not in ("at_classifier", "e2e_at")),
+                  classifier=dict(epochs=10), surrogate=dict(epochs=4), soap=dict(epochs=6), nrp=dict(epochs=2),
+                  eval=dict(aa_subset=10, adaptive_attacks=("pgd8",), eps_curve=(4, 16, 255), indicator_subset=16))
 
 
 def reduced() -> PipelineConfig:
     """The real 5085/1017 CIFAR-10 subset at the paper's model sizes, with fewer epochs:
     the recorded H100 run in docs/results.md (its time is there)."""
-    return PipelineConfig(
-        name="reduced", preset="reduced",
-        classifier=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
-        surrogate=ClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1, seed=1),
-        soap=SoapConfig(epochs=80, batch_size=128, lr=0.1),
-        at_classifier=ATClassifierConfig(arch="resnet56", epochs=80, batch_size=128, lr=0.1),
-        e2e_at=E2EATConfig(epochs=30),
-        at_teacher=TeacherConfig(kind="at", epochs=30), nt_teacher=TeacherConfig(kind="nt", epochs=30),
-        students=tuple(StudentConfig(teachers=t, epochs=15) for t in ABLATION),
-        eval=EvalConfig(batch_size=512))
+    clf = dict(arch="resnet56", epochs=80, batch_size=128, lr=0.1)
+    return derive(paper(), name="reduced", preset="reduced",
+                  classifier=clf, surrogate=clf, soap=clf, at_classifier=clf, e2e_at=dict(epochs=30),
+                  at_teacher=dict(epochs=30), nt_teacher=dict(epochs=30), students=dict(epochs=15),
+                  eval=dict(batch_size=512))
 
 
 def tiny() -> PipelineConfig:
@@ -92,19 +88,15 @@ def tiny() -> PipelineConfig:
     AutoAttack's 5000-query Square then spent half the evaluation on."""
     clf = dict(arch="resnet8", width=8, epochs=3, batch_size=64, lr=0.05)
     cae = dict(depth=2, width=8, batch_size=64)
-    return PipelineConfig(
-        name="tiny", preset="tiny",
-        data=DataConfig(n_train=1024, n_test=32),
-        classifier=ClassifierConfig(**clf), surrogate=ClassifierConfig(**{**clf, "epochs": 1, "seed": 1}),
-        nrp=NRPConfig(width=8, blocks=1, critic_width=8, epochs=1, batch_size=64, ssp_steps=1, lr=1e-3),
-        soap=SoapConfig(arch="resnet8", width=8, epochs=2, batch_size=64, lr=0.05, steps=2),
-        at_classifier=ATClassifierConfig(**clf, steps=2, alpha=4 / 255),
-        e2e_at=E2EATConfig(epochs=1, steps=2, alpha=4 / 255, **cae),
-        ae=AEConfig(steps=2, batch_size=64),
-        at_teacher=TeacherConfig(kind="at", epochs=2, **cae), nt_teacher=TeacherConfig(kind="nt", epochs=2, **cae),
-        students=tuple(StudentConfig(teachers=t, epochs=1, **cae) for t in ABLATION),
-        eval=EvalConfig(batch_size=32, adaptive_attacks=("pgd8",), aa_subset=4, eot_samples=2, eps_curve=(255,),
-                        indicator_subset=4))
+    return derive(
+        paper(), name="tiny", preset="tiny", data=dict(n_train=1024, n_test=32),
+        classifier=clf, surrogate={**clf, "epochs": 1}, soap={**clf, "epochs": 2, "steps": 2},
+        nrp=dict(width=8, blocks=1, critic_width=8, epochs=1, batch_size=64, ssp_steps=1, lr=1e-3),
+        at_classifier={**clf, "steps": 2, "alpha": 4 / 255}, e2e_at=dict(epochs=1, steps=2, alpha=4 / 255, **cae),
+        ae=dict(steps=2, batch_size=64),
+        at_teacher=dict(epochs=2, **cae), nt_teacher=dict(epochs=2, **cae), students=dict(epochs=1, **cae),
+        eval=dict(batch_size=32, adaptive_attacks=("pgd8",), aa_subset=4, eot_samples=2, eps_curve=(255,),
+                  indicator_subset=4))
 
 
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {"paper": paper, "reduced": reduced, "smoke": smoke, "demo": demo,

@@ -54,6 +54,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sgd_cosine(params, cfg) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    """The classifier recipe's optimizer, from a kdp.config.ClassifierConfig (or a config that
+    extends it): SGD with its momentum, Nesterov and weight decay, and a per-epoch cosine
+    schedule from `lr` to zero over `epochs`."""
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+
 def rng_state(generators: Iterable[torch.Generator] = ()) -> dict:
     """Every random state a training loop may draw from: torch's (CPU, CUDA), numpy's,
     Python's and the recipe's own generators; saved with each epoch for an exact resume."""

@@ -23,7 +23,7 @@ from kdp.config import ClassifierConfig, Runtime, nonnegative, positive
 from kdp.data import Cifar, augment, to_float
 from kdp.defenses import Defense, register
 from kdp.models import CLASSIFIERS, lookup
-from kdp.train import Recipe, evaluating, predict, seed_all
+from kdp.train import Recipe, evaluating, predict, seed_all, sgd_cosine
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,7 @@ def at_recipe(cfg: ATClassifierConfig, inputs: dict, data: Cifar, device, rt: Ru
     acc = Accel.of(rt, device)
     defense = acc.module(ATClassifier(**AT_CLASSIFIER.kwargs(cfg)).to(device))
     net = defense.net
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    opt, sched = sgd_cosine(net.parameters(), cfg)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 

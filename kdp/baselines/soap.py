@@ -15,39 +15,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdp.accel import Accel
-from kdp.config import Runtime, one_of, nonnegative, positive
+from kdp.config import ClassifierConfig, Runtime, one_of, nonnegative
 from kdp.data import Cifar, augment, to_float
 from kdp.defenses import Defense, register
 from kdp.errors import ConfigError
 from kdp.models import CLASSIFIERS, lookup, straight_through
-from kdp.train import Recipe, predict, seed_all
+from kdp.train import Recipe, predict, seed_all, sgd_cosine
 
 SOAP_AUX = ("recon", "recon+rotation")
 
 
 @dataclass(frozen=True)
-class SoapConfig:
+class SoapConfig(ClassifierConfig):
     """Baseline: SOAP (Shi et al. 2021), its own classifier trained jointly with auxiliary
-    self-supervised heads, purified at test time by descent on the auxiliary loss."""
-    arch: str = "resnet56"
-    """Registry name of SOAP's own classifier trunk (SOAP used ResNet-18 / WRN-28-10; kdp
-    matches the defended classifier's architecture so the comparison is like for like)."""
-    width: int = 16
-    """Channels of the trunk's first stage."""
+    self-supervised heads, purified at test time by descent on the auxiliary loss. Its trunk,
+    optimizer and schedule are the classifier recipe's fields (kdp.config.ClassifierConfig; SOAP
+    used ResNet-18 / WRN-28-10, kdp the defended classifier's architecture, like for like)."""
+    seed: int = 1
+    """Seed for init, shuffling, augmentation and noise."""
     aux: str = "recon"
     """Auxiliary task: 'recon' (denoising reconstruction) or 'recon+rotation'."""
     aux_weight: float = 1.0
     """Weight of the auxiliary loss beside the cross-entropy (SOAP's alpha; 1 in its code)."""
     noise_std: float = 0.1
     """Gaussian noise std on training inputs (SOAP's CIFAR code: 0.1); recon targets are clean."""
-    epochs: int = 200
-    """SGD epochs, cosine schedule (the classifier recipe)."""
-    batch_size: int = 256
-    """Images per step."""
-    lr: float = 0.1
-    """Peak SGD learning rate."""
-    weight_decay: float = 5e-4
-    """L2 weight decay (momentum 0.9, Nesterov)."""
     eps: float = 8 / 255
     """Test-time purification radius (SOAP searches 0..40/255 per image; kdp uses one)."""
     steps: int = 5
@@ -56,14 +47,11 @@ class SoapConfig:
     """Test-time step size (SOAP: 4/255)."""
     random_start: bool = False
     """Start purification at a uniform random point of the ball (randomized: EOT under full)."""
-    seed: int = 1
-    """Seed for init, shuffling, augmentation and noise."""
 
     def __post_init__(self):
-        one_of(self.arch, sorted(CLASSIFIERS), "classifier")
+        super().__post_init__()
         one_of(self.aux, SOAP_AUX, "SOAP auxiliary task")
-        positive(self, "width", "epochs", "batch_size", "lr")
-        nonnegative(self, "aux_weight", "noise_std", "weight_decay", "eps", "steps", "step_size")
+        nonnegative(self, "aux_weight", "noise_std", "eps", "steps", "step_size")
 
 
 class SoapNet(nn.Module):
@@ -170,8 +158,7 @@ def soap_recipe(cfg: SoapConfig, inputs: dict, data: Cifar, device, rt: Runtime,
     seed_all(cfg.seed)
     acc = Accel.of(rt, device)
     model = acc.module(SoapPurifier(**SOAP.kwargs(cfg)).to(device))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    opt, sched = sgd_cosine(model.parameters(), cfg)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 

@@ -10,7 +10,7 @@ from kdp.accel import Accel
 from kdp.config import ClassifierConfig, Runtime
 from kdp.data import Cifar, augment, to_float
 from kdp.models import build_model
-from kdp.train import Recipe, predict, seed_all
+from kdp.train import Recipe, predict, seed_all, sgd_cosine
 
 
 def classifier_spec(cfg: ClassifierConfig) -> dict:
@@ -22,10 +22,7 @@ def build_classifier_training(cfg: ClassifierConfig, device: torch.device):
     seed_all(cfg.seed)
     spec = classifier_spec(cfg)
     model = build_model(spec["kind"], spec["name"], **spec["kwargs"]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    return model, opt, sched
+    return (model, *sgd_cosine(model.parameters(), cfg))
 
 
 def classifier_step(model, x_all, y_all, gen, acc: Accel):
