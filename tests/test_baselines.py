@@ -2,6 +2,8 @@
 tests: each is made through its stage (its recipe, or its checkpoint written as is), reloads,
 purifies into [0, 1] and declares how an attack gets its gradient; their pieces (SSP, SOAP's
 descent, BPDA, EOT, bit-depth levels) do what they claim."""
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -173,3 +175,12 @@ def test_randomized_defenses_are_attacked_with_eot_and_bpda_is_declared():
         assert not torch.equal(noisy(x), noisy(x))  # really random, so EOT matters
         avg = EOT(nn.Sequential(noisy, clf), 50)(x)
         assert torch.allclose(avg, EOT(nn.Sequential(noisy, clf), 50)(x), atol=0.5)
+
+
+def test_the_docs_list_every_baseline():
+    """docs/evaluation.md's list of defenses (the one prose list of them; README and layout.md
+    point to it) names each registered baseline, and nothing else beside `none`."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = text.split("## Defenses", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\w+)`:", section, re.M)
+    assert sorted(listed) == sorted(["none", *BASELINES]), listed
