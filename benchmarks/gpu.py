@@ -5,7 +5,7 @@ process, no Ray; writes the JSON after each measurement, so a run cut short keep
     python benchmarks/gpu.py --out docs/runs/gpu-h200.json              # a GPU: paper size
     python benchmarks/gpu.py --smoke --device cpu --out /tmp/gpu.json   # the script itself, tiny
 
-Each stage is timed through the library's own recipe (`kdp.graph.RECIPES`) and step, as a run
+Each stage is timed through the library's own recipe (`kdp.stages.drivers.RECIPES`) and step, as a run
 trains it: paper-size models, the paper's batch sizes, synthetic images (or `--data`, e.g. the
 kdp.datapack pack). Variants: `ref` (fp32, NCHW, eager, no cuDNN autotuning: the reference
 path), `fast` (bf16 + channels_last + cuDNN autotuning, eager), `compile` (fast + torch.compile,
@@ -35,7 +35,7 @@ from kdp.checkpoint import save_checkpoint  # noqa: E402
 from kdp.config import Runtime  # noqa: E402
 from kdp.configio import flatten  # noqa: E402
 from kdp.data import Cifar, load_cifar, to_float  # noqa: E402
-from kdp.graph import RECIPES  # noqa: E402
+from kdp.stages.drivers import RECIPES  # noqa: E402
 from kdp.models import Purified, build_model, freeze  # noqa: E402
 from kdp.presets import get_preset  # noqa: E402
 from kdp.provenance import git_sha  # noqa: E402

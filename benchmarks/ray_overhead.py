@@ -35,7 +35,8 @@ def bench(args) -> dict:
     from kdp.pipeline_config import PipelineConfig
     from kdp.data import load_cifar
     from kdp.distributed.config import ScaleConfig
-    from kdp.graph import Run, Stage, run_graph
+    from kdp.graph import Stage
+    from kdp.scheduler import Run, run_graph
     from kdp.stages.common import fit_local
     from kdp.stages.purifier import teacher_recipe
 

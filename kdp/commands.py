@@ -171,12 +171,11 @@ def _number(x: float) -> str:
 _SPACE_FLAGS = (*(k.field for k in KNOBS), "num_samples", "max_concurrent")
 
 
-def build_sweep(args):
-    """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json."""
-    from kdp.storage import open_storage
+def build_sweep(args, store):
+    """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json
+    from `store` (the output root's kdp.storage.Storage)."""
     from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict
 
-    open_storage(args.out).preflight()  # a bucket's problems in one line, before Ray starts
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
     if args.resume:
@@ -185,11 +184,11 @@ def build_sweep(args):
         if not args.name or given:
             raise ConfigError("--resume takes --name and --out only (the sweep's recorded config is used)"
                              + (f"; drop {', '.join(given)}" if given else ""))
-        sweep, base = load_sweep_record(args.out, args.name)
+        sweep, base = load_sweep_record(store, args.name)
         return sweep, base, rt
     space.update(name=args.name, share=False if args.no_share else None)
     sweep = load_sweep_file(args.sweep, **space) if args.sweep else sweep_from_dict({}, **space)
-    if sweep_exists(args.out, sweep.name):
+    if sweep_exists(store, sweep.name):
         raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
     return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
@@ -199,8 +198,11 @@ def sweep_command(args) -> None:
     """Build the sweep, connect to Ray, run it and print its table (kdp sweep, jobs/sweep.py)."""
     from kdp.distributed.config import connect, isolate, scale_config
     from kdp.distributed.netns import network_uses
+    from kdp.storage import open_storage
 
-    sweep, base, rt = build_sweep(args)
+    store = open_storage(args.out)
+    store.preflight()  # a bucket's problems in one line, before Ray starts; once per command
+    sweep, base, rt = build_sweep(args, store)
     scale = scale_config(args)
     isolate(args.address, scale, network_uses(args.out, base.data.data_dir), getattr(args, "rerun", None))
     connect(args.address, args.verbose)
@@ -208,7 +210,7 @@ def sweep_command(args) -> None:
 
     from kdp.results import print_tables
 
-    print_tables(run_sweep(sweep, base, args.out, scale, rt, resume=args.resume))
+    print_tables(run_sweep(sweep, base, store, scale, rt, resume=args.resume))
 
 
 def kdp_cause(e: BaseException):

@@ -33,7 +33,8 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.configio import replicate
 from kdp.data import load_cifar
 from kdp.interrupt import time_limit
-from kdp.graph import LocalExecutor, Run, pipeline_graph, pipeline_place, run_graph
+from kdp.graph import pipeline_graph, pipeline_place
+from kdp.scheduler import LocalExecutor, Run, run_graph
 from kdp.checkpoint import StageConflict
 from kdp.storage import LocalStorage, open_storage
 

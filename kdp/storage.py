@@ -3,7 +3,7 @@
 kdp's stages read and write local paths. With a bucket output, each process works in a
 node-local mirror of the output root (`KDP_SCRATCH`, default ~/.cache/kdp/mirror, then
 <bucket>/<prefix>) and this layer moves artifacts between the mirror and the bucket at the
-stage boundaries (`kdp.graph.run_stage`): an artifact is pulled before its stage is asked
+stage boundaries (`kdp.scheduler.run_stage`): an artifact is pulled before its stage is asked
 whether it is done, and pushed once it is made. The stages know nothing of buckets.
 
 Publishing, so that a reader never takes a half-written or mixed artifact for finished:
@@ -39,13 +39,54 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from kdp.bucket import BucketStorage
 from kdp.bucket_io import MANIFEST, check_uri, inside  # noqa: F401 (re-exported)
 from kdp.errors import StorageError
 
 
-def publish_quietly(store, path: Path, log=print) -> None:
+@runtime_checkable
+class Storage(Protocol):
+    """An output root, the one interface the scheduler and every worker use: LocalStorage (a
+    directory every node mounts) or kdp.bucket.BucketStorage (a bucket, mirrored per node).
+    Paths are local ones under `root`; a bucket's calls move them between mirror and bucket."""
+    uri: str
+    """The root as the user gave it (a path, or s3://bucket/prefix): what messages name."""
+    root: Path
+    """The local directory the stages write under (a bucket's: this node's mirror of it)."""
+    remote: bool
+    """Does anything move (a bucket), or are the artifacts where the stages write them?"""
+
+    def preflight(self) -> None:
+        """Refuse an unusable root in one line before any work (once per object)."""
+
+    def pull(self, path: Path) -> bool:
+        """Make the artifact at `path` current here, if the root holds it; is it here now?"""
+
+    def push(self, path: Path) -> None:
+        """Publish the artifact at `path` (a directory as one commit, a file as one object)."""
+
+    def pull_all(self, obj) -> None:
+        """pull() every artifact path found in `obj` (a task's arguments)."""
+
+    def pull_tree(self, path: Path) -> None:
+        """Mirror a whole subtree (deletions too)."""
+
+    def remove(self, path: Path) -> None:
+        """Delete the artifact at `path` from the root."""
+
+    def holds(self, path) -> bool:
+        """Is `path` an artifact under this root that a worker must publish?"""
+
+    def exists(self, path: Path) -> bool:
+        """Does the root hold `path`?"""
+
+    def uri_of(self, path: Path):
+        """`path` as the root's own address (a bucket URI, or the path)."""
+
+
+def publish_quietly(store: Storage, path: Path, log=print) -> None:
     """push() where an error is already on its way (a `finally`, an except): a storage failure
     is logged, never raised over the original error or a Ctrl-C."""
     try:
@@ -194,7 +235,7 @@ class LocalStorage:
         return Path(path)
 
 
-def open_storage(where, scratch=None) -> LocalStorage | BucketStorage:
+def open_storage(where, scratch=None) -> Storage:
     """The storage of an output root: a bucket for a URI, else the local directory (a storage
     is returned as it is: a worker keeps the driver's mirror path)."""
     if isinstance(where, (LocalStorage, BucketStorage)):

@@ -22,7 +22,7 @@ A trial is the pipeline's own stage graph (`kdp.graph`) with these places and a 
 an exclusive lock and makes it, the others block on the lock and then reuse it. A lock dies
 with its process, and artifacts appear by rename, so a crash leaves nothing half-written.
 
-Nothing here imports Ray: `run_trial` takes an executor (`kdp.graph.LocalExecutor`, or the
+Nothing here imports Ray: `run_trial` takes an executor (`kdp.scheduler.LocalExecutor`, or the
 Ray one in kdp.distributed.executor).
 """
 from __future__ import annotations
@@ -42,11 +42,12 @@ from kdp.data import Cifar
 from kdp.errors import DataError, NotFoundError
 from kdp.events import events_file, log_event
 from kdp.ensure import ensure
-from kdp.graph import Run, Stage, ae_entry, pipeline_graph, placer, run_graph
+from kdp.graph import Stage, ae_entry, pipeline_graph, placer
+from kdp.scheduler import Run, run_graph
 from kdp.locks import held
 from kdp.pipeline import record_config
 from kdp.results import unique_name
-from kdp.storage import open_storage
+from kdp.storage import Storage, open_storage
 from kdp.sweep_space import KNOBS, Range
 
 @dataclass(frozen=True)
@@ -224,16 +225,16 @@ def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path
     return path
 
 
-def sweep_exists(out_root: str | Path, name: str) -> bool:
+def sweep_exists(out_root: str | Path | Storage, name: str) -> bool:
     store = open_storage(out_root)
     return store.exists(store.root / name / "sweep.json")
 
 
-def load_sweep_record(out_root: str | Path, name: str) -> tuple[SweepConfig, PipelineConfig]:
+def load_sweep_record(out_root: str | Path | Storage, name: str) -> tuple[SweepConfig, PipelineConfig]:
     """The SweepConfig and base PipelineConfig a sweep was started with (for --resume)."""
     store = open_storage(out_root)
     path = store.root / name / "sweep.json"
     if not store.pull(path):
-        raise NotFoundError(f"{store.uri_of(path)}: no sweep {name!r} under {out_root}")
+        raise NotFoundError(f"{store.uri_of(path)}: no sweep {name!r} under {store.uri}")
     record = read_json(path, "sweep.json")
     return sweep_from_dict(record["sweep"]), from_dict(PipelineConfig, record["base"])

@@ -147,21 +147,21 @@ class StateFile:
 
 def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         optimizer: torch.optim.Optimizer, scheduler=None, state_path: Path | None = None,
-        desc: str = "train", progress: bool = True, store=None,
+        desc: str = "train", progress: bool = True, states=None,
         on_epoch: Callable[[int, dict], None] | None = None, generators: tuple = (),
         rng: bool = True) -> list[dict]:
     """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one.
 
-    The state goes to `store` (anything with load() and save(state): the Ray layer reports a
-    Train checkpoint) or, by default, to the file `state_path`; if a saved state exists the
+    The state goes to `states` (a state store: anything with load() and save(state); the Ray
+    layer's reports a Train checkpoint) or, by default, to the file `state_path` (StateFile); if a saved state exists the
     loop resumes after its last finished epoch. With `rng`, every random state (`rng_state`:
     the global ones and `generators`) is saved too and restored on resume, so a resumed run
     ends where an uninterrupted one would. `on_epoch(epoch, metrics)` is called when an
     epoch starts (metrics None) and ends, for progress lines and events."""
-    store = store if store is not None else StateFile(state_path)
+    states = states if states is not None else StateFile(state_path)
     history: list[dict] = []
     start = 0
-    state = store.load()
+    state = states.load()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -184,7 +184,7 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
         metrics = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **metrics}
         history.append(metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("epoch",)})
-        store.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        states.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
                     "epoch": epoch + 1, "history": history, **({"rng": rng_state(generators)} if rng else {})})
         if on_epoch is not None:

@@ -78,13 +78,13 @@ def test_a_bug_inside_a_stage_keeps_its_traceback(tmp_path, cifar_subset_dir, mo
     """A ValueError from inside a stage is a bug, not bad input: `kdp run` does not turn it into
     a one-line error (it propagates: a traceback and exit code 1 from the console script), and
     the run's event log records the stage's failure with the traceback."""
-    from kdp import graph
     from kdp.events import read_events
+    from kdp.stages import drivers
 
     def broken(*args, **kwargs):
         raise ValueError("injected bug in a recipe")
 
-    monkeypatch.setitem(graph.RECIPES, "classifier", broken)
+    monkeypatch.setitem(drivers.RECIPES, "classifier", broken)
     argv = ["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", str(tmp_path), "--quiet"]
     with pytest.raises(ValueError, match="injected bug in a recipe"):
         cli.main(argv)
@@ -97,9 +97,9 @@ def test_a_bug_inside_a_stage_keeps_its_traceback(tmp_path, cifar_subset_dir, mo
 def test_a_bug_exits_1_with_its_traceback_on_the_console(tmp_path, cifar_subset_dir):
     """The same injected bug in a fresh interpreter, as the console script runs main():
     exit code 1, the traceback on stderr, no one-line "error:"."""
-    code = ("import sys; from kdp import cli, graph\n"
+    code = ("import sys; from kdp import cli; from kdp.stages import drivers\n"
             "def broken(*a, **k): raise ValueError('injected bug in a recipe')\n"
-            "graph.RECIPES['classifier'] = broken\n"
+            "drivers.RECIPES['classifier'] = broken\n"
             f"sys.exit(cli.main(['run', '--preset', 'tiny', '--data-dir', {str(cifar_subset_dir)!r}, "
             f"'--out', {str(tmp_path)!r}, '--quiet']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

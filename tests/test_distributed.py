@@ -16,7 +16,8 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.data import load_cifar
 from kdp.events import read_events
 from kdp.errors import StorageError
-from kdp.graph import LocalExecutor, Run, Stage, run_graph
+from kdp.graph import Stage
+from kdp.scheduler import LocalExecutor, Run, run_graph
 
 # marked one by one: the tests on the embedded local Ray (local_ray) are slow and start Ray; the
 # scheduler, sizing, snapshot and autoscaler checks (monkeypatch, no Ray started) are in `make test`
@@ -326,6 +327,6 @@ def test_an_autoscaler_is_told_from_the_read_only_provider(status, autoscaling):
 def test_both_executors_satisfy_the_executor_protocol():
     from kdp.distributed.config import ScaleConfig
     from kdp.distributed.executor import RayExecutor
-    from kdp.graph import Executor
+    from kdp.scheduler import Executor
 
     assert isinstance(LocalExecutor(), Executor) and isinstance(RayExecutor(ScaleConfig()), Executor)

@@ -1,4 +1,4 @@
-"""kdp.graph.run_graph with fake stages and a fake executor (no training, sub-second): what
+"""kdp.scheduler.run_graph with fake stages and a fake executor (no training, sub-second): what
 starts when, what is skipped, what a failure and a Ctrl-C stop. The real stages through the
 same scheduler are tested end to end in test_pipeline.py and, on Ray, test_e2e_ray.py."""
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kdp import graph
+from kdp import scheduler
 from kdp.config import Runtime
-from kdp.graph import Run, Stage, run_graph
+from kdp.graph import Stage
+from kdp.scheduler import Run, run_graph
 from kdp.interrupt import STOP
 from kdp.pipeline_config import PipelineConfig
 from kdp.stages.eval_cache import AES, META
@@ -38,7 +39,7 @@ class FakeExecutor:
     def partial(self, stage, out, run) -> bool:
         return False
 
-    def execute(self, stage, inputs, out, run) -> Path:
+    def call(self, stage, inputs, out, run) -> Path:
         with self.lock:
             self.started.append((stage.name, dict(inputs)))
             self.running += 1
@@ -117,7 +118,7 @@ def test_a_stage_waiting_on_an_input_no_stage_makes_is_an_error(tmp_path):
 
 
 def test_ctrl_c_cancels_the_stages_in_flight_without_waiting_for_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(graph, "STOP_GRACE_S", 5.0)
+    monkeypatch.setattr(scheduler, "STOP_GRACE_S", 5.0)
     ex = FakeExecutor(block={"a"})
     # Python's own Ctrl-C handler, whatever this process started with (a background job ignores SIGINT)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from kdp.config import Runtime
 from kdp.stages.progress import Progress, duration, shard_work
-from kdp.graph import LocalExecutor
+from kdp.scheduler import LocalExecutor
 from kdp.presets import get_preset
 from kdp.stages.drivers import eval_shard
 from kdp.stages.shards import shards

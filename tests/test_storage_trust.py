@@ -16,7 +16,7 @@ from kdp import bucket, cli, commands
 from kdp.bucket_io import local_write, why
 from kdp.checkpoint import save_state
 from kdp.errors import StorageError
-from kdp.graph import publishing
+from kdp.scheduler import publishing
 from kdp.storage import MANIFEST, BucketStorage, publish_quietly, publishing_each
 
 

@@ -12,7 +12,7 @@ import kdp.locks as locks
 from kdp.config import AEConfig, ClassifierConfig, EvalConfig, Runtime, StudentConfig, TeacherConfig
 from kdp.pipeline_config import PipelineConfig
 from kdp.events import read_events
-from kdp.graph import LocalExecutor
+from kdp.scheduler import LocalExecutor
 from kdp.results import SCHEMA, load
 from kdp.sweep import (SweepConfig, ensure, load_sweep_file, run_trial, sweep_from_dict, trial_columns,
                        trial_config)

@@ -200,7 +200,9 @@ def test_a_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(stage_nam
     from kdp.checkpoint import load_checkpoint, read_meta
     from kdp.config import Runtime
     from kdp.data import load_cifar
-    from kdp.graph import RECIPES, pipeline_graph, state_path
+    from kdp.graph import pipeline_graph
+    from kdp.scheduler import state_path
+    from kdp.stages.drivers import RECIPES
     from kdp.presets import get_preset
     from kdp.stages.common import fit_local
 

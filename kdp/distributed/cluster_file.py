@@ -15,12 +15,12 @@ expanded by that shell, so it is not checked.
 """
 from __future__ import annotations
 
-import copy
-import logging
 import re
 from pathlib import Path
 
 import yaml
+
+from kdp.distributed.ray_private import validate_cluster_config
 
 PLACEHOLDER = "REPLACE"
 # Ray 2.60 resolves this (and an empty or missing ImageId) to the Deep Learning AMI (Ubuntu
@@ -68,22 +68,17 @@ def check_cluster_config(raw: dict) -> list[str]:
 
 
 def _schema(raw: dict) -> list[str]:
-    """Ray's own offline validation, as `ray up` runs it before touching AWS."""
+    """Ray's own offline validation, as `ray up` runs it before touching AWS (ray_private says
+    what a Ray without it checks instead)."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
-    log = logging.getLogger("ray.autoscaler._private.util")
-    level = log.level
-    log.setLevel(logging.WARNING)  # prepare_config logs an INFO line per defaulted field
     try:
-        validate_config(prepare_config(copy.deepcopy(raw)))
+        validate_cluster_config(raw)
     except jsonschema.ValidationError as e:
         where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         return [f"{where}: Ray's schema: {_one_line(e.message)}"]
     except Exception as e:  # noqa: BLE001 - prepare_config trips on a malformed file in many ways; each is a finding
         return [f"(config): Ray's validation: {_one_line(e)}"]
-    finally:
-        log.setLevel(level)
     return []
 
 

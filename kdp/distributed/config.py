@@ -11,6 +11,7 @@ from kdp.config import require, positive
 from kdp.flags import add_dataclass_args, dataclass_from_args
 from kdp.interrupt import reinstall
 from kdp.distributed.netns import NETWORKS, rerun_inside, wanted
+from kdp.distributed.ray_private import disable_auto_init
 from kdp.errors import ConfigError, StorageError  # noqa: F401 (re-exported)
 
 
@@ -120,9 +121,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
              logging_level=logging.INFO if verbose else logging.ERROR)
     reinstall()  # ray.init took SIGTERM; a stoppable command takes it back
     # no implicit ray.init later: after an interrupted sweep's ray.shutdown, Tune's thread would
-    # start a new local Ray (on the default ports) on its next call (private API; Ray is pinned)
-    import ray._private.auto_init_hook as auto_init
-
-    auto_init.enable_auto_connect = False
+    # start a new local Ray (on the default ports) on its next call
+    disable_auto_init()
     if not verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)

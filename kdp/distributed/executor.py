@@ -33,25 +33,25 @@ from kdp.data import Cifar
 from kdp.distributed.config import ScaleConfig
 from kdp.distributed.loops import STATE, remote_call, train_loop, train_task
 from kdp.distributed.nodes import cluster_capacity
-from kdp.graph import Run, Stage, state_path
-from kdp.stages.drivers import DRIVER, TASKS
+from kdp.distributed.ray_private import quick_placement_group_cleanup, train_snapshot_name
+from kdp.graph import Stage
+from kdp.scheduler import Run, state_path
+from kdp.stages.drivers import TASKS
 from kdp.events import log_event
 from kdp.stages.shards import shards
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state (ray.train.v2._internal.constants)
+SNAPSHOT = train_snapshot_name()  # Ray Train V2's run state
 
 
 class KdpTrainer(TorchTrainer):
     """A TorchTrainer whose placement-group cleaner answers a stop within ~3 s. Ray's default
     waits up to 12 s for the cleaner's State API poll (10 s timeout) at the end of every run,
-    a large part of each stage's fixed cost on 2 cores. Private API: Ray is pinned (2.60)."""
+    a large part of each stage's fixed cost on 2 cores. Train's own hook, overridden: a Ray that
+    no longer calls it, or has no such cleaner (ray_private), keeps its default callbacks."""
 
     def _create_default_callbacks(self):
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-        return [PlacementGroupCleanerCallback(get_actor_timeout_s=1) if isinstance(c, PlacementGroupCleanerCallback)
-                else c for c in super()._create_default_callbacks()]
+        return quick_placement_group_cleanup(super()._create_default_callbacks())
 
 
 class RayExecutor:
@@ -116,22 +116,21 @@ class RayExecutor:
 
     # ---- running
     def partial(self, stage: Stage, out: Path, run: Run) -> bool:
-        return stage.kind == "train" and (_began_as_train_run(out, run) or state_path(out).exists())
+        return _began_as_train_run(out, run) or state_path(out).exists()
 
-    def execute(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
-        if stage.kind == "train" and self.train_run(stage, out, run):
+    def fit(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        if self.train_run(stage, out, run):
             return self._fit(stage, inputs, out, run)
-        if stage.kind == "train":  # retried where its worker or node died; resumes from its state file
-            fn = self.task(max_retries=self.scale.max_failures)
-            self._get([fn.remote(train_task, _log_file(run, stage.name), run.store,
-                                 _loop_config(stage, inputs, out, run), self._ref(run.data), run.store)])
-            return out
-        if stage.kind == "task":
-            fn = self.task()
-            rt = dataclasses.replace(run.rt, progress=False)
-            return self._get([fn.remote(TASKS[stage.fn], _log_file(run, stage.name), run.store, stage.config, inputs,
-                                        out, self._ref(run.data), rt)])[0]
-        return DRIVER[stage.fn](stage, inputs, out, run, self)
+        # one worker: a Ray task, retried where its worker or node died; resumes from its state file
+        fn = self.task(max_retries=self.scale.max_failures)
+        self._get([fn.remote(train_task, _log_file(run, stage.name), run.store,
+                             _loop_config(stage, inputs, out, run), self._ref(run.data), run.store)])
+        return out
+
+    def call(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
+        rt = dataclasses.replace(run.rt, progress=False)
+        return self._get([self.task().remote(TASKS[stage.fn], _log_file(run, stage.name), run.store, stage.config,
+                                             inputs, out, self._ref(run.data), rt)])[0]
 
     def _get(self, refs: list, each=None) -> list:
         """ray.get, with the refs known to cancel() while they run; each(i) as the i-th ends."""

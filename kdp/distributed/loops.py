@@ -25,7 +25,8 @@ from kdp.configio import unflatten
 from kdp.data import load_cifar
 from kdp.distributed.nodes import see_paths
 from kdp.events import events_file
-from kdp.graph import RECIPES, publishing, state_path
+from kdp.scheduler import publishing, state_path
+from kdp.stages.drivers import RECIPES
 from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
 from kdp.storage import publish_quietly
 
@@ -60,28 +61,37 @@ def captured(path: Path | None):
             os.close(f)
 
 
-def remote_call(fn, log_file: str | None, store, *args):
-    """A task's body: threads from its CPUs, output to the stage's log file (under <run>/logs/).
-    With a shared filesystem this node must see the run directory; with a bucket (`store`,
-    kdp.storage) the artifacts among the arguments are fetched into this node's mirror first,
-    and a returned artifact, the log and this process's events are published after."""
-    use_assigned_cpus()
+@contextlib.contextmanager
+def on_node(store, fetch, seen, log_file: str | None = None):
+    """The body of every worker entry point, on whichever node it landed. With a bucket output
+    (`store.remote`): the artifacts found in `fetch` are pulled into this node's mirror first,
+    and after the body the stage's log and this process's events are published (quietly when
+    the body raised: its error stays the one raised). With a directory: this node must see the
+    paths `seen` (every node mounts the output root). The body publishes what it made."""
     remote = store is not None and store.remote
     if remote:
-        store.pull_all(args)
-    elif log_file:
-        see_paths([Path(log_file).parent.parent])
+        store.pull_all(fetch)
+    else:
+        see_paths([p for p in seen if p])
+    ok = False
     try:
+        yield
+        ok = True
+    finally:
+        if remote and log_file:
+            publish_log(store, Path(log_file), quietly=not ok)
+
+
+def remote_call(fn, log_file: str | None, store, *args):
+    """A task's body: threads from its CPUs, output to the stage's log file (under <run>/logs/),
+    on a node (`on_node`: the artifacts among the arguments fetched first); a returned artifact
+    is published."""
+    use_assigned_cpus()
+    with on_node(store, args, [Path(log_file).parent.parent] if log_file else [], log_file):
         with captured(Path(log_file) if log_file else None):
             result = fn(*args)
-        if remote and store.holds(result):
+        if store is not None and store.remote and store.holds(result):
             store.push(Path(result))
-    except BaseException:
-        if remote and log_file:
-            publish_log(store, Path(log_file), quietly=True)
-        raise
-    if remote and log_file:
-        publish_log(store, Path(log_file))
     return result
 
 
@@ -92,8 +102,8 @@ def publish_log(store, log_file: Path, quietly: bool = False) -> None:
         publish_quietly(store, path) if quietly else store.push(path)
 
 
-class TrainStore:
-    """`fit`'s state store inside a Train worker: every rank reports each epoch (Train V2 needs
+class TrainStates:
+    """`fit`'s state store inside a Train worker (not the output store, kdp.storage): every rank reports each epoch (Train V2 needs
     all of them); rank 0 attaches the checkpoint. Loading reads the last reported one."""
 
     def __init__(self, rank: int):
@@ -132,18 +142,16 @@ def train_task(c: dict, data, store=None) -> Path:
     loop, whose per-epoch state file beside the output lets a retry or a re-run resume it (on
     any node: with a bucket, the inputs and the state are fetched first, the state published
     every epoch)."""
-    out = Path(c["out"])
-    if store is not None and store.remote:
-        store.pull_all([Path(p) for p in c["inputs"].values()])
-        store.pull(state_path(out))
-    else:
-        see_paths([c["run_dir"], *c["inputs"].values()])
+    out, inputs = Path(c["out"]), list(c["inputs"].values())
     # a task's GPU is cuda:0 (CUDA_VISIBLE_DEVICES); a GPU resource without CUDA trains on the CPU
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     cfg = _stage_config(c)
     rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
-    with publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)) as hook:
-        return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"], hook)
+    with on_node(store, [Path(p) for p in inputs], [c["run_dir"], *inputs]):
+        if store is not None and store.remote:
+            store.pull(state_path(out))  # a half-done attempt's, from any node
+        with publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)) as hook:
+            return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"], hook)
 
 
 def train_loop(c: dict) -> None:
@@ -152,21 +160,11 @@ def train_loop(c: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_assigned_cpus()
-    store = c["store"]
-    if store.remote:  # every rank reads the inputs on its own node
-        store.pull_all([Path(p) for p in c["inputs"].values()])
-    else:
-        see_paths([c["run_dir"], *c["inputs"].values()])
-    try:
+    store, inputs = c["store"], list(c["inputs"].values())
+    with on_node(store, [Path(p) for p in inputs], [c["run_dir"], *inputs], c["log_file"]):  # every rank
         _train_worker(c, rank, world)
         if rank == 0:
             store.push(Path(c["out"]))
-    except BaseException:
-        if store.remote:
-            publish_log(store, Path(c["log_file"]), quietly=True)
-        raise
-    if store.remote:
-        publish_log(store, Path(c["log_file"]))
 
 
 def _train_worker(c: dict, rank: int, world: int) -> None:
@@ -179,7 +177,7 @@ def _train_worker(c: dict, rank: int, world: int) -> None:
         data = load_cifar(**vars(unflatten(DataConfig, c["data"])))
         recipe = RECIPES[c["recipe"]](cfg, c["inputs"], data, device, rt, rank)
         model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
-        history = train_recipe(cfg, recipe, model, rt, c["stage"], store=TrainStore(rank), rank=rank, world=world,
+        history = train_recipe(cfg, recipe, model, rt, c["stage"], states=TrainStates(rank), rank=rank, world=world,
                                on_epoch=_where(c["run_dir"], c["stage"], cfg.epochs, rank, world))
         if rank == 0:
             save_recipe(Path(c["out"]), cfg, recipe, history, rt)

@@ -11,11 +11,10 @@ import uuid
 from pathlib import Path
 
 import ray
-from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-from ray.experimental.internal_kv import _internal_kv_get
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdp.distributed.config import StorageError
+from kdp.distributed.ray_private import autoscaler_max_resources, autoscaler_status
 from kdp.storage import LocalStorage
 
 MARKER_DIR = ".kdp-storage"
@@ -25,16 +24,13 @@ def cluster_capacity() -> dict[str, float] | None:
     """The most resources the cluster can have. An autoscaler's maximum when Ray publishes it
     (autoscaler v2: node types times max_workers, the bound Ray Train checks); None when an
     autoscaler runs that does not publish it (v1, what `ray up` starts): the cluster grows to
-    what is queued, so plan as if unbounded. Without an autoscaler: what the cluster has."""
-    try:  # private APIs (Ray is pinned)
-        most = ray._private.state.state.get_max_resources_from_cluster_config()
-        autoscaling = _autoscaling(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
-    except Exception:  # noqa: BLE001 - a GCS without these keys: size by what exists
-        most, autoscaling = None, False
+    what is queued, so plan as if unbounded. Without an autoscaler, or on a Ray without the
+    private queries (kdp.distributed.ray_private): what the cluster has."""
+    most = autoscaler_max_resources()
     now = ray.cluster_resources()
     if most:
         return {k: max(float(now.get(k, 0)), float(most.get(k, 0))) for k in {*now, *most}}
-    return None if autoscaling else {k: float(v) for k, v in now.items()}
+    return None if _autoscaling(autoscaler_status()) else {k: float(v) for k, v in now.items()}
 
 
 def _autoscaling(status: bytes | None) -> bool:

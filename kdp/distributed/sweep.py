@@ -35,7 +35,7 @@ from kdp.sweep_space import KNOBS, Range
 from kdp.bucket_io import why
 from kdp.errors import ConfigError, NotFoundError, StorageError
 from kdp.interrupt import in_thread
-from kdp.storage import is_uri, open_storage
+from kdp.storage import Storage, is_uri, open_storage
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
@@ -132,11 +132,12 @@ def tune_storage(where: str):
         raise StorageError(f"{where}: Tune could not use the store: {why(e)}") from None
 
 
-def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path, scale: ScaleConfig = ScaleConfig(),
+def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path | Storage, scale: ScaleConfig = ScaleConfig(),
               rt: Runtime = Runtime(), resume: bool = False, log=print) -> Path:
     """Run (or, with resume, continue) a sweep on the connected Ray cluster; returns its
     results partition, <out>/results/sweep_id=<name> (a directory, or its bucket URI).
-    `out_root`: a directory every node mounts, or a bucket (kdp.storage) every node reaches."""
+    `out_root`: a directory every node mounts, or a bucket (kdp.storage) every node reaches, or
+    its Storage (checked once: preflight passes a Storage by)."""
     store = open_storage(out_root)
     store.preflight()
     base = dataclasses.replace(base, name=s.name)

@@ -14,7 +14,7 @@ from kdp.provenance import provenance
 from kdp.train import Recipe, epoch_batches, fit, resolve_device, train_epoch
 
 
-def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=None, state_path: Path | None = None,
+def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, states=None, state_path: Path | None = None,
                  rank: int = 0, world: int = 1, on_epoch=None) -> list[dict]:
     """The resumable epoch loop of a recipe on this rank's share of each epoch's batches. The
     step calls `model` compiled when that is on (kdp.accel); a step that calls submodules
@@ -28,7 +28,7 @@ def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, store=Non
 
     # random states are saved by rank 0 only: a one-worker resume is exact, a DDP one is not
     return fit(cfg.epochs, epoch_fn, recipe.model, recipe.optimizer, recipe.scheduler, state_path, desc,
-               rt.progress, store=store, on_epoch=on_epoch, generators=recipe.generators, rng=world == 1)
+               rt.progress, states=states, on_epoch=on_epoch, generators=recipe.generators, rng=world == 1)
 
 
 def save_recipe(out: Path, cfg, recipe: Recipe, history: list[dict], rt) -> Path:

@@ -1,6 +1,7 @@
-"""What the graph's task and driver stages do (kdp.graph names them in TASKS and DRIVER):
-the training AEs (a task), an untrained baseline's checkpoint and the evaluation (drivers, run by the caller;
-the evaluation fans its shards out through the executor and writes the results parquet)."""
+"""What each stage of the graph (kdp.graph) runs, named by its `fn` in its kind's table: the
+training recipes (RECIPES, `train` stages), the training AEs (TASKS), an untrained baseline's
+checkpoint and the evaluation (DRIVER: run by the caller; the evaluation fans its shards out
+through the executor and writes the results parquet)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,8 @@ from kdp.stages.progress import Progress, shard_work
 from kdp.provenance import provenance
 from kdp.results import make_rows, write_results
 from kdp.stages.aes import make_training_aes
+from kdp.stages.classifier import classifier_recipe
+from kdp.stages.purifier import student_recipe, teacher_recipe
 from kdp.stages.eval_cache import tensor_sha
 from kdp.interrupt import before
 from kdp.indicators import conclude
@@ -157,5 +160,7 @@ class ShardRows:
             p.unlink()
 
 
+RECIPES = {"classifier": classifier_recipe, "teacher": teacher_recipe, "student": student_recipe,
+           **{name: d.recipe for name, d in BASELINES.items() if d.recipe is not None}}
 TASKS = {"aes": make_aes_task}
 DRIVER = {"untrained": untrained_driver, "evaluate": evaluate_driver}
