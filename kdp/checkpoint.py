@@ -158,17 +158,31 @@ class StageConflict(CheckpointError):
     """A finished checkpoint exists at the output path but was made with another config."""
 
 
-def is_complete(path: str | Path, config: dict | None = None) -> bool:
+def filled(old: dict, defaults: dict | None) -> dict:
+    """A config as recorded, with the keys it lacks taken from `defaults` (its class's defaults,
+    recorded the same way), nested dicts alike: a field added to kdp since the record was
+    written behaved as its default then, so the record still matches and the run resumes."""
+    out = dict(old)
+    for k, v in (defaults or {}).items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = filled(out[k], v)
+    return out
+
+
+def is_complete(path: str | Path, config: dict | None = None, defaults: dict | None = None) -> bool:
     """Is `path` a finished checkpoint? With `config` (a stage's flattened config), the one
-    question every skip asks: it must have been made with that config (else StageConflict)
-    and its weights must still match the sha256 it recorded (else CheckpointError)."""
+    question every skip asks: it must have been made with that config (else StageConflict;
+    a key the record lacks counts as its value in `defaults`, kdp.checkpoint.filled) and its
+    weights must still match the sha256 it recorded (else CheckpointError)."""
     path = Path(path)
     if not ((path / WEIGHTS).is_file() and (path / META).is_file()):
         return False
     if config is None:
         return True
     meta = read_meta(path)
-    old = meta["config"]
+    old = filled(meta["config"], defaults)
     if old != config:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         raise StageConflict(f"{path}: exists with a different config ({', '.join(diff)}); "

@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from kdp.checkpoint import read_json, read_meta, write_json
+from kdp.checkpoint import filled, read_json, read_meta, write_json
 from kdp.config import Runtime
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import replicate
@@ -51,10 +51,11 @@ def run_input(run_dir: str | Path, stage: str) -> Path:
     return run_dir / stage
 
 
-def record_config(path: Path, record: dict, what: str, hint: str) -> Path:
-    """Write `record` (JSON) at `path` unless the same is there already; refuse a different one."""
-    record = json.loads(json.dumps(record))  # tuples as lists, as read back
-    if path.exists() and read_json(path, path.name) != record:
+def record_config(path: Path, record: dict, what: str, hint: str, defaults: dict | None = None) -> Path:
+    """Write `record` (JSON) at `path` unless the same is there already; refuse a different one
+    (a key the recorded one lacks counts as its value in `defaults`: kdp.checkpoint.filled)."""
+    record, defaults = json.loads(json.dumps(record)), json.loads(json.dumps(defaults))  # tuples as lists
+    if path.exists() and filled(read_json(path, path.name), defaults) != record:
         raise StageConflict(f"{path}: {what} exists with another config; {hint}")
     write_json(path, record)
     return path
@@ -66,7 +67,7 @@ def prepare_run(cfg: PipelineConfig, out_root: Path, store=None) -> Path:
     store = store or LocalStorage(out_root)
     store.pull(run_dir / "config.json")
     store.push(record_config(run_dir / "config.json", dataclasses.asdict(cfg), f"run {cfg.name!r}",
-                             "pick another --name"))
+                             "pick another --name", dataclasses.asdict(PipelineConfig())))
     return run_dir
 
 

@@ -91,7 +91,8 @@ class Run:
 
 
 DONE = {  # is a stage's output there and made from what it follows from? One test per kind of output
-    "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config)),
+    "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config),
+                                                              flatten(type(stage.config)())),
     "aes": lambda stage, out, inputs, run: complete(out),
     # results are kept while nothing they follow from changed (--rescore: never)
     "results": lambda stage, out, inputs, run: (not run.rt.rescore

@@ -220,7 +220,8 @@ def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path
     store = open_storage(out_root)
     path = store.root / sweep.name / "sweep.json"
     store.pull(path)
-    record_config(path, record, f"sweep {sweep.name!r}", "use --resume to continue it or pick another --name")
+    record_config(path, record, f"sweep {sweep.name!r}", "use --resume to continue it or pick another --name",
+                  {"base": dataclasses.asdict(PipelineConfig())})
     store.push(path)
     return path
 

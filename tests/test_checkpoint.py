@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from kdp.checkpoint import (META, WEIGHTS, CheckpointError, atomic_dir, atomic_path, is_complete, load_checkpoint,
-                            load_state, read_meta, save_checkpoint, save_state, write_json)
+from kdp.checkpoint import (META, WEIGHTS, CheckpointError, StageConflict, atomic_dir, atomic_path, filled,
+                            is_complete, load_checkpoint, load_state, read_meta, save_checkpoint, save_state,
+                            write_json)
 from kdp.models import CifarResNet, build_model
 
 SPEC = {"kind": "classifier", "name": "resnet8", "kwargs": {"width": 4}}
@@ -74,6 +75,22 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(m.eval()(x), loaded.eval()(x))
+
+
+def test_a_field_added_since_a_checkpoint_was_made_counts_as_its_default(tmp_path):
+    """A checkpoint recorded before kdp added a config field (SOAP's momentum) is still the stage's
+    output while the field holds its default; another value, or a changed field, conflicts."""
+    path = save_checkpoint(tmp_path / "soap", tiny_model(), SPEC, {"lr": 0.1}, {}, {})
+    defaults = {"lr": 0.1, "momentum": 0.9}
+    assert is_complete(path, {"lr": 0.1, "momentum": 0.9}, defaults)
+    with pytest.raises(StageConflict, match="momentum"):
+        is_complete(path, {"lr": 0.1, "momentum": 0.5}, defaults)
+    with pytest.raises(StageConflict, match="momentum"):
+        is_complete(path, {"lr": 0.1, "momentum": 0.9})  # without defaults: as before, exact
+    with pytest.raises(StageConflict, match="lr"):
+        is_complete(path, {"lr": 0.2, "momentum": 0.9}, defaults)
+    nested = filled({"soap": {"lr": 0.1}, "name": "a"}, {"soap": {"lr": 0.1, "momentum": 0.9}, "name": "kdp"})
+    assert nested == {"soap": {"lr": 0.1, "momentum": 0.9}, "name": "a"}
 
 
 def test_checkpoint_overwrite_replaces_whole(tmp_path):

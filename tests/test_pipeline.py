@@ -222,3 +222,20 @@ def test_smoke_checks_run_on_rows_and_fail_on_a_broken_one(tiny_run):
     clean = (df.variant == "none") & (df.attack == "clean") & (df.threat_model == "classifier")
     df.loc[clean, "accuracy"] = 0.05
     assert dict(smoke_checks.checks(df))["undefended clean accuracy > 0.3 (chance is 0.1)"] is False
+
+
+def test_a_run_recorded_before_a_config_field_existed_resumes(tmp_path):
+    """A run's config.json written before kdp added a field (SOAP's momentum) is the same run
+    while the field holds its default; another value is another config, refused."""
+    import dataclasses
+
+    from kdp.checkpoint import StageConflict, write_json
+    from kdp.pipeline import prepare_run
+
+    cfg = get_preset("tiny")
+    old = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    del old["soap"]["momentum"]
+    write_json(tmp_path / "tiny" / "config.json", old)
+    assert prepare_run(cfg, tmp_path) == tmp_path / "tiny"
+    with pytest.raises(StageConflict, match="exists with another config"):
+        prepare_run(dataclasses.replace(cfg, soap=dataclasses.replace(cfg.soap, momentum=0.5)), tmp_path)
