@@ -21,11 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdp.attacks import attack_batches, build_attack, describe  # noqa: E402
-from kdp.checkpoint import load_frozen, read_json  # noqa: E402
+from kdp.checkpoint import load_frozen  # noqa: E402
+from kdp.files import read_json
 from kdp.data import load_cifar, to_float  # noqa: E402
 from kdp.models import Purified  # noqa: E402
 from kdp.provenance import device_name  # noqa: E402
-from kdp.train import resolve_device  # noqa: E402
+from kdp.accel import resolve_device  # noqa: E402
 
 ATTACKS = ("autoattack", "aa-standard")
 

@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="ref,fast,compile,graphs,fast-x8", help="which variants, in order")
     p.add_argument("--smoke", action="store_true", help="tiny models and data: check the script anywhere")
     a = p.parse_args(argv)
-    from kdp.train import resolve_device
+    from kdp.accel import resolve_device
 
     device = resolve_device(a.device)
     cfg = get_preset("tiny" if a.smoke else "paper")

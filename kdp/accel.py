@@ -22,12 +22,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kdp.errors import ConfigError
+
 SWITCH = ("auto", "on", "off")
 COMPILE = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 
 def _on(value: str, device: torch.device) -> bool:
     return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; errors name an unusable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,6 @@ class Accel:
     @classmethod
     def of(cls, rt, device: torch.device | str | None = None) -> "Accel":
         """Resolve `rt`'s switches (kdp.config.Runtime) for `device` (default: rt.device)."""
-        from kdp.train import resolve_device
 
         device = torch.device(device) if device is not None else resolve_device(rt.device)
         mode = rt.compile

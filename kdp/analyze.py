@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from kdp.attacks import attack_batches, build_attack
-from kdp.checkpoint import is_complete, load_frozen, read_json, read_meta, write_json
+from kdp.checkpoint import is_complete, load_frozen, read_meta
+from kdp.files import read_json, write_json
 from kdp.data import Cifar, load_cifar, to_float
 from kdp.pipeline import run_input
-from kdp.train import resolve_device
+from kdp.accel import resolve_device
 from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.storage import local_only
 

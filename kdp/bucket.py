@@ -14,7 +14,7 @@ from pathlib import Path
 from kdp.bucket_io import (GRACE_S, MANIFEST, RETRY_S, SCHEMES, TIMEOUT_S, VERSIONS, CHUNK, check_uri, endpoint, inside,
                            local_write, transient, why)
 from kdp.bucket_io import scratch as node_scratch
-from kdp.checkpoint import atomic_path, file_sha256
+from kdp.files import atomic_path, file_sha256
 from kdp.errors import StorageError
 
 

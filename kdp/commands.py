@@ -97,7 +97,7 @@ def _scale(args):
 def _executor(args, scale, cfg, store):
     """None (this process, on --device) or a RayExecutor, after joining or starting Ray."""
     if scale is None:
-        from kdp.train import resolve_device
+        from kdp.accel import resolve_device
 
         resolve_device(args.device)
         return None

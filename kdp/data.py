@@ -279,7 +279,7 @@ def fetch_data(uri: str) -> Path:
 
     from kdp.bucket import BucketStorage
     from kdp.bucket_io import MANIFEST, endpoint, inside, scratch
-    from kdp.checkpoint import atomic_path
+    from kdp.files import atomic_path
     from kdp.errors import NotFoundError
 
     store = BucketStorage(uri, scratch() / "data")
@@ -309,7 +309,7 @@ def _fetched(top: Path, manifest: Path, names: dict) -> bool:
     """Does the local copy hold every listed file, of the bucket's size and time (an object
     replaced by one of the same size is fetched again) and the sha256 recorded?"""
     from kdp.bucket import read_local
-    from kdp.checkpoint import file_sha256
+    from kdp.files import file_sha256
 
     files = (read_local(manifest) or {}).get("files", {})
     return bool(files) and set(files) == set(names) and all(

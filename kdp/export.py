@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from kdp.attacks import EPS, ATTACKS
-from kdp.checkpoint import atomic_path, is_complete, load_frozen, read_json, read_meta
+from kdp.checkpoint import is_complete, load_frozen, read_meta
+from kdp.files import atomic_path, read_json
 from kdp.config import check_name, ThreatModel
 from kdp.configio import from_dict
 from kdp.errors import ConfigError, DataError, NotFoundError

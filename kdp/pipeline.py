@@ -27,7 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from kdp.checkpoint import filled, read_json, read_meta, write_json
+from kdp.checkpoint import filled, read_meta
+from kdp.files import read_json, write_json
 from kdp.config import Runtime
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import replicate

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from kdp.attacks import ATTACKS  # noqa: E402
 from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, VARIANT_LABELS, VARIANT_ORDER,  # noqa: E402
                        cells, is_sweep, ordered, table1_rows)
-from kdp.checkpoint import atomic_path  # noqa: E402
+from kdp.files import atomic_path  # noqa: E402
 from kdp.config import ThreatModel
 from kdp.errors import DataError  # noqa: E402
 
@@ -164,7 +164,7 @@ def figure5(purifier_dir, classifier_dir, data, path: str | Path, attack: str = 
 def figure_inputs(purifier: Path) -> tuple[str | None, str | None]:
     """The classifier and data dir a purifier was trained with, read from its sweep trial's
     trial.json (<trial>/student) or its pipeline run's config.json (<run>/student_*)."""
-    from kdp.checkpoint import read_json
+    from kdp.files import read_json
 
     trial, run = purifier.parent / "trial.json", purifier.parent / "config.json"
     if trial.is_file():

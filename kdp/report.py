@@ -19,7 +19,7 @@ from kdp.cells import (ATTACK_LABELS, ATTACK_ORDER, CURVE, SWEEP_LABELS, TABLE1_
                        versus)
 from kdp.config import THREAT_MODELS, ThreatModel
 from kdp.indicators import INDICATORS
-from kdp.checkpoint import atomic_path
+from kdp.files import atomic_path
 from kdp.compare import budget_line, reference_markdown
 from kdp.errors import ConfigError
 from kdp.storage import is_uri, open_storage

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from kdp.cells import CURVE
-from kdp.checkpoint import atomic_path
+from kdp.files import atomic_path
 from kdp.baselines import BASELINES
 from kdp.config import AEConfig, ClassifierConfig, DataConfig, EvalConfig, StudentConfig, TeacherConfig, ThreatModel
 from kdp.pipeline_config import PipelineConfig

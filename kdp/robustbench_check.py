@@ -202,7 +202,7 @@ def table(result: dict) -> str:
 
 def save(result: dict, path: str | Path) -> Path:
     """The result as JSON at `path`, written atomically."""
-    from kdp.checkpoint import atomic_path
+    from kdp.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
-from kdp.checkpoint import read_json, write_json
+from kdp.files import read_json, write_json
 from kdp.config import Runtime, require, check_name, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten, from_dict

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kdp.checkpoint import load_state, save_state
 from kdp.interrupt import before, check
-from kdp.errors import CheckpointError, ConfigError
+from kdp.errors import CheckpointError
 
 
 @contextmanager
@@ -33,19 +33,6 @@ def evaluating(*models: nn.Module):
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; errors name an unusable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 def seed_all(seed: int) -> None:

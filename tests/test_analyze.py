@@ -13,7 +13,8 @@ import torch
 from kdp.analyze import (add_analyze_args, analyze, analyze_command, analyze_run, blend_markdown, find_blends,
                          fit_blend)
 from kdp.attacks import attack_batches, build_attack
-from kdp.checkpoint import load_frozen, save_checkpoint, write_json
+from kdp.checkpoint import load_frozen, save_checkpoint
+from kdp.files import write_json
 from kdp.config import StudentConfig
 from kdp.configio import flatten
 from kdp.data import to_float

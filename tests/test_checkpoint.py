@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from kdp.checkpoint import (META, WEIGHTS, CheckpointError, StageConflict, atomic_dir, atomic_path, filled,
-                            is_complete, load_checkpoint, load_state, read_meta, save_checkpoint, save_state,
-                            write_json)
+from kdp.checkpoint import (META, WEIGHTS, CheckpointError, StageConflict, filled, is_complete, load_checkpoint,
+                            load_state, read_meta, save_checkpoint, save_state)
+from kdp.files import atomic_dir, atomic_path, write_json
 from kdp.models import CifarResNet, build_model
 
 SPEC = {"kind": "classifier", "name": "resnet8", "kwargs": {"width": 4}}

@@ -28,7 +28,8 @@ from kdp import cli
 from kdp import robustbench_check as rbc
 from kdp.baselines import BASELINES
 from kdp.baselines.nrp import NRPConfig
-from kdp.checkpoint import save_checkpoint, write_json
+from kdp.checkpoint import save_checkpoint
+from kdp.files import write_json
 from kdp.config import DataConfig, EvalConfig, Runtime, StudentConfig
 from kdp.configio import flatten
 from kdp.data import load_cifar, to_float

@@ -229,7 +229,8 @@ def test_a_run_recorded_before_a_config_field_existed_resumes(tmp_path):
     while the field holds its default; another value is another config, refused."""
     import dataclasses
 
-    from kdp.checkpoint import StageConflict, write_json
+    from kdp.checkpoint import StageConflict
+    from kdp.files import write_json
     from kdp.pipeline import prepare_run
 
     cfg = get_preset("tiny")

@@ -57,7 +57,7 @@ def test_a_rescored_rerun_reuses_the_evaluation_aes(seeded, cifar_subset_dir):
 
 def test_a_replicate_names_what_it_reused_and_analyze_finds_it(seeded):
     from kdp.analyze import analyze
-    from kdp.checkpoint import read_json
+    from kdp.files import read_json
 
     given = read_json(seeded / "tiny-seed1" / "given.json")
     assert given["classifier"] == str(seeded.resolve() / "tiny-seed0" / "classifier")

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdp.train import epoch_batches, fit, predict, resolve_device, train_epoch
+from kdp.train import epoch_batches, fit, predict, train_epoch
+from kdp.accel import resolve_device
 
 # ----------------------------------------------------------------------------- epoch_batches
 

@@ -18,11 +18,12 @@ import torch
 
 from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, settings_of
-from kdp.checkpoint import atomic_dir, load_frozen, read_json, read_meta
+from kdp.checkpoint import load_frozen, read_meta
+from kdp.files import atomic_dir, read_json
 from kdp.config import AEConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.provenance import provenance
-from kdp.train import resolve_device
+from kdp.accel import resolve_device
 from kdp.errors import CheckpointError
 from kdp.stages.eval_cache import AES, META, complete, touch
 

@@ -11,7 +11,8 @@ from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
-from kdp.train import Recipe, epoch_batches, fit, resolve_device, train_epoch
+from kdp.train import Recipe, epoch_batches, fit, train_epoch
+from kdp.accel import resolve_device
 
 
 def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, states=None, state_path: Path | None = None,

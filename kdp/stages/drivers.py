@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from kdp.baselines import BASELINES
-from kdp.checkpoint import atomic_path, is_complete, read_json, read_meta, save_checkpoint
+from kdp.checkpoint import is_complete, read_meta, save_checkpoint
+from kdp.files import atomic_path, read_json
 from kdp.config import Runtime, ThreatModel
 from kdp.configio import flatten
 from kdp.data import Cifar

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdp.checkpoint import atomic_dir
+from kdp.files import atomic_dir
 from kdp.errors import StorageError
 from kdp.locks import held
 

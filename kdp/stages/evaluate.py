@@ -45,7 +45,7 @@ from kdp.interrupt import stop_hook
 from kdp.models import EOT, Purified, freeze
 from kdp.stages.eval_cache import cache_key, entry_trace, fetched, load_entry, model_sha, saving
 from kdp.trace import PROBE_KEYS, TRACE_KEYS, Watch, grad_probe, stability_probe, traced_model
-from kdp.train import resolve_device
+from kdp.accel import resolve_device
 
 LINF_TOL = 1e-6  # float slack on the L-inf budget
 
