@@ -79,3 +79,12 @@ def test_the_baselines_stand_between_the_core_and_the_stages():
         if name in core:
             assert not [d for d in deps if d.startswith("kdp.baselines")], (name, deps)
     assert "kdp.baselines" in graph["kdp"]  # the package registers every baseline on import
+
+
+def test_storage_moves_bytes_and_knows_no_model():
+    """The storage layer (docs/design/whiteboard.json: Storage) imports only itself and the base."""
+    storage = {"kdp.storage", "kdp.bucket", "kdp.bucket_io", "kdp.locks", "kdp.datapack", "kdp.files"}
+    base = {"kdp.errors", "kdp.events", "kdp.flags", "kdp.interrupt", "kdp.provenance"}
+    for name, deps in _imports().items():
+        if name in storage:
+            assert deps <= storage | base, (name, deps - storage - base)
