@@ -7,7 +7,8 @@ its recipe, or, without one, a checkpoint written as is) and the order of side b
 the results' `<name>.*` columns, the variant's label and place in tables and Table 1, the
 checkpoint's model spec, replicate seeding, and the tests parametrized over every baseline.
 Read the filled registry from `kdp.baselines` (importing it imports every baseline module);
-this module only holds it, so the models and stages below can be imported without them.
+this module only holds it, at the bottom, so that `kdp.models.build_model` reads it without
+importing the baselines (which import the models).
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Models: CIFAR ResNets (He et al. 2016) and the paper's convolutional autoencoder purifier.
 The baseline purifiers of an honest Table 1 are declared with their configs and training in
 kdp.baselines, one module each; their `register()` fills kdp.defenses.REGISTRY, which
-`build_model` reads (importing the package `kdp` registers them all).
+`build_model` reads. Importing kdp.baselines registers them all; every kdp module that loads
+checkpoints or reads the registry imports it (tests/test_layout.py), so only a script that
+uses this module alone must import it to rebuild a baseline.
 
 Every model takes images in [0, 1]. Classifiers normalize inside `forward`; purifiers
 return images in [0, 1]. Models are built from registries of factories by name, so a
@@ -180,6 +182,9 @@ def build_model(kind: str, name: str, **kwargs) -> nn.Module:
     """Build a model from its registry kind ('classifier' or 'purifier'), name and kwargs; a
     baseline purifier from its registered declaration (kdp.defenses)."""
     registries = {"classifier": CLASSIFIERS, "purifier": {**PURIFIERS, **{n: d.purifier for n, d in DEFENSES.items()}}}
+    if kind == "purifier" and name not in registries["purifier"] and not DEFENSES:
+        raise ConfigError(f"unknown purifier {name!r}: no baseline is registered in this process; "
+                          "`import kdp.baselines` registers them")
     return lookup(lookup(registries, kind, "model kind"), name, kind)(**kwargs)
 
 

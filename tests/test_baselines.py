@@ -184,3 +184,15 @@ def test_the_docs_list_every_baseline():
     section = text.split("## Defenses", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^- `(\w+)`:", section, re.M)
     assert sorted(listed) == sorted(["none", *BASELINES]), listed
+
+
+def test_a_process_that_never_imported_the_baselines_is_told_how():
+    """kdp.models alone (a user's script): a baseline's name is refused in one line that says
+    which import registers them; kdp's own modules import it (tests/test_layout.py)."""
+    import subprocess
+    import sys
+
+    code = ("from kdp.models import build_model\n"
+            "try:\n    build_model('purifier', 'nrp')\nexcept ValueError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "unknown purifier 'nrp'" in out and "`import kdp.baselines` registers them" in out

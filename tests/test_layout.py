@@ -78,7 +78,33 @@ def test_the_baselines_stand_between_the_core_and_the_stages():
             assert not [d for d in deps if d.startswith(above)], (name, deps)
         if name in core:
             assert not [d for d in deps if d.startswith("kdp.baselines")], (name, deps)
-    assert "kdp.baselines" in graph["kdp"]  # the package registers every baseline on import
+    # the registry is full wherever it is read or a checkpoint is loaded by name (kdp.models.build_model)
+    readers = [m for m, deps in graph.items() if not m.startswith(("kdp.baselines", "kdp.defenses", "kdp.models"))
+               and deps & {"kdp.defenses", "kdp.checkpoint"} and _reaches(graph, m, "kdp.checkpoint")
+               and _loads_by_name(m)]
+    assert readers and all(_reaches(graph, m, "kdp.baselines") for m in readers), \
+        [m for m in readers if not _reaches(graph, m, "kdp.baselines")]
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    """Does importing `start` import `goal` (a module's parent packages run first)?"""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m == goal:
+            return True
+        if m not in seen:
+            seen.add(m)
+            todo += [*graph.get(m, ()), *(".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1))]
+    return False
+
+
+def _loads_by_name(module: str) -> bool:
+    """Does the module rebuild models from checkpoints (load_checkpoint / load_frozen) or read the registry?"""
+    path = KDP.parent / (module.replace(".", "/") + ".py")
+    path = path if path.exists() else path.with_suffix("") / "__init__.py"
+    text = path.read_text()
+    return any(name in text for name in ("load_checkpoint", "load_frozen", "REGISTRY"))
 
 
 def test_storage_moves_bytes_and_knows_no_model():
