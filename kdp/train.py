@@ -140,8 +140,8 @@ def fit(epochs: int, epoch_fn: Callable[[int], dict], model: nn.Module,
     """Run epochs [start, epochs), saving model/optimizer/scheduler state after each one.
 
     The state goes to `states` (a state store: anything with load() and save(state); the Ray
-    layer's reports a Train checkpoint) or, by default, to the file `state_path` (StateFile); if a saved state exists the
-    loop resumes after its last finished epoch. With `rng`, every random state (`rng_state`:
+    layer's reports a Train checkpoint) or, by default, to the file `state_path` (StateFile);
+    if a saved state exists the loop resumes after its last finished epoch. With `rng`, every random state (`rng_state`:
     the global ones and `generators`) is saved too and restored on resume, so a resumed run
     ends where an uninterrupted one would. `on_epoch(epoch, metrics)` is called when an
     epoch starts (metrics None) and ends, for progress lines and events."""

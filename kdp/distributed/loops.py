@@ -103,8 +103,9 @@ def publish_log(store, log_file: Path, quietly: bool = False) -> None:
 
 
 class TrainStates:
-    """`fit`'s state store inside a Train worker (not the output store, kdp.storage): every rank reports each epoch (Train V2 needs
-    all of them); rank 0 attaches the checkpoint. Loading reads the last reported one."""
+    """`fit`'s state store inside a Train worker (not the output store, kdp.storage): every rank
+    reports each epoch (Train V2 needs all of them); rank 0 attaches the checkpoint. Loading
+    reads the last reported one."""
 
     def __init__(self, rank: int):
         self.rank = rank

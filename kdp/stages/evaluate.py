@@ -352,7 +352,8 @@ def full_copies(rows: list[dict], cfg: EvalConfig, same: set[str]) -> list[dict]
     `attack.same_as` (per shard, so that merged shards sum them as they sum the originals)."""
     full = set(cfg.runs(ThreatModel.FULL)) if ThreatModel.FULL in cfg.threat_models else set()
     blind = ThreatModel.CLASSIFIER
-    return [{**r, "threat_model": ThreatModel.FULL.value, "attack.same_as": blind.value, "attack.grad": "exact", "attack.eot": 1}
+    return [{**r, "threat_model": ThreatModel.FULL.value, "attack.same_as": blind.value, "attack.grad": "exact",
+             "attack.eot": 1}
             for r in rows if r["threat_model"] == blind and r["variant"] in same and r["attack"] in full]
 
 
