@@ -27,16 +27,15 @@ import json
 import time
 from pathlib import Path
 
-from kdp.checkpoint import filled, read_meta
-from kdp.files import read_json, write_json
+from kdp.checkpoint import StageConflict, filled, read_meta
 from kdp.config import Runtime
-from kdp.pipeline_config import PipelineConfig
 from kdp.configio import replicate
 from kdp.data import load_cifar
-from kdp.interrupt import time_limit
+from kdp.files import read_json, write_json
 from kdp.graph import pipeline_graph, pipeline_place
+from kdp.interrupt import time_limit
+from kdp.pipeline_config import PipelineConfig
 from kdp.scheduler import LocalExecutor, Run, run_graph
-from kdp.checkpoint import StageConflict
 from kdp.storage import LocalStorage, open_storage
 
 
