@@ -23,14 +23,17 @@ LOCAL_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM
 
 
 def check_uri(uri: str) -> None:
-    """Refuse a URI that carries credentials (`s3://key:secret@bucket/...`) in one line that
-    does not echo them: kdp would keep the URI in configs, events and logs."""
+    """Refuse a URI that carries credentials (`s3://key:secret@bucket/...`, whatever the secret
+    holds, `/` included) in one line that does not echo the secret: kdp would keep the URI in
+    configs, events and logs. A bucket name holds no `:` and no `@`, so a `:` before the first
+    `@` in the bucket's segment, or an `@` before any `/`, is userinfo."""
     scheme, _, rest = str(uri).partition("://")
-    host = rest.split("/", 1)[0]
-    if "@" in host:
-        shown = f"{scheme}://<credentials>@{host.rsplit('@', 1)[1]}/{rest.split('/', 1)[1] if '/' in rest else ''}"
-        raise StorageError(f"{shown}: credentials in a URI are refused (kdp would record the URI); set "
-                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or use an instance role")
+    before, at, after = rest.partition("@")
+    if at and ("/" not in before or ":" in before.split("/", 1)[0]):
+        user = before.split(":", 1)[0] + ":" if ":" in before else ""
+        raise StorageError(f"{scheme}://{user}***@{after}: credentials in a URI are refused (kdp would record "
+                           "the URI); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or use an "
+                           "instance role")
 
 
 def inside(base: Path, name: str, where: str) -> Path:

@@ -228,8 +228,10 @@ def kdp_cause(e: BaseException):
 
 def one_line(e: BaseException) -> str:
     """An error's message without a remote traceback (Ray's RayTaskError-derived classes append it)."""
+    from kdp.errors import redact
+
     cause = getattr(e, "cause", None)
-    return str(cause if cause is not None else e).splitlines()[0] if str(e) else type(e).__name__
+    return redact(str(cause if cause is not None else e).splitlines()[0]) if str(e) else type(e).__name__
 
 
 def run_errors():

@@ -6,9 +6,25 @@ Each type also derives from the builtin a caller would catch (ValueError, FileNo
 RuntimeError, TimeoutError), so library users keep their except clauses."""
 from __future__ import annotations
 
+import re
+
+# a URI's userinfo secret (`scheme://user:SECRET@host`): everything up to the `@`, slashes and
+# colons included (about half of AWS secret keys hold a `/`)
+_SECRET = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the secret of every URI in it replaced: `s3://KEY:***@bucket/...`,
+    `http://user:***@host`, whatever characters the secret holds."""
+    return _SECRET.sub(r"\g<head>:***@", text)
+
 
 class KdpError(Exception):
-    """Bad input, checked before any work starts wherever it can be."""
+    """Bad input, checked before any work starts wherever it can be. Its message never carries
+    a URI's secret (`redact`): it is printed, logged and written to event files."""
+
+    def __init__(self, *args):
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(KdpError, ValueError):

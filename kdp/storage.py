@@ -21,7 +21,8 @@ The bucket is the truth: a mirror copy of an artifact the bucket does not hold (
 dropped, a directory's local files that its commit does not list are removed, and `pull_tree`
 mirrors deletions. Every name read from the bucket (a commit's file names, a listing's keys)
 must resolve inside its directory, else it is refused. A URI with credentials in it
-(`s3://key:secret@bucket`) is refused without echoing them.
+(`s3://key:secret@bucket`, whatever the secret holds) is refused without echoing the secret, and
+no kdp error line carries a URI's secret (kdp.errors.redact).
 
 Every store call is retried with backoff on errors that can pass (unreachable endpoint,
 timeouts, 5xx, throttling) for KDP_STORE_RETRY_S seconds (default 120: a store restart rides

@@ -97,19 +97,41 @@ def test_a_corrupt_manifest_is_one_line_and_a_publish_repairs_it(s3, s3_server, 
     assert BucketStorage(f"{s3}/r", tmp_path / "other").pull(tmp_path / "other" / s3[5:] / "r" / "classifier")
 
 
-def test_credentials_in_a_uri_are_refused_and_never_written(tmp_path, capsys, monkeypatch, cifar_subset_dir):
+@pytest.mark.parametrize("secret", ["kdpTestSecretValue", "kdpTest/Secret+Value/with:colon"])
+def test_credentials_in_a_uri_are_refused_and_never_written(tmp_path, capsys, monkeypatch, cifar_subset_dir, secret):
+    """Whatever the secret holds (about half of AWS secret keys hold a `/`): refused in one line
+    showing `KEY:***@`, by every entry point that takes a URI, and written nowhere."""
+    from kdp.results import load
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
-    key, secret = "AKIAKDPTESTKEY", "kdpTestSecretValue"
+    key = "AKIAKDPTESTKEY"
     runs = [["run", "--preset", "tiny", "--data-dir", str(cifar_subset_dir), "--out", f"s3://{key}:{secret}@b/u"],
-            ["run", "--preset", "tiny", "--data-dir", f"s3://{key}:{secret}@b/data", "--out", str(tmp_path / "o")]]
+            ["run", "--preset", "tiny", "--data-dir", f"s3://{key}:{secret}@b/data", "--out", str(tmp_path / "o")],
+            ["report", f"s3://{key}:{secret}@b/u/tiny", "--out", str(tmp_path / "report")]]
     for argv in runs:
         assert cli.main(argv) == 2
         out = capsys.readouterr()
-        assert "credentials in a URI are refused" in out.err and out.err.count("\n") == 1
-        assert key not in out.err + out.out and secret not in out.err + out.out
+        assert f"s3://{key}:***@b/" in out.err and "credentials in a URI are refused" in out.err, out.err
+        assert out.err.count("\n") == 1 and secret not in out.err + out.out
+    with pytest.raises(StorageError, match="credentials in a URI are refused") as e:
+        load(f"s3://{key}:{secret}@b/u/tiny")
+    assert secret not in str(e.value)
     for p in (p for p in tmp_path.rglob("*") if p.is_file()):
-        assert key.encode() not in p.read_bytes() and secret.encode() not in p.read_bytes(), p
+        assert secret.encode() not in p.read_bytes(), p
+
+
+def test_no_error_line_carries_a_uris_secret(monkeypatch):
+    """Every kdp error's message is redacted, an endpoint's credentials included."""
+    from kdp.bucket_io import why
+    from kdp.errors import KdpError, redact
+
+    assert redact("at http://user:pa/ss:w@host:9000 and s3://K:S/x+y@b/p; s3://b/a:b/c@d") == \
+        "at http://user:***@host:9000 and s3://K:***@b/p; s3://b/a:b/c@d"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:very/secret@127.0.0.1:1")
+    line = str(StorageError(f"s3://b/u: {why(OSError('Could not connect to the endpoint'))}"))
+    assert line == "s3://b/u: cannot reach the endpoint http://minio:***@127.0.0.1:1"
+    assert "secret" not in str(KdpError("s3://K:very/secret@b"))
 
 
 @pytest.mark.slow  # a store's outage timed out for real, 6-9 s: CI
