@@ -67,7 +67,8 @@ def on_node(store, fetch, seen, log_file: str | None = None):
     (`store.remote`): the artifacts found in `fetch` are pulled into this node's mirror first,
     and after the body the stage's log and this process's events are published (quietly when
     the body raised: its error stays the one raised). With a directory: this node must see the
-    paths `seen` (every node mounts the output root). The body publishes what it made."""
+    paths `seen` (every node mounts the output root). Yields whether the store is a bucket; the
+    body publishes what it made."""
     remote = store is not None and store.remote
     if remote:
         store.pull_all(fetch)
@@ -75,7 +76,7 @@ def on_node(store, fetch, seen, log_file: str | None = None):
         see_paths([p for p in seen if p])
     ok = False
     try:
-        yield
+        yield remote
         ok = True
     finally:
         if remote and log_file:
@@ -87,10 +88,10 @@ def remote_call(fn, log_file: str | None, store, *args):
     on a node (`on_node`: the artifacts among the arguments fetched first); a returned artifact
     is published."""
     use_assigned_cpus()
-    with on_node(store, args, [Path(log_file).parent.parent] if log_file else [], log_file):
+    with on_node(store, args, [Path(log_file).parent.parent] if log_file else [], log_file) as remote:
         with captured(Path(log_file) if log_file else None):
             result = fn(*args)
-        if store is not None and store.remote and store.holds(result):
+        if remote and store.holds(result):
             store.push(Path(result))
     return result
 
@@ -148,8 +149,8 @@ def train_task(c: dict, data, store=None) -> Path:
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     cfg = _stage_config(c)
     rt = Runtime(**{**c["runtime"], "device": device, "progress": False})
-    with on_node(store, [Path(p) for p in inputs], [c["run_dir"], *inputs]):
-        if store is not None and store.remote:
+    with on_node(store, [Path(p) for p in inputs], [c["run_dir"], *inputs]) as remote:
+        if remote:
             store.pull(state_path(out))  # a half-done attempt's, from any node
         with publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)) as hook:
             return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"], hook)
