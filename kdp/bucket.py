@@ -4,17 +4,18 @@ and credentials, and retries)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
 
-from kdp.bucket_io import (GRACE_S, MANIFEST, RETRY_S, SCHEMES, TIMEOUT_S, VERSIONS, CHUNK, check_uri, endpoint, inside,
-                           local_write, transient, why)
+from kdp.bucket_dirs import collect, pull_dir, push_dir
+from kdp.bucket_io import (CHUNK, RETRY_S, SCHEMES, TIMEOUT_S, Broken, check_uri, endpoint, env_seconds,
+                           inside, local_write, transient, why)
 from kdp.bucket_io import scratch as node_scratch
-from kdp.files import atomic_path, file_sha256
+from kdp.files import atomic_path
 from kdp.errors import StorageError
 
 
@@ -32,15 +33,21 @@ class BucketStorage:
         try:
             self.fs, base = pafs.FileSystem.from_uri(uri)
             rebuild, (options,) = self.fs.__reduce__()  # the same options, with timeouts: a stalled
-            timeout = float(os.environ.get("KDP_STORE_TIMEOUT_S", TIMEOUT_S))  # store never hangs a call
+            timeout = env_seconds("KDP_STORE_TIMEOUT_S", TIMEOUT_S)  # store never hangs a call
             self.fs = rebuild({**options, "request_timeout": timeout, "connect_timeout": min(timeout, 10.0)})
+        except StorageError:
+            raise
         except Exception as e:  # pyarrow's messages name the problem; keep their first line
             raise StorageError(f"{uri}: {str(e).splitlines()[0]}") from None
-        self.retry_s = float(os.environ.get("KDP_STORE_RETRY_S", RETRY_S))
+        self.retry_s = env_seconds("KDP_STORE_RETRY_S", RETRY_S)
         self.uri, self.base = uri.rstrip("/"), base.rstrip("/")
         self.bucket = self.base.split("/", 1)[0]
         self.root = Path(scratch or node_scratch()).expanduser().resolve() / self.base
         self.checked = False  # preflight passed: this object does not check again
+
+    def say(self, msg: str) -> None:
+        """A line about the bucket's state that is not an error (an artifact taken as not made)."""
+        print(msg, file=sys.stderr, flush=True)
 
     def __getstate__(self):  # to Ray workers: the URI and the mirror, never the client or its keys
         return {"uri": self.uri, "root": str(self.root)}
@@ -117,17 +124,8 @@ class BucketStorage:
         if info.type == pafs.FileType.File:  # small (configs, states, results): fetched each time
             self._download_file(path, info)
             return True
-        if info.type == pafs.FileType.Directory:
-            for attempt in range(2):
-                manifest = self._read_manifest(path)
-                if manifest is None:
-                    break
-                try:
-                    self._pull_dir(path, manifest)
-                    return True
-                except FileNotFoundError:  # its version was collected meanwhile: read the commit again
-                    if attempt:
-                        raise StorageError(f"{self.uri_of(path)}: the files its commit names are gone") from None
+        if info.type == pafs.FileType.Directory and pull_dir(self, path):
+            return True
         _drop(path)  # the bucket is the truth: what it does not hold, this node does not use
         return False
 
@@ -142,54 +140,6 @@ class BucketStorage:
             info = again
         raise StorageError(f"{self.uri_of(path)}: the object kept changing while it was read ({tries} tries)")
 
-    def _read_manifest(self, path: Path) -> dict | None:
-        """The commit of a directory artifact, checked: its names, sizes and sha256s."""
-        key = f"{self.key(path)}/{MANIFEST}"
-
-        def read():
-            with self.fs.open_input_stream(key) as f:
-                return f.read()
-        try:
-            raw = self._call(read)
-        except FileNotFoundError:
-            return None
-        try:
-            manifest = json.loads(raw)
-            files = manifest["files"]
-            ok = isinstance(files, dict) and all(
-                isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
-                for v in files.values()) and isinstance(manifest.get("version", ""), str)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            ok = False
-        if not ok:
-            raise StorageError(f"{self.uri_of(path)}/{MANIFEST}: corrupt manifest in the bucket; publish the "
-                               "artifact again or delete its prefix")
-        for name in files:
-            inside(path, name, f"{self.uri_of(path)}/{MANIFEST}")
-        if "/" in manifest.get("version", "") or manifest.get("version", "").startswith("."):
-            raise StorageError(f"{self.uri_of(path)}/{MANIFEST}: refused the version {manifest['version']!r}")
-        return manifest
-
-    def _file_key(self, path: Path, manifest: dict, name: str) -> str:
-        """Where a committed file is: under its version (before versions: beside the commit)."""
-        version = manifest.get("version")
-        return f"{self.key(path)}/{VERSIONS}/{version}/{name}" if version else f"{self.key(path)}/{name}"
-
-    def _pull_dir(self, path: Path, manifest: dict) -> None:
-        local = path / MANIFEST
-        if local.is_file() and read_local(local) == manifest:
-            return  # this node has it already
-        for name, (size, sha) in manifest["files"].items():
-            dest = inside(path, name, self.uri_of(path))
-            if dest.is_file() and dest.stat().st_size == size and file_sha256(dest) == sha:
-                continue
-            self._download(self._file_key(path, manifest, name), dest, sha)
-        listed = {(path / n).resolve() for n in manifest["files"]}
-        for p in [p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and p.resolve() not in listed]:
-            p.unlink()  # another version's file: not part of what the bucket names now
-        with atomic_path(local) as tmp:  # last: the local copy is complete
-            tmp.write_text(json.dumps(manifest, sort_keys=True))
-
     def _download(self, key: str, dest: Path, sha: str | None = None) -> str:
         """Copy one object to `dest` (by rename), refused unless its sha256 is `sha` if given;
         returns the sha256, computed while it streams. Retried as a whole (`_call`); a local
@@ -202,8 +152,8 @@ class BucketStorage:
                         h.update(chunk)
                         out.write(chunk)
                 if sha is not None and h.hexdigest() != sha:
-                    raise StorageError(f"{self.uri}: {key} does not match the sha256 in its manifest "
-                                       "(changed or corrupt in the bucket)")
+                    raise Broken(f"{self.uri.split('://', 1)[0]}://{key}: does not match the sha256 in its "
+                                 "commit (changed or corrupt in the bucket)")
             return h.hexdigest()
         return self._call(once)
 
@@ -257,63 +207,31 @@ class BucketStorage:
         if path.is_file():
             self._call(self._upload, path, self.key(path))
         elif path.is_dir():
-            self._push_dir(path)
+            push_dir(self, path)
 
-    def _push_dir(self, path: Path) -> None:
-        """A new version of the directory's files, then its commit in one PUT (module docstring)."""
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and not p.name.startswith(".") and ".tmp-" not in p.name)
-        listed = {p.relative_to(path).as_posix(): [p.stat().st_size, file_sha256(p)] for p in files}
-        version = hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:20]
-        manifest = {"files": listed, "version": version}
-        try:
-            there = self._read_manifest(path)
-        except StorageError:  # a corrupt commit: this publish replaces it
-            there = None
-        if there != manifest:
-            for name in listed:
-                self._call(self._upload, path / name, self._file_key(path, manifest, name))
-            self._call(self._put_bytes, f"{self.key(path)}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
-            self.collect(path, keep=version)
-        with atomic_path(path / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, sort_keys=True))
-
-    def collect(self, path: Path, keep: str, grace_s: float = GRACE_S) -> list[str]:
-        """Delete the versions of a directory artifact other than `keep` whose files are all older
-        than grace_s (younger ones may be another writer's upload, not yet committed)."""
-        import pyarrow.fs as pafs
-
-        root = f"{self.key(path)}/{VERSIONS}"
-        listing = self._call(self.fs.get_file_info, pafs.FileSelector(root, allow_not_found=True, recursive=True))
-        newest: dict[str, float] = {}
-        for f in listing:
-            version = f.path[len(root):].lstrip("/").split("/", 1)[0]
-            if f.type == pafs.FileType.File and version != keep:
-                newest[version] = max(newest.get(version, 0.0), (f.mtime_ns or 0) / 1e9)
-        gone = [v for v, t in newest.items() if time.time() - t > grace_s]
-        for v in gone:
-            try:
-                self._call(self.fs.delete_dir, f"{root}/{v}")
-            except FileNotFoundError:
-                pass
-        return gone
+    def collect(self, path: Path, keep: str, grace_s: float | None = None) -> list[str]:
+        """Delete a directory artifact's old versions (kdp.bucket_dirs.collect)."""
+        return collect(self, path, keep, grace_s)
 
     def _upload(self, src: Path, key: str) -> None:
         with open(src, "rb") as f, self.fs.open_output_stream(key) as out:
             while chunk := f.read(CHUNK):
                 out.write(chunk)
 
+    def _upload_at(self, fd: int, name: str, key: str) -> tuple[int, str]:
+        """Upload the file `name` of the directory open as `fd`; the size and sha256 of the bytes
+        sent (what a commit must say of the object)."""
+        h, size = hashlib.sha256(), 0
+        with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as f, self.fs.open_output_stream(key) as out:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return size, h.hexdigest()
+
     def _put_bytes(self, key: str, data: bytes) -> None:
         with self.fs.open_output_stream(key) as out:
             out.write(data)
-
-
-def read_local(path: Path) -> dict | None:
-    """A local JSON record of ours (a mirror's manifest or index), None if missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _drop(path: Path) -> None:

@@ -7,12 +7,13 @@ import os
 import re
 from pathlib import Path
 
-from kdp.errors import StorageError
+from kdp.errors import ConfigError, StorageError
 
 SCHEMES = ("s3",)
 MANIFEST = ".kdp-manifest.json"
 VERSIONS = ".kdp-v"  # <dir>/.kdp-v/<version>/<file>: a directory artifact's immutable versions
 CHUNK = 8 << 20
+COMMIT_MAX = 8 << 20  # a commit read from the bucket larger than this is refused (a listing of files, not data)
 GRACE_S = 3600.0  # an uncommitted version younger than this may be a writer's upload under way
 TIMEOUT_S = 30.0  # KDP_STORE_TIMEOUT_S: a request with no byte moved for this long fails (then is retried)
 RETRY_S = 120.0  # KDP_STORE_RETRY_S: how long a store call is retried (a store restart of a minute)
@@ -20,6 +21,25 @@ TRANSIENT = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Con
              "Timeout", "timed out", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "REQUEST_TIMEOUT",
              "Throttl", "Connection reset")
 LOCAL_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+
+
+class Broken(StorageError):
+    """A directory artifact's commit that cannot be used as it is: corrupt, too large, naming a
+    file outside its directory, or files gone or failing their sha256 (kdp.bucket_dirs)."""
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment variable `name`; one line naming it if it is not one."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r}: not a number of seconds (e.g. {name}={default:g})")
+    return value
 
 
 def check_uri(uri: str) -> None:
@@ -38,6 +58,8 @@ def check_uri(uri: str) -> None:
 
 def inside(base: Path, name: str, where: str) -> Path:
     """base / name, refused in one line unless it stays inside base (a name from the bucket)."""
+    if not isinstance(name, str) or "\0" in name:
+        raise StorageError(f"{where}: refused the name {name!r} from the bucket: not a file name")
     dest = (Path(base) / name).resolve()
     if not name or Path(name).is_absolute() or not dest.is_relative_to(Path(base).resolve()) or dest == Path(
             base).resolve():

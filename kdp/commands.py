@@ -226,6 +226,21 @@ def kdp_cause(e: BaseException):
     return None
 
 
+def disk_cause(e: BaseException):
+    """A local write the disk refused anywhere in `e`'s chain (kdp.files.disk_error), naming the
+    file's directory: one line, like bad input; or None."""
+    from kdp.errors import disk_error
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.filename:
+            err = disk_error(e, Path(e.filename).parent)
+            if err is not None:
+                return err
+        e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def one_line(e: BaseException) -> str:
     """An error's message without a remote traceback (Ray's RayTaskError-derived classes append it)."""
     from kdp.errors import redact
@@ -270,7 +285,7 @@ def run_command(prog: str, fn, *args) -> int:
             except run_errors():
                 raise
             except Exception as e:
-                kdp = kdp_cause(e)
+                kdp = kdp_cause(e) or disk_cause(e)
                 if kdp is not None:  # bad input met in a Ray task or Tune trial: still one line
                     raise kdp from None
                 if STOP.is_set():

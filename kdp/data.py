@@ -308,7 +308,7 @@ def fetch_data(uri: str) -> Path:
 def _fetched(top: Path, manifest: Path, names: dict) -> bool:
     """Does the local copy hold every listed file, of the bucket's size and time (an object
     replaced by one of the same size is fetched again) and the sha256 recorded?"""
-    from kdp.bucket import read_local
+    from kdp.bucket_dirs import read_local
     from kdp.files import file_sha256
 
     files = (read_local(manifest) or {}).get("files", {})

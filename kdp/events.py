@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from kdp.errors import disk_errors
+
 EVENTS = "events"
 
 
@@ -27,14 +29,15 @@ def log_event(run_dir: Path | None, stage: str, status: str, **extra) -> None:
     if run_dir is None:
         return
     path = events_file(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"stage": stage, "status": status, "time": time.time(), "host": socket.gethostname(),
                        "pid": os.getpid(), **extra}) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    with disk_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
 
 def _parse(chunk: bytes) -> list[dict]:

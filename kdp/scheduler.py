@@ -32,6 +32,7 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.results import results_key
 from kdp.stages.common import epoch_line, epoch_logger, fit_local
 from kdp.stages.drivers import DRIVER, RECIPES, TASKS, evaluation_key
+from kdp.stages.aes import entry_intact
 from kdp.stages.eval_cache import complete
 from kdp.storage import LocalStorage, Storage, publish_quietly, publishing_each
 
@@ -93,7 +94,7 @@ class Run:
 DONE = {  # is a stage's output there and made from what it follows from? One test per kind of output
     "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config),
                                                               flatten(type(stage.config)())),
-    "aes": lambda stage, out, inputs, run: complete(out),
+    "aes": lambda stage, out, inputs, run: complete(out) and entry_intact(out),  # the AEs its meta recorded
     # results are kept while nothing they follow from changed (--rescore: never)
     "results": lambda stage, out, inputs, run: (not run.rt.rescore
                                                 and results_key(out) == evaluation_key(stage, inputs, run)),

@@ -67,6 +67,9 @@ class S3Server:
         data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(WEED), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", f"-bucket={','.join(buckets)}",
+               # every test's bucket is a collection with volumes of its own: a fixed count of small
+               # ones (not weed's free disk / 1 GiB, 24 here), so a session's buckets fit on any host
+               "-volume.max=400", "-master.volumeSizeLimitMB=32",
                *(f"-{flag}={port}" for flag, port in ports.items())]
         self.log = open(data_dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=self.log, stderr=subprocess.STDOUT,

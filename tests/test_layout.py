@@ -109,7 +109,8 @@ def _loads_by_name(module: str) -> bool:
 
 def test_storage_moves_bytes_and_knows_no_model():
     """The storage layer (docs/design/whiteboard.json: Storage) imports only itself and the base."""
-    storage = {"kdp.storage", "kdp.bucket", "kdp.bucket_io", "kdp.locks", "kdp.datapack", "kdp.files"}
+    storage = {"kdp.storage", "kdp.bucket", "kdp.bucket_dirs", "kdp.bucket_io", "kdp.locks", "kdp.datapack",
+               "kdp.files"}
     base = {"kdp.errors", "kdp.events", "kdp.flags", "kdp.interrupt", "kdp.provenance"}
     for name, deps in _imports().items():
         if name in storage:

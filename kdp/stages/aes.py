@@ -19,13 +19,13 @@ import torch
 from kdp.accel import Accel
 from kdp.attacks import attack_batches, build_attack, settings_of
 from kdp.checkpoint import load_frozen, read_meta
-from kdp.files import atomic_dir, read_json
+from kdp.files import read_json
 from kdp.config import AEConfig, Runtime
 from kdp.data import Cifar, to_float
 from kdp.provenance import provenance
 from kdp.accel import resolve_device
 from kdp.errors import CheckpointError
-from kdp.stages.eval_cache import AES, META, complete, touch
+from kdp.stages.eval_cache import AES, META, complete, intact, save_entry, touch
 
 
 
@@ -51,7 +51,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
                       rt: Runtime = Runtime()) -> Path:
     """Return the cache entry of these AEs, crafting it first if it is missing."""
     entry = Path(cache_root) / ae_cache_key(cfg, Path(classifier_dir), data)
-    if complete(entry):
+    if complete(entry) and entry_intact(entry):
         return entry
     device = resolve_device(rt.device)
     classifier = Accel.of(rt, device).for_attacks.module(load_frozen(classifier_dir, device))
@@ -68,12 +68,18 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
             "classifier_acc_on_aes": adv_acc, "linf_max": float((x_adv - x).abs().max()) if len(y) else 0.0,
             "provenance": provenance(rt)}
     # another maker may have finished while we crafted: keep its entry (readers may hold it)
-    if complete(entry):
+    if complete(entry) and entry_intact(entry):
         return entry
-    with atomic_dir(entry) as tmp:
-        np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    save_entry(entry, x_adv, meta)
     return entry
+
+
+def entry_intact(entry: Path) -> bool:
+    """Does a finished entry hold the AEs its meta recorded (kdp.stages.eval_cache.intact)?"""
+    try:
+        return intact(entry, np.load(entry / AES, allow_pickle=False, mmap_mode="r"))
+    except (OSError, ValueError):
+        return False
 
 
 def load_training_aes(entry: Path) -> torch.Tensor:
@@ -87,4 +93,7 @@ def load_training_aes(entry: Path) -> torch.Tensor:
         raise CheckpointError(f"{entry / AES}: cannot read cached AEs ({e})") from None
     if arr.ndim != 4 or arr.shape[1:] != (3, 32, 32):
         raise CheckpointError(f"{entry / AES}: expected (N, 3, 32, 32) AEs, got {arr.shape}")
+    if not intact(entry, arr):
+        raise CheckpointError(f"{entry / AES}: not the AEs its meta.json recorded (corrupt); delete {entry} "
+                              "and run again: they are crafted again")
     return torch.from_numpy(arr)

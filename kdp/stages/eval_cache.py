@@ -6,8 +6,8 @@ the seed, the batch boundaries and the test images. The key hashes exactly those
 by its weights, the attack by every setting of its built pieces and the torch and
 torchattacks versions (`kdp.attacks.settings`), so sweep trials and re-runs that share a
 classifier reuse them, and an edited attack never gets the old AEs.
-An entry is `<cache>/<key>/x_adv.npy` (float32, no pickle) plus `meta.json`, and appears
-whole by a rename (`atomic_dir`); the `full` threat model's AEs depend on the defense and
+An entry is `<cache>/<key>/x_adv.npy` (float32, no pickle) plus `meta.json` (which records the
+array's sha256, checked on every read), and appears whole by a rename (`atomic_dir`); the `full` threat model's AEs depend on the defense and
 are never cached.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from kdp.files import atomic_dir
-from kdp.errors import StorageError
 from kdp.locks import held
 
 AES, META = "x_adv.npy", "meta.json"  # a cache entry, training or evaluation AEs: both files
@@ -70,15 +69,31 @@ def entry_trace(entry: Path) -> dict:
         return {}
 
 
+def array_sha(arr: np.ndarray) -> str:
+    """The sha256 of an array's bytes (C order), without copying a contiguous one."""
+    return hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
+
+
+def intact(entry: Path, arr: np.ndarray) -> bool:
+    """Are `arr`, read from `entry`, the bytes its meta.json recorded? (Entries made before the
+    record have none: taken as they are.)"""
+    try:
+        want = json.loads((entry / META).read_text()).get("aes_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return want is None or want == array_sha(arr)
+
+
 def load_entry(entry: Path, n: int) -> torch.Tensor | None:
-    """The cached AEs of `entry`, or None when it is missing or not what was asked for."""
+    """The cached AEs of `entry`, or None when it is missing, not what was asked for, or not the
+    bytes its meta recorded: then they are crafted again and replace it."""
     if not complete(entry):
         return None
     try:
         arr = np.load(entry / AES, allow_pickle=False)
     except (OSError, ValueError):
         return None  # unreadable: craft again and replace it
-    if arr.shape != (n, 3, 32, 32):
+    if arr.shape != (n, 3, 32, 32) or not intact(entry, arr):
         return None
     touch(entry / META)
     return torch.from_numpy(arr)
@@ -93,19 +108,18 @@ def touch(meta: Path) -> None:
 
 
 def save_entry(entry: Path, x_adv: torch.Tensor, meta: dict) -> None:
+    """Write an entry of either cache whole: the AEs and their meta, which records their sha256."""
+    arr = np.ascontiguousarray(x_adv.numpy().astype(np.float32))
     with atomic_dir(entry) as tmp:
-        np.save(tmp / AES, x_adv.numpy().astype(np.float32), allow_pickle=False)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        np.save(tmp / AES, arr, allow_pickle=False)
+        (tmp / META).write_text(json.dumps({**meta, "aes_sha256": array_sha(arr)}, indent=2, sort_keys=True))
 
 
 def fetched(entry: Path, store) -> Path:
-    """A cache entry, fetched from a bucket `store` first if it has it. A copy that fails its
-    check (two nodes published the entry at once) is a miss: the AEs are crafted again."""
+    """A cache entry, fetched from a bucket `store` first if it has it (one that fails its
+    commit's check is not fetched: a miss, so the AEs are crafted again)."""
     if store is not None and store.remote:
-        try:
-            store.pull(entry)
-        except StorageError:
-            pass
+        store.pull(entry)
     return entry
 
 
