@@ -6,15 +6,14 @@ node-local mirror of the output root (`KDP_SCRATCH`, default ~/.cache/kdp/mirror
 stage boundaries (`kdp.scheduler.run_stage`): an artifact is pulled before its stage is asked
 whether it is done, and pushed once it is made. The stages know nothing of buckets.
 
-Publishing, so that a reader never takes a half-written or mixed artifact for finished:
-- a directory (a checkpoint, an AE cache entry) is published as an immutable version: its
-  files go under `<dir>/.kdp-v/<version>/` (the version is the hash of their names, sizes and
-  sha256s), then one PUT of the commit, `<dir>/.kdp-manifest.json`, names the version and lists
-  every file's size and sha256. Readers read only what a commit names and check every file
-  against it; two writers each publish a whole version and the later commit wins whole, never
-  a mix. Versions no commit names are deleted after a grace period (a writer may be uploading
-  one). A reader writes its local copy of the commit last; a local copy whose commit matches
-  the bucket's is not downloaded again (once per node);
+Publishing, so that a reader never takes a half-written or mixed artifact for finished, and no
+commit stays broken (kdp.bucket_dirs says how):
+- a directory (a checkpoint, an AE cache entry) is published as an immutable version under
+  `<dir>/.kdp-v/<hash>-<nonce>/`, then one PUT of the commit, `<dir>/.kdp-manifest.json`,
+  naming the version and every file's size and sha256 (of the bytes sent). A commit's objects
+  are checked after its PUT and before a publish is skipped, and healed; a reader that finds a
+  commit broken takes the artifact as not made (one line), and the stage is made again. A pull
+  swaps the whole copy in: never files of two versions;
 - a single file (a results parquet, a training state, an event file) is one PUT: an object
   appears whole or not at all.
 The bucket is the truth: a mirror copy of an artifact the bucket does not hold (any more) is

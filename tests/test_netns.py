@@ -103,3 +103,38 @@ def test_which_runs_get_a_private_network(tmp_path, monkeypatch):
         ScaleConfig(network="lan")
     isolate("127.0.0.1:6379", ScaleConfig(network="private"), local, ["false"])  # joining a cluster: nothing
     isolate(None, ScaleConfig(network="private"), local, None)  # called from Python: never re-executed
+
+
+HOST_CHILD = r"""
+import json, sys
+from kdp.distributed.config import connect
+connect(None)  # the host network: what a run with its output in a bucket gets
+import ray
+print(json.dumps({"pid": __import__("os").getpid(), "metrics": ray.nodes()[0].get("MetricsExportPort")}), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.slow  # a real Ray, 10 s: CI
+@pytest.mark.ray
+def test_a_local_ray_on_the_host_network_runs_no_per_node_metrics_exporter(tmp_path):
+    """Ray's per-node Prometheus exporter binds every interface without authentication: kdp's own
+    local Ray does not start it (RAY_enable_metrics_collection=0), so no such port is open."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KDP_PRIVATE"))}
+    with short_temp_dir() as ray_tmp:
+        env.update(HOME=str(tmp_path), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
+        proc = subprocess.Popen([sys.executable, "-c", HOST_CHILD], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-3000:]
+            seen = json.loads(line)
+            out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+            tree = _tree(proc.pid)
+            ports = {int(m[0]) for m in re.findall(r":(\d+)\s.*?pid=(\d+)", out) if int(m[1]) in tree}
+            assert seen["metrics"] in (None, -1, 0) or seen["metrics"] not in ports, (seen, ports)
+            assert ports, out  # the look did see Ray's own listeners
+        finally:
+            proc.stdin.close()
+            proc.wait(60)
+

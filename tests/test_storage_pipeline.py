@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from conftest import REDUCED, REDUCED_ROWS, same_rows, torch_threads, wait_until
 from kdp import cli
 from kdp.events import read_events
 from kdp.results import load
-from kdp.storage import MANIFEST
+from kdp.storage import MANIFEST, open_storage
 from s3_server import KEY, SECRET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +225,72 @@ def test_the_ray_jobs_refuse_a_missing_bucket_in_one_line_before_ray_starts(s3_s
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, proc.stderr
     assert err.startswith(f"{job.split('.')[0]}: error: {uri}: no bucket 'nosuchbucket' at http://127.0.0.1:"), err
+
+
+def _copy_run(s3_server, uri: str, home: Path, bucket: str, maker: Path) -> str:
+    """A copy of the shared bucket run into `bucket` (server-side), and of its making node's
+    mirror into the scratch `maker`: the same run, for a test to break."""
+    admin, src = s3_server.admin(), uri[len("s3://"):]
+    admin.create_dir(bucket)
+    for f in admin.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if f.type == pafs.FileType.File:
+            admin.copy_file(f.path, bucket + f.path[len(src.split("/")[0]):])
+    shutil.copytree(home / "scratch" / src.split("/")[0], maker / bucket, symlinks=True)
+    return f"s3://{bucket}/runs"
+
+
+def _delete_committed(s3_server, key: str, name: str) -> None:
+    """Delete one file of the version the commit at `key` names (a lifecycle rule, an operator)."""
+    admin = s3_server.admin()
+    with admin.open_input_stream(f"{key}/{MANIFEST}") as f:
+        version = json.loads(f.read())["version"]
+    admin.delete_file(f"{key}/.kdp-v/{version}/{name}")
+
+
+def test_a_bucket_that_lost_files_heals_from_the_making_node_and_fresh_nodes_make_them_again(
+        bucket_run, s3_server, env, tmp_path, monkeypatch, capsys, cifar_subset_dir):
+    uri, home = bucket_run
+    healed = _copy_run(s3_server, uri, home, "healrun", tmp_path / "maker")
+    base, student = healed[len("s3://"):], "student_kd_at_nt"
+    _delete_committed(s3_server, f"{base}/tiny/{student}", "model.pt")
+    entries = [f.path for f in s3_server.admin().get_file_info(pafs.FileSelector(f"{base}/cache/eval_aes"))]
+    with s3_server.admin().open_output_stream(f"{entries[0]}/{MANIFEST}") as out:
+        out.write(b"{not json")  # an evaluation AE entry's commit, corrupt
+
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "maker"))  # the node that made the run: its mirror holds all
+    with torch_threads(1):
+        assert cli.main(_run_argv(cifar_subset_dir, healed)) == 0
+    out = capsys.readouterr().out
+    assert f"[{student}] done already" in out and "started" not in out, out
+    fresh = open_storage(healed, tmp_path / "check")
+    assert fresh.pull(fresh.root / "tiny" / student)  # healed by the maker's publish
+
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "fresh"))  # a fresh node rescoring: the corrupt entry is crafted again
+    before = load(uri)
+    with torch_threads(1):
+        assert cli.main(_run_argv(cifar_subset_dir, healed, "--rescore")) == 0
+    err = capsys.readouterr().err
+    assert f"{entries[0].split('/')[-1]}/{MANIFEST}: a corrupt commit; taken as not made" in err, err
+    after = load(healed)
+    cols = ["variant", "attack", "threat_model", "hits"]
+    assert after[cols].sort_values(cols).reset_index(drop=True).equals(
+        before[cols].sort_values(cols).reset_index(drop=True))
+    crafted = after[~after.attack.isin(("clean", "worst-case"))]
+    assert crafted[~crafted["attack.cached"].astype(bool)].attack.nunique() == 1  # that entry's attack, crafted
+
+    _delete_committed(s3_server, f"{base}/tiny/{student}", "model.pt")  # lost again; another fresh node
+    monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "fresh2"))
+    with torch_threads(1):
+        assert cli.main(_run_argv(cifar_subset_dir, healed)) == 0
+    got = capsys.readouterr()
+    assert f"tiny/{student}: the files its commit names are gone; taken as not made" in got.err, got.err
+    assert f"[{student}] done already" not in got.out and "[teacher_at] done already" in got.out, got.out
+    assert len(load(healed)) == REDUCED_ROWS
+
+
+def test_a_store_setting_that_is_not_seconds_is_one_line(s3, monkeypatch, capsys, cifar_subset_dir):
+    monkeypatch.setenv("KDP_STORE_RETRY_S", "2min")
+    assert cli.main(_run_argv(cifar_subset_dir, f"{s3}/u")) == 2
+    err = capsys.readouterr().err
+    assert err == "kdp: error: KDP_STORE_RETRY_S='2min': not a number of seconds (e.g. KDP_STORE_RETRY_S=120)\n", err
+

@@ -91,8 +91,11 @@ def scale_config(args: argparse.Namespace) -> ScaleConfig:
 # Train's controller polls workers every 2 s by default, which dominates small stages; it and
 # the other RAY_TRAIN_* settings below reach the controller and workers from the driver's env.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-# a laptop is never preempted: no watcher actor per stage
-LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# a laptop is never preempted: no watcher actor per stage; no per-node Prometheus exporter (it binds
+# every interface, unauthenticated, unless the node's IP is loopback, which ray.init rewrites; kdp
+# reads its own events, never Ray's metrics). Ray's dashboard and autoscaler metrics servers have
+# no such setting in 2.59/2.60: docs/object-storage.md says what a run on the host network exposes
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_enable_metrics_collection": "0"}
 
 
 def isolate(address: str | None, scale: ScaleConfig, network_uses: list, rerun: list[str] | None) -> None:
