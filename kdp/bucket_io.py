@@ -7,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from kdp.errors import ConfigError, StorageError
+from kdp.errors import StorageError
+from kdp.flags import env_seconds  # noqa: F401 (the store's settings read with it)
 
 SCHEMES = ("s3",)
 MANIFEST = ".kdp-manifest.json"
@@ -26,20 +27,6 @@ LOCAL_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM
 class Broken(StorageError):
     """A directory artifact's commit that cannot be used as it is: corrupt, too large, naming a
     file outside its directory, or files gone or failing their sha256 (kdp.bucket_dirs)."""
-
-
-def env_seconds(name: str, default: float) -> float:
-    """A number of seconds from the environment variable `name`; one line naming it if it is not one."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r}: not a number of seconds (e.g. {name}={default:g})")
-    return value
 
 
 def check_uri(uri: str) -> None:

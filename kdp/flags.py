@@ -7,8 +7,11 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import textwrap
 import typing
+
+from kdp.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,3 +58,17 @@ def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
     """The dataclass from the flags `add_dataclass_args` made (fields without a flag keep defaults)."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kw, **fixed})
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment variable `name`; one line naming it if it is not one."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r}: not a number of seconds (e.g. {name}={default:g})")
+    return value

@@ -32,8 +32,7 @@ from kdp.pipeline_config import PipelineConfig
 from kdp.results import results_key
 from kdp.stages.common import epoch_line, epoch_logger, fit_local
 from kdp.stages.drivers import DRIVER, RECIPES, TASKS, evaluation_key
-from kdp.stages.aes import entry_intact
-from kdp.stages.eval_cache import complete
+from kdp.stages.eval_cache import complete, intact
 from kdp.storage import LocalStorage, Storage, publish_quietly, publishing_each
 
 STOP_GRACE_S = 5.0  # how long an interrupted run waits for its stages in flight to see STOP
@@ -94,7 +93,7 @@ class Run:
 DONE = {  # is a stage's output there and made from what it follows from? One test per kind of output
     "checkpoint": lambda stage, out, inputs, run: is_complete(out, flatten(stage.config),
                                                               flatten(type(stage.config)())),
-    "aes": lambda stage, out, inputs, run: complete(out) and entry_intact(out),  # the AEs its meta recorded
+    "aes": lambda stage, out, inputs, run: complete(out) and intact(out),  # the AEs its meta recorded
     # results are kept while nothing they follow from changed (--rescore: never)
     "results": lambda stage, out, inputs, run: (not run.rt.rescore
                                                 and results_key(out) == evaluation_key(stage, inputs, run)),
@@ -140,7 +139,7 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
         made = produce()
         while stage.output == "aes":  # read until the run ends: `kdp cache` must not prune it meanwhile
             fd = reading(out.parent / f"{out.name}.lock")
-            if is_done(stage, out, inputs, run):
+            if complete(out):  # still there: a prune removes an entry whole
                 run.readers.append(fd)
                 break
             os.close(fd)  # a prune took it between its check and this lock: make it again

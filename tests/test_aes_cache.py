@@ -141,6 +141,20 @@ def test_crash_during_write_leaves_nothing(tmp_path, data, clf_dir, monkeypatch)
     assert listing(cache) == [entry.name]
 
 
+def test_an_entry_whose_bytes_changed_is_refused_on_read_and_crafted_again(tmp_path, data, clf_dir):
+    """Its meta records the array's sha256: a flipped byte (same size) fails the read in one line,
+    and making the entry again crafts it again."""
+    entry = make_training_aes(CFG, clf_dir, data, tmp_path / "cache", RT)
+    good = (entry / AES).read_bytes()
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    (entry / AES).write_bytes(bytes(bad))
+    with pytest.raises(aes.CheckpointError, match=r"x_adv.npy: not the AEs its meta.json recorded \(corrupt\)"):
+        load_training_aes(entry)
+    assert make_training_aes(CFG, clf_dir, data, tmp_path / "cache", RT) == entry
+    assert (entry / AES).read_bytes() == good
+
+
 def test_entry_appearing_while_crafting_is_kept(tmp_path, data, clf_dir, monkeypatch):
     """Another maker finishes first: its entry (which readers may already hold) stays."""
     cache = tmp_path / "cache"

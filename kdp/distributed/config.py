@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from kdp.config import require, positive
-from kdp.flags import add_dataclass_args, dataclass_from_args
+from kdp.flags import add_dataclass_args, dataclass_from_args, env_seconds
 from kdp.interrupt import reinstall
 from kdp.distributed.netns import NETWORKS, rerun_inside, wanted
 from kdp.distributed.ray_private import disable_auto_init
@@ -108,6 +108,34 @@ def isolate(address: str | None, scale: ScaleConfig, network_uses: list, rerun: 
         rerun_inside(rerun)
 
 
+CLUSTER_WAIT_S = 30.0  # KDP_CLUSTER_WAIT_S: how long a cluster named by --address may take to answer
+
+
+def expect_cluster(address: str, wait_s: float = CLUSTER_WAIT_S) -> None:
+    """One line naming the address when nothing listens on a `host:port` cluster address for
+    wait_s seconds: ray.init would otherwise retry for many minutes, in C++ warnings, and
+    `ray symmetric-run` exits 0 when its own head failed to start, so a job told where its
+    cluster is must say it is not there. `auto` and `ray://` addresses are left to Ray."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    wait_s = env_seconds("KDP_CLUSTER_WAIT_S", wait_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e} for "
+                                  f"{wait_s:g} s); start it first (ray start --head, ray symmetric-run), or "
+                                  "leave out --address and RAY_ADDRESS to start a local Ray") from None
+        time.sleep(0.5)
+
+
 def connect(address: str | None, verbose: bool = False) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a fresh local Ray sized to
     this machine: never whatever cluster /tmp/ray/ray_current_cluster last named. Quiet by
@@ -115,6 +143,8 @@ def connect(address: str | None, verbose: bool = False) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        expect_cluster(address)
     for k, v in {**TRAIN_ENV, **({} if address else LOCAL_ENV)}.items():
         os.environ.setdefault(k, v)
     if not verbose:

@@ -51,7 +51,7 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
                       rt: Runtime = Runtime()) -> Path:
     """Return the cache entry of these AEs, crafting it first if it is missing."""
     entry = Path(cache_root) / ae_cache_key(cfg, Path(classifier_dir), data)
-    if complete(entry) and entry_intact(entry):
+    if complete(entry) and intact(entry):
         return entry
     device = resolve_device(rt.device)
     classifier = Accel.of(rt, device).for_attacks.module(load_frozen(classifier_dir, device))
@@ -68,18 +68,10 @@ def make_training_aes(cfg: AEConfig, classifier_dir: Path, data: Cifar, cache_ro
             "classifier_acc_on_aes": adv_acc, "linf_max": float((x_adv - x).abs().max()) if len(y) else 0.0,
             "provenance": provenance(rt)}
     # another maker may have finished while we crafted: keep its entry (readers may hold it)
-    if complete(entry) and entry_intact(entry):
+    if complete(entry) and intact(entry):
         return entry
     save_entry(entry, x_adv, meta)
     return entry
-
-
-def entry_intact(entry: Path) -> bool:
-    """Does a finished entry hold the AEs its meta recorded (kdp.stages.eval_cache.intact)?"""
-    try:
-        return intact(entry, np.load(entry / AES, allow_pickle=False, mmap_mode="r"))
-    except (OSError, ValueError):
-        return False
 
 
 def load_training_aes(entry: Path) -> torch.Tensor:
