@@ -33,6 +33,7 @@ from kdp.results import results_key
 from kdp.stages.common import epoch_line, epoch_logger, fit_local
 from kdp.stages.drivers import DRIVER, RECIPES, TASKS, evaluation_key
 from kdp.stages.eval_cache import complete, intact
+from kdp.tracking import board_files
 from kdp.storage import LocalStorage, Storage, publish_quietly, publishing_each
 
 STOP_GRACE_S = 5.0  # how long an interrupted run waits for its stages in flight to see STOP
@@ -148,9 +149,11 @@ def run_stage(stage: Stage, inputs: dict, run: Run, ex) -> Path:
         if not Path(made).exists():
             store.pull(made)
     except BaseException:  # the stage's error or the Ctrl-C stays the one raised
-        publish_quietly(store, events_file(run.run_dir), say)
+        for path in (events_file(run.run_dir), *board_files(run.run_dir, stage.name)):
+            publish_quietly(store, path, say)
         raise
-    store.push(events_file(run.run_dir))
+    for path in (events_file(run.run_dir), *board_files(run.run_dir, stage.name)):
+        store.push(path)
     return made
 
 

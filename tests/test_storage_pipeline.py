@@ -294,3 +294,11 @@ def test_a_store_setting_that_is_not_seconds_is_one_line(s3, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err == "kdp: error: KDP_STORE_RETRY_S='2min': not a number of seconds (e.g. KDP_STORE_RETRY_S=120)\n", err
 
+
+def test_a_bucket_run_publishes_its_curves_as_plain_objects(bucket_run, s3_server):
+    uri, _ = bucket_run
+    base = f"{uri[len('s3://'):]}/tiny/tensorboard"
+    files = [f.path[len(base) + 1:] for f in s3_server.admin().get_file_info(pafs.FileSelector(base, recursive=True))
+             if f.type == pafs.FileType.File]
+    assert {f.split("/")[0] for f in files} >= {"classifier", "teacher_at", "teacher_nt", "student_kd_at_nt"}, files
+    assert all("/events.out.tfevents." in f for f in files)

@@ -25,6 +25,7 @@ from kdp.configio import unflatten
 from kdp.data import load_cifar
 from kdp.distributed.nodes import see_paths
 from kdp.events import events_file
+from kdp.tracking import board_files
 from kdp.scheduler import publishing, state_path
 from kdp.stages.drivers import RECIPES
 from kdp.stages.common import epoch_logger, fit_local, save_recipe, train_recipe
@@ -97,9 +98,11 @@ def remote_call(fn, log_file: str | None, store, *args):
 
 
 def publish_log(store, log_file: Path, quietly: bool = False) -> None:
-    """A stage's log (<run>/logs/<stage>.log) and this process's events, to the bucket;
-    `quietly` while an error is on its way (a storage failure then is only logged)."""
-    for path in (log_file, events_file(log_file.parent.parent)):
+    """A stage's log (<run>/logs/<stage>.log), this process's events and the stage's TensorBoard
+    files, to the bucket; `quietly` while an error is on its way (a storage failure then is only
+    logged)."""
+    run_dir = log_file.parent.parent
+    for path in (log_file, events_file(run_dir), *board_files(run_dir, log_file.stem)):
         publish_quietly(store, path) if quietly else store.push(path)
 
 

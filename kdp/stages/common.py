@@ -11,6 +11,7 @@ from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
+from kdp.tracking import EpochBoard
 from kdp.train import Recipe, epoch_batches, fit, train_epoch
 from kdp.accel import resolve_device
 
@@ -59,15 +60,19 @@ def epoch_line(stage: str, epoch: int, epochs, metrics: dict) -> str:
 def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1, echo: bool = False,
                  **tags):
     """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in the
-    run's event log; `tags` (e.g. the Ray node id) go into every event; `echo` also prints
-    each finished epoch's line (a Ray worker's output goes to the stage's log file)."""
+    run's event log, and rank 0's metrics in TensorBoard files (kdp.tracking); `tags` (e.g. the
+    Ray node id) go into every event; `echo` also prints each finished epoch's line (a Ray
+    worker's output goes to the stage's log file)."""
     where = {"epochs": epochs, "rank": rank, "world": world, **tags}
+    board = EpochBoard(run_dir, stage, epochs) if run_dir is not None and rank == 0 else None
 
     def on_epoch(epoch, metrics):
         if metrics is None:
             log_event(run_dir, stage, "epoch_start", epoch=epoch, **where)
         else:
             log_event(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
+            if board is not None:
+                board(epoch, metrics)
             if echo:
                 print(epoch_line(stage, epoch, epochs, metrics), flush=True)
     return on_epoch
