@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kdp.errors import ConfigError
 from kdp.presets import PRESETS, build_config
-from kdp.sweep_space import KNOBS
+from kdp.sweep_space import KNOBS, SEARCHES
 
 
 def run_seeds(args):
@@ -148,7 +148,14 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     for k in KNOBS:
         p.add_argument(k.flag(), dest=k.field, metavar="VALUES", help=_knob_help(k))
-    p.add_argument("--num-samples", type=int, help="repeats of the grid (default: 1)")
+    p.add_argument("--search", choices=SEARCHES, help="how trials are chosen: grid (every combination, "
+                   "default), random (--num-samples draws) or optuna (--num-samples trials, each proposed by "
+                   "Optuna's TPE from the finished ones' --metric; pip install optuna)")
+    p.add_argument("--metric", help="what random and optuna rank trials by: acc/<attack> or acc_full/<attack> "
+                   "(default: acc/ of the config's first attack)")
+    p.add_argument("--mode", choices=("max", "min"), help="a larger --metric is better (max, default) or a smaller")
+    p.add_argument("--num-samples", type=int, help="trials: repeats of the grid, or draws of random and optuna "
+                   "(default: 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--no-share", action="store_true", help="every trial trains its own classifier and "
                    "teachers (the naive sweep; for benchmarks)")
@@ -168,13 +175,14 @@ def _number(x: float) -> str:
     return f"{round(x * 255)}/255" if 0 < x < 1 and abs(x * 255 - round(x * 255)) < 1e-9 else f"{x:g}"
 
 
-_SPACE_FLAGS = (*(k.field for k in KNOBS), "num_samples", "max_concurrent")
+_SPACE_FLAGS = (*(k.field for k in KNOBS), "search", "metric", "mode", "num_samples", "max_concurrent")
 
 
 def build_sweep(args, store):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json
     from `store` (the output root's kdp.storage.Storage)."""
-    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict
+    from kdp.sweep import (load_sweep_file, load_sweep_record, require_optuna, sweep_exists, sweep_from_dict,
+                           sweep_metric)
 
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
@@ -191,7 +199,11 @@ def build_sweep(args, store):
     if sweep_exists(store, sweep.name):
         raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
-    return sweep, build_config(args.preset, args.data_dir, sweep.name, args.set), rt
+    if sweep.search == "optuna":
+        require_optuna()
+    base = build_config(args.preset, args.data_dir, sweep.name, args.set)
+    sweep_metric(sweep, base)  # a metric no trial reports: one line before Ray starts
+    return sweep, base, rt
 
 
 def sweep_command(args) -> None:

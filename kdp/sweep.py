@@ -39,7 +39,7 @@ from kdp.config import Runtime, require, check_name, ThreatModel
 from kdp.pipeline_config import PipelineConfig
 from kdp.configio import flatten, from_dict
 from kdp.data import Cifar
-from kdp.errors import DataError, NotFoundError
+from kdp.errors import ConfigError, DataError, NotFoundError
 from kdp.events import events_file, log_event
 from kdp.ensure import ensure
 from kdp.graph import Stage, ae_entry, pipeline_graph, placer
@@ -48,16 +48,26 @@ from kdp.locks import held
 from kdp.pipeline import record_config
 from kdp.results import unique_name
 from kdp.storage import Storage, open_storage
-from kdp.sweep_space import KNOBS, Range
+from kdp.sweep_space import KNOBS, SEARCHES, Range
 
 @dataclass(frozen=True)
 class _Sweep:
-    """The search space of one sweep: a grid over its knobs (kdp.sweep_space.KNOBS, one field
-    each, added below), repeated `num_samples` times."""
+    """The search space of one sweep over its knobs (kdp.sweep_space.KNOBS, one field each,
+    added below), and how trials are chosen from it (`search`)."""
     name: str = "sweep"
     """Sweep id: the directory under the output root and the results partition."""
+    search: str = "grid"
+    """How trials are chosen: grid (every combination of the knobs' values, repeated num_samples
+    times; a range is drawn anew each time), random (num_samples trials, each knob drawn from its
+    values or range) or optuna (num_samples trials, each proposed by Optuna's TPE from the
+    finished trials' `metric`)."""
+    metric: str = ""
+    """The trial result random and optuna rank by, as Tune names it: acc/<attack> (the classifier
+    threat model) or acc_full/<attack>; empty: acc/ of the base config's first attack."""
+    mode: str = "max"
+    """Whether a larger `metric` is better (max) or a smaller (min)."""
     num_samples: int = 1
-    """Repeats of the grid (each draws fresh values for Range dimensions)."""
+    """Trials: repeats of the grid (search grid), or the number of trials (random, optuna)."""
     max_concurrent: int = 0
     """Trials in flight at once; 0: as many as the cluster's CPUs fit training workers."""
     share: bool = True
@@ -69,12 +79,17 @@ class _Sweep:
         check_name(self.name, "sweep")
         for k in KNOBS:
             object.__setattr__(self, k.field, k.parse(getattr(self, k.field)))
+        require(self.search in SEARCHES, f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        require(self.mode in ("max", "min"), f"mode must be max or min, got {self.mode!r}")
         require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         require(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
         require(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
 
     def grid_size(self) -> int:
+        """How many trials the sweep runs."""
         n = self.num_samples
+        if self.search != "grid":
+            return n
         for k in KNOBS:
             v = getattr(self, k.field)
             n *= 1 if isinstance(v, Range) else len(v)
@@ -85,6 +100,26 @@ class _Sweep:
 SweepConfig = make_dataclass(
     "SweepConfig", [(k.field, tuple | Range, field(default=k.default, metadata={"doc": k.doc})) for k in KNOBS],
     bases=(_Sweep,), frozen=True, namespace={"__doc__": _Sweep.__doc__, "__module__": __name__})
+
+
+def require_optuna() -> None:
+    """`search: optuna` needs the optuna package: one line before any work if it is missing."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("--search optuna needs Optuna: pip install optuna (or kdp[optuna])") from None
+
+
+def sweep_metric(s: SweepConfig, base: PipelineConfig) -> str:
+    """The trial result trials are ranked by (trial_metrics' names), checked against what a trial reports."""
+    attacks = ("clean", *base.eval.attacks, "worst-case")
+    reported = [f"acc/{a}" for a in attacks] + [f"acc_{tm}/{a}" for tm in base.eval.threat_models
+                                                if tm not in (ThreatModel.CLASSIFIER, ThreatModel.TRANSFER)
+                                                for a in attacks]
+    metric = s.metric or f"acc/{base.eval.attacks[0]}"
+    if metric not in reported:
+        raise ConfigError(f"--metric {metric}: not a result a trial reports; valid: {', '.join(reported)}")
+    return metric
 
 
 def sweep_from_dict(d: dict, **overrides) -> SweepConfig:

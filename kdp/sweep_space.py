@@ -19,6 +19,7 @@ from kdp.losses import KD_SPACES
 # sweep variant -> the student's teachers (None: the AT teacher itself is the purifier, no KD)
 VARIANTS = {"at_teacher": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
 DISTRIBUTIONS = ("uniform", "loguniform")
+SEARCHES = ("grid", "random", "optuna")  # how a sweep chooses its trials (kdp.sweep.SweepConfig.search)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ unfinished trial's student resumes its Ray Train run (its name is deterministic)
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch  # its module imports without optuna installed
 
 from kdp.config import Runtime, ThreatModel
 from kdp.pipeline_config import PipelineConfig
@@ -30,7 +32,7 @@ from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
-from kdp.sweep import SweepConfig, prepare_sweep, run_trial
+from kdp.sweep import SweepConfig, prepare_sweep, require_optuna, run_trial, sweep_metric
 from kdp.sweep_space import KNOBS, Range
 from kdp.bucket_io import why
 from kdp.errors import ConfigError, NotFoundError, StorageError
@@ -72,10 +74,31 @@ def sweep_trial(params: dict, base: dict, store, scale: dict, rt: dict, share: b
 
 
 def param_space(s: SweepConfig) -> dict:
-    """Tune's search space: grids for value lists, samplers for Ranges."""
+    """Tune's search space: samplers for Ranges; value lists a grid (search grid), else a choice
+    that random draws from and Optuna proposes from."""
     def dim(v):
-        return SAMPLERS[v.dist](v.low, v.high) if isinstance(v, Range) else tune.grid_search(list(v))
+        if isinstance(v, Range):
+            return SAMPLERS[v.dist](v.low, v.high)
+        return tune.grid_search(list(v)) if s.search == "grid" else tune.choice(list(v))
     return {k.param: dim(getattr(s, k.field)) for k in KNOBS}
+
+
+class FinalResultOptuna(OptunaSearch):
+    """Optuna told of a trial's final result only: its student's epochs reach Tune too
+    (TuneReportCallback) without the metric, which OptunaSearch would read for pruning."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def searcher(s: SweepConfig):
+    """Tune's search algorithm: None (grid and random: Tune's own variant generator), or Optuna's
+    TPE (its state is saved with the experiment, so --resume goes on from the same study)."""
+    if s.search != "optuna":
+        return None
+    require_optuna()
+    return FinalResultOptuna(seed=0)
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
@@ -108,14 +131,18 @@ def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trai
     tune_dir = store.root / s.name / TUNE_DIR
     where = str(store.uri_of(tune_dir))
     if resume:
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         if not tune.Tuner.can_restore(where):
             raise NotFoundError(f"{where}: no sweep to resume there")
         return tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
     if store.exists(tune_dir):
         raise ConfigError(f"{where}: sweep {s.name!r} exists; pass --resume to continue it")
     prepare_sweep(s, base, store)
+    # a trial's epochs reach Tune without the final metric (TuneReportCallback): not an error
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     return tune.Tuner(trainable, param_space=param_space(s),
-                      tune_config=tune.TuneConfig(num_samples=s.num_samples, max_concurrent_trials=concurrency(s, scale)),
+                      tune_config=tune.TuneConfig(num_samples=s.num_samples, max_concurrent_trials=concurrency(s, scale),
+                                                  search_alg=searcher(s), metric=sweep_metric(s, base), mode=s.mode),
                       run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
                                                 failure_config=tune.FailureConfig(max_failures=1)))
 
