@@ -151,8 +151,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", choices=SEARCHES, help="how trials are chosen: grid (every combination, "
                    "default), random (--num-samples draws) or optuna (--num-samples trials, each proposed by "
                    "Optuna's TPE from the finished ones' --metric; pip install optuna)")
-    p.add_argument("--metric", help="what random and optuna rank trials by: acc/<attack> or acc_full/<attack> "
-                   "(default: acc/ of the config's first attack)")
+    p.add_argument("--metric", help="the trial result that ranks trials (Optuna learns from it): acc/<attack> "
+                   "or acc_full/<attack> (default: acc/ of the config's first attack)")
     p.add_argument("--mode", choices=("max", "min"), help="a larger --metric is better (max, default) or a smaller")
     p.add_argument("--num-samples", type=int, help="trials: repeats of the grid, or draws of random and optuna "
                    "(default: 1)")

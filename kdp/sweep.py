@@ -62,8 +62,8 @@ class _Sweep:
     values or range) or optuna (num_samples trials, each proposed by Optuna's TPE from the
     finished trials' `metric`)."""
     metric: str = ""
-    """The trial result random and optuna rank by, as Tune names it: acc/<attack> (the classifier
-    threat model) or acc_full/<attack>; empty: acc/ of the base config's first attack."""
+    """The trial result that ranks trials (Optuna learns from it), as Tune names it: acc/<attack>
+    (the classifier threat model) or acc_full/<attack>; empty: acc/ of the base config's first attack."""
     mode: str = "max"
     """Whether a larger `metric` is better (max) or a smaller (min)."""
     num_samples: int = 1
