@@ -49,6 +49,7 @@ def test_a_job_told_where_its_cluster_is_fails_in_one_line_when_none_answers(mon
     expect_cluster("auto")  # Ray's own lookup: not probed
 
 
+@pytest.mark.slow  # a subprocess, 3 s: CI (make test's time); the check itself is in the test above
 def test_the_ray_job_with_an_address_nothing_answers_exits_2_in_one_line(tmp_path, cifar_subset_dir):
     port = _free_port()
     proc = subprocess.run([sys.executable, "jobs/pipeline.py", "--preset", "tiny", "--data-dir", str(cifar_subset_dir),
