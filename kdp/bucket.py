@@ -12,8 +12,9 @@ import uuid
 from pathlib import Path
 
 from kdp.bucket_dirs import collect, pull_dir, push_dir
-from kdp.bucket_io import (CHUNK, RETRY_S, SCHEMES, TIMEOUT_S, Broken, check_uri, endpoint, env_seconds,
-                           inside, local_write, transient, why)
+from kdp.bucket_io import (CHUNK, RETRY_S, SCHEMES, TIMEOUT_S, Broken, check_uri, endpoint, inside, local_write,
+                           transient, why)
+from kdp.flags import env_seconds
 from kdp.bucket_io import scratch as node_scratch
 from kdp.files import atomic_path
 from kdp.errors import StorageError
@@ -30,13 +31,12 @@ class BucketStorage:
         scheme = uri.split("://", 1)[0]
         if scheme not in SCHEMES:
             raise StorageError(f"{uri}: unsupported storage scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+        timeout = env_seconds("KDP_STORE_TIMEOUT_S", TIMEOUT_S)
         try:
             self.fs, base = pafs.FileSystem.from_uri(uri)
             rebuild, (options,) = self.fs.__reduce__()  # the same options, with timeouts: a stalled
-            timeout = env_seconds("KDP_STORE_TIMEOUT_S", TIMEOUT_S)  # store never hangs a call
-            self.fs = rebuild({**options, "request_timeout": timeout, "connect_timeout": min(timeout, 10.0)})
-        except StorageError:
-            raise
+            self.fs = rebuild({**options, "request_timeout": timeout,  # store never hangs a call
+                               "connect_timeout": min(timeout, 10.0)})
         except Exception as e:  # pyarrow's messages name the problem; keep their first line
             raise StorageError(f"{uri}: {str(e).splitlines()[0]}") from None
         self.retry_s = env_seconds("KDP_STORE_RETRY_S", RETRY_S)

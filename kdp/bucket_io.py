@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 from kdp.errors import StorageError
-from kdp.flags import env_seconds  # noqa: F401 (the store's settings read with it)
 
 SCHEMES = ("s3",)
 MANIFEST = ".kdp-manifest.json"

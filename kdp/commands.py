@@ -181,8 +181,7 @@ _SPACE_FLAGS = (*(k.field for k in KNOBS), "search", "metric", "mode", "num_samp
 def build_sweep(args, store):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json
     from `store` (the output root's kdp.storage.Storage)."""
-    from kdp.sweep import (load_sweep_file, load_sweep_record, require_optuna, sweep_exists, sweep_from_dict,
-                           sweep_metric)
+    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict, sweep_metric
 
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
@@ -199,8 +198,6 @@ def build_sweep(args, store):
     if sweep_exists(store, sweep.name):
         raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
-    if sweep.search == "optuna":
-        require_optuna()
     base = build_config(args.preset, args.data_dir, sweep.name, args.set)
     sweep_metric(sweep, base)  # a metric no trial reports: one line before Ray starts
     return sweep, base, rt
@@ -225,32 +222,28 @@ def sweep_command(args) -> None:
     print_tables(run_sweep(sweep, base, store, scale, rt, resume=args.resume))
 
 
+def _chain(e: BaseException, depth: int = 8):
+    """`e` and what it wraps (a Ray task's `.cause`, then the exception chain), at most `depth`."""
+    while e is not None and depth > 0:
+        yield e
+        e, depth = getattr(e, "cause", None) or e.__cause__ or e.__context__, depth - 1
+
+
 def kdp_cause(e: BaseException):
     """The KdpError that `e` wraps (a Ray task's, a Tune trial's: `.cause` or the exception
     chain), or None: such an error is still bad input, said in one line."""
     from kdp.errors import KdpError
 
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, KdpError) and type(e).__module__.startswith("kdp."):
-            return e
-        e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
-    return None
+    return next((c for c in _chain(e) if isinstance(c, KdpError) and type(c).__module__.startswith("kdp.")), None)
 
 
 def disk_cause(e: BaseException):
-    """A local write the disk refused anywhere in `e`'s chain (kdp.files.disk_error), naming the
+    """A local write the disk refused anywhere in `e`'s chain (kdp.errors.disk_error), naming the
     file's directory: one line, like bad input; or None."""
     from kdp.errors import disk_error
 
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.filename:
-            err = disk_error(e, Path(e.filename).parent)
-            if err is not None:
-                return err
-        e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
-    return None
+    errs = (disk_error(c, Path(c.filename).parent) for c in _chain(e) if isinstance(c, OSError) and c.filename)
+    return next((err for err in errs if err is not None), None)
 
 
 def one_line(e: BaseException) -> str:

@@ -81,6 +81,8 @@ class _Sweep:
             object.__setattr__(self, k.field, k.parse(getattr(self, k.field)))
         require(self.search in SEARCHES, f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
         require(self.mode in ("max", "min"), f"mode must be max or min, got {self.mode!r}")
+        if self.search == "optuna":
+            require_optuna()
         require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         require(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
         require(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")

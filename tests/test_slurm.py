@@ -1,7 +1,7 @@
 """Slurm through `ray symmetric-run` (jobs/slurm.sbatch, docs/slurm.md), run on this one machine
-as a one-node allocation. symmetric-run ends with `ray stop`, which ends every Ray process it can
-see, so each run is in a PID namespace of its own (`unshare --pid --fork --mount-proc`): its
-`ray stop` sees only its own processes. And a job told where its cluster is fails in one line
+as a one-node allocation. symmetric-run ends by stopping every Ray process it can see, so each
+run is in a PID namespace of its own (`unshare --pid --fork --mount-proc`), where the only Ray
+processes are its own. And a job told where its cluster is fails in one line
 when none answers there (ray.init would retry for minutes)."""
 from __future__ import annotations
 

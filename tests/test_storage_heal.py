@@ -16,6 +16,9 @@ from kdp.files import atomic_dir
 from kdp.storage import BucketStorage
 from s3_faults import inject
 
+# CI's tier: make test keeps the healing path through `kdp run` (tests/test_storage_pipeline.py)
+pytestmark = pytest.mark.slow
+
 
 def _make(d: Path, tag: bytes) -> Path:
     """A checkpoint-like directory whose every file says which content it is (`tag`)."""

@@ -32,7 +32,7 @@ from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
-from kdp.sweep import SweepConfig, prepare_sweep, require_optuna, run_trial, sweep_metric
+from kdp.sweep import SweepConfig, prepare_sweep, run_trial, sweep_metric
 from kdp.sweep_space import KNOBS, Range
 from kdp.bucket_io import why
 from kdp.errors import ConfigError, NotFoundError, StorageError
@@ -95,10 +95,7 @@ class FinalResultOptuna(OptunaSearch):
 def searcher(s: SweepConfig):
     """Tune's search algorithm: None (grid and random: Tune's own variant generator), or Optuna's
     TPE (its state is saved with the experiment, so --resume goes on from the same study)."""
-    if s.search != "optuna":
-        return None
-    require_optuna()
-    return FinalResultOptuna(seed=0)
+    return FinalResultOptuna(seed=0) if s.search == "optuna" else None
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
