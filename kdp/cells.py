@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kdp import proxy
 from kdp.attacks import ATTACKS
 from kdp.baselines import BASELINES
 from kdp.indicators import INDICATORS, WORST
@@ -13,7 +14,8 @@ from kdp.stats import bootstrap, paired
 # clean first, then the attacks in their declaration order (kdp.attacks.ATTACKS: `autoattack` is
 # torchattacks' 10-step AutoAttack, the paper's likely setting; `aa-standard` the original strengths)
 ATTACK_ORDER = ("clean", *ATTACKS, WORST)
-ATTACK_LABELS = {"clean": "Purified clean", **{n: a.label for n, a in ATTACKS.items()}, WORST: "Worst case"}
+ATTACK_LABELS = {"clean": "Purified clean", **{n: a.label for n, a in ATTACKS.items()}, WORST: "Worst case",
+                 proxy.ATTACK: f"PGD-{proxy.STEPS} proxy: stopped early"}  # a stopped sweep trial's one row
 CURVE = tuple(n for n, a in ATTACKS.items() if a.curve)  # the ε curve's rows: in its plot, not in tables
 # the baselines (kdp.baselines, in registration order) after the undefended classifier
 VARIANT_ORDER = ("none", *BASELINES, "at_teacher", "nt_teacher", "kd_at", "kd_nt", "kd_at_nt")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kdp.errors import ConfigError
 from kdp.presets import PRESETS, build_config
-from kdp.sweep_space import KNOBS, SEARCHES
+from kdp.sweep_space import KNOBS, SCHEDULERS, SEARCHES
 
 
 def run_seeds(args):
@@ -154,6 +154,13 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", help="the trial result that ranks trials (Optuna learns from it): acc/<attack> "
                    "or acc_full/<attack> (default: acc/ of the config's first attack)")
     p.add_argument("--mode", choices=("max", "min"), help="a larger --metric is better (max, default) or a smaller")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="early stopping: none (default: every trial runs to its "
+                   "end) or asha (Tune's ASHA stops students whose per-epoch proxy_acc, PGD-10 on --proxy-n test "
+                   "images, falls behind at a rung)")
+    p.add_argument("--grace-epochs", type=int, help="asha: epochs before a student may be stopped (default: 1)")
+    p.add_argument("--reduction-factor", type=int, help="asha: rungs at grace*factor**k epochs; the top 1/factor "
+                   "go on (default: 2)")
+    p.add_argument("--proxy-n", type=int, help="asha: test images of the per-epoch proxy (default: 64)")
     p.add_argument("--num-samples", type=int, help="trials: repeats of the grid, or draws of random and optuna "
                    "(default: 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
@@ -175,13 +182,14 @@ def _number(x: float) -> str:
     return f"{round(x * 255)}/255" if 0 < x < 1 and abs(x * 255 - round(x * 255)) < 1e-9 else f"{x:g}"
 
 
-_SPACE_FLAGS = (*(k.field for k in KNOBS), "search", "metric", "mode", "num_samples", "max_concurrent")
+_SPACE_FLAGS = (*(k.field for k in KNOBS), "search", "metric", "mode", "scheduler", "grace_epochs",
+                "reduction_factor", "proxy_n", "num_samples", "max_concurrent")
 
 
 def build_sweep(args, store):
     """(SweepConfig, base PipelineConfig, Runtime) from the sweep flags; --resume reads sweep.json
     from `store` (the output root's kdp.storage.Storage)."""
-    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict, sweep_metric
+    from kdp.sweep import load_sweep_file, load_sweep_record, sweep_exists, sweep_from_dict, sweep_metric, trial_base
 
     rt = runtime(args)
     space = {k: getattr(args, k) for k in _SPACE_FLAGS}
@@ -199,7 +207,8 @@ def build_sweep(args, store):
         raise ConfigError(f"sweep {sweep.name!r} exists under {args.out}; pass --resume to continue it "
                          "or pick another --name")
     base = build_config(args.preset, args.data_dir, sweep.name, args.set)
-    sweep_metric(sweep, base)  # a metric no trial reports: one line before Ray starts
+    sweep_metric(sweep, base)  # a metric no trial reports, or ASHA with no rung: one line before Ray starts
+    trial_base(sweep, base)
     return sweep, base, rt
 
 

@@ -30,6 +30,7 @@ class ThreatModel(str, Enum):
 
 
 THREAT_MODELS = tuple(t.value for t in ThreatModel)
+PROXY_THREATS = (ThreatModel.CLASSIFIER.value, ThreatModel.FULL.value)  # the proxy's: transfer needs a surrogate
 # the EvalConfig field holding each threat model's attacks: the suite map, said once
 SUITES = {ThreatModel.CLASSIFIER: "attacks", ThreatModel.FULL: "adaptive_attacks",
           ThreatModel.TRANSFER: "transfer_attacks"}
@@ -189,9 +190,19 @@ class StudentConfig(PurifierTraining):
     """Weight of the distillation loss L_kd (paper: 0.5)."""
     kd_space: str = "pixels"
     """Softmax space of the KL: 'pixels' (literal) or 'logits' (classifier outputs)."""
+    proxy_n: int = 0
+    """Test images (the first ones) of the per-epoch proxy (kdp.proxy): after each epoch, the
+    student's accuracy under PGD-10 at its training AEs' eps, `proxy_acc` in the epoch's metrics
+    (what a sweep's ASHA ranks trials by). 0: none. It changes no weight: a run with it trains
+    the same student."""
+    proxy_threat: str = "classifier"
+    """The proxy's threat model: `classifier` (AEs crafted on the classifier once, then purified) or
+    `full` (crafted through purifier and classifier after each epoch)."""
 
     def __post_init__(self):
         super().__post_init__()
+        require(self.proxy_n >= 0, f"StudentConfig.proxy_n must be >= 0, got {self.proxy_n}")
+        one_of(self.proxy_threat, PROXY_THREATS, "proxy threat model")
         object.__setattr__(self, "teachers", tuple(self.teachers))
         require(len(self.teachers) > 0 and len(set(self.teachers)) == len(self.teachers),
                f"StudentConfig.teachers must be a non-empty set of at/nt, got {self.teachers}")

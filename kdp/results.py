@@ -70,7 +70,8 @@ PROVENANCE_FIELDS = [pa.field(n, pa.string()) for n in (
 # A sweep trial's identity and hyperparameters (null outside sweeps). The sweep id itself is
 # the hive partition directory `sweep_id=<id>`, not a column of the files.
 SWEEP_FIELDS = [pa.field("trial_id", pa.string())] + [
-    pa.field(f"sweep.{k.param}", _ARROW[k.type]) for k in KNOBS]
+    pa.field(f"sweep.{k.param}", _ARROW[k.type]) for k in KNOBS] + [
+    pa.field("stopped_epoch", pa.int64())]  # the epoch early stopping ended the trial at; null: it ran to the end
 SCHEMA = pa.schema(
     [pa.field("run", pa.string()), pa.field("preset", pa.string()), pa.field("seed", pa.int64())] + METRIC_FIELDS + CHECK_FIELDS
     + INDICATOR_FIELDS

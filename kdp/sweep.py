@@ -46,9 +46,11 @@ from kdp.graph import Stage, ae_entry, pipeline_graph, placer
 from kdp.scheduler import Run, run_graph
 from kdp.locks import held
 from kdp.pipeline import record_config
-from kdp.results import unique_name
+from kdp import proxy
+from kdp.provenance import provenance
+from kdp.results import make_rows, unique_name, write_results
 from kdp.storage import Storage, open_storage
-from kdp.sweep_space import KNOBS, SEARCHES, Range
+from kdp.sweep_space import KNOBS, SCHEDULERS, SEARCHES, Range
 
 @dataclass(frozen=True)
 class _Sweep:
@@ -66,6 +68,17 @@ class _Sweep:
     (the classifier threat model) or acc_full/<attack>; empty: acc/ of the base config's first attack."""
     mode: str = "max"
     """Whether a larger `metric` is better (max) or a smaller (min)."""
+    scheduler: str = "none"
+    """Early stopping: none (every trial runs to its end) or asha (Tune's ASHA stops a trial whose
+    student's per-epoch `proxy_acc` (kdp.proxy) falls behind the others' at a rung; its row then
+    holds that proxy, with `stopped_epoch`)."""
+    grace_epochs: int = 1
+    """ASHA: epochs every student trains before it may be stopped (its first rung)."""
+    reduction_factor: int = 2
+    """ASHA: rungs at grace_epochs * reduction_factor**k epochs; a trial below the top
+    1/reduction_factor of its rung is stopped."""
+    proxy_n: int = 64
+    """ASHA: test images (the first ones) of the per-epoch proxy; its threat model is the `metric`'s."""
     num_samples: int = 1
     """Trials: repeats of the grid (search grid), or the number of trials (random, optuna)."""
     max_concurrent: int = 0
@@ -83,6 +96,10 @@ class _Sweep:
         require(self.mode in ("max", "min"), f"mode must be max or min, got {self.mode!r}")
         if self.search == "optuna":
             require_optuna()
+        require(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        require(self.grace_epochs >= 1, f"grace_epochs must be >= 1, got {self.grace_epochs}")
+        require(self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        require(self.proxy_n >= 1, f"proxy_n must be >= 1, got {self.proxy_n}")
         require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         require(self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}")
         require(self.lock_timeout_s > 0, f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
@@ -122,6 +139,23 @@ def sweep_metric(s: SweepConfig, base: PipelineConfig) -> str:
     if metric not in reported:
         raise ConfigError(f"--metric {metric}: not a result a trial reports; valid: {', '.join(reported)}")
     return metric
+
+
+def trial_base(s: SweepConfig, base: PipelineConfig) -> PipelineConfig:
+    """The base config every trial derives from: the sweep's name, and under ASHA each student
+    measuring the proxy (kdp.proxy) under the `metric`'s threat model. Checks that ASHA has a
+    rung to stop a student at before its last epoch."""
+    base = dataclasses.replace(base, name=s.name)
+    if s.scheduler != "asha":
+        return base
+    epochs = min((st.epochs for st in base.students), default=0)
+    if s.grace_epochs >= epochs:
+        raise ConfigError(f"--grace-epochs {s.grace_epochs}: ASHA needs it below the students' epochs ({epochs}), "
+                          "else no trial can be stopped")
+    threat = ThreatModel.FULL if sweep_metric(s, base).startswith(f"acc_{ThreatModel.FULL}/") else ThreatModel.CLASSIFIER
+    n = min(s.proxy_n, base.data.n_test or s.proxy_n)  # a run of fewer test images: all of them
+    students = tuple(dataclasses.replace(st, proxy_n=n, proxy_threat=threat.value) for st in base.students)
+    return dataclasses.replace(base, students=students)
 
 
 def sweep_from_dict(d: dict, **overrides) -> SweepConfig:
@@ -249,6 +283,30 @@ def run_trial(base: PipelineConfig, params: dict, out_root: str | Path, trial_id
     for path in (trial_dir / "trial.json", events_file(sweep_dir)):
         store.push(path)
     return outputs["evaluate"]
+
+
+def record_stopped(base: PipelineConfig, params: dict, trial_id: str, last: dict, out_root, rt: Runtime = Runtime()):
+    """The results file of a trial that early stopping ended: one row holding its student's last
+    proxy (kdp.proxy; not an evaluation) and `stopped_epoch`, so the trial counts as done and
+    --resume leaves it stopped. A trial whose results file exists is left as it is (None)."""
+    store = open_storage(out_root)
+    results_root = store.root / "results"
+    store.pull_tree(results_root / f"sweep_id={base.name}")
+    if trial_results(results_root, base.name, trial_id):
+        return None
+    cfg = trial_config(base, params, trial_id)
+    student = cfg.students[0]
+    n = student.proxy_n  # kdp.proxy refuses more than the test set
+    row = {"variant": student.variant, "attack": proxy.ATTACK, "threat_model": student.proxy_threat, "n": n,
+           "correct": round(last[proxy.METRIC] * n), "accuracy": last[proxy.METRIC], "first": 0,
+           **provenance(rt)}
+    extra = {**trial_columns(params, trial_id), "stopped_epoch": int(last["epoch"])}
+    path = results_root / f"sweep_id={base.name}" / unique_name(f"trial-{trial_id}")
+    write_results(make_rows(cfg, {student.variant: student}, [row], extra), path)
+    log_event(store.root / base.name, "trial", "stopped", by=trial_id, epoch=int(last["epoch"]), path=str(path))
+    for p in (path, events_file(store.root / base.name)):
+        store.push(p)
+    return path
 
 
 def prepare_sweep(sweep: SweepConfig, base: PipelineConfig, out_root: str | Path) -> Path:

@@ -20,6 +20,7 @@ from kdp.losses import KD_SPACES
 VARIANTS = {"at_teacher": None, "kd_at": ("at",), "kd_nt": ("nt",), "kd_at_nt": ("at", "nt")}
 DISTRIBUTIONS = ("uniform", "loguniform")
 SEARCHES = ("grid", "random", "optuna")  # how a sweep chooses its trials (kdp.sweep.SweepConfig.search)
+SCHEDULERS = ("none", "asha")  # whether a sweep stops trials early (kdp.sweep.SweepConfig.scheduler)
 
 
 @dataclass(frozen=True)

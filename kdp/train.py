@@ -213,3 +213,5 @@ class Recipe:
     not see them): one worker only, eager."""
     generators: tuple = ()
     """The recipe's own torch Generators (augmentation, noise): saved and restored with each epoch."""
+    proxy: Callable[[], dict] | None = None
+    """() -> metrics of the model after an epoch (kdp.proxy), added to the epoch's; None: none."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch  # its module imports without optuna installed
 
 from kdp.config import Runtime, ThreatModel
@@ -32,7 +33,10 @@ from kdp.distributed.config import ScaleConfig
 from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
-from kdp.sweep import SweepConfig, prepare_sweep, run_trial, sweep_metric
+from kdp import proxy
+from kdp.events import events_file, log_event
+from kdp.files import read_json, write_json
+from kdp.sweep import SweepConfig, prepare_sweep, record_stopped, run_trial, sweep_metric, trial_base
 from kdp.sweep_space import KNOBS, Range
 from kdp.bucket_io import why
 from kdp.errors import ConfigError, NotFoundError, StorageError
@@ -41,6 +45,7 @@ from kdp.storage import Storage, is_uri, open_storage
 
 SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform}
 TUNE_DIR = "tune"
+RUNGS = "asha-rungs.json"  # <out>/<sweep>/: StudentASHA's rungs, for --resume
 
 
 def trial_executor(scale: ScaleConfig) -> RayExecutor:
@@ -92,10 +97,58 @@ class FinalResultOptuna(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def searcher(s: SweepConfig):
+def searcher(s: SweepConfig, metric: str = ""):
     """Tune's search algorithm: None (grid and random: Tune's own variant generator), or Optuna's
-    TPE (its state is saved with the experiment, so --resume goes on from the same study)."""
-    return FinalResultOptuna(seed=0) if s.search == "optuna" else None
+    TPE learning from `metric` (its state is saved with the experiment, so --resume goes on from
+    the same study)."""
+    return FinalResultOptuna(metric=metric or None, mode=s.mode, seed=0) if s.search == "optuna" else None
+
+
+class StudentASHA(ASHAScheduler):
+    """ASHA on the students' per-epoch proxy (kdp.proxy). Its time is the student's own `epoch`,
+    which a resumed student goes on counting (Tune's training_iteration starts again). A student's
+    last epoch is never a stop: it finished, so it is evaluated. Its rungs are saved beside the
+    sweep (`rungs`, a local path published to `store`) each time they change and read back on
+    --resume: Tune restores no scheduler state (ray#30838)."""
+
+    def __init__(self, s: SweepConfig, epochs: int, rungs: Path, store: Storage):
+        super().__init__(time_attr="epoch", metric=proxy.METRIC, mode="max", max_t=epochs - 1, brackets=1,
+                         grace_period=s.grace_epochs, reduction_factor=s.reduction_factor, stop_last_trials=False)
+        self.last, self.rungs, self.store, self.loaded = epochs, Path(rungs), store, False
+
+    def _recorded(self) -> dict:
+        return {str(m): dict(seen) for m, seen in self._brackets[0]._rungs}
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self.loaded:  # the first trial of this driver: rungs a stopped driver saved
+            self.loaded = True
+            if self.store.pull(self.rungs):
+                saved = read_json(self.rungs, "ASHA rungs")
+                for m, seen in self._brackets[0]._rungs:
+                    seen.update(saved.get(str(m), {}))
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self.last:
+            return TrialScheduler.CONTINUE
+        before = self._recorded()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if self._recorded() != before:
+            write_json(self.rungs, self._recorded())
+            self.store.push(self.rungs)
+        if action == TrialScheduler.STOP:  # its row is written when the sweep ends (kdp.sweep.record_stopped)
+            log_event(self.rungs.parent, "trial", "asha_stop", by=trial.trial_id, epoch=result[self._time_attr],
+                      **{proxy.METRIC: result[proxy.METRIC]})
+            self.store.push(events_file(self.rungs.parent))
+        return action
+
+
+def scheduler(s: SweepConfig, base: PipelineConfig, store: Storage):
+    """Tune's trial scheduler: None (FIFO: every trial to its end) or ASHA on the students' proxy."""
+    if s.scheduler != "asha":
+        return None
+    epochs = min(st.epochs for st in base.students)
+    return StudentASHA(s, epochs, store.root / s.name / RUNGS, store)
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
@@ -137,9 +190,11 @@ def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trai
     prepare_sweep(s, base, store)
     # a trial's epochs reach Tune without the final metric (TuneReportCallback): not an error
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # the metric goes to the searcher alone: Tune refuses one in TuneConfig beside ASHA's own
     return tune.Tuner(trainable, param_space=param_space(s),
                       tune_config=tune.TuneConfig(num_samples=s.num_samples, max_concurrent_trials=concurrency(s, scale),
-                                                  search_alg=searcher(s), metric=sweep_metric(s, base), mode=s.mode),
+                                                  search_alg=searcher(s, sweep_metric(s, base)),
+                                                  scheduler=scheduler(s, base, store)),
                       run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
                                                 failure_config=tune.FailureConfig(max_failures=1)))
 
@@ -164,7 +219,7 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path | Stora
     its Storage (checked once: preflight passes a Storage by)."""
     store = open_storage(out_root)
     store.preflight()
-    base = dataclasses.replace(base, name=s.name)
+    base = trial_base(s, base)
     trainable = _trainable(s, base, store, scale, rt)
     check_shared_storage(store)
     with tune_storage(str(store.uri_of(store.root / s.name / TUNE_DIR))):  # Tune's own I/O there
@@ -175,4 +230,9 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path | Stora
         grid = in_thread(tuner.fit)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
+    stopped = [r for r in grid if "results_file" not in r.metrics and proxy.METRIC in r.metrics]
+    for r in stopped:  # again on --resume: a driver stopped before this left them without a row
+        record_stopped(base, r.config, r.metrics["trial_id"], r.metrics, store, rt)
+    if stopped:
+        log(f"[sweep] {s.name}: {len(stopped)} of {len(grid)} trials stopped early by ASHA (rows: stopped_epoch)")
     return store.uri_of(store.root / "results" / f"sweep_id={s.name}")

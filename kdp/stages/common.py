@@ -26,7 +26,8 @@ def train_recipe(cfg, recipe: Recipe, model: nn.Module, rt, desc: str, states=No
 
     def epoch_fn(epoch):
         batches = epoch_batches(recipe.n, cfg.batch_size, cfg.seed, epoch, rank, world)
-        return train_epoch(model, recipe.optimizer, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+        metrics = train_epoch(model, recipe.optimizer, batches, step, desc=f"epoch {epoch + 1}", progress=rt.progress)
+        return {**metrics, **(recipe.proxy() if recipe.proxy else {})}
 
     # random states are saved by rank 0 only: a one-worker resume is exact, a DDP one is not
     return fit(cfg.epochs, epoch_fn, recipe.model, recipe.optimizer, recipe.scheduler, state_path, desc,

@@ -17,6 +17,7 @@ from kdp.config import Runtime, StudentConfig, TeacherConfig
 from kdp.data import Cifar, PurifierData
 from kdp.losses import at_loss, nt_loss, student_loss
 from kdp.models import build_model
+from kdp.proxy import build_proxy
 from kdp.stages.aes import load_training_aes
 from kdp.train import Recipe, seed_all
 
@@ -101,5 +102,8 @@ def student_recipe(cfg: StudentConfig, inputs: dict, data: Cifar, device: torch.
     classifier = frozen_for_steps(Path(inputs["classifier"]), acc)
     d = PurifierData(data, device, load_training_aes(Path(inputs["aes"])))
     model, opt = build_purifier_training(cfg, acc)
-    return _purifier_recipe(cfg, model, opt, d,
-                            lambda m: student_step(cfg, m, d, teachers, classifier, acc), inputs["aes"])
+    recipe = _purifier_recipe(cfg, model, opt, d,
+                              lambda m: student_step(cfg, m, d, teachers, classifier, acc), inputs["aes"])
+    if rank == 0:  # the proxy is rank 0's metric (the one Tune reads), of the unwrapped model
+        recipe.proxy = build_proxy(cfg, model, classifier, data, Path(inputs["aes"]), device)
+    return recipe
