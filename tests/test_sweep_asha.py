@@ -4,6 +4,7 @@ rungs kept across a --resume (ray#30838), and the row a stopped trial leaves."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -35,31 +36,35 @@ def test_asha_makes_every_student_measure_the_proxy_of_the_metrics_threat(cifar_
         SweepConfig(scheduler="pbt")
 
 
-def _asha(tmp_path, **kw):
+def _asha(tmp_path, base):
     from kdp.distributed.sweep import StudentASHA
 
     store = open_storage(tmp_path)
-    return StudentASHA(SweepConfig(name="s", **kw), 4, store.root / "s" / "asha-rungs.json", store)
+    s = SweepConfig(name="s", scheduler="asha", proxy_n=32)
+    return StudentASHA(s, trial_base(s, base), store.root / "s" / "asha-rungs.json", store)
 
 
 def _result(sched, trial_id, epoch, acc):
-    trial = SimpleNamespace(trial_id=trial_id)
+    trial = SimpleNamespace(trial_id=trial_id, config={"variant": "kd_at_nt", "beta": 0.5})
     if trial_id not in sched._trial_info:
         sched.on_trial_add(None, trial)
     return sched.on_trial_result(None, trial, {"epoch": epoch, proxy.METRIC: acc})
 
 
-def test_asha_stops_on_the_students_epochs_never_at_its_last_and_keeps_its_rungs_across_a_resume(tmp_path):
+def test_asha_stops_on_the_students_epochs_never_at_its_last_and_keeps_its_rungs_across_a_resume(tmp_path,
+                                                                                                 cifar_subset_dir):
     from ray.tune.schedulers import TrialScheduler
 
-    a = _asha(tmp_path)
+    base = _base(cifar_subset_dir, epochs=4)
+    a = _asha(tmp_path, base)
     assert _result(a, "t0", 1, 0.5) == TrialScheduler.CONTINUE  # the first at a rung: nothing to compare
-    assert _result(a, "t1", 1, 0.2) == TrialScheduler.STOP  # below the rung's top half
+    assert _result(a, "t1", 1, 0.25) == TrialScheduler.STOP  # below the rung's top half: its row at once
     assert _result(a, "t0", 4, 0.0) == TrialScheduler.CONTINUE  # its last epoch: finished, evaluated
-    assert [(e["by"], e["epoch"]) for e in read_events(tmp_path / "s") if e["status"] == "asha_stop"] == [("t1", 1)]
-    again = _asha(tmp_path)  # a resumed driver: Tune gives it the scheduler as first built
-    assert _result(again, "t2", 1, 0.3) == TrialScheduler.STOP  # t0 and t1 still at the rung (cutoff 0.35)
-    fresh = _asha(tmp_path / "other")
+    assert [(e["by"], e["epoch"]) for e in read_events(tmp_path / "s") if e["status"] == "stopped"] == [("t1", 1)]
+    assert load(tmp_path / "results")[["trial_id", "stopped_epoch", "correct"]].values.tolist() == [["t1", 1, 8]]
+    again = _asha(tmp_path, base)  # a resumed driver: Tune gives it the scheduler as first built
+    assert _result(again, "t2", 1, 0.3) == TrialScheduler.STOP  # t0 and t1 still at the rung (cutoff 0.375)
+    fresh = _asha(tmp_path / "other", base)
     assert _result(fresh, "t2", 1, 0.3) == TrialScheduler.CONTINUE  # what Tune alone would do (ray#30838)
 
 
@@ -100,3 +105,52 @@ def test_the_proxy_changes_no_weight_and_reports_each_epoch(tiny_run, cifar_subs
     assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
     with pytest.raises(ConfigError, match="proxy_n 33: more than the 32 test images the run has"):
         student_recipe(dataclasses.replace(cfg, proxy_n=33), inputs, data, torch.device("cpu"), rt)
+
+
+def _decided(sweep_dir) -> dict:
+    """Trial id -> how it ended so far: 'finished' or 'stopped' (by ASHA; the sweep's event log)."""
+    return {e["by"]: e["status"] for e in read_events(sweep_dir) if e["status"] in ("finished", "stopped")}
+
+
+@pytest.mark.slow  # three tiny trials of three epochs through Tune, stopped after two and resumed: about 100 s
+@pytest.mark.ray
+def test_an_asha_sweep_stopped_and_resumed_keeps_its_stops_and_reruns_nothing(tmp_path, cifar_subset_dir):
+    import os
+    import signal
+    import sys
+
+    from conftest import wait_until
+    from test_interrupt import _session_pids, _start
+
+    out, name = tmp_path / "out", "asha"
+    sweep_dir = out / name
+    cmd = [sys.executable, "jobs/sweep.py", "--preset", "tiny", "--quiet", "--variants", "kd_at_nt", "--beta",
+           "0.1,0.5,1.0", "--scheduler", "asha", "--max-concurrent", "1", "--set", "students.epochs=3",
+           "--name", name, "--data-dir", str(cifar_subset_dir), "--out", str(out)]
+    proc = _start(cmd, tmp_path / "first.log")
+    try:  # beta 0.5's student falls behind 0.1's at epoch 2 (this config's numbers): ASHA stops it
+        wait_until(lambda: len(_decided(sweep_dir)) >= 2 or proc.poll() is not None, 600,
+                   f"two trials never ended: {(tmp_path / 'first.log').read_text()[-3000:]}", interval=0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+        wait_until(lambda: not _session_pids(proc.pid), 60, "left running", interval=0.2)
+    finally:
+        for pid in _session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    before = _decided(sweep_dir)
+    assert sorted(before.values()) == ["finished", "stopped"], before
+    rungs = json.loads((sweep_dir / "asha-rungs.json").read_text())
+    again = _start([sys.executable, "-m", "kdp.cli", "sweep", "--resume", "--name", name, "--out", str(out)],
+                   tmp_path / "again.log")
+    assert again.wait(timeout=900) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    started = [e["by"] for e in read_events(sweep_dir) if e["status"] == "started"]
+    assert all(started.count(t) == 1 for t in before), started  # neither the stopped nor the finished ran again
+    rows = load(out / "results")
+    ends = rows.groupby("trial_id")["stopped_epoch"].agg(lambda s: set(s.dropna()))
+    assert len(ends) == 3 and len(list((out / "results" / f"sweep_id={name}").glob("*.parquet"))) == 3
+    for trial, how in before.items():
+        assert (ends[trial] == {2}) == (how == "stopped"), ends  # one proxy row at its stop; else evaluated
+    stopped = rows[rows.stopped_epoch.notna()]
+    assert set(stopped.attack) == {proxy.ATTACK} and (stopped.groupby("trial_id").size() == 1).all()
+    after = json.loads((sweep_dir / "asha-rungs.json").read_text())
+    assert all(after[m].items() >= seen.items() for m, seen in rungs.items()), (rungs, after)  # ray#30838

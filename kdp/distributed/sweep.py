@@ -34,7 +34,6 @@ from kdp.distributed.executor import RayExecutor
 from kdp.distributed.locks import RayLocks
 from kdp.distributed.nodes import check_shared_storage, cluster_capacity
 from kdp import proxy
-from kdp.events import events_file, log_event
 from kdp.files import read_json, write_json
 from kdp.sweep import SweepConfig, prepare_sweep, record_stopped, run_trial, sweep_metric, trial_base
 from kdp.sweep_space import KNOBS, Range
@@ -111,10 +110,12 @@ class StudentASHA(ASHAScheduler):
     sweep (`rungs`, a local path published to `store`) each time they change and read back on
     --resume: Tune restores no scheduler state (ray#30838)."""
 
-    def __init__(self, s: SweepConfig, epochs: int, rungs: Path, store: Storage):
+    def __init__(self, s: SweepConfig, base: PipelineConfig, rungs: Path, store: Storage, rt: Runtime = Runtime()):
+        epochs = min(st.epochs for st in base.students)
         super().__init__(time_attr="epoch", metric=proxy.METRIC, mode="max", max_t=epochs - 1, brackets=1,
                          grace_period=s.grace_epochs, reduction_factor=s.reduction_factor, stop_last_trials=False)
         self.last, self.rungs, self.store, self.loaded = epochs, Path(rungs), store, False
+        self.base, self.rt = base, rt
 
     def _recorded(self) -> dict:
         return {str(m): dict(seen) for m, seen in self._brackets[0]._rungs}
@@ -136,19 +137,16 @@ class StudentASHA(ASHAScheduler):
         if self._recorded() != before:
             write_json(self.rungs, self._recorded())
             self.store.push(self.rungs)
-        if action == TrialScheduler.STOP:  # its row is written when the sweep ends (kdp.sweep.record_stopped)
-            log_event(self.rungs.parent, "trial", "asha_stop", by=trial.trial_id, epoch=result[self._time_attr],
-                      **{proxy.METRIC: result[proxy.METRIC]})
-            self.store.push(events_file(self.rungs.parent))
+        if action == TrialScheduler.STOP:  # its row now: a trial restarted by --resume finds itself done
+            record_stopped(self.base, trial.config, trial.trial_id, result, self.store, self.rt)
         return action
 
 
-def scheduler(s: SweepConfig, base: PipelineConfig, store: Storage):
+def scheduler(s: SweepConfig, base: PipelineConfig, store: Storage, rt: Runtime = Runtime()):
     """Tune's trial scheduler: None (FIFO: every trial to its end) or ASHA on the students' proxy."""
     if s.scheduler != "asha":
         return None
-    epochs = min(st.epochs for st in base.students)
-    return StudentASHA(s, epochs, store.root / s.name / RUNGS, store)
+    return StudentASHA(s, base, store.root / s.name / RUNGS, store, rt)
 
 
 def concurrency(s: SweepConfig, scale: ScaleConfig) -> int:
@@ -176,7 +174,8 @@ def _trainable(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, 
     return tune.with_resources(fn, {"cpu": 0.01})  # the driver only waits; workers hold the CPUs
 
 
-def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trainable, resume: bool) -> tune.Tuner:
+def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trainable, resume: bool,
+           rt: Runtime = Runtime()) -> tune.Tuner:
     """A new sweep's Tuner (its experiment state in <out>/<sweep>/tune), or the one there."""
     tune_dir = store.root / s.name / TUNE_DIR
     where = str(store.uri_of(tune_dir))
@@ -194,7 +193,7 @@ def _tuner(s: SweepConfig, base: PipelineConfig, store, scale: ScaleConfig, trai
     return tune.Tuner(trainable, param_space=param_space(s),
                       tune_config=tune.TuneConfig(num_samples=s.num_samples, max_concurrent_trials=concurrency(s, scale),
                                                   search_alg=searcher(s, sweep_metric(s, base)),
-                                                  scheduler=scheduler(s, base, store)),
+                                                  scheduler=scheduler(s, base, store, rt)),
                       run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(store.uri_of(tune_dir.parent)),
                                                 failure_config=tune.FailureConfig(max_failures=1)))
 
@@ -223,16 +222,11 @@ def run_sweep(s: SweepConfig, base: PipelineConfig, out_root: str | Path | Stora
     trainable = _trainable(s, base, store, scale, rt)
     check_shared_storage(store)
     with tune_storage(str(store.uri_of(store.root / s.name / TUNE_DIR))):  # Tune's own I/O there
-        tuner = _tuner(s, base, store, scale, trainable, resume)
+        tuner = _tuner(s, base, store, scale, trainable, resume, rt)
         log(f"[sweep] {s.name}: {s.grid_size()} trials, results under {store.uri_of(store.root / 'results')}")
         # off the main thread: Tune installs no Ctrl-C handler of its own (it would wait for a last
         # experiment checkpoint); kdp's stops at once and --resume restores Tune's periodic one
         grid = in_thread(tuner.fit)
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} of {len(grid)} trials failed; first: {grid.errors[0]}")
-    stopped = [r for r in grid if "results_file" not in r.metrics and proxy.METRIC in r.metrics]
-    for r in stopped:  # again on --resume: a driver stopped before this left them without a row
-        record_stopped(base, r.config, r.metrics["trial_id"], r.metrics, store, rt)
-    if stopped:
-        log(f"[sweep] {s.name}: {len(stopped)} of {len(grid)} trials stopped early by ASHA (rows: stopped_epoch)")
     return store.uri_of(store.root / "results" / f"sweep_id={s.name}")
