@@ -119,15 +119,20 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     from kdp.config import Runtime
     from kdp.flags import add_dataclass_args
 
-    add_dataclass_args(p, Runtime, only=("bf16", "channels_last", "compile", "rescore"))
+    add_dataclass_args(p, Runtime, only=("bf16", "channels_last", "compile", "rescore", "mlflow"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
 def runtime(args, **fixed):
+    """The Runtime of the flags; a --mlflow server that does not answer is one line before any work."""
     from kdp.config import Runtime
     from kdp.flags import dataclass_from_args
+    from kdp.tracking import mlflow_call
 
-    return dataclass_from_args(Runtime, args, progress=not args.quiet, **fixed)
+    rt = dataclass_from_args(Runtime, args, progress=not args.quiet, **fixed)
+    if rt.mlflow:
+        mlflow_call(rt.mlflow, "experiments/get-by-name", query={"experiment_name": "Default"})
+    return rt
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

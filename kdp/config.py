@@ -11,6 +11,7 @@ from kdp.attacks import ATTACKS, CURVE_EPS, PAPER_SUITE, curve_name
 from kdp.errors import ConfigError
 from kdp.losses import ADV_SCORES, KD_SPACES
 from kdp.models import CLASSIFIERS
+from kdp.tracking import check_mlflow_uri
 
 TEACHER_KINDS = ("at", "nt")
 
@@ -314,8 +315,13 @@ class Runtime:
     rescore: bool = False
     """Re-run the evaluation even if its config, inputs, test images and code are unchanged
     since the results were written (otherwise such a re-run keeps them)."""
+    mlflow: str | None = None
+    """MLflow tracking server, http[s]://HOST[:PORT]: every training stage's per-epoch metrics also
+    go to an MLflow run there, from rank 0 (experiment: the run's or the sweep's name; kdp.tracking)."""
 
     def __post_init__(self):
+        if self.mlflow is not None:
+            check_mlflow_uri(self.mlflow)
         one_of(self.bf16, SWITCH, "bf16 setting")
         one_of(self.channels_last, SWITCH, "channels_last setting")
         one_of(self.compile, COMPILE, "compile mode")

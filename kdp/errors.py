@@ -56,6 +56,10 @@ class StorageError(KdpError, RuntimeError):
     """Storage the job writes to that a node cannot see, or that another process holds too long."""
 
 
+class TrackingError(KdpError, RuntimeError):
+    """An experiment tracker (--mlflow) that refused or did not answer."""
+
+
 CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
           errno.EROFS: "a read-only file system", errno.EACCES: "permission denied",
           errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is in the way",

@@ -281,7 +281,8 @@ class LocalExecutor:
         return state_path(out).exists()
 
     def fit(self, stage: Stage, inputs: dict, out: Path, run: Run) -> Path:
-        with publishing(epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs), run.store,
+        with publishing(epoch_logger(run.run_dir, stage.name, epochs=stage.config.epochs, mlflow=run.rt.mlflow,
+                                     config=stage.config), run.store,
                         state_path(out)) as hook:
             return fit_local(RECIPES[stage.fn], stage.config, inputs, run.data, out, run.rt, state_path(out),
                              stage.name, hook)

@@ -430,3 +430,18 @@ def s3(s3_server, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("KDP_SCRATCH", str(tmp_path / "scratch"))
     return f"s3://{bucket}"
+
+
+# ---- a real MLflow tracking server (tests/mlflow_server.py) ----------------------------------
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a local file store, on 127.0.0.1 and a free port, for the whole session."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow") / "store", free_ports(1)[0])
+    try:
+        wait_until(server.up, 180, "the MLflow server never answered", interval=0.2)
+        yield server
+    finally:
+        server.stop()

@@ -330,3 +330,28 @@ def test_both_executors_satisfy_the_executor_protocol():
     from kdp.scheduler import Executor
 
     assert isinstance(LocalExecutor(), Executor) and isinstance(RayExecutor(ScaleConfig()), Executor)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_two_worker_train_run_logs_each_epoch_to_mlflow_once_from_rank_0(local_ray, mlflow_server, tmp_path,
+                                                                         cifar_subset_dir):
+    from kdp.distributed.config import ScaleConfig
+    from kdp.distributed.executor import RayExecutor
+    from kdp.tracking import mlflow_call
+
+    data_cfg = DataConfig(str(cifar_subset_dir), n_train=128, n_test=16)
+    run_dir = tmp_path / "ddp"
+    rt = dataclasses.replace(CPU, mlflow=mlflow_server.uri)
+    run = Run(PipelineConfig(data=data_cfg), load_cifar(data_cfg.data_dir, data_cfg.n_train, data_cfg.n_test), rt,
+              run_dir, lambda s, inputs: run_dir / s.name, graph=[_nt(2)], storage=tmp_path / "storage",
+              log=lambda *_: None)
+    run_graph(run, RayExecutor(ScaleConfig(num_workers=2)))
+    assert {e["rank"] for e in _events(run_dir) if e["status"] == "epoch_end"} == {0, 1}  # both ranks trained
+    exp = mlflow_call(rt.mlflow, "experiments/get-by-name", query={"experiment_name": "ddp"})["experiment"]
+    (one,) = mlflow_call(rt.mlflow, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert one["info"]["run_name"] == "teacher_nt" and one["info"]["status"] == "FINISHED"
+    loss = mlflow_call(rt.mlflow, "metrics/get-history", query={"run_id": one["info"]["run_id"], "metric_key": "loss"})
+    assert sorted(m["step"] for m in loss["metrics"]) == [0, 1]  # rank 0's epochs, each once
+    params = {p["key"]: p["value"] for p in one["data"]["params"]}
+    assert (params["kind"], params["depth"], params["epochs"]) == ("nt", "2", "2")

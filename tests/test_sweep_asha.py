@@ -114,8 +114,14 @@ def _decided(sweep_dir) -> dict:
 
 @pytest.mark.slow  # three tiny trials of three epochs through Tune, stopped after two and resumed: about 100 s
 @pytest.mark.ray
-def test_an_asha_sweep_stopped_and_resumed_keeps_its_stops_and_reruns_nothing(tmp_path, cifar_subset_dir):
+def test_an_optuna_sweep_under_asha_stopped_and_resumed_keeps_its_study_and_stops_and_reruns_nothing(
+        tmp_path, cifar_subset_dir):
+    """Ctrl-C once one trial finished and ASHA stopped another (Optuna's seeded draws: beta 2, then
+    0.1, whose student falls behind at epoch 1: this config's numbers); --resume runs the third
+    only: the study and ASHA's rungs go on from where they were (ray#30838: Tune restores no
+    scheduler state)."""
     import os
+    import pickle
     import signal
     import sys
 
@@ -125,10 +131,11 @@ def test_an_asha_sweep_stopped_and_resumed_keeps_its_stops_and_reruns_nothing(tm
     out, name = tmp_path / "out", "asha"
     sweep_dir = out / name
     cmd = [sys.executable, "jobs/sweep.py", "--preset", "tiny", "--quiet", "--variants", "kd_at_nt", "--beta",
-           "0.1,0.5,1.0", "--scheduler", "asha", "--max-concurrent", "1", "--set", "students.epochs=3",
-           "--name", name, "--data-dir", str(cifar_subset_dir), "--out", str(out)]
+           "0.1,2", "--gamma", "0.5", "--search", "optuna", "--num-samples", "3", "--scheduler", "asha",
+           "--max-concurrent", "1", "--set", "students.epochs=3", "--name", name, "--data-dir", str(cifar_subset_dir),
+           "--out", str(out)]
     proc = _start(cmd, tmp_path / "first.log")
-    try:  # beta 0.5's student falls behind 0.1's at epoch 2 (this config's numbers): ASHA stops it
+    try:
         wait_until(lambda: len(_decided(sweep_dir)) >= 2 or proc.poll() is not None, 600,
                    f"two trials never ended: {(tmp_path / 'first.log').read_text()[-3000:]}", interval=0.2)
         os.killpg(proc.pid, signal.SIGINT)
@@ -144,13 +151,17 @@ def test_an_asha_sweep_stopped_and_resumed_keeps_its_stops_and_reruns_nothing(tm
                    tmp_path / "again.log")
     assert again.wait(timeout=900) == 0, (tmp_path / "again.log").read_text()[-3000:]
     started = [e["by"] for e in read_events(sweep_dir) if e["status"] == "started"]
-    assert all(started.count(t) == 1 for t in before), started  # neither the stopped nor the finished ran again
+    assert all(started.count(t) == 1 for t in before) and len(set(started)) == 3, started  # none ran twice
     rows = load(out / "results")
     ends = rows.groupby("trial_id")["stopped_epoch"].agg(lambda s: set(s.dropna()))
     assert len(ends) == 3 and len(list((out / "results" / f"sweep_id={name}").glob("*.parquet"))) == 3
     for trial, how in before.items():
-        assert (ends[trial] == {2}) == (how == "stopped"), ends  # one proxy row at its stop; else evaluated
+        assert bool(ends[trial]) == (how == "stopped"), ends  # one proxy row at its stop; else evaluated
     stopped = rows[rows.stopped_epoch.notna()]
     assert set(stopped.attack) == {proxy.ATTACK} and (stopped.groupby("trial_id").size() == 1).all()
     after = json.loads((sweep_dir / "asha-rungs.json").read_text())
     assert all(after[m].items() >= seen.items() for m, seen in rungs.items()), (rungs, after)  # ray#30838
+    states = sorted((sweep_dir / "tune").glob("searcher-state-*.pkl"))
+    study = pickle.loads(states[-1].read_bytes())["_ot_study"]
+    assert sorted(t.state.name for t in study.trials) == sorted(
+        "PRUNED" if ends[t] else "COMPLETE" for t in ends.index)  # the study knew the first two

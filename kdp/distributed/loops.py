@@ -136,9 +136,12 @@ def _stage_config(c: dict):
     return c["config"]
 
 
-def _where(run_dir: str, stage: str, epochs: int, rank: int = 0, world: int = 1):
-    """The stage's epoch events, tagged with this node, and its epoch lines in the stage's log."""
-    return epoch_logger(Path(run_dir), stage, epochs, rank, world, echo=rank == 0,
+def _where(c: dict, rank: int = 0, world: int = 1):
+    """The stage's epoch events, tagged with this node, its epoch lines in the stage's log, and
+    its trackers (kdp.stages.common.epoch_logger)."""
+    cfg = _stage_config(c)
+    return epoch_logger(Path(c["run_dir"]), c["stage"], cfg.epochs, rank, world, echo=rank == 0,
+                        mlflow=c["runtime"].get("mlflow"), config=cfg,
                         node=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address())
 
 
@@ -155,7 +158,7 @@ def train_task(c: dict, data, store=None) -> Path:
     with on_node(store, [Path(p) for p in inputs], [c["run_dir"], *inputs]) as remote:
         if remote:
             store.pull(state_path(out))  # a half-done attempt's, from any node
-        with publishing(_where(c["run_dir"], c["stage"], cfg.epochs), store, state_path(out)) as hook:
+        with publishing(_where(c), store, state_path(out)) as hook:
             return fit_local(RECIPES[c["recipe"]], cfg, c["inputs"], data, out, rt, state_path(out), c["stage"], hook)
 
 
@@ -183,6 +186,6 @@ def _train_worker(c: dict, rank: int, world: int) -> None:
         recipe = RECIPES[c["recipe"]](cfg, c["inputs"], data, device, rt, rank)
         model = ray.train.torch.prepare_model(recipe.model, move_to_device=False) if world > 1 else recipe.model
         history = train_recipe(cfg, recipe, model, rt, c["stage"], states=TrainStates(rank), rank=rank, world=world,
-                               on_epoch=_where(c["run_dir"], c["stage"], cfg.epochs, rank, world))
+                               on_epoch=_where(c, rank, world))
         if rank == 0:
             save_recipe(Path(c["out"]), cfg, recipe, history, rt)

@@ -11,7 +11,7 @@ from kdp.checkpoint import is_complete, save_checkpoint
 from kdp.configio import flatten
 from kdp.events import log_event
 from kdp.provenance import provenance
-from kdp.tracking import EpochBoard
+from kdp.tracking import EpochBoard, MlflowRun
 from kdp.train import Recipe, epoch_batches, fit, train_epoch
 from kdp.accel import resolve_device
 
@@ -59,20 +59,23 @@ def epoch_line(stage: str, epoch: int, epochs, metrics: dict) -> str:
 
 
 def epoch_logger(run_dir: Path | None, stage: str, epochs: int, rank: int = 0, world: int = 1, echo: bool = False,
-                 **tags):
+                 mlflow: str | None = None, config=None, **tags):
     """on_epoch hook: epoch_start / epoch_end events (the end one with the metrics) in the
-    run's event log, and rank 0's metrics in TensorBoard files (kdp.tracking); `tags` (e.g. the
-    Ray node id) go into every event; `echo` also prints each finished epoch's line (a Ray
+    run's event log, and rank 0's metrics in TensorBoard files and, with `mlflow` (a tracking
+    server), in an MLflow run with the stage's `config` as params (kdp.tracking); `tags` (e.g.
+    the Ray node id) go into every event; `echo` also prints each finished epoch's line (a Ray
     worker's output goes to the stage's log file)."""
     where = {"epochs": epochs, "rank": rank, "world": world, **tags}
-    board = EpochBoard(run_dir, stage, epochs) if run_dir is not None and rank == 0 else None
+    boards = [EpochBoard(run_dir, stage, epochs)] if run_dir is not None and rank == 0 else []
+    if boards and mlflow:
+        boards.append(MlflowRun(mlflow, run_dir, stage, epochs, flatten(config) if config is not None else None))
 
     def on_epoch(epoch, metrics):
         if metrics is None:
             log_event(run_dir, stage, "epoch_start", epoch=epoch, **where)
         else:
             log_event(run_dir, stage, "epoch_end", epoch=epoch, metrics=metrics, **where)
-            if board is not None:
+            for board in boards:
                 board(epoch, metrics)
             if echo:
                 print(epoch_line(stage, epoch, epochs, metrics), flush=True)
