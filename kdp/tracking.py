@@ -32,23 +32,28 @@ def board_dir(run_dir: Path, stage: str) -> Path:
 
 
 class EpochBoard:
-    """An on_epoch hook's TensorBoard half: the first finished epoch opens the stage's writer
-    (its purge marker at that epoch), each finished epoch adds its metrics, the last closes it."""
+    """An on_epoch hook's TensorBoard half: the first finished epoch opens the stage's event file
+    (its purge marker at that epoch), each finished epoch adds its metrics and is on disk when the
+    call returns (written and flushed here: SummaryWriter's queue thread can still hold an epoch
+    when a stopped Ray worker is killed), the last closes it."""
 
     def __init__(self, run_dir: Path, stage: str, epochs: int):
         self.dir, self.epochs, self.writer = board_dir(run_dir, stage), epochs, None
 
     def __call__(self, epoch: int, metrics: dict) -> None:
-        if self.writer is None:
-            from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.proto.summary_pb2 import Summary
 
+        if self.writer is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             # a nanosecond suffix: two attempts within one second get two files, in their order
-            self.writer = SummaryWriter(str(self.dir), purge_step=epoch, flush_secs=3600,
-                                        filename_suffix=f".{time.time_ns()}")
-        for name, value in metrics.items():
-            if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(name, value, epoch)
+            self.writer = EventsWriter(str(self.dir / "events"), f".{time.time_ns()}")
+            self.writer.write_event(Event(step=epoch, wall_time=time.time(),
+                                          session_log=SessionLog(status=SessionLog.START)))
+        values = [Summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()
+                  if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        self.writer.write_event(Event(step=epoch, wall_time=time.time(), summary=Summary(value=values)))
         self.writer.flush()
         if epoch + 1 >= self.epochs:
             self.close()

@@ -37,6 +37,7 @@ def test_a_resumed_attempt_shows_each_epoch_once_with_its_last_values(tmp_path):
     first = EpochBoard(tmp_path, "teacher_at", epochs=4)
     for e in range(3):  # killed after its 3rd epoch's event, before its state: epoch 2 is trained again
         first(e, {"loss": 1.0 - e / 10, "epoch": e, "seconds": 2.0, "note": "text"})
+        assert set(read_board(board_dir(tmp_path, "teacher_at"))["loss"]) == set(range(e + 1))  # on disk now
     first.close()
     again = EpochBoard(tmp_path, "teacher_at", epochs=4)
     for e in (2, 3):
