@@ -99,6 +99,8 @@ def pull_dir(store, path: Path) -> bool:
 def _mirror(store, path: Path, commit: dict) -> None:
     if read_local(path / MANIFEST) == commit and _holds_only(path, commit):
         return  # this node has it already
+    if _record_in_place(path, commit):
+        return
     with atomic_dir(path) as tmp:  # the old copy stays whole until the new one replaces it
         for name, (size, sha) in commit["files"].items():
             dest, old = inside(tmp, name, store.uri_of(path)), path / name
@@ -108,6 +110,25 @@ def _mirror(store, path: Path, commit: dict) -> None:
             else:
                 store._download(file_key(store, path, commit, name), dest, sha)
         (tmp / MANIFEST).write_text(json.dumps(commit, sort_keys=True))
+
+
+def _record_in_place(path: Path, commit: dict) -> bool:
+    """The copy holds exactly the committed bytes but not the commit (its maker on this node is
+    between its commit and the local copy of it): record the commit into that very directory.
+    Swapping in a copy would pull the directory from under the maker's publish."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        if snapshot(fd) != commit["files"]:
+            return False
+        _write_local_commit(fd, commit)
+        return True
+    except OSError:  # replaced or removed meanwhile: mirror it whole
+        return False
+    finally:
+        os.close(fd)
 
 
 def _holds_only(path: Path, commit: dict) -> bool:

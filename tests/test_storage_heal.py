@@ -223,3 +223,19 @@ def test_a_file_the_commit_does_not_list_is_removed_from_the_mirror(s3, tmp_path
     a.push(da)
     (da / "stray.bin").write_bytes(b"x")
     assert a.pull(da) and not (da / "stray.bin").exists() and _is(da, b"A")
+
+
+def test_a_pull_beside_a_publish_of_the_same_bytes_records_the_commit_without_swapping_the_directory(s3, tmp_path):
+    """Two trials on one node: one published an AE cache entry and has not yet written its local
+    commit copy when the other's task pulls it. The pull must not swap the directory from under
+    the publish (seen in CI: the publish failed 3 times, 'kept changing while it was
+    published'): the copy holds the committed bytes, so the commit is recorded in place."""
+    a = BucketStorage(f"{s3}/r", tmp_path / "a")
+    da = _make(a.root / "classifier", b"A")
+    a.push(da)
+    (da / MANIFEST).unlink()  # the maker between its commit PUT and its local copy of it
+    inode = da.stat().st_ino
+    assert a.pull(da) and da.stat().st_ino == inode and _is(da, b"A")
+    (da / "model.pt").write_bytes(b"B" * 3000)  # other bytes: the bucket's version is mirrored whole
+    (da / MANIFEST).unlink()
+    assert a.pull(da) and da.stat().st_ino != inode and _is(da, b"A")
