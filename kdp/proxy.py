@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchattacks
 
-from kdp.attacks import attack_batches
+from kdp.attacks import attack_batches, build_attack
 from kdp.config import StudentConfig, ThreatModel
 from kdp.data import Cifar, to_float
 from kdp.errors import ConfigError
 from kdp.files import read_json
-from kdp.train import evaluating
+from kdp.train import evaluating, predict
 
 STEPS = 10
 BATCH = 256
@@ -35,14 +34,9 @@ def ae_eps(aes_dir: Path) -> float:
     return float(read_json(Path(aes_dir) / "meta.json", "AE cache meta.json")["config"]["eps"])
 
 
-def _pgd(model: nn.Module, eps: float) -> torchattacks.PGD:
-    return torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=STEPS, random_start=True)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        hits = sum((model(x[i:i + BATCH]).argmax(1) == y[i:i + BATCH]).sum().item() for i in range(0, len(y), BATCH))
-    return hits / max(len(y), 1)
+def _pgd(model: nn.Module, eps: float):
+    """The registry's PGD (random start) at the proxy's eps, step and steps."""
+    return build_attack("pgd8", model, eps=eps, alpha=eps / 4, steps=STEPS)
 
 
 def build_proxy(cfg: StudentConfig, student: nn.Module, classifier: nn.Module, data: Cifar, aes_dir: Path,
@@ -55,7 +49,6 @@ def build_proxy(cfg: StudentConfig, student: nn.Module, classifier: nn.Module, d
         raise ConfigError(f"proxy_n {n}: more than the {len(data.test_y)} test images the run has")
     x, y = to_float(data.test_x[:n]), data.test_y[:n]
     eps = ae_eps(aes_dir)
-    yd = y.to(device)
     fixed = None
     if cfg.proxy_threat == ThreatModel.CLASSIFIER:  # crafted once, on the classifier alone
         fixed = torch.cat(list(attack_batches(_pgd(classifier, eps), x, y, BATCH, SEED, device=device)))
@@ -66,5 +59,5 @@ def build_proxy(cfg: StudentConfig, student: nn.Module, classifier: nn.Module, d
         with evaluating(student):
             x_adv = fixed if fixed is not None else torch.cat(list(
                 attack_batches(_pgd(whole, eps), x, y, BATCH, SEED, device=device)))
-            return {METRIC: _accuracy(whole, x_adv, yd)}
+            return {METRIC: (predict(whole, x_adv, device, BATCH) == y).float().mean().item()}
     return proxy
